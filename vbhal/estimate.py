@@ -1,0 +1,1460 @@
+"""How much memory a training step needs, and how to make it fit: the estimator and the planner.
+
+`estimate` traces one real training step of the model — forward, loss, backward and the optimizer
+step — on **meta tensors**, so a 70B-parameter model costs no parameter memory and a few seconds.
+A `TorchDispatchMode` sees every tensor the step allocates and (through weak references to the
+storages) every tensor it frees, so the peak it reports is the peak of the real program, not of a
+formula fitted to one architecture:
+
+* parameters, gradients and optimizer state are **summed** (one popular estimator takes their max,
+  about 2x low for mixed precision);
+* activations are what autograd really saves (``saved_tensors_hooks`` attributes them to layers),
+  with attention O(S^2) (eager / math SDPA) or O(S) (flash attention) depending on the kernel;
+* mixed precision follows CUDA autocast's op lists, including its cache of low-precision weight
+  copies that live until backward;
+* gradient checkpointing is traced by really checkpointing the repeated blocks;
+* the optimizer step (AdamW/Adam/SGD; foreach, fused or per-tensor) is traced too, so its state and
+  its temporaries (foreach AdamW keeps one parameter-sized temporary) are counted;
+* FP4 weights are 4.25 bits per element (MXFP4: E2M1 codes + one E8M0 scale per 32) or 4.5 (NVFP4:
+  one E4M3 scale per 16), frozen: no gradient, no optimizer state;
+* the framework's workspace (cuBLAS) and the caching allocator's overhead are added per device.
+
+The planner (`plan`) searches the optimizations (flash attention, bf16 autocast, gradient
+checkpointing, FP4 when allowed, offload to the host/disk tiers) and the batch size against a
+budget per tier, and returns a `Plan` that `optimize(..., tiers="auto")` and
+``vbhal train --vgpu-auto`` consume through `Plan.to_optimize_overrides()`.
+
+Example::
+
+    import vbhal
+    est = vbhal.estimate("medium", batch_size=16, seq_length=1024)
+    print(vbhal.estimate_mod.format_estimate(est))     # or: vbhal estimate --config medium ...
+    plan = vbhal.estimate_mod.plan("medium", gpu_mem="8GB", global_batch=64)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vbhal.errors import EstimateError
+
+__all__ = [
+    "estimate", "plan", "format_estimate", "format_plan", "parse_bytes",
+    "MemoryEstimate", "LayerActivation", "TierUsage", "Plan", "Optimization", "TierLevel",
+    "EstimateError", "FP4_BITS_PER_ELEMENT", "PRECISIONS", "OPTIMIZERS", "ATTENTIONS",
+]
+
+# ----------------------------------------------------------------------------------------------- constants
+
+#: Bits per weight element of the FP4 formats, scales included.
+#: MXFP4 (OCP Microscaling Formats v1.0, sec. 5.3): 4-bit E2M1 codes + one 8-bit E8M0 scale per
+#: block of 32 -> 4 + 8/32 = 4.25. NVFP4 (NVIDIA Blackwell): E2M1 codes + one 8-bit E4M3 scale per
+#: block of 16 -> 4 + 8/16 = 4.5 (plus one FP32 tensor scale per tensor, counted separately).
+FP4_BITS_PER_ELEMENT = {"mxfp4": 4.25, "nvfp4": 4.5}
+_FP4_BLOCK = {"mxfp4": 32, "nvfp4": 16}
+
+#: precision -> (parameter dtype, autocast dtype or None). Lightning's names; "bf16" = bf16-mixed.
+PRECISIONS: dict[str, tuple[torch.dtype, torch.dtype | None]] = {
+    "fp32": (torch.float32, None),
+    "bf16-mixed": (torch.float32, torch.bfloat16),
+    "fp16-mixed": (torch.float32, torch.float16),
+    "bf16-true": (torch.bfloat16, None),
+    "fp16-true": (torch.float16, None),
+}
+_PRECISION_ALIASES = {"float32": "fp32", "32": "fp32", "none": "fp32", "no": "fp32",
+                      "bf16": "bf16-mixed", "bfloat16": "bf16-mixed", "mixed": "bf16-mixed",
+                      "amp": "bf16-mixed", "fp16": "fp16-mixed", "16-mixed": "fp16-mixed",
+                      "float16": "fp16-mixed", "bf16-pure": "bf16-true", "fp16-pure": "fp16-true"}
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-momentum", "none")
+#: "flash": O(S) attention (flash / memory-efficient kernels, vbhal's attention kernel);
+#: "math": SDPA's math path, O(S^2) scores saved; "eager": the model's own attention code
+#: (for Hugging Face models attn_implementation="eager"); "model": leave whatever the model calls.
+ATTENTIONS = ("flash", "math", "eager", "model")
+
+#: cuBLAS keeps a workspace per (handle, stream) in the caching allocator: the forward thread and
+#: autograd's backward thread use different handles, so two workspaces are live during training.
+#: Size: PyTorch's default CUBLAS_WORKSPACE_CONFIG ":4096:8" on sm90 (Hopper) = 8 x 4 MiB = 32 MiB,
+#: ":4096:2:16:8" elsewhere = 8.125 MiB (aten/src/ATen/cuda/CublasHandlePool.cpp).
+_CUBLAS_WORKSPACE = {"sm90": 32 * 2**20, "default": 4096 * 1024 * 2 + 16 * 1024 * 8}
+_CUBLAS_HANDLES_IN_TRAINING = 2
+#: The CUDA caching allocator rounds every block to 512 bytes (c10/cuda/CUDACachingAllocator.cpp,
+#: kMinBlockSize), and max_memory_allocated counts the rounded sizes.
+_CUDA_ROUND = 512
+#: reserved / allocated at the peak: the caching allocator keeps freed blocks cached and splits
+#: 2 MiB / 20 MiB segments; measured on an H100 (benchmarks/bench_estimate.py) -- see _RESERVED_*.
+_RESERVED_FACTOR = 1.08
+_RESERVED_SLACK = 64 * 2**20
+#: Offload (mode "memory"): working copies of this many repeated blocks stay on the device
+#: (the one computing and the one being prefetched), DESIGN.md "Memory tiers".
+_OFFLOAD_RESIDENT_BLOCKS = 2
+
+_UNITS = {"": 1, "b": 1,
+          "k": 1024, "kb": 1000, "kib": 1024,
+          "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+          "g": 1024**3, "gb": 1000**3, "gib": 1024**3,
+          "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_bytes(value: int | float | str | None, *, what: str = "size") -> int | None:
+    """Parse a memory size: ``8GB`` (10^9), ``8 GiB`` / ``8G`` (2^30), ``512MiB``, ``1.5TB`` or bytes.
+
+    None stays None. Anything else is an `EstimateError` saying what was expected.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise EstimateError(f"{what}: expected a size such as '8GB' or '8 GiB', got {value!r}")
+    if isinstance(value, (int, float)):
+        n = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise EstimateError(
+                f"{what}: cannot parse {value!r} as a size; write a number with an optional unit, "
+                f"e.g. '8GB' (10^9 bytes), '8 GiB' or '8G' (2^30 bytes), '512MiB', '1.5TB'")
+        n = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not math.isfinite(n) or n <= 0:
+        raise EstimateError(f"{what}: must be a positive size, got {value!r}")
+    return int(n)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise EstimateError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _norm_precision(precision: str) -> str:
+    key = str(precision).strip().lower()
+    key = _PRECISION_ALIASES.get(key, key)
+    if key not in PRECISIONS:
+        raise EstimateError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)} "
+                            f"(aliases: {', '.join(sorted(_PRECISION_ALIASES))})")
+    return key
+
+
+# ----------------------------------------------------------------------------------------------- results
+
+@dataclass
+class LayerActivation:
+    """Activation memory of one layer (a repeated block, or a top-level module such as the head).
+
+    `saved_bytes`: what autograd keeps for backward when the layer is not checkpointed;
+    `checkpointed_bytes`: what it keeps when it is (the block's input only; None for layers that
+    are not checkpointable blocks); `attention_bytes`: the part saved by attention itself.
+    """
+
+    name: str
+    saved_bytes: int
+    checkpointed_bytes: int | None = None
+    attention_bytes: int = 0
+
+
+@dataclass
+class TierUsage:
+    """Bytes one memory tier holds at the peak of a training step, by category."""
+
+    name: str  # "device", "host", "disk"
+    level: int
+    parameters: int = 0
+    gradients: int = 0
+    optimizer_state: int = 0
+    activations: int = 0
+    temporaries: int = 0
+    workspace: int = 0
+    allocator_overhead: int = 0
+    capacity: int | None = None
+
+    @property
+    def total(self) -> int:
+        return (self.parameters + self.gradients + self.optimizer_state + self.activations
+                + self.temporaries + self.workspace + self.allocator_overhead)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.capacity is None else self.total <= self.capacity
+
+
+@dataclass
+class MemoryEstimate:
+    """The memory of one training step, per category, per tier and at the peak.
+
+    All sizes are bytes on the device unless the attribute says otherwise. `peak_allocated` is what
+    ``torch.cuda.max_memory_allocated()`` reports after a few steps; `peak_reserved` adds the caching
+    allocator's overhead (what must fit under the device's capacity).
+    """
+
+    model: str
+    setup: dict[str, Any]
+    num_parameters: int
+    num_trainable: int
+    parameters: int            # weights (FP4-packed where quantized) and buffers
+    gradients: int
+    optimizer_state: int
+    activations: int           # live at the peak: saved for backward + outputs not yet consumed
+    autocast_copies: int       # low-precision weight copies autocast caches (part of activations' life)
+    temporaries: int           # backward / optimizer temporaries live at the peak
+    workspace: int             # framework workspace (cuBLAS)
+    peak_allocated: int
+    peak_reserved: int
+    peak_phase: str            # "forward", "backward" or "optimizer"
+    activations_total_saved: int  # everything autograd saved in forward (checkpointing applied)
+    optimizer_temporaries: int
+    layers: list[LayerActivation] = field(default_factory=list)
+    tiers: list[TierUsage] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    trace_seconds: float = 0.0
+
+    @property
+    def allocator_overhead(self) -> int:
+        return self.peak_reserved - self.peak_allocated
+
+    def tier(self, name: str) -> TierUsage:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["allocator_overhead"] = self.allocator_overhead
+        for t, td in zip(self.tiers, d["tiers"]):
+            td["total"] = t.total
+            td["fits"] = t.fits
+        return d
+
+
+# ----------------------------------------------------------------------------------------------- model resolution
+
+@dataclass
+class _ModelSpec:
+    module: nn.Module
+    name: str
+    kind: str                     # "vbhal", "hf", "module"
+    vocab_size: int | None
+    max_seq: int | None
+
+
+def _vbhal_presets() -> dict[str, Any]:
+    try:
+        from vbhal.train.model import PRESETS
+    except ImportError:  # pragma: no cover - the training package is part of vbhal
+        return {}
+    return PRESETS
+
+
+def _load_hf_config(path: str | os.PathLike):
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - transformers is an optional dependency
+        raise EstimateError("estimating a Hugging Face config needs `transformers`: pip install transformers") from e
+    p = Path(path)
+    if not p.exists():
+        raise EstimateError(f"config file {str(p)!r} does not exist; pass a preset name "
+                            f"({', '.join(sorted(_vbhal_presets()))}) or a path to a Hugging Face config.json")
+    try:
+        if p.is_dir():
+            return transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
+        data = json.loads(p.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("expected a JSON object")
+        model_type = data.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("it has no 'model_type' key")
+        return transformers.AutoConfig.for_model(model_type, **data)
+    except EstimateError:
+        raise
+    except Exception as e:  # json errors, unknown model_type, transformers validation
+        raise EstimateError(f"cannot read {str(p)!r} as a Hugging Face model config ({e}); "
+                            f"it must be a config.json with a 'model_type' key") from None
+
+
+def _hf_max_seq(cfg) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _check_hf_shapes(cfg) -> None:
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+    for key in ("hidden_size", "n_embd", "num_attention_heads", "n_head", "num_hidden_layers", "n_layer",
+                "vocab_size", "intermediate_size"):
+        v = getattr(cfg, key, None)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise EstimateError(f"Hugging Face config: {key} must be a positive integer, got {v!r}")
+    if hidden and heads and hidden % heads and getattr(cfg, "head_dim", None) is None:
+        raise EstimateError(f"Hugging Face config: hidden size {hidden} is not divisible by the number of "
+                            f"attention heads {heads}; fix the config")
+
+
+def _build_hf(cfg, attention: str) -> nn.Module:
+    import transformers
+
+    _check_hf_shapes(cfg)
+    impl = "eager" if attention == "eager" else "sdpa"
+    try:
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)
+    except Exception as e:
+        raise EstimateError(f"cannot build a causal LM from the Hugging Face config "
+                            f"({type(cfg).__name__}): {e}") from None
+    return model
+
+
+def _resolve_model(model: Any, attention: str) -> _ModelSpec:
+    """Turn what the user gave (module, preset name, config object, config path) into a module."""
+    if isinstance(model, nn.Module):
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        kind = "module"
+        try:
+            from transformers import PreTrainedModel
+            if isinstance(model, PreTrainedModel):
+                kind = "hf"
+        except ImportError:  # pragma: no cover
+            pass
+        cfg = getattr(model, "config", None)
+        if kind == "module" and type(model).__name__ == "GPT" and type(model).__module__ == "vbhal.train.model":
+            kind = "vbhal"
+        max_seq = getattr(cfg, "seq_length", None) if kind == "vbhal" else (_hf_max_seq(cfg) if cfg else None)
+        return _ModelSpec(model, type(model).__name__, kind, vocab, max_seq)
+
+    presets = _vbhal_presets()
+    try:
+        from vbhal.train.model import GPT, GPTConfig
+    except ImportError:  # pragma: no cover
+        GPT = GPTConfig = None  # type: ignore[assignment]
+    if GPTConfig is not None and isinstance(model, GPTConfig):
+        with torch.device("meta"):
+            m = GPT(model)
+        return _ModelSpec(m, "GPT(custom)", "vbhal", model.vocab_size, model.seq_length)
+    if isinstance(model, str) and model in presets:
+        with torch.device("meta"):
+            m = GPT(presets[model])
+        cfg = presets[model]
+        return _ModelSpec(m, f"vbhal:{model}", "vbhal", cfg.vocab_size, cfg.seq_length)
+    if isinstance(model, (str, os.PathLike)):
+        s = str(model)
+        if not (os.sep in s or s.endswith(".json") or Path(s).exists()):
+            raise EstimateError(f"unknown model preset {s!r}; choose one of {', '.join(sorted(presets))}, "
+                                f"or pass a path to a Hugging Face config.json")
+        cfg = _load_hf_config(s)
+        return _ModelSpec(_build_hf(cfg, attention), f"hf:{getattr(cfg, 'model_type', '?')}", "hf",
+                          getattr(cfg, "vocab_size", None), _hf_max_seq(cfg))
+    try:
+        from transformers import PretrainedConfig
+    except ImportError:  # pragma: no cover
+        PretrainedConfig = None  # type: ignore[assignment]
+    if PretrainedConfig is not None and isinstance(model, PretrainedConfig):
+        return _ModelSpec(_build_hf(model, attention), f"hf:{model.model_type}", "hf",
+                          getattr(model, "vocab_size", None), _hf_max_seq(model))
+    raise EstimateError(f"cannot estimate {type(model).__name__}: pass an nn.Module, a preset name "
+                        f"({', '.join(sorted(presets))}), a GPTConfig, a transformers PretrainedConfig or "
+                        f"a path to a Hugging Face config.json")
+
+
+# ----------------------------------------------------------------------------------------------- the tracer
+
+class _Alloc:
+    __slots__ = ("nbytes", "t0", "t1", "phase", "tag")
+
+    def __init__(self, nbytes: int, t0: int, phase: str, tag: str):
+        self.nbytes, self.t0, self.t1, self.phase, self.tag = nbytes, t0, None, phase, tag
+
+
+class _AllocationTracker(torch.utils._python_dispatch.TorchDispatchMode):
+    """Sees every storage an op creates and, through a weak reference, when it is freed.
+
+    Times are op counts. `phase` and `tag` label new allocations (set by the step driver).
+    """
+
+    def __init__(self, round_to: int = 1):
+        super().__init__()
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self.round_to = round_to
+        self.seen = WeakIdKeyDictionary()
+        self.allocs: list[_Alloc] = []
+        self.clock = 0
+        self.current = 0
+        self.peak = 0
+        self.peak_time = 0
+        self.phase = "forward"
+        self.tag = "activation"
+
+    def _round(self, n: int) -> int:
+        r = self.round_to
+        return n if r <= 1 else (n + r - 1) // r * r
+
+    def track(self, t: torch.Tensor, tag: str | None = None) -> _Alloc | None:
+        try:
+            st = t.untyped_storage()
+        except Exception:  # sparse / nested / opaque tensors: no plain storage
+            return None
+        if st in self.seen:
+            return self.seen[st]
+        a = _Alloc(self._round(st.nbytes()), self.clock, self.phase, tag or self.tag)
+        self.seen[st] = a
+        self.allocs.append(a)
+        self.current += a.nbytes
+        if self.current > self.peak:
+            self.peak, self.peak_time = self.current, self.clock
+        weakref.finalize(st, self._free, a)
+        return a
+
+    def _free(self, a: _Alloc) -> None:
+        if a.t1 is None:
+            a.t1 = self.clock
+            self.current -= a.nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.clock += 1
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        self.clock += 1
+        return out
+
+    def live_at(self, time: int) -> list[_Alloc]:
+        return [a for a in self.allocs if a.t0 <= time and (a.t1 is None or a.t1 > time)]
+
+
+# CUDA autocast's op lists (aten/src/ATen/autocast_mode.cpp, "lower_precision_fp" and "fp32"
+# categories), by the name torch functions and Tensor methods carry.
+_AUTOCAST_LOW = frozenset({
+    "linear", "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "addbmm", "baddbmm", "addmv",
+    "addr", "mv", "chain_matmul", "multi_dot", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
+    "conv_transpose2d", "conv_transpose3d", "conv_tbc", "prelu", "scaled_dot_product_attention",
+    "_convolution", "convolution", "cudnn_convolution", "lstm_cell", "gru_cell", "rnn_tanh_cell",
+    "rnn_relu_cell", "einsum"})
+_AUTOCAST_FP32 = frozenset({
+    "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal",
+    "rsqrt", "sinh", "tan", "pow", "__pow__", "__rpow__", "softplus", "layer_norm", "group_norm",
+    "frobenius_norm", "nuclear_norm", "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss",
+    "nll_loss", "nll_loss2d", "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss",
+    "mse_loss", "margin_ranking_loss", "multilabel_margin_loss", "soft_margin_loss",
+    "triplet_margin_loss", "multi_margin_loss", "binary_cross_entropy_with_logits", "dist", "pdist",
+    "cdist", "renorm", "logsumexp", "prod", "softmax", "log_softmax", "cumprod", "cumsum", "sum",
+    "norm", "cross_entropy", "normalize", "softmin"})
+
+
+class _FlashAttentionSim(torch.autograd.Function):
+    """What a flash / memory-efficient attention kernel keeps: q, k, v, the output and the
+    log-sum-exp (B, H, S) in fp32 -- O(S) -- and, in backward, an fp32 dq accumulator (FA2)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq_accum = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # noqa: F841 (FA2 workspace)
+        softmax_d = torch.empty(lse.shape, dtype=torch.float32, device=q.device)  # noqa: F841
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        del dq_accum, softmax_d
+        return dq, dk, dv
+
+
+def _math_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """SDPA's math path (aten _scaled_dot_product_attention_math): the (B, H, S, S) scores are saved."""
+    if k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    s = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+    attn = (q * s) @ (k * s).transpose(-2, -1)
+    if is_causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        attn = attn.masked_fill(~mask, float("-inf"))
+    if attn_mask is not None:
+        attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
+    attn = torch.softmax(attn, dim=-1)
+    if dropout_p > 0:
+        attn = F.dropout(attn, dropout_p)
+    return attn @ v
+
+
+class _FP4LinearSim(torch.autograd.Function):
+    """An FP4 linear layer: the packed weight is frozen, only x is saved; with `dequant_temp` the
+    weight is dequantized to x's dtype for the matmul (the reference path), else used in place
+    (a fused kernel)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, n, k, dequant_temp):
+        ctx.n, ctx.k, ctx.dequant_temp, ctx.has_bias = n, k, dequant_temp, bias is not None
+        ctx.save_for_backward(x)
+        w = torch.empty(n, k, dtype=x.dtype, device=x.device) if dequant_temp else None
+        out = torch.empty(x.shape[:-1] + (n,), dtype=x.dtype, device=x.device)
+        del w
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        w = torch.empty(ctx.n, ctx.k, dtype=g.dtype, device=g.device) if ctx.dequant_temp else None
+        gx = torch.empty_like(x)
+        del w
+        gb = g.sum(tuple(range(g.dim() - 1))) if ctx.has_bias else None
+        return gx, gb, None, None, None
+
+
+class _StepSemantics(torch.overrides.TorchFunctionMode):
+    """Forward-time semantics of the training step that meta tensors cannot give by themselves:
+    CUDA autocast (op lists + weight-cast cache), the attention kernel, FP4 linear layers."""
+
+    def __init__(self, tracker: _AllocationTracker, autocast: torch.dtype | None, attention: str,
+                 fp4_weights: Mapping[int, tuple[int, int]], fp4_dequant_temp: bool):
+        super().__init__()
+        self.tracker = tracker
+        self.autocast = autocast
+        self.attention = attention
+        self.fp4 = fp4_weights
+        self.fp4_dequant_temp = fp4_dequant_temp
+        self.cache: dict[int, torch.Tensor] = {}
+        self.attention_saved: list[torch.Tensor] = []
+        self.enabled = True
+        self.active = False
+
+    def __enter__(self):
+        self.active = True
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.active = False
+        return super().__exit__(*exc)
+
+    def _cast(self, t: Any, dtype: torch.dtype) -> Any:
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype
+                and t.dtype != torch.float64):
+            return t
+        if t.is_leaf and t.requires_grad:  # autocast caches casts of weights until it exits
+            hit = self.cache.get(id(t))
+            if hit is None:
+                old = self.tracker.tag
+                self.tracker.tag = "autocast"
+                hit = t.to(dtype)
+                self.tracker.tag = old
+                self.cache[id(t)] = hit
+            return hit
+        return t.to(dtype)
+
+    def _cast_all(self, args, kwargs, dtype):
+        cast = lambda x: self._cast(x, dtype)  # noqa: E731
+        args = tuple(cast(a) if not isinstance(a, (list, tuple)) else type(a)(cast(x) for x in a) for a in args)
+        kwargs = {k: cast(v) for k, v in kwargs.items()}
+        return args, kwargs
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.enabled:
+            return func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name == "linear" and self.fp4:
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            if w is not None and id(w) in self.fp4:
+                n, k = self.fp4[id(w)]
+                x = args[0] if args else kwargs["input"]
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                if self.autocast is not None:
+                    x = self._cast(x, self.autocast)
+                    bias = self._cast(bias, self.autocast)
+                return _FP4LinearSim.apply(x, bias, n, k, self.fp4_dequant_temp)
+        if self.autocast is not None:
+            if name in _AUTOCAST_LOW:
+                args, kwargs = self._cast_all(args, kwargs, self.autocast)
+            elif name in _AUTOCAST_FP32:
+                args, kwargs = self._cast_all(args, kwargs, torch.float32)
+        if name == "scaled_dot_product_attention" and self.attention in ("flash", "math"):
+            return self._attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _attention(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False):
+        before = self.tracker.current
+        if self.attention == "flash":
+            out = _FlashAttentionSim.apply(q, k, v)
+        else:
+            out = _math_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        self.attention_bytes = getattr(self, "attention_bytes", 0) + max(0, self.tracker.current - before)
+        return out
+
+
+def _find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
+    """The repeated blocks: the ModuleList of same-class children holding the most parameters."""
+    best, best_name, best_n = [], "", -1
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) >= 1:
+            kinds = {type(c) for c in mod}
+            if len(kinds) != 1:
+                continue
+            n = sum(p.numel() for p in mod.parameters())
+            if n > best_n:
+                best, best_name, best_n = list(mod), name, n
+    return best_name, best
+
+
+_SENSITIVE = re.compile(r"(^|\.)(lm_head|head|output|score|classifier|router|gate|wte|wpe|embed\w*)$")
+
+
+def _fp4_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """Linear layers the FP4 swap replaces: all but the sensitive ones (output head, routers),
+    which vbhal keeps in high precision by default (DESIGN.md, "FP4 quality surprises")."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not _SENSITIVE.search(n)]
+
+
+def _fp4_nbytes(n: int, k: int, fmt: str) -> int:
+    """Bytes of an (n, k) FP4 weight as `QuantizedWeight` stores it (K padded to the block)."""
+    block = _FP4_BLOCK[fmt]
+    kp = (k + block - 1) // block * block
+    codes = n * kp // 2
+    scales = n * kp // block  # one byte per scale: E8M0 (mxfp4) / E4M3 (nvfp4)
+    return codes + scales + (4 if fmt == "nvfp4" else 0)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@dataclass
+class _Trace:
+    peak_fb: int                 # forward + backward peak (params excluded), incl. grads and inputs
+    peak_fb_phase: str
+    fb_breakdown: dict[str, int]
+    step_extra_peak: int         # optimizer phase peak above what backward left (state + temporaries)
+    after_backward: int          # live after backward: gradients, the batch
+    opt_state: int
+    opt_temporaries: int
+    grads: int
+    saved_total: int
+    layers: list[LayerActivation]
+    attention_saved: int
+
+
+def _make_inputs(spec: _ModelSpec, batch: int, seq: int, example_inputs) -> tuple[tuple, dict]:
+    if example_inputs is not None:
+        data = example_inputs(batch, seq) if callable(example_inputs) else example_inputs
+        if isinstance(data, dict):
+            return (), {k: _to_meta(v) for k, v in data.items()}
+        if isinstance(data, torch.Tensor):
+            return (_to_meta(data),), {}
+        return tuple(_to_meta(a) for a in data), {}
+    if spec.vocab_size is None:
+        raise EstimateError(f"{spec.name}: cannot guess the inputs of this model; pass "
+                            f"example_inputs=lambda batch, seq: (tensor, ...) (meta tensors are fine)")
+    ids = torch.empty(batch, seq, dtype=torch.long, device="meta")
+    labels = torch.empty(batch, seq, dtype=torch.long, device="meta")
+    if spec.kind == "hf":
+        return (), {"input_ids": ids, "labels": labels}
+    return (ids, labels), {}
+
+
+def _to_meta(t):
+    return torch.empty_like(t, device="meta") if isinstance(t, torch.Tensor) else t
+
+
+def _loss_of(out) -> torch.Tensor:
+    """The scalar to call backward on: `.loss`, a (logits, loss) tuple's loss, or the mean of the output."""
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, dict):
+        loss = out.get("loss")
+    if loss is None and isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], torch.Tensor) \
+            and out[1].dim() == 0:
+        loss = out[1]
+    if loss is None:
+        t = out[0] if isinstance(out, (tuple, list)) else out
+        loss = t.float().mean()
+    return loss
+
+
+def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dtype,
+                autocast: torch.dtype | None, attention: str, checkpointing: bool,
+                optimizer: str, impl: str, fp4: str | None, fp4_dequant_temp: bool,
+                round_to: int, example_inputs, loss_fn) -> _Trace:
+    """Run one training step of `spec.module` on meta tensors under the allocation tracker."""
+    model = spec.module
+    blocks_name, blocks = _find_blocks(model)
+    block_ids = {id(b): f"{blocks_name}.{i}" for i, b in enumerate(blocks)}
+
+    # Meta stand-ins for every parameter and buffer (the user's module is never modified).
+    fp4_mods = {id(m): (n, m) for n, m in _fp4_linears(model)} if fp4 else {}
+    fp4_weight_names = {f"{n}.weight" for n, _ in fp4_mods.values()}
+    params: dict[str, torch.Tensor] = {}
+    by_id: dict[int, torch.Tensor] = {}
+    fp4_ids: dict[int, tuple[int, int]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in by_id:
+            params[name] = by_id[id(p)]
+            continue
+        frozen = (not p.requires_grad) or name in fp4_weight_names
+        dt = param_dtype if p.is_floating_point() else p.dtype
+        mp = torch.empty(p.shape, dtype=dt, device="meta", requires_grad=not frozen)
+        if name in fp4_weight_names:
+            fp4_ids[id(mp)] = (p.shape[0], p.shape[1])
+        by_id[id(p)] = mp
+        params[name] = mp
+    for name, b in model.named_buffers(remove_duplicate=False):
+        params[name] = torch.empty(b.shape, dtype=b.dtype, device="meta")
+    trainable = [p for p in {id(t): t for t in by_id.values()}.values() if p.requires_grad]
+
+    tracker = _AllocationTracker(round_to)
+    sem = _StepSemantics(tracker, autocast, attention, fp4_ids, fp4_dequant_temp)
+
+    # Per-layer saved-tensor attribution: forward pre/post hooks keep the current layer.
+    stack: list[str] = []
+    saved_by_layer: dict[str, int] = {}
+    saved_storages = set()
+    param_storages = set()
+    ckpt_input: dict[str, int] = {}
+    top_names = {id(m): n for n, m in model.named_children()}
+
+    def layer_of(mod) -> str | None:
+        return block_ids.get(id(mod)) or top_names.get(id(mod))
+
+    def pre_hook(mod, args):
+        name = layer_of(mod)
+        if name is not None:
+            stack.append(name)
+            if id(mod) in block_ids and name not in ckpt_input:
+                ckpt_input[name] = sum(_nbytes(a) for a in torch.utils._pytree.tree_leaves(args)
+                                       if isinstance(a, torch.Tensor))
+
+    def post_hook(mod, args, out):
+        if layer_of(mod) is not None and stack:
+            stack.pop()
+
+    def pack(t):
+        try:
+            st = t.untyped_storage()
+            key = (id(st), st.nbytes())
+        except Exception:
+            return t
+        # a saved parameter (or its view) costs nothing new
+        if id(st) not in param_storages and key not in saved_storages:
+            saved_storages.add(key)
+            a = tracker.seen.get(st)
+            layer = stack[-1] if stack else "(loss)"
+            saved_by_layer[layer] = saved_by_layer.get(layer, 0) + (a.nbytes if a else st.nbytes())
+        return t
+
+    handles = [nn.modules.module.register_module_forward_pre_hook(pre_hook),
+               nn.modules.module.register_module_forward_hook(post_hook)]
+    for t in by_id.values():
+        param_storages.add(id(t.untyped_storage()))
+    for t in params.values():
+        param_storages.add(id(t.untyped_storage()))
+
+    # Checkpoint the repeated blocks by wrapping their forward (restored below).
+    patched: list[tuple[nn.Module, Any]] = []
+    if checkpointing and blocks:
+        from torch.utils.checkpoint import checkpoint
+
+        for b in blocks:
+            orig = b.forward
+
+            def recompute(*a, __orig=orig, **k):
+                # In backward the recomputation runs outside our forward-time semantics: enter
+                # them again (as torch.utils.checkpoint restores autocast), with a fresh cast
+                # cache that dies with the recomputation, as autocast's does.
+                if sem.active:
+                    return __orig(*a, **k)
+                with sem:
+                    try:
+                        return __orig(*a, **k)
+                    finally:
+                        sem.cache.clear()
+
+            def fwd(*a, __run=recompute, __orig=orig, **k):
+                if not torch.is_grad_enabled():
+                    return __orig(*a, **k)
+                return checkpoint(__run, *a, use_reentrant=False, preserve_rng_state=False, **k)
+            patched.append((b, b.__dict__.get("forward")))
+            b.forward = fwd
+    was_training = model.training
+    own_ckpt = getattr(model, "gradient_checkpointing", None)
+    from torch.func import functional_call
+
+    opt_state = opt_temp = grads_bytes = 0
+    step_extra_peak = 0
+    try:
+        model.train()
+        if isinstance(own_ckpt, bool):
+            model.gradient_checkpointing = False  # we checkpoint ourselves (meta has no RNG to save)
+        with tracker:
+            args, kwargs = _make_inputs(spec, batch, seq, example_inputs)
+            for t in list(args) + list(kwargs.values()):
+                if isinstance(t, torch.Tensor):
+                    tracker.track(t, "input")
+            tracker.phase = "forward"
+            with sem, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = functional_call(model, params, args, kwargs, tie_weights=False, strict=False)
+                loss = loss_fn(out) if loss_fn is not None else _loss_of(out)
+                sem.cache.clear()
+            del out
+            fwd_end = tracker.clock
+            tracker.phase = "backward"
+            tracker.tag = "activation"
+            loss.backward()
+            del loss
+            bwd_end = tracker.clock
+            grads_bytes = sum(tracker.seen[p.grad.untyped_storage()].nbytes for p in trainable
+                              if p.grad is not None and p.grad.untyped_storage() in tracker.seen)
+            peak_fb, peak_time = tracker.peak, tracker.peak_time
+            grad_allocs = {id(tracker.seen[p.grad.untyped_storage()]) for p in trainable
+                           if p.grad is not None and p.grad.untyped_storage() in tracker.seen}
+            live = tracker.live_at(peak_time)
+            fb = {"gradients": 0, "activations": 0, "autocast": 0, "temporaries": 0, "inputs": 0}
+            for a in live:
+                if id(a) in grad_allocs:
+                    fb["gradients"] += a.nbytes
+                elif a.tag == "input":
+                    fb["inputs"] += a.nbytes
+                elif a.tag == "autocast":
+                    fb["autocast"] += a.nbytes
+                elif a.phase == "forward":
+                    fb["activations"] += a.nbytes
+                else:
+                    fb["temporaries"] += a.nbytes
+            phase = "forward" if peak_time <= fwd_end else "backward"
+            after_backward = tracker.current
+
+            # Optimizer step, traced: state it creates and temporaries it frees again.
+            tracker.phase = "optimizer"
+            base = tracker.current
+            tracker.peak = base
+            if optimizer != "none" and trainable:
+                opt = _make_optimizer(optimizer, impl, trainable)
+                if opt is not None:
+                    opt.step()
+                    step_extra_peak = tracker.peak - base
+                    opt_state = sum(a.nbytes for a in tracker.allocs if a.phase == "optimizer" and a.t1 is None)
+                    opt_temp = step_extra_peak - opt_state
+                    if impl == "fused":
+                        # fused kernels update in place: no temporaries (traced as foreach for the state)
+                        opt_temp, step_extra_peak = 0, opt_state
+                    del opt
+            saved_total = sum(saved_by_layer.values())
+    finally:
+        for h in handles:
+            h.remove()
+        for b, prev in patched:
+            if prev is None:
+                b.__dict__.pop("forward", None)
+            else:
+                b.forward = prev
+        model.train(was_training)
+        if isinstance(own_ckpt, bool):
+            model.gradient_checkpointing = own_ckpt
+
+    layers = []
+    for name, n in saved_by_layer.items():
+        layers.append(LayerActivation(name, n, ckpt_input.get(name)))
+    return _Trace(peak_fb=peak_fb, peak_fb_phase=phase, fb_breakdown=fb, step_extra_peak=step_extra_peak,
+                  after_backward=after_backward,
+                  opt_state=opt_state, opt_temporaries=max(0, opt_temp), grads=grads_bytes,
+                  saved_total=saved_total, layers=layers,
+                  attention_saved=int(getattr(sem, "attention_bytes", 0)))
+
+
+def _make_optimizer(name: str, impl: str, params: list[torch.Tensor]):
+    """The optimizer as torch builds it; fused kernels have no meta implementation, so a fused
+    optimizer is traced as foreach (same state) and its temporaries are dropped by the caller."""
+    foreach = impl in ("foreach", "fused")
+    if name in ("adamw", "adam"):
+        cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+        return cls(params, lr=1e-4, foreach=foreach)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-2, foreach=foreach)
+    if name == "sgd-momentum":
+        return torch.optim.SGD(params, lr=1e-2, momentum=0.9, foreach=foreach)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- estimate
+
+def _device_kind(device: str | torch.device | None) -> str:
+    if device is None:
+        return "cuda"
+    kind = torch.device(device).type if not isinstance(device, str) or device != "gpu" else "cuda"
+    return kind
+
+
+def _cuda_workspace(arch: str | None) -> int:
+    return _CUBLAS_HANDLES_IN_TRAINING * _CUBLAS_WORKSPACE.get(arch or "sm90", _CUBLAS_WORKSPACE["default"])
+
+
+def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
+             precision: str = "bf16-mixed", optimizer: str = "adamw", optimizer_impl: str = "foreach",
+             gradient_checkpointing: bool = False, fp4: str | bool | None = None,
+             attention: str = "flash", offload: bool = False, world_size: int = 1,
+             distributed: str = "ddp", device: str = "cuda", gpu_arch: str | None = "sm90",
+             fp4_dequant_temp: bool = False, example_inputs: Any = None,
+             loss_fn: Callable[[Any], torch.Tensor] | None = None,
+             gpu_mem: int | str | None = None, cpu_mem: int | str | None = None,
+             disk: int | str | None = None) -> MemoryEstimate:
+    """Estimate the memory of one training step of `model`, traced on meta tensors.
+
+    Args:
+        model: an `nn.Module` (its weights are never touched or copied), a vbhal preset name
+            ("tiny", "small", "medium", "large"), a `GPTConfig`, a transformers `PretrainedConfig`,
+            or a path to a Hugging Face ``config.json`` (or its folder).
+        batch_size, seq_length: per-device micro-batch; seq_length defaults to the model's context.
+        precision: "fp32", "bf16-mixed" (alias "bf16"), "fp16-mixed", "bf16-true", "fp16-true".
+        optimizer: "adamw", "adam", "sgd", "sgd-momentum" or "none"; `optimizer_impl`: "foreach"
+            (PyTorch's default on CUDA), "fused" or "for-loop".
+        gradient_checkpointing: recompute the repeated blocks in backward.
+        fp4: None/False, True (= "mxfp4"), "mxfp4" or "nvfp4": linear weights frozen in FP4.
+        attention: "flash" (O(S)), "math" (SDPA math path, O(S^2)), "eager" (the model's own
+            attention code; Hugging Face models are built with attn_implementation="eager"),
+            or "model" (whatever the model calls, untouched).
+        offload: keep master weights, gradients and optimizer state in host memory (mode
+            "memory"); the device holds working copies of two blocks plus activations.
+        world_size, distributed: data-parallel ranks and "ddp" (replicated, plus DDP's gradient
+            buckets) or "fsdp" (parameters, gradients and state sharded by `world_size`).
+        device: "cuda" (adds cuBLAS workspaces and 512-byte rounding) or "cpu".
+        gpu_mem, cpu_mem, disk: capacities per tier (sizes such as "8GB"), shown beside the usage.
+
+    Returns a `MemoryEstimate`. Raises `EstimateError` for input it cannot work with.
+
+    Example::
+
+        est = estimate("medium", batch_size=8, seq_length=1024, gradient_checkpointing=True)
+        print(format_estimate(est))
+    """
+    import time
+
+    t_start = time.perf_counter()
+    batch_size = _positive_int("batch_size", batch_size)
+    world_size = _positive_int("world_size", world_size)
+    if seq_length is not None:
+        seq_length = _positive_int("seq_length", seq_length)
+    prec = _norm_precision(precision)
+    optimizer = str(optimizer).lower()
+    if optimizer not in OPTIMIZERS:
+        raise EstimateError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if optimizer_impl not in ("foreach", "fused", "for-loop"):
+        raise EstimateError(f"optimizer_impl must be 'foreach', 'fused' or 'for-loop', got {optimizer_impl!r}")
+    if attention not in ATTENTIONS:
+        raise EstimateError(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTIONS)}")
+    if distributed not in ("ddp", "fsdp"):
+        raise EstimateError(f"distributed must be 'ddp' or 'fsdp', got {distributed!r}")
+    fmt = None
+    if fp4 is True:
+        fmt = "mxfp4"
+    elif fp4 not in (None, False):
+        fmt = str(fp4).lower()
+        if fmt not in FP4_BITS_PER_ELEMENT:
+            raise EstimateError(f"unknown FP4 format {fp4!r}; choose 'mxfp4' or 'nvfp4'")
+    kind = _device_kind(device)
+    caps = {"device": parse_bytes(gpu_mem, what="gpu_mem"), "host": parse_bytes(cpu_mem, what="cpu_mem"),
+            "disk": parse_bytes(disk, what="disk")}
+
+    spec = _resolve_model(model, attention)
+    seq = seq_length or spec.max_seq or 1024
+    if spec.max_seq is not None and seq > spec.max_seq and spec.kind == "vbhal":
+        raise EstimateError(f"seq_length {seq} exceeds the model's context of {spec.max_seq} tokens; "
+                            f"lower --seq-length or raise the model's seq_length")
+    param_dtype, autocast = PRECISIONS[prec]
+
+    tr = _trace_step(spec, batch=batch_size, seq=seq, param_dtype=param_dtype, autocast=autocast,
+                     attention=attention, checkpointing=gradient_checkpointing, optimizer=optimizer,
+                     impl=optimizer_impl, fp4=fmt, fp4_dequant_temp=fp4_dequant_temp,
+                     round_to=_CUDA_ROUND if kind == "cuda" else 1, example_inputs=example_inputs,
+                     loss_fn=loss_fn)
+    if gradient_checkpointing:  # per-layer numbers without checkpointing come from a second trace
+        tr_plain = _trace_step(spec, batch=batch_size, seq=seq, param_dtype=param_dtype, autocast=autocast,
+                               attention=attention, checkpointing=False, optimizer="none",
+                               impl=optimizer_impl, fp4=fmt, fp4_dequant_temp=fp4_dequant_temp,
+                               round_to=1, example_inputs=example_inputs, loss_fn=loss_fn)
+        layers = tr_plain.layers
+    else:
+        layers = tr.layers
+    _, blocks = _find_blocks(spec.module)
+    ckpt_in = {l.name: l.checkpointed_bytes for l in tr.layers}
+    for l in layers:
+        l.checkpointed_bytes = l.checkpointed_bytes if l.checkpointed_bytes is not None else ckpt_in.get(l.name)
+
+    # Parameters and buffers, counted once (tied weights share storage), FP4 packed where swapped.
+    rnd = (lambda n: (n + _CUDA_ROUND - 1) // _CUDA_ROUND * _CUDA_ROUND) if kind == "cuda" else (lambda n: n)
+    fp4_names = {f"{n}.weight" for n, _ in _fp4_linears(spec.module)} if fmt else set()
+    seen: set[int] = set()
+    n_params = n_train = param_bytes = 0
+    for name, p in spec.module.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n_params += p.numel()
+        if name in fp4_names:
+            param_bytes += rnd(_fp4_nbytes(p.shape[0], p.shape[1], fmt))
+            # two allocations (codes, scales) in QuantizedWeight
+            param_bytes += _CUDA_ROUND if kind == "cuda" else 0
+            continue
+        dt = param_dtype if p.is_floating_point() else p.dtype
+        param_bytes += rnd(p.numel() * torch.empty((), dtype=dt).element_size())
+        if p.requires_grad:
+            n_train += p.numel()
+    for b in spec.module.buffers():
+        param_bytes += rnd(_nbytes(b))
+
+    notes: list[str] = []
+    workspace = _cuda_workspace(gpu_arch) if kind == "cuda" else 0
+    grads, opt_state, opt_temp = tr.grads, tr.opt_state, tr.opt_temporaries
+    fbk = tr.fb_breakdown
+    # Steady state (step 2 onwards): parameters and optimizer state are resident for the whole
+    # step; the forward/backward peak sits on top of them, the optimizer step's peak is what is
+    # live after backward (gradients, the batch) plus the state and the step's temporaries.
+    fb_total = param_bytes + opt_state + tr.peak_fb
+    opt_total = param_bytes + tr.after_backward + opt_state + opt_temp
+    if opt_total > fb_total:
+        peak_phase, peak = "optimizer", opt_total
+        cat = dict(gradients=grads, activations=tr.after_backward - grads, autocast=0, temporaries=opt_temp)
+    else:
+        peak_phase, peak = tr.peak_fb_phase, fb_total
+        cat = dict(gradients=fbk["gradients"], activations=fbk["activations"] + fbk["inputs"],
+                   autocast=fbk["autocast"], temporaries=fbk["temporaries"])
+    dev = dict(parameters=param_bytes, gradients=cat["gradients"], optimizer_state=opt_state,
+               activations=cat["activations"] + cat["autocast"], temporaries=cat["temporaries"])
+
+    if world_size > 1 and distributed == "ddp":
+        # DDP's reducer keeps flat gradient buckets beside .grad (gradient_as_bucket_view=False).
+        dev["gradients"] += grads
+        notes.append("ddp: the reducer's gradient buckets (a second copy of the gradients) are counted")
+    elif world_size > 1 and distributed == "fsdp":
+        blk = _block_param_bytes(blocks, autocast or param_dtype)
+        for key in ("parameters", "gradients", "optimizer_state"):
+            dev[key] = -(-dev[key] // world_size)
+        dev["parameters"] += _OFFLOAD_RESIDENT_BLOCKS * blk
+        notes.append(f"fsdp: parameters, gradients and optimizer state sharded {world_size} ways, "
+                     f"{_OFFLOAD_RESIDENT_BLOCKS} blocks unsharded at a time (formula, not traced)")
+
+    host = TierUsage("host", 1, capacity=caps["host"])
+    disk_t = TierUsage("disk", 2, capacity=caps["disk"])
+    if offload:
+        # Mode "memory" (DESIGN.md, memory tiers): master weights, gradients and optimizer state
+        # live in the host tier; the device keeps the weights outside the blocks, working copies
+        # of two blocks (the one computing, the one prefetched) and their gradients; the
+        # optimizer step runs on the host, so its temporaries leave the device.
+        n_blocks = len(blocks)
+        resident = min(n_blocks, _OFFLOAD_RESIDENT_BLOCKS)
+        blk_master = _block_param_bytes(blocks, param_dtype)
+        blk_work = _block_param_bytes(blocks, autocast or param_dtype)
+        blk_grad = _block_param_bytes(blocks, param_dtype, trainable_only=True) if not fmt else \
+            _block_grad_bytes_fp4(blocks, param_dtype)
+        nonblock = max(0, param_bytes - blk_master * n_blocks)
+        nonblock_grad = max(0, grads - blk_grad * n_blocks)
+        host.parameters, host.gradients, host.optimizer_state = dev["parameters"], grads, dev["optimizer_state"]
+        frac = resident / n_blocks if n_blocks else 1.0
+        dev = dict(parameters=nonblock + resident * blk_work,
+                   gradients=min(dev["gradients"], nonblock_grad + resident * blk_grad),
+                   optimizer_state=0,
+                   activations=cat["activations"] + int(cat["autocast"] * frac),
+                   temporaries=cat["temporaries"] if peak_phase != "optimizer" else 0)
+        notes.append(f"offload: the device holds {resident} of {n_blocks} blocks' working weights; master "
+                     f"weights, gradients and optimizer state live in host memory (formula, not traced)")
+        if caps["host"] is not None and host.total > caps["host"]:
+            over = host.total - caps["host"]
+            for key in ("optimizer_state", "parameters", "gradients"):  # spill order
+                move = min(over, getattr(host, key))
+                setattr(host, key, getattr(host, key) - move)
+                setattr(disk_t, key, getattr(disk_t, key) + move)
+                over -= move
+            notes.append("offload: host capacity exceeded; optimizer state (then weights) spill to disk")
+
+    peak_alloc = sum(dev.values()) + workspace
+    reserved = int(peak_alloc * _RESERVED_FACTOR) + _RESERVED_SLACK if kind == "cuda" else peak_alloc
+    device_t = TierUsage("device", 0, workspace=workspace, allocator_overhead=reserved - peak_alloc,
+                         capacity=caps["device"], **dev)
+    if kind == "cpu":
+        # On a CPU run the "device" is host memory: one tier.
+        device_t.name, device_t.level, device_t.capacity = "host", 1, caps["host"]
+        for key in ("parameters", "gradients", "optimizer_state"):
+            setattr(device_t, key, getattr(device_t, key) + getattr(host, key))
+        tiers = [device_t, disk_t]
+    else:
+        tiers = [device_t, host, disk_t]
+
+    if autocast is not None:
+        notes.append(f"mixed precision: autocast keeps {_h(tr.fb_breakdown['autocast'])} of "
+                     f"{str(autocast).replace('torch.', '')} weight copies live at the peak")
+    if fmt:
+        notes.append(f"fp4 ({fmt}, {FP4_BITS_PER_ELEMENT[fmt]} bits/weight): linear weights frozen, "
+                     f"no gradient or optimizer state for them")
+    return MemoryEstimate(
+        model=spec.name,
+        setup=dict(batch_size=batch_size, seq_length=seq, precision=prec, optimizer=optimizer,
+                   optimizer_impl=optimizer_impl, gradient_checkpointing=gradient_checkpointing, fp4=fmt,
+                   attention=attention, offload=offload, world_size=world_size, distributed=distributed,
+                   device=kind),
+        num_parameters=n_params, num_trainable=n_train, parameters=param_bytes, gradients=grads,
+        optimizer_state=opt_state, activations=dev["activations"], autocast_copies=cat["autocast"],
+        temporaries=dev["temporaries"], workspace=workspace, peak_allocated=peak_alloc, peak_reserved=reserved,
+        peak_phase=peak_phase, activations_total_saved=tr.saved_total, optimizer_temporaries=opt_temp,
+        layers=layers, tiers=tiers, notes=notes, trace_seconds=time.perf_counter() - t_start)
+
+
+def _block_param_bytes(blocks: list[nn.Module], dtype: torch.dtype, trainable_only: bool = False) -> int:
+    """Bytes of one repeated block's parameters in `dtype` (blocks are identical)."""
+    if not blocks:
+        return 0
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(p.numel() for p in blocks[0].parameters() if p.requires_grad or not trainable_only) * size
+
+
+def _block_grad_bytes_fp4(blocks: list[nn.Module], dtype: torch.dtype) -> int:
+    """Gradient bytes of one block when its linear weights are FP4 (frozen)."""
+    if not blocks:
+        return 0
+    frozen = {id(m.weight) for n, m in _fp4_linears(blocks[0])}
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(p.numel() for p in blocks[0].parameters() if p.requires_grad and id(p) not in frozen) * size
+
+
+def _h(n: int | float | None) -> str:
+    from vbhal._table import human_bytes
+
+    return human_bytes(n)
+
+
+# ----------------------------------------------------------------------------------------------- planner
+
+@dataclass
+class Optimization:
+    """One optimization the planner considered: whether it is on, and the device memory it saves
+    at the planned batch size (peak reserved without it minus with it)."""
+
+    name: str
+    enabled: bool
+    saves: int | None
+    note: str = ""
+
+
+@dataclass
+class TierLevel:
+    """One level of the tier plan: level 0 device, 1 pinned host, 2 disk."""
+
+    level: int
+    name: str
+    capacity: int | None
+    used: int
+
+
+@dataclass
+class Plan:
+    """What the planner recommends. `to_optimize_overrides()` feeds `vbhal.optimize` / `vbhal train`."""
+
+    fits: bool
+    mode: str
+    batch_size: int
+    grad_accum: int
+    global_batch: int | None
+    fp4: bool
+    fp4_format: str
+    attention: bool
+    mixed_precision: str
+    gradient_checkpointing: bool
+    offload: bool
+    seq_length: int
+    optimizations: list[Optimization] = field(default_factory=list)
+    tiers: list[TierLevel] = field(default_factory=list)
+    estimate: MemoryEstimate | None = None
+    missing: str | None = None
+    suggestions: list[str] = field(default_factory=list)
+
+    def to_optimize_overrides(self) -> dict[str, Any]:
+        """OptimizeConfig field overrides (mode, fp4, fp4_format, attention, mixed_precision,
+        gradient_checkpointing, offload) plus ``batch_size`` and ``grad_accum`` for the training
+        loop (pop those two before building an OptimizeConfig)."""
+        return dict(mode=self.mode, fp4=self.fp4, fp4_format=self.fp4_format, attention=self.attention,
+                    mixed_precision=self.mixed_precision,
+                    gradient_checkpointing=self.gradient_checkpointing, offload=self.offload,
+                    batch_size=self.batch_size, grad_accum=self.grad_accum)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["estimate"] = self.estimate.to_dict() if self.estimate else None
+        d["overrides"] = self.to_optimize_overrides()
+        return d
+
+
+#: The ladder the planner climbs, fastest first: (mode, checkpointing, fp4, offload).
+_LADDER = [("speed", False, False, False), ("balanced", True, False, False), ("full", True, True, False),
+           ("memory", True, False, True), ("memory", True, True, True)]
+
+
+def _detect_budgets(gpu_mem, cpu_mem, disk, device: str) -> dict[str, int | None]:
+    from vbhal import _sysinfo
+
+    caps = {"device": parse_bytes(gpu_mem, what="gpu_mem"), "host": parse_bytes(cpu_mem, what="cpu_mem"),
+            "disk": parse_bytes(disk, what="disk")}
+    if caps["device"] is None and device == "cuda":
+        if not torch.cuda.is_available():
+            raise EstimateError("no CUDA device detected to plan for; pass gpu_mem (e.g. gpu_mem='8GB' or "
+                                "--gpu-mem 8GB), or device='cpu'")
+        free, total = torch.cuda.mem_get_info()
+        caps["device"] = total
+    if caps["host"] is None:
+        caps["host"] = _sysinfo.host_memory_available()
+    if caps["disk"] is None:
+        caps["disk"] = _sysinfo.disk_free()
+    return caps
+
+
+def _need(est: MemoryEstimate, kind: str) -> int:
+    """What must fit in the device tier: reserved memory on CUDA, the peak on CPU."""
+    return est.peak_reserved if kind == "cuda" else est.peak_allocated
+
+
+def _fits(est: MemoryEstimate, caps: Mapping[str, int | None], kind: str) -> bool:
+    if kind == "cuda":
+        if caps["device"] is not None and est.peak_reserved > caps["device"]:
+            return False
+        host = est.tier("host")
+    else:
+        host = est.tiers[0]
+    if caps["host"] is not None and host.total > caps["host"]:
+        return False
+    disk_t = est.tier("disk")
+    return caps["disk"] is None or disk_t.total <= caps["disk"]
+
+
+def plan(model: Any, *, gpu_mem: int | str | None = None, cpu_mem: int | str | None = None,
+         disk: int | str | None = None, seq_length: int | None = None, global_batch: int | None = None,
+         max_batch_size: int = 1024, precision: str = "bf16-mixed", optimizer: str = "adamw",
+         optimizer_impl: str = "foreach", allow_fp4: bool = False, allow_offload: bool = True,
+         fp4_format: str = "mxfp4", world_size: int = 1, device: str = "cuda", gpu_arch: str | None = "sm90",
+         example_inputs: Any = None, loss_fn: Callable | None = None) -> Plan:
+    """Recommend mode, micro-batch size, gradient accumulation and tier plan for a memory budget.
+
+    Budgets not given are detected (device memory of the current CUDA device, available host RAM
+    within the cgroup limit, free disk in the spill directory). The planner climbs from the fastest
+    setup (flash attention + bf16 autocast) through gradient checkpointing, FP4 weights (only with
+    `allow_fp4`: they freeze the linear weights) and offload to the host/disk tiers, and takes the
+    first that fits with the largest micro-batch that fits (capped by `max_batch_size`, and by
+    `global_batch` when given; then ``grad_accum = ceil(global_batch / (batch_size * world_size))``).
+
+    When nothing fits, `Plan.fits` is False, `missing` says what is short and `suggestions` what
+    would fit.
+
+    Example::
+
+        p = plan("medium", gpu_mem="8GB", seq_length=1024, global_batch=64)
+        overrides = p.to_optimize_overrides()   # {'mode': 'balanced', ..., 'batch_size': 12, 'grad_accum': 6}
+    """
+    kind = _device_kind(device)
+    caps = _detect_budgets(gpu_mem, cpu_mem, disk, kind)
+    max_batch_size = _positive_int("max_batch_size", max_batch_size)
+    if global_batch is not None:
+        global_batch = _positive_int("global_batch", global_batch)
+        max_batch_size = min(max_batch_size, -(-global_batch // world_size))
+    prec = _norm_precision(precision)
+    if fp4_format not in FP4_BITS_PER_ELEMENT:
+        raise EstimateError(f"unknown FP4 format {fp4_format!r}; choose 'mxfp4' or 'nvfp4'")
+    spec = _resolve_model(model, "flash")
+    common = dict(seq_length=seq_length, precision=prec, optimizer=optimizer, optimizer_impl=optimizer_impl,
+                  world_size=world_size, device=kind, gpu_arch=gpu_arch, example_inputs=example_inputs,
+                  loss_fn=loss_fn, gpu_mem=caps["device"], cpu_mem=caps["host"], disk=caps["disk"],
+                  attention="flash")
+
+    def est(b: int, ckpt: bool, fp4: bool, off: bool) -> MemoryEstimate:
+        return estimate(spec.module, batch_size=b, gradient_checkpointing=ckpt, fp4=fp4_format if fp4 else None,
+                        offload=off, **common)
+
+    ladder = [r for r in _LADDER if (allow_fp4 or not r[2]) and (allow_offload or not r[3])]
+    chosen = None
+    best_fail: tuple[MemoryEstimate, tuple] | None = None
+    for rung in ladder:
+        mode, ckpt, fp4, off = rung
+        e1 = est(1, ckpt, fp4, off)
+        if not _fits(e1, caps, kind):
+            if best_fail is None or _need(e1, kind) < _need(best_fail[0], kind):
+                best_fail = (e1, rung)
+            continue
+        b = _largest_batch(lambda bb: est(bb, ckpt, fp4, off), e1, caps, kind, max_batch_size)
+        chosen = (rung, b, est(b, ckpt, fp4, off))
+        break
+
+    mp = {"fp32": "none", "bf16-mixed": "bf16", "fp16-mixed": "fp16"}.get(prec, "bf16")
+    if chosen is None:
+        e1, rung = best_fail  # type: ignore[misc]
+        mode, ckpt, fp4, off = rung
+        short = _need(e1, kind) - (caps["device"] or 0)
+        missing = (f"nothing fits: even batch size 1 in mode {mode!r} needs {_h(_need(e1, kind))} of device "
+                   f"memory, {_h(max(0, short))} more than the {_h(caps['device'])} available")
+        host_t = e1.tier("host") if kind == "cuda" else e1.tiers[0]
+        if caps["host"] is not None and host_t.total > caps["host"]:
+            missing += f"; the host tier needs {_h(host_t.total)} of {_h(caps['host'])}"
+        sugg = [f"a device with at least {_h(_need(e1, kind))} (gpu_mem) fits batch size 1 in mode {mode!r}"]
+        s_fit = _largest_seq_that_fits(lambda s: estimate(spec.module, batch_size=1, gradient_checkpointing=ckpt,
+                                                          fp4=fp4_format if fp4 else None, offload=off,
+                                                          **{**common, "seq_length": s}),
+                                       e1.setup["seq_length"], caps, kind)
+        if s_fit:
+            sugg.append(f"seq_length {s_fit} fits at batch size 1 in mode {mode!r}")
+        if not allow_fp4:
+            sugg.append("allow_fp4=True (frozen FP4 linear weights) saves weight, gradient and optimizer memory")
+        if world_size == 1:
+            sugg.append("FSDP over several GPUs shards weights, gradients and optimizer state")
+        return Plan(fits=False, mode=mode, batch_size=0, grad_accum=0, global_batch=global_batch, fp4=fp4,
+                    fp4_format=fp4_format, attention=True, mixed_precision=mp, gradient_checkpointing=ckpt,
+                    offload=off, seq_length=e1.setup["seq_length"], tiers=_tier_levels(e1, caps, kind),
+                    estimate=e1, missing=missing, suggestions=sugg)
+
+    (mode, ckpt, fp4, off), b, e = chosen
+    accum = 1 if global_batch is None else max(1, -(-global_batch // (b * world_size)))
+    opts = _savings(spec, e, b, (ckpt, fp4, off), common, fp4_format, kind)
+    return Plan(fits=True, mode=mode, batch_size=b, grad_accum=accum,
+                global_batch=None if global_batch is None else b * accum * world_size, fp4=fp4,
+                fp4_format=fp4_format, attention=True, mixed_precision=mp, gradient_checkpointing=ckpt,
+                offload=off, seq_length=e.setup["seq_length"], optimizations=opts,
+                tiers=_tier_levels(e, caps, kind), estimate=e)
+
+
+def _largest_batch(est_b: Callable[[int], MemoryEstimate], e1: MemoryEstimate, caps, kind: str, cap: int) -> int:
+    """Largest micro-batch that fits: memory is affine in the batch size, so two traces predict it;
+    then check the prediction with a trace and step down if a rounding made it not fit."""
+    if cap == 1:
+        return 1
+    e2 = est_b(2)
+    if not _fits(e2, caps, kind):
+        return 1
+    slope = _need(e2, kind) - _need(e1, kind)
+    if caps["device"] is None or slope <= 0:
+        return cap
+    b = min(cap, 1 + (caps["device"] - _need(e1, kind)) // slope)
+    b = max(2, int(b))
+    while b > 2 and not _fits(est_b(b), caps, kind):
+        b -= 1
+    # the affine model can be pessimistic by a rounding: try one more
+    while b < cap and _fits(est_b(b + 1), caps, kind):
+        b += 1
+    return b
+
+
+def _largest_seq_that_fits(est_s: Callable[[int], MemoryEstimate], seq: int, caps, kind: str) -> int | None:
+    s = seq // 2
+    while s >= 16:
+        if _fits(est_s(s), caps, kind):
+            return s
+        s //= 2
+    return None
+
+
+def _savings(spec: _ModelSpec, e: MemoryEstimate, b: int, flags, common, fp4_format, kind) -> list[Optimization]:
+    """Device memory each optimization saves at the planned batch size (toggle one at a time)."""
+    ckpt, fp4, off = flags
+    base = dict(common)
+
+    def need(**over) -> int:
+        kw = dict(batch_size=b, gradient_checkpointing=ckpt, fp4=fp4_format if fp4 else None, offload=off)
+        kw.update(over)
+        a = {**base, **{k: v for k, v in kw.items() if k in base}}
+        a.update({k: v for k, v in kw.items() if k not in base})
+        return _need(estimate(spec.module, **a), kind)
+
+    now = _need(e, kind)
+    out = [Optimization("flash attention", True, need(attention="math") - now, "O(S) attention activations"),
+           Optimization("bf16 autocast", common["precision"] != "fp32",
+                        (need(precision="fp32") - now) if common["precision"] != "fp32" else None,
+                        "bf16 activations; adds bf16 weight copies")]
+    out.append(Optimization("gradient checkpointing", ckpt,
+                            (need(gradient_checkpointing=False) - now) if ckpt else
+                            now - need(gradient_checkpointing=True), "recomputes blocks in backward (~+33% compute)"))
+    out.append(Optimization(f"fp4 weights ({fp4_format})", fp4,
+                            (need(fp4=None) - now) if fp4 else now - need(fp4=fp4_format),
+                            "freezes linear weights (adapters/biases train)"))
+    out.append(Optimization("offload to host/disk tiers", off,
+                            (need(offload=False) - now) if off else now - need(offload=True),
+                            "weights/optimizer in host memory; speed bound by host<->device bandwidth"))
+    return out
+
+
+def _tier_levels(e: MemoryEstimate, caps, kind: str) -> list[TierLevel]:
+    out = []
+    for t in e.tiers:
+        cap = {"device": caps["device"], "host": caps["host"], "disk": caps["disk"]}[t.name]
+        out.append(TierLevel(t.level, t.name, cap, t.total))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- formatting
+
+def format_estimate(est: MemoryEstimate) -> str:
+    """A readable report of an estimate: setup, breakdown per tier, peak, per-layer activations."""
+    from vbhal._table import format_table
+
+    s = est.setup
+    head = (f"{est.model}: {est.num_parameters / 1e6:,.1f}M parameters ({est.num_trainable / 1e6:,.1f}M trainable); "
+            f"batch {s['batch_size']} x seq {s['seq_length']}, {s['precision']}, {s['optimizer']} ({s['optimizer_impl']}), "
+            f"attention {s['attention']}, checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, "
+            f"fp4 {s['fp4'] or 'off'}, offload {'on' if s['offload'] else 'off'}, world size {s['world_size']}")
+    cats = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "workspace",
+            "allocator_overhead")
+    rows = [[c.replace("_", " ")] + [_h(getattr(t, c)) for t in est.tiers] for c in cats]
+    rows.append(["total"] + [_h(t.total) for t in est.tiers])
+    rows.append(["capacity"] + [_h(t.capacity) if t.capacity is not None else "-" for t in est.tiers])
+    rows.append(["fits"] + ["-" if t.fits is None else ("yes" if t.fits else "NO") for t in est.tiers])
+    table = format_table(["at the peak"] + [t.name for t in est.tiers], rows)
+    peak = (f"peak allocated {_h(est.peak_allocated)} (in {est.peak_phase}); reserved {_h(est.peak_reserved)}; "
+            f"activations saved in forward {_h(est.activations_total_saved)}; "
+            f"autocast weight copies at the peak {_h(est.autocast_copies)}; "
+            f"optimizer temporaries {_h(est.optimizer_temporaries)}")
+    layers = est.layers
+    lrows = []
+    if layers:
+        blocks = [l for l in layers if l.checkpointed_bytes is not None]
+        others = [l for l in layers if l.checkpointed_bytes is None]
+        if blocks:
+            lrows.append([f"{blocks[0].name} .. {blocks[-1].name} ({len(blocks)}x, each)", _h(blocks[0].saved_bytes),
+                          _h(blocks[0].checkpointed_bytes)])
+        for l in others:
+            lrows.append([l.name, _h(l.saved_bytes), "-"])
+    ltable = format_table(["activations per layer", "saved", "checkpointed"], lrows) if lrows else ""
+    parts = [head, "", table, "", peak]
+    if ltable:
+        parts += ["", ltable]
+    if est.notes:
+        parts += [""] + [f"note: {n}" for n in est.notes]
+    return "\n".join(parts)
+
+
+def format_plan(p: Plan) -> str:
+    """A readable report of a plan: the recommendation, each optimization's saving, the tiers."""
+    from vbhal._table import format_table
+
+    lines = []
+    if p.fits:
+        gb = f", global batch {p.global_batch}" if p.global_batch else ""
+        lines.append(f"plan: mode {p.mode!r}, micro-batch {p.batch_size} x grad accumulation {p.grad_accum}{gb} "
+                     f"at seq {p.seq_length}")
+    else:
+        lines.append(f"plan: DOES NOT FIT. {p.missing}")
+    if p.optimizations:
+        lines += ["", format_table(["optimization", "on", "device memory it saves"],
+                                   [[o.name, o.enabled, _h(o.saves) if o.saves is not None else "-"]
+                                    for o in p.optimizations])]
+    lines += ["", format_table(["tier", "level", "capacity", "used"],
+                               [[t.name, t.level, _h(t.capacity), _h(t.used)] for t in p.tiers])]
+    if p.suggestions:
+        lines += [""] + [f"would fit: {s}" for s in p.suggestions]
+    lines += ["", "overrides: " + json.dumps(p.to_optimize_overrides())]
+    return "\n".join(lines)
