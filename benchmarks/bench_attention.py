@@ -1,0 +1,280 @@
+"""Attention benchmark: SDPA's backends against vbhal's Triton kernel and dispatcher, one run, one GPU.
+
+Grid (the issue's): 16k tokens per batch (B = 16384 / S), model width 2048 (32 heads of 64 or 16 heads
+of 128), S in {1k, 2k, 4k, 8k, 16k}, causal and not, forward and forward+backward, bf16. Plus
+grouped-query shapes (Hkv = Hq / 4; SDPA with ``enable_gqa``) for the dispatcher's table, packed
+variable-length input (ours against one SDPA call per document), and peak memory of forward+backward
+at S = 64k.
+
+Throughput is reported as TFLOP/s with the usual attention count: forward 4 * B * Hq * Sq * Sk * D
+(halved when causal), backward 2.5x the forward, so forward+backward = 3.5x the forward FLOPs.
+
+    python benchmarks/bench_attention.py                  # full grid
+    python benchmarks/bench_attention.py --budget 150     # stop measuring after 150 s (rest marked)
+
+Prints a table and writes ``benchmarks/results/attention-<device>.json`` (input of
+``benchmarks/make_attention_table.py``, which writes the dispatcher's table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PROVIDERS = ("sdpa_default", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "vbhal", "vbhal_dispatch")
+TOKENS = 16384
+WIDTH = 2048
+SEQS = (1024, 2048, 4096, 8192, 16384)
+
+
+def _fn(provider: str):
+    from vbhal.backends.cuda.attention import flash_attention
+    from vbhal.backends.cuda.attention_dispatch import attention as dispatch, sdpa
+
+    if provider == "vbhal":
+        return lambda q, k, v, causal: flash_attention(q, k, v, causal=causal)
+    if provider == "vbhal_dispatch":
+        return lambda q, k, v, causal: dispatch(q, k, v, causal=causal)
+    return _strict_sdpa(provider)
+
+
+def _strict_sdpa(provider: str):
+    """SDPA pinned to exactly one backend (no fallback: a refusal is reported, not hidden)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+               "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}.get(provider)
+
+    def run(q, k, v, causal):
+        gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+        if backend is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, **gqa)
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, **gqa)
+
+    return run
+
+
+def _time(fn, min_ms: float = 40.0, max_reps: int = 20) -> float:
+    """Median milliseconds of fn() with CUDA events; about ``min_ms`` of measuring."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    once = max(start.elapsed_time(end), 1e-3)
+    reps = int(min(max_reps, max(3, min_ms / once)))
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _flops(b, h, s, d, causal, mode):
+    f = 4.0 * b * h * s * s * d * (0.5 if causal else 1.0)
+    return f * (3.5 if mode == "fwdbwd" else 1.0)
+
+
+def measure(provider, b, hq, hkv, s, d, causal, mode, dtype=torch.bfloat16):
+    fn = _fn(provider)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(b, hq, s, d, device="cuda", dtype=dtype, generator=gen)
+    k = torch.randn(b, hkv, s, d, device="cuda", dtype=dtype, generator=gen)
+    v = torch.randn(b, hkv, s, d, device="cuda", dtype=dtype, generator=gen)
+    if mode == "fwd":
+        with torch.no_grad():
+            ms = _time(lambda: fn(q, k, v, causal))
+    else:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        do = torch.randn(b, hq, s, d, device="cuda", dtype=dtype, generator=gen)
+
+        def step():
+            fn(q, k, v, causal).backward(do)
+            q.grad = k.grad = v.grad = None
+
+        ms = _time(step)
+    return ms, _flops(b, hq, s, d, causal, mode) / ms / 1e9
+
+
+def measure_varlen(provider, lens, hq, hkv, d, dtype=torch.bfloat16):
+    """Packed documents, causal, forward+backward: ours with cu_seqlens vs SDPA one call per document."""
+    from vbhal.backends.cuda.attention import flash_attention
+    from vbhal.backends.cpu.attention import attention as per_document
+
+    t = sum(lens)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32, device="cuda")
+    q = torch.randn(t, hq, d, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(t, hkv, d, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(t, hkv, d, device="cuda", dtype=dtype, requires_grad=True)
+    do = torch.randn_like(q)
+    fn = flash_attention if provider == "vbhal" else per_document
+
+    def step():
+        fn(q, k, v, causal=True, cu_seqlens=cu, max_seqlen=max(lens)).backward(do)
+        q.grad = k.grad = v.grad = None
+
+    ms = _time(step)
+    flops = sum(_flops(1, hq, n, d, True, "fwdbwd") for n in lens)
+    return ms, flops / ms / 1e9
+
+
+def peak_memory(provider, s, hq, d, dtype=torch.bfloat16):
+    """Peak extra GiB of one forward+backward at batch 1 (inputs and their gradients excluded)."""
+    fn = _fn(provider)
+    q, k, v = (torch.randn(1, hq, s, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    # Baseline: inputs, dO, and the q/k/v gradients backward must allocate whatever the kernel.
+    base = torch.cuda.memory_allocated() + 3 * q.numel() * q.element_size()
+    fn(q, k, v, True).backward(do)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget", type=float, default=1e9, help="seconds of measuring before the rest is skipped")
+    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--seqs", default=",".join(map(str, SEQS)))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_attention: no CUDA device; this benchmark times GPU kernels only.")
+        return 0
+    t0 = time.time()
+    device = torch.cuda.get_device_name(0)
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    out_path = Path(args.out or Path(__file__).parent / "results" / f"attention-{slug}.json")
+    providers = args.providers.split(",")
+    seqs = [int(s) for s in args.seqs.split(",")]
+    meta = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
+            "dtype": "bfloat16", "tokens_per_batch": TOKENS, "width": WIDTH,
+            "flops": "fwd 4*B*Hq*S*S*D (x0.5 causal); fwdbwd 3.5x fwd"}
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    rows, skipped = [], 0
+
+    def save():
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps({"meta": meta, "rows": rows, "skipped": skipped}, indent=1))
+
+    cases = []
+    for d in (128, 64):
+        for causal in (True, False):
+            for s in seqs:
+                cases.append((d, causal, s, WIDTH // d, WIDTH // d))
+    for d in (128,):
+        for causal in (True, False):
+            for s in (2048, 8192):
+                cases.append((d, causal, s, WIDTH // d, WIDTH // d // 4))  # GQA, group 4
+    for d, causal, s, hq, hkv in cases:
+        b = max(1, TOKENS // s)
+        for mode in ("fwd", "fwdbwd"):
+            for p in providers:
+                row = {"provider": p, "head_dim": d, "causal": causal, "seq": s, "batch": b, "hq": hq, "hkv": hkv,
+                       "gqa": hq != hkv, "mode": mode}
+                if time.time() - t0 > args.budget:
+                    skipped += 1
+                    continue
+                try:
+                    row["ms"], row["tflops"] = measure(p, b, hq, hkv, s, d, causal, mode)
+                except Exception as e:  # a backend refusing a shape is a result, not a crash
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                torch.cuda.empty_cache()
+                rows.append(row)
+        save()
+
+    varlen = []
+    if time.time() - t0 < args.budget:
+        lens = [3000, 1000, 517, 7000, 64, 2048, 2757]  # 16383 tokens, ragged
+        for p in ("vbhal", "sdpa_per_document"):
+            try:
+                ms, tf = measure_varlen(p, lens, 16, 16, 128)
+                varlen.append({"provider": p, "ms": ms, "tflops": tf, "lens": lens})
+            except Exception as e:
+                varlen.append({"provider": p, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+    memory = []
+    if not args.skip_memory and time.time() - t0 < args.budget:
+        for p in ("sdpa_default", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "vbhal"):
+            try:
+                memory.append({"provider": p, "seq": 65536, "hq": 16, "head_dim": 128,
+                               "peak_gib": peak_memory(p, 65536, 16, 128)})
+            except Exception as e:
+                memory.append({"provider": p, "seq": 65536, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+            torch.cuda.empty_cache()
+    meta["seconds"] = round(time.time() - t0, 1)
+    out = {"meta": meta, "rows": rows, "varlen": varlen, "memory": memory, "skipped": skipped}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(out, indent=1))
+    print_table(out)
+    print(f"wrote {out_path}")
+    return 0
+
+
+def print_table(out):
+    rows = out["rows"]
+    meta = out["meta"]
+    print(f"# attention, {meta['device']}, torch {meta['torch']}, triton {meta.get('triton')}, bf16, TFLOP/s")
+    provs = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
+    short = {"sdpa_default": "default", "sdpa_flash": "flash", "sdpa_cudnn": "cudnn", "sdpa_efficient": "effic",
+             "vbhal": "vbhal", "vbhal_dispatch": "dispatch"}
+    print(f"{'hd':>3} {'cau':>3} {'gqa':>3} {'S':>6} {'mode':>6} | " + " ".join(f"{short[p]:>8}" for p in provs)
+          + " | vb/fl vb/cu dp/def")
+    keys = []
+    for r in rows:
+        key = (r["head_dim"], r["causal"], r["gqa"], r["seq"], r["mode"])
+        if key not in keys:
+            keys.append(key)
+    for key in keys:
+        got = {r["provider"]: r for r in rows if (r["head_dim"], r["causal"], r["gqa"], r["seq"], r["mode"]) == key}
+        cells = []
+        for p in provs:
+            r = got.get(p)
+            cells.append(f"{r['tflops']:8.1f}" if r and "tflops" in r else f"{'err' if r else '-':>8}")
+
+        def ratio(a, b):
+            ra, rb = got.get(a, {}), got.get(b, {})
+            return f"{ra['tflops'] / rb['tflops']:5.2f}" if "tflops" in ra and "tflops" in rb else "    -"
+
+        hd, c, g, s, mode = key
+        print(f"{hd:>3} {'y' if c else 'n':>3} {'y' if g else 'n':>3} {s:>6} {mode:>6} | " + " ".join(cells)
+              + f" | {ratio('vbhal', 'sdpa_flash')} {ratio('vbhal', 'sdpa_cudnn')} {ratio('vbhal_dispatch', 'sdpa_default')}")
+    errs = {(r["provider"], r["error"]) for r in rows if "error" in r}
+    for p, e in sorted(errs)[:8]:
+        print(f"  error {p}: {e}")
+    for r in out.get("varlen", []):
+        print(f"varlen causal fwd+bwd {r['provider']:>18}: " + (f"{r['ms']:.2f} ms {r['tflops']:.1f} TFLOP/s" if "ms" in r else r["error"]))
+    for r in out.get("memory", []):
+        print(f"peak fwd+bwd S=64k hd128 16 heads {r['provider']:>15}: " + (f"{r['peak_gib']:.2f} GiB" if "peak_gib" in r else r["error"]))
+    if out.get("skipped"):
+        print(f"skipped (time budget): {out['skipped']} measurements")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

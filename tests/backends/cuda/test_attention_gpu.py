@@ -1,0 +1,221 @@
+"""vbhal's Triton attention on a real GPU, bf16 at real sizes, against a float64 reference.
+
+Each case compares output and dQ, dK, dV with float64 math on the same inputs. The tolerance is
+relative to what bf16 itself costs: our error may be at most ``ERR_FACTOR`` x the error of PyTorch
+SDPA run in the same dtype on the same inputs (plus a small floor), so the check is tight where
+SDPA is exact and fair where bf16 rounding dominates. Every output buffer of the kernels is allocated
+filled with NaN (``POISON_OUTPUTS``), so an unwritten element shows up as NaN.
+
+Run with pytest, or directly (``python tests/backends/cuda/test_attention_gpu.py``) on a machine
+without pytest: it prints one line per case and exits non-zero on failure.
+"""
+
+from __future__ import annotations
+
+import sys
+import zlib
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+try:
+    import pytest
+except ImportError:  # the GPU image may lack pytest; __main__ below runs the cases
+    pytest = None
+
+ERR_FACTOR = 2.0
+ERR_FLOOR = {torch.bfloat16: 2e-3, torch.float16: 3e-4}
+
+# (name, B, Hq, Hkv, Sq, Sk, D, causal, dtype)
+DENSE_CASES = [
+    ("hd128 causal S4096", 2, 16, 16, 4096, 4096, 128, True, torch.bfloat16),
+    ("hd128 full S4096", 2, 16, 16, 4096, 4096, 128, False, torch.bfloat16),
+    ("hd64 causal S2048 H32", 2, 32, 32, 2048, 2048, 64, True, torch.bfloat16),
+    ("hd64 full S2048 H32", 1, 32, 32, 2048, 2048, 64, False, torch.bfloat16),
+    ("hd128 GQA4 causal S3001", 2, 16, 4, 3001, 3001, 128, True, torch.bfloat16),
+    ("hd64 MQA full S1537", 1, 16, 1, 1537, 1537, 64, False, torch.bfloat16),
+    ("hd128 causal Sq1000 Sk3000", 1, 8, 8, 1000, 3000, 128, True, torch.bfloat16),
+    ("hd128 full Sq3000 Sk1000", 1, 8, 2, 3000, 1000, 128, False, torch.bfloat16),
+    ("hd128 causal fp16 S2048", 1, 16, 16, 2048, 2048, 128, True, torch.float16),
+    ("hd64 causal S17", 3, 4, 2, 17, 17, 64, True, torch.bfloat16),
+]
+# (name, lengths, Hq, Hkv, D, causal)
+PACKED_CASES = [
+    ("packed hd128 GQA2 causal", [1, 127, 1000, 2049, 4096, 333], 16, 8, 128, True),
+    ("packed hd64 full", [64, 3, 1500, 777], 8, 8, 64, False),
+]
+
+
+def _errors(got, ref, base):
+    """Max abs error of got and of the SDPA baseline, each against the float64 reference."""
+    return (got.double() - ref).abs().max().item(), (base.double() - ref).abs().max().item()
+
+
+def _poison():
+    """Make the kernels allocate every output (O, LSE, delta, dQ, dK, dV) filled with NaN."""
+    from vbhal.backends.cuda import attention
+
+    attention.POISON_OUTPUTS = True
+
+
+def _check(name, got, ref, base, dtype):
+    rows = []
+    for label, g, r, b in zip(("out", "dq", "dk", "dv"), got, ref, base):
+        assert not torch.isnan(g).any(), f"{name}: {label} has NaN (unwritten or wrong)"
+        e, eb = _errors(g, r, b)
+        scale = r.abs().max().item()
+        tol = ERR_FACTOR * eb + ERR_FLOOR[dtype] * max(scale, 1.0)
+        rows.append((label, e, eb, tol))
+        assert e <= tol, f"{name}: {label} max error {e:.3g} > {tol:.3g} (SDPA {dtype} error {eb:.3g})"
+    return rows
+
+
+def run_dense(name, b, hq, hkv, sq, sk, d, causal, dtype, impl="vbhal"):
+    from vbhal.backends.cpu.attention import reference_attention
+    from vbhal.backends.cuda.attention import flash_attention
+    from vbhal.backends.cuda.attention_dispatch import attention as dispatch
+    import torch.nn.functional as F
+
+    fn = flash_attention if impl == "vbhal" else dispatch
+    g = torch.Generator(device="cuda").manual_seed(zlib.crc32(name.encode()))
+    q = torch.randn(b, hq, sq, d, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(b, hkv, sk, d, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(b, hkv, sk, d, device="cuda", dtype=dtype, generator=g)
+    do = torch.randn(b, hq, sq, d, device="cuda", dtype=dtype, generator=g)
+    results = []
+    for args in ((q, k, v),):
+        leaves = [t.clone().requires_grad_() for t in args]
+        _poison()
+        out = fn(*leaves, causal=causal)
+        out.backward(do)
+        got = [out.detach()] + [t.grad for t in leaves]
+        ref_leaves = [t.double().requires_grad_() for t in args]
+        ref = reference_attention(*ref_leaves, causal=causal)
+        ref.backward(do.double())
+        ref_all = [ref.detach()] + [t.grad for t in ref_leaves]
+        base_leaves = [t.clone().requires_grad_() for t in args]
+        kw = {"enable_gqa": True} if hq != hkv else {}
+        base = F.scaled_dot_product_attention(*base_leaves, is_causal=causal, **kw)
+        base.backward(do)
+        base_all = [base.detach()] + [t.grad for t in base_leaves]
+        results = _check(name, got, ref_all, base_all, dtype)
+        del ref_all, ref_leaves, ref
+    return results
+
+
+def run_packed(name, lens, hq, hkv, d, causal, dtype=torch.bfloat16):
+    from vbhal.backends.cpu.attention import attention as per_document, reference_attention
+    from vbhal.backends.cuda.attention import flash_attention
+
+    t = sum(lens)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(len(name))
+    q = torch.randn(t, hq, d, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(t, hkv, d, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(t, hkv, d, device="cuda", dtype=dtype, generator=g)
+    do = torch.randn(t, hq, d, device="cuda", dtype=dtype, generator=g)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    _poison()
+    out = flash_attention(*leaves, causal=causal, cu_seqlens=cu)
+    out.backward(do)
+    got = [out.detach()] + [x.grad for x in leaves]
+    ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    ref = reference_attention(*ref_leaves, causal=causal, cu_seqlens=cu)
+    ref.backward(do.double())
+    base_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    base = per_document(*base_leaves, causal=causal, cu_seqlens=cu)
+    base.backward(do)
+    return _check(name, got, [ref.detach()] + [x.grad for x in ref_leaves],
+                  [base.detach()] + [x.grad for x in base_leaves], dtype)
+
+
+def run_nan():
+    """A NaN in one key of one document poisons exactly the rows that see it, as in the reference."""
+    from vbhal.backends.cuda.attention import flash_attention
+
+    q, k, v = (torch.randn(1, 2, 300, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    k[0, 0, 150, 3] = float("nan")
+    out = flash_attention(q, k, v, causal=True)
+    rows_nan = torch.isnan(out[0, 0]).any(-1)
+    assert rows_nan[150:].all() and not rows_nan[:150].any(), "NaN in key 150 must reach rows >= 150 only"
+    assert not torch.isnan(out[0, 1]).any()
+    return [("nan", 0.0, 0.0, 0.0)]
+
+
+def run_compile():
+    """torch.compile(fullgraph=True) traces the custom op, forward and backward."""
+    from vbhal.backends.cuda.attention import flash_attention
+
+    def f(q, k, v):
+        return flash_attention(q, k, v, causal=True).float().square().sum()
+
+    q, k, v = (torch.randn(2, 8, 512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    compiled = torch.compile(f, fullgraph=True)
+    lc = compiled(q, k, v)
+    lc.backward()
+    gc = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    le = f(q, k, v)
+    le.backward()
+    assert torch.allclose(lc, le, rtol=1e-3)
+    for a, b in zip(gc, (q.grad, k.grad, v.grad)):
+        assert torch.equal(a, b)
+    return [("compile", 0.0, 0.0, 0.0)]
+
+
+if pytest is not None:
+    gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 checks at real sizes)")
+
+    @gpu
+    @pytest.mark.parametrize("case", DENSE_CASES, ids=[c[0] for c in DENSE_CASES])
+    def test_dense_matches_float64(case):
+        run_dense(*case)
+
+    @gpu
+    @pytest.mark.parametrize("case", DENSE_CASES[:2], ids=[c[0] for c in DENSE_CASES[:2]])
+    def test_dispatcher_matches_float64(case):
+        run_dense(*case, impl="dispatch")
+
+    @gpu
+    @pytest.mark.parametrize("case", PACKED_CASES, ids=[c[0] for c in PACKED_CASES])
+    def test_packed_matches_float64(case):
+        run_packed(*case)
+
+    @gpu
+    def test_nan_in_key_propagates_to_rows_that_see_it():
+        run_nan()
+
+    @gpu
+    def test_torch_compile_fullgraph():
+        run_compile()
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("no CUDA device")
+        return 0
+    print(f"# attention correctness on {torch.cuda.get_device_name(0)}: max abs error vs float64 "
+          f"(ours | SDPA same dtype | tolerance)")
+    jobs = [(c[0], run_dense, c) for c in DENSE_CASES]
+    jobs += [("dispatch " + c[0], lambda *a: run_dense(*a, impl="dispatch"), c) for c in DENSE_CASES[:2]]
+    jobs += [(c[0], run_packed, c) for c in PACKED_CASES]
+    jobs += [("nan propagation", lambda: run_nan(), ()), ("torch.compile", lambda: run_compile(), ())]
+    failed = 0
+    for name, fn, case in jobs:
+        try:
+            rows = fn(*case)
+            cells = "  ".join(f"{l}:{e:.2e}|{eb:.2e}|{t:.1e}" for l, e, eb, t in rows if l not in ("nan", "compile"))
+            print(f"PASS {name:32s} {cells}", flush=True)
+        except Exception as e:  # report every case, then fail
+            failed += 1
+            print(f"FAIL {name:32s} {type(e).__name__}: {str(e)[:300]}", flush=True)
+        torch.cuda.empty_cache()
+    print(f"{len(jobs) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

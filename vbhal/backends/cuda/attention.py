@@ -1,0 +1,643 @@
+"""Flash attention in Triton: forward and backward, dense (SDPA layout) and packed variable-length.
+
+What: ``flash_attention(q, k, v, *, causal, scale, cu_seqlens, max_seqlen)`` computes
+``softmax(q @ k^T * scale [+ causal mask]) @ v`` without materialising the S x S score matrix, in
+the FlashAttention-2 scheme (Dao 2023, arXiv:2307.08691): each program keeps one block of queries,
+streams key/value blocks through an online softmax with fp32 accumulators, and stores the
+log-sum-exp (LSE) of every row so that the backward pass can recompute the probabilities block by
+block instead of saving them.
+
+Why our own kernel when PyTorch has SDPA: SDPA's fused backends cannot take packed variable-length
+sequences, and for grouped-query attention (GQA/MQA) they expand K/V to the query head count. This
+kernel reads K/V head ``h // (Hq // Hkv)`` directly (no repeat, no copy) and takes ``cu_seqlens``
+offsets so documents packed into one sequence never attend to each other. The dispatcher
+(``attention_dispatch.py``) picks between this kernel and SDPA's backends from measured numbers.
+
+Layouts:
+- dense: q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) (SDPA's layout); any strides with a unit last stride.
+- packed: q (T, Hq, D), k/v (T, Hkv, D) and ``cu_seqlens`` int32 (ndocs + 1), starting at 0.
+
+Causal masking is SDPA's ``is_causal``: aligned to the top-left corner (query i sees keys j <= i),
+which is the usual mask when Sq == Sk.
+
+Structure follows Triton's fused-attention tutorial (06) and FlashAttention-2, written for the plain
+pointer API of Triton 3.x (no tensor descriptors, so it also runs under ``TRITON_INTERPRET=1``):
+- forward: grid (query blocks, batch * q heads); the key loop is split into blocks that need no mask
+  (fully visible, fully inside the sequence) and the few blocks on the causal diagonal or the ragged
+  end of the sequence, so the hot loop carries no masking work.
+- backward: ``delta = rowsum(dO * O)`` (a small kernel), then one kernel for dK/dV (grid over key
+  blocks and *K/V* heads; it loops over the query heads of its group, so GQA needs no atomics and no
+  repeated K/V) and one for dQ (grid over query blocks and q heads).
+Softmax is computed in base 2 (``exp2``) with ``log2(e)`` folded into the scale, as the tutorial does;
+the stored LSE is in base 2 as well (an internal quantity, never returned to users).
+
+The op is registered as ``torch.ops.vbhal.flash_attn_fwd`` / ``flash_attn_bwd`` with fake (meta)
+implementations and autograd, so ``torch.compile`` traces it and autograd differentiates it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from vbhal.backends.cpu.attention import AttentionInputError, validate_attention_inputs
+
+__all__ = ["flash_attention", "KERNELS", "SUPPORTED_HEAD_DIMS", "supports"]
+
+LOG2E = 1.4426950408889634  # log2(e): softmax in base 2, exp(x) = exp2(x * log2(e))
+LN2 = 0.6931471805599453  # ln(2): converts a base-2 LSE back to natural log
+
+#: Head dimensions the kernel takes. tl.arange needs a power of two; 16..256 covers the models we swap.
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+#: Tests set this to fill every output buffer with NaN before the kernels run, so that an element a
+#: kernel fails to write shows up as NaN instead of stale memory that happens to look right.
+POISON_OUTPUTS = False
+
+
+def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    dtype = like.dtype if dtype is None else dtype
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
+    return torch.empty(shape, device=like.device, dtype=dtype)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+               seq_k, qk_scale, lo, hi,
+               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    """Online softmax over key blocks [lo, hi). MASKED adds the causal and sequence-end masks."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
+        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            kt = tl.load(kt_ptrs, mask=cols[None, :] < seq_k, other=0.0)
+        else:
+            kt = tl.load(kt_ptrs)
+        qk = tl.dot(q, kt)
+        if MASKED:
+            keep = cols[None, :] < seq_k
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= cols[None, :])
+            qk = tl.where(keep, qk * qk_scale, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            qk = qk - m_ij[:, None]
+        else:
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            qk = qk * qk_scale - m_ij[:, None]
+        p = tl.math.exp2(qk)
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=cols[:, None] < seq_k, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, CU,
+                stride_qb, stride_qh, stride_qm,
+                stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn,
+                stride_ob, stride_oh, stride_om,
+                stride_lb, stride_lh,
+                H, GROUP, SEQ_Q, SEQ_K, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    off_hk = off_h // GROUP  # GQA: the K/V head this query head reads (no repeat)
+    if VARLEN:
+        tok0 = tl.load(CU + off_b).to(tl.int64)
+        seq_q = (tl.load(CU + off_b + 1) - tl.load(CU + off_b)).to(tl.int32)
+        seq_k = seq_q
+    else:
+        tok0 = 0
+        seq_q = SEQ_Q
+        seq_k = SEQ_K
+    if start_m * BLOCK_M < seq_q:
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + tok0 * stride_qm
+        k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh + tok0 * stride_kn
+        v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh + tok0 * stride_vn
+        row_ok = offs_m < seq_q
+        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        if CAUSAL:
+            hi = tl.minimum(seq_k, (start_m + 1) * BLOCK_M)
+            full = tl.minimum(seq_k, start_m * BLOCK_M)
+        else:
+            hi = seq_k
+            full = seq_k
+        full = (full // BLOCK_N) * BLOCK_N
+        # Key blocks every row of this query block sees completely: no mask work in the hot loop.
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n,
+                                   offs_d, seq_k, qk_scale, 0, full, BLOCK_N, CAUSAL, False)
+        # The causal diagonal and the ragged end of the sequence.
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n,
+                                   offs_d, seq_k, qk_scale, full, hi, BLOCK_N, CAUSAL, True)
+        acc = acc / l_i[:, None]
+        lse = m_i + tl.math.log2(l_i)
+        o_base = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + tok0 * stride_om
+        tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], acc.to(O.dtype.element_ty),
+                 mask=row_ok[:, None])
+        lse_base = LSE + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + tok0
+        tl.store(lse_base + offs_m, lse, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, N_ROWS, H,
+                      stride_or, stride_oh, stride_dor, stride_doh, stride_dr, stride_dh,
+                      HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """delta[h, r] = sum_d O[r, h, d] * dO[r, h, d] in fp32, for rows r of one head."""
+    pid = tl.program_id(0)
+    off_h = tl.program_id(1)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = rows < N_ROWS
+    o = tl.load(O + off_h.to(tl.int64) * stride_oh + rows[:, None].to(tl.int64) * stride_or + offs_d[None, :],
+                mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + off_h.to(tl.int64) * stride_doh + rows[:, None].to(tl.int64) * stride_dor + offs_d[None, :],
+                 mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + off_h.to(tl.int64) * stride_dh + rows.to(tl.int64) * stride_dr, tl.sum(o * do, 1), mask=ok)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                    offs_n, offs_d, seq_q, qk_scale, lo, hi,
+                    BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDARY: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head.
+
+    Rows past the sequence end load q = dO = lse = delta = 0, which makes their contribution exactly
+    zero (p = 1 but dO = 0 and dS = p * (0 - 0) = 0), so the boundary needs masked loads only.
+    """
+    offs_mb = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + offs_mb
+        qt_ptrs = q_base + rows[None, :] * stride_qm + offs_d[:, None]
+        do_ptrs = do_base + rows[:, None] * stride_dom + offs_d[None, :]
+        if BOUNDARY:
+            ok = rows < seq_q
+            qt = tl.load(qt_ptrs, mask=ok[None, :], other=0.0)
+            lse = tl.load(lse_base + rows, mask=ok, other=0.0)
+            do = tl.load(do_ptrs, mask=ok[:, None], other=0.0)
+            delta = tl.load(delta_base + rows, mask=ok, other=0.0)
+        else:
+            qt = tl.load(qt_ptrs)
+            lse = tl.load(lse_base + rows)
+            do = tl.load(do_ptrs)
+            delta = tl.load(delta_base + rows)
+        qkt = tl.dot(k, qt)  # (BLOCK_N, BLOCK_M): scores transposed
+        pt = tl.math.exp2(qkt * qk_scale - lse[None, :])
+        if CAUSAL_MASK:
+            pt = tl.where(rows[None, :] >= offs_n[:, None], pt, 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv)
+        dpt = tl.dot(v, tl.trans(do))
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU,
+                     stride_qb, stride_qh, stride_qm,
+                     stride_kb, stride_kh, stride_kn,
+                     stride_vb, stride_vh, stride_vn,
+                     stride_dob, stride_doh, stride_dom,
+                     stride_dkb, stride_dkh, stride_dkn,
+                     stride_dvb, stride_dvh, stride_dvn,
+                     stride_lb, stride_lh,
+                     H_KV, GROUP, SEQ_Q, SEQ_K, qk_scale, sm_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
+    pid_n = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H_KV
+    off_hk = off_bh % H_KV
+    if VARLEN:
+        tok0 = tl.load(CU + off_b).to(tl.int64)
+        seq_q = (tl.load(CU + off_b + 1) - tl.load(CU + off_b)).to(tl.int32)
+        seq_k = seq_q
+    else:
+        tok0 = 0
+        seq_q = SEQ_Q
+        seq_k = SEQ_K
+    start_n = pid_n * BLOCK_N
+    if start_n < seq_k:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        col_ok = offs_n < seq_k
+        k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh + tok0 * stride_kn
+        v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh + tok0 * stride_vn
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        # Query-block ranges: [lo, mid) crosses the causal diagonal (masked), [mid, full) needs no
+        # mask, [max(mid, full), seq_q) is the ragged end (masked loads).
+        full = (seq_q // BLOCK_M) * BLOCK_M
+        if CAUSAL:
+            lo = (start_n // BLOCK_M) * BLOCK_M
+            mid = tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M
+            mid = tl.minimum(mid, tl.cdiv(seq_q, BLOCK_M) * BLOCK_M)
+            lo = tl.minimum(lo, mid)
+        else:
+            lo = 0
+            mid = 0
+        tail = tl.maximum(mid, full)
+        for g in range(0, GROUP):
+            off_h = off_hk * GROUP + g
+            q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + tok0 * stride_qm
+            do_base = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh + tok0 * stride_dom
+            lse_base = LSE + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + tok0
+            delta_base = DELTA + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + tok0
+            if CAUSAL:
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm,
+                                         stride_dom, offs_n, offs_d, seq_q, qk_scale, lo, mid,
+                                         BLOCK_M, True, True)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm,
+                                     stride_dom, offs_n, offs_d, seq_q, qk_scale, mid, full,
+                                     BLOCK_M, False, False)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm,
+                                     stride_dom, offs_n, offs_d, seq_q, qk_scale, tail, seq_q,
+                                     BLOCK_M, False, True)
+        dk = dk * sm_scale
+        dk_base = DK + off_b.to(tl.int64) * stride_dkb + off_hk.to(tl.int64) * stride_dkh + tok0 * stride_dkn
+        dv_base = DV + off_b.to(tl.int64) * stride_dvb + off_hk.to(tl.int64) * stride_dvh + tok0 * stride_dvn
+        tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
+                 mask=col_ok[:, None])
+        tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                 mask=col_ok[:, None])
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                  seq_k, qk_scale, lo, hi,
+                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    offs_nb = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_nb
+        kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
+        vt_ptrs = v_base + cols[None, :] * stride_vn + offs_d[:, None]
+        if MASKED:
+            kt = tl.load(kt_ptrs, mask=cols[None, :] < seq_k, other=0.0)
+            vt = tl.load(vt_ptrs, mask=cols[None, :] < seq_k, other=0.0)
+        else:
+            kt = tl.load(kt_ptrs)
+            vt = tl.load(vt_ptrs)
+        qk = tl.dot(q, kt)
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if MASKED:
+            # Must be explicit: exp2(0 - lse) of a padded column need not be small.
+            keep = cols[None, :] < seq_k
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= cols[None, :])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, vt)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU,
+                   stride_qb, stride_qh, stride_qm,
+                   stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn,
+                   stride_dob, stride_doh, stride_dom,
+                   stride_dqb, stride_dqh, stride_dqm,
+                   stride_lb, stride_lh,
+                   H, GROUP, SEQ_Q, SEQ_K, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    off_hk = off_h // GROUP
+    if VARLEN:
+        tok0 = tl.load(CU + off_b).to(tl.int64)
+        seq_q = (tl.load(CU + off_b + 1) - tl.load(CU + off_b)).to(tl.int32)
+        seq_k = seq_q
+    else:
+        tok0 = 0
+        seq_q = SEQ_Q
+        seq_k = SEQ_K
+    if start_m * BLOCK_M < seq_q:
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_m < seq_q
+        q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + tok0 * stride_qm
+        do_base = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh + tok0 * stride_dom
+        k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh + tok0 * stride_kn
+        v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh + tok0 * stride_vn
+        lse_base = LSE + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + tok0
+        delta_base = DELTA + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + tok0
+        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        if CAUSAL:
+            hi = tl.minimum(seq_k, (start_m + 1) * BLOCK_M)
+            full = tl.minimum(seq_k, start_m * BLOCK_M)
+        else:
+            hi = seq_k
+            full = seq_k
+        full = (full // BLOCK_N) * BLOCK_N
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                           seq_k, qk_scale, 0, full, BLOCK_N, CAUSAL, False)
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                           seq_k, qk_scale, full, hi, BLOCK_N, CAUSAL, True)
+        dq = dq * sm_scale
+        dq_base = DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh + tok0 * stride_dqm
+        tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                 mask=row_ok[:, None])
+
+
+# --------------------------------------------------------------------------------------------------
+# launch configuration
+# --------------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim, for sm_90 (H100). Measured
+# choices live here (see benchmarks/tune_attention.py); VBHAL_ATTN_CONFIG="fwd=128,64,8,3;..." overrides
+# for tuning runs. Other GPUs get the same blocks with fewer stages (less shared memory).
+_GPU_CONFIGS: dict[tuple[str, int], tuple[int, int, int, int]] = {
+    ("fwd", 16): (128, 64, 4, 3),
+    ("fwd", 32): (128, 64, 4, 3),
+    ("fwd", 64): (128, 64, 4, 3),
+    ("fwd", 128): (128, 64, 8, 3),
+    ("fwd", 256): (64, 32, 4, 2),
+    ("dkdv", 16): (64, 128, 8, 3),
+    ("dkdv", 32): (64, 128, 8, 3),
+    ("dkdv", 64): (64, 128, 8, 3),
+    ("dkdv", 128): (64, 128, 8, 3),
+    ("dkdv", 256): (32, 64, 4, 2),
+    ("dq", 16): (128, 64, 8, 3),
+    ("dq", 32): (128, 64, 8, 3),
+    ("dq", 64): (128, 64, 8, 3),
+    ("dq", 128): (128, 64, 8, 3),
+    ("dq", 256): (64, 32, 4, 2),
+}
+# Under the interpreter every block is simulated in numpy: small blocks keep CPU tests quick and make
+# short test sequences cross several blocks (diagonal, unmasked middle and ragged end all exercised).
+_INTERPRET_CONFIG = (16, 16, 4, 1)
+
+
+def _config(kernel: str, head_dim: int) -> tuple[int, int, int, int]:
+    override = os.environ.get("VBHAL_ATTN_CONFIG", "")
+    for part in filter(None, override.split(";")):
+        name, _, values = part.partition("=")
+        if name.strip() == kernel:
+            bm, bn, w, s = (int(x) for x in values.split(","))
+            return bm, bn, w, s
+    if _interpreting():
+        return _INTERPRET_CONFIG
+    return _GPU_CONFIGS[(kernel, head_dim)]
+
+
+# --------------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, token) strides; packed tensors have no batch dimension (stride 0)."""
+    if varlen:
+        return 0, t.stride(1), t.stride(0)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _shape(q: torch.Tensor, k: torch.Tensor, cu_seqlens: Optional[torch.Tensor], max_seqlen: int):
+    """(batch, q heads, kv heads, Sq, Sk, grid extent along the sequence)."""
+    if cu_seqlens is not None:
+        return cu_seqlens.numel() - 1, q.shape[1], k.shape[1], 0, 0, max_seqlen
+    return q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], max(q.shape[2], k.shape[2])
+
+
+def _lse_layout(q: torch.Tensor, varlen: bool) -> tuple[tuple[int, ...], tuple[int, int]]:
+    """LSE/delta: dense (B, Hq, Sq); packed (Hq, T). Returns shape and (batch, head) strides."""
+    if varlen:
+        t, h = q.shape[0], q.shape[1]
+        return (h, t), (0, t)
+    b, h, s = q.shape[0], q.shape[1], q.shape[2]
+    return (b, h, s), (h * s, s)
+
+
+def _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+    varlen = cu_seqlens is not None
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    batch, hq, hkv, sq, sk, seq_grid = _shape(q, k, cu_seqlens, max_seqlen)
+    d = q.shape[-1]
+    out = _empty(q.shape, q)
+    lse_shape, (slb, slh) = _lse_layout(q, varlen)
+    lse = _empty(lse_shape, q, torch.float32)
+    bm, bn, warps, stages = _config("fwd", d)
+    grid = (triton.cdiv(seq_grid, bm), batch * hq)
+    cu = cu_seqlens if varlen else q  # unused pointer when dense
+    _fwd_kernel[grid](
+        q, k, v, out, lse, cu,
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
+        slb, slh,
+        hq, hq // hkv, sq, sk, scale * LOG2E,
+        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, VARLEN=varlen,
+        num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def _backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale):
+    varlen = cu_seqlens is not None
+    do, q, k, v, out = (_unit_last(t) for t in (do, q, k, v, out))
+    batch, hq, hkv, sq, sk, seq_grid = _shape(q, k, cu_seqlens, max_seqlen)
+    d = q.shape[-1]
+    cu = cu_seqlens if varlen else q
+    _, (slb, slh) = _lse_layout(q, varlen)
+
+    # delta = rowsum(dO * O): one program per (row block, head); rows = batch * tokens of that head.
+    delta = _empty(lse.shape, lse)
+    if varlen:
+        rows, o_r, do_r, d_r = q.shape[0], out.stride(0), do.stride(0), 1
+        o_h, do_h, d_h = out.stride(1), do.stride(1), slh
+        heads = hq
+        o_view, do_view, delta_view = out, do, delta
+    else:
+        # (B, H, S, D) viewed per (b, h) pair as a "head" of S rows.
+        rows, heads = sq, batch * hq
+        o_view, do_view, delta_view = out, do, delta
+        o_r, do_r, d_r = out.stride(2), do.stride(2), 1
+        o_h, do_h, d_h = out.stride(1), do.stride(1), slh
+        if batch > 1 and (out.stride(0) != hq * out.stride(1) or do.stride(0) != hq * do.stride(1)):
+            o_view, do_view = out.contiguous(), do.contiguous()
+            o_r, do_r, o_h, do_h = o_view.stride(2), do_view.stride(2), o_view.stride(1), do_view.stride(1)
+    block = 64 if d <= 128 else 32
+    if _interpreting():
+        block = 16
+    _bwd_delta_kernel[(triton.cdiv(rows, block), heads)](
+        o_view, do_view, delta_view, rows, heads, o_r, o_h, do_r, do_h, d_r, d_h,
+        HEAD_DIM=d, BLOCK=block,
+    )
+
+    dq, dk, dv = _empty(q.shape, q), _empty(k.shape, k), _empty(v.shape, v)
+    qk_scale = scale * LOG2E
+    bm, bn, warps, stages = _config("dkdv", d)
+    sk_grid = seq_grid if varlen else sk
+    _bwd_dkdv_kernel[(triton.cdiv(sk_grid, bn), batch * hkv)](
+        q, k, v, do, dk, dv, lse, delta, cu,
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
+        *_strides(dk, varlen), *_strides(dv, varlen), slb, slh,
+        hkv, hq // hkv, sq, sk, qk_scale, scale,
+        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, VARLEN=varlen,
+        num_warps=warps, num_stages=stages,
+    )
+    bm, bn, warps, stages = _config("dq", d)
+    sq_grid = seq_grid if varlen else sq
+    _bwd_dq_kernel[(triton.cdiv(sq_grid, bm), batch * hq)](
+        q, k, v, do, dq, lse, delta, cu,
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
+        *_strides(dq, varlen), slb, slh,
+        hq, hq // hkv, sq, sk, qk_scale, scale,
+        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, VARLEN=varlen,
+        num_warps=warps, num_stages=stages,
+    )
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------------
+# custom ops (torch.library) + autograd
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("vbhal::flash_attn_fwd", mutates_args=())
+def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
+                    max_seqlen: int, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+
+
+@_flash_attn_fwd.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+    lse_shape, _ = _lse_layout(q, cu_seqlens is not None)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(lse_shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("vbhal::flash_attn_bwd", mutates_args=())
+def _flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor, cu_seqlens: Optional[torch.Tensor], max_seqlen: int, causal: bool,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale)
+
+
+@_flash_attn_bwd.register_fake
+def _(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
+
+
+def _backward_rule(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _flash_attn_bwd(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal,
+                                 ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_flash_attn_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# public entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, *, attn_mask: Optional[torch.Tensor] = None) -> Optional[str]:
+    """Return None when this kernel can take the inputs, else the reason it cannot (for the dispatcher)."""
+    if attn_mask is not None:
+        return "an explicit attn_mask (the kernel handles causal and packed masks only)"
+    if q.dtype not in _DTYPES:
+        return f"dtype {q.dtype}"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} (supported: {SUPPORTED_HEAD_DIMS})"
+    if not (q.is_cuda or _interpreting()):
+        return f"device {q.device} (the Triton kernel needs a CUDA device)"
+    return None
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None,
+                    cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None) -> torch.Tensor:
+    """Flash attention with the kernel contract's signature (see docs/CONTRACT.md).
+
+    Example::
+
+        o = flash_attention(q, k, v, causal=True)                          # (B, Hq, S, D)
+        o = flash_attention(q, k, v, causal=True, cu_seqlens=cu, max_seqlen=m)  # packed (T, Hq, D)
+
+    Raises ``AttentionInputError`` for inputs the contract rejects and ``KernelError`` for valid
+    inputs this kernel cannot take (an explicit ``attn_mask``, an unsupported head dim): use the
+    dispatcher (``attention_dispatch.attention``), which falls back to SDPA for those.
+    """
+    max_seqlen = validate_attention_inputs(q, k, v, attn_mask=attn_mask, cu_seqlens=cu_seqlens,
+                                           max_seqlen=max_seqlen)
+    reason = supports(q, k, attn_mask=attn_mask)
+    if reason is not None:
+        from vbhal.errors import KernelError
+
+        raise KernelError(f"vbhal's Triton flash attention cannot take {reason}; call "
+                          "vbhal.backends.cuda.attention_dispatch.attention, which falls back to SDPA.")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if cu_seqlens is not None and cu_seqlens.dtype != torch.int32:
+        cu_seqlens = cu_seqlens.to(torch.int32)
+    out, _ = _flash_attn_fwd(q, k, v, cu_seqlens, int(max_seqlen or 0), bool(causal), float(scale))
+    return out
+
+
+KERNELS = {"flash_attention": flash_attention}

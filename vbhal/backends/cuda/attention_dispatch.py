@@ -1,0 +1,164 @@
+"""The CUDA backend's ``attention`` kernel: picks the fastest implementation for each call.
+
+What: ``attention(q, k, v, *, causal, scale, attn_mask, cu_seqlens, max_seqlen)`` (the contract's
+signature) runs either vbhal's Triton flash attention (``attention.py``) or one of PyTorch SDPA's
+backends (cuDNN, flash, memory-efficient, or SDPA's own default choice), chosen per dtype, head
+dim, sequence length, causality and GQA from a table *measured on the GPU*
+(``attention_table.json``, written by ``benchmarks/make_attention_table.py`` from the results of
+``benchmarks/bench_attention.py``).
+
+Why a table and not a rule: which kernel wins changes with the GPU, the torch build and the shape
+(cuDNN wins long causal bf16 on H100, SDPA-flash or ours elsewhere), and the claim we make —
+"never slower than ``F.scaled_dot_product_attention``'s default" — only holds if the choice
+comes from measurements on that device. Entries are keyed by the GPU's name; on a GPU with no
+table we keep SDPA's default except where SDPA cannot do the job.
+
+Rules that hold whatever the table says:
+- packed variable-length input (``cu_seqlens``): ours (SDPA has no packed mode);
+- grouped-query attention (Hq != Hkv): ours, unless the table measured this case (SDPA's fused
+  backends expand K/V to Hq heads);
+- an explicit ``attn_mask``, or a head dim / dtype our kernel does not take: SDPA's default;
+- tensors not on a CUDA device: the CPU backend.
+The choice is made on the host from shapes only (no device sync), so it is cheap per call and
+``torch.compile`` traces straight through it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from vbhal.backends.cpu.attention import validate_attention_inputs
+
+__all__ = ["attention", "choose", "load_table", "IMPLEMENTATIONS", "KERNELS", "TABLE_PATH"]
+
+TABLE_PATH = Path(__file__).with_name("attention_table.json")
+#: Implementation names used in the table and in ``choose``'s answers.
+IMPLEMENTATIONS = ("vbhal", "sdpa_default", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(path: str = str(TABLE_PATH)) -> dict:
+    """The measured table: ``{"devices": {gpu name: {"entries": [...]}}}``; empty when absent."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {"devices": {}}
+
+
+def _bucket(seq: int, measured: list[int]) -> int:
+    """The measured length nearest to ``seq`` on a log scale (lengths in between behave alike)."""
+    return min(measured, key=lambda s: abs(math.log2(max(seq, 1)) - math.log2(s)))
+
+
+def choose(*, dtype: torch.dtype, head_dim: int, seq: int, causal: bool, gqa: bool, packed: bool = False,
+           has_mask: bool = False, needs_grad: bool = False, device_name: str = "",
+           table: Optional[dict] = None) -> tuple[str, str]:
+    """Return ``(implementation, reason)`` for a call with these properties (pure; host-only)."""
+    from vbhal.backends.cuda import attention as _flash  # lazy: imports triton
+
+    ours_ok = dtype in (torch.float16, torch.bfloat16) and head_dim in _flash.SUPPORTED_HEAD_DIMS
+    if packed:
+        if ours_ok:
+            return "vbhal", "packed variable-length input: SDPA has no packed mode"
+        return "sdpa_default", f"packed input with {dtype}/head dim {head_dim}: per-document SDPA"
+    if has_mask:
+        return "sdpa_default", "explicit attn_mask: SDPA"
+    if not ours_ok:
+        return "sdpa_default", f"{dtype}, head dim {head_dim}: outside vbhal's kernel, SDPA default"
+    table = load_table() if table is None else table
+    entries = table.get("devices", {}).get(device_name, {}).get("entries", [])
+    mode = "fwdbwd" if needs_grad else "fwd"
+    dname = str(dtype).removeprefix("torch.")
+    cands = [e for e in entries if e["dtype"] == dname and e["head_dim"] == head_dim and e["causal"] == causal
+             and e.get("gqa", False) == gqa and mode in e]
+    if cands:
+        s = _bucket(seq, sorted({e["seq"] for e in cands}))
+        e = next(e for e in cands if e["seq"] == s)
+        return e[mode], f"measured on {device_name}: fastest {mode} at S={s}"
+    if gqa:
+        return "vbhal", "grouped-query attention: vbhal reads K/V heads without repeating them"
+    return "sdpa_default", f"no measurement for {device_name or 'this GPU'}: SDPA default"
+
+
+@functools.lru_cache(maxsize=16)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sdpa_backend(name: str):
+    from torch.nn.attention import SDPBackend
+
+    return {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+            "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+
+
+def sdpa(q, k, v, *, causal=False, scale=None, attn_mask=None, backend: str = "sdpa_default"):
+    """F.scaled_dot_product_attention with the contract's conventions, optionally pinned to one backend.
+
+    A pinned backend that turns the inputs down falls back to SDPA's default choice, so a stale table
+    entry costs speed, never an error.
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if causal and attn_mask is not None:
+        # SDPA refuses both at once: fold the (top-left) causal mask into the given mask.
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        attn_mask = (attn_mask & keep) if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~keep, float("-inf"))
+        causal = False
+    kwargs = dict(attn_mask=attn_mask, is_causal=causal, scale=scale)
+    if gqa:
+        kwargs["enable_gqa"] = True
+    if backend == "sdpa_default":
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [_sdpa_backend(backend), SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    order = list(dict.fromkeys(order))
+    with sdpa_kernel(order, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None,
+              cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None) -> torch.Tensor:
+    """Attention on a CUDA device through the fastest measured implementation (see module docstring).
+
+    Example::
+
+        from vbhal.backends.cuda.attention_dispatch import attention
+        o = attention(q, k, v, causal=True)     # q (B, Hq, S, D) bf16 on cuda
+    """
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        from vbhal.backends.cpu.attention import attention as cpu_attention
+
+        return cpu_attention(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, cu_seqlens=cu_seqlens,
+                             max_seqlen=max_seqlen)
+    max_seqlen = validate_attention_inputs(q, k, v, attn_mask=attn_mask, cu_seqlens=cu_seqlens,
+                                           max_seqlen=max_seqlen)
+    packed = cu_seqlens is not None
+    impl, _ = choose(dtype=q.dtype, head_dim=q.shape[-1], seq=(max_seqlen if packed else q.shape[2]) or 1,
+                     causal=causal, gqa=q.shape[1] != k.shape[1], packed=packed, has_mask=attn_mask is not None,
+                     needs_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+                     device_name=_device_name(q.device.index or 0) if q.is_cuda else "")
+    if impl == "vbhal":
+        from vbhal.backends.cuda.attention import flash_attention
+
+        return flash_attention(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    if packed:
+        from vbhal.backends.cpu.attention import attention as per_document
+
+        return per_document(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    return sdpa(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, backend=impl)
+
+
+KERNELS = {"attention": attention}
