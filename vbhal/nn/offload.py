@@ -1,0 +1,936 @@
+"""Offloaded training on one device: weights stream through the device layer by layer.
+
+Each *unit* (by default: every block of the model's largest ``ModuleList``/``Sequential``, plus every
+other leaf module that owns parameters) keeps
+
+* fp32 master weights and AdamW state on the host (pageable RAM),
+* a working copy in the compute dtype (bf16 on accelerators) in pooled, pinned host memory,
+* nothing on the device between uses.
+
+Just before a unit's forward its working copy is copied to the device on a side stream (prefetched
+``depth`` units ahead, the order and depth learned from the first step), and again for its backward
+(the unit is recomputed there — activation checkpointing at unit granularity — or, with
+``checkpoint=False``, its saved weights are re-fetched through saved-tensor hooks). Its gradients go
+down to pinned host memory on a second stream as soon as they are produced, and a worker thread runs
+the unit's AdamW step on the host while the device goes on with the backward of earlier units.
+
+Every cross-stream use waits on an event (``wait_event``) and records the consuming stream on the
+buffer (``record_stream``), so a buffer is never reused while a kernel may still read it; the host
+worker waits on the copy's event before it reads the gradients. The hot path never synchronises the
+device with the host, except where a unit's optimizer step is genuinely not finished yet (counted as
+stall time).
+
+Arithmetic is the same as ordinary training with ``torch.optim.AdamW(fused=True)``: in fp32 the losses
+match bit for bit (tested over 50 steps on CPU). With a bf16 working copy the matmuls see exactly the
+bf16 weights autocast would make from the fp32 masters.
+
+Example::
+
+    engine = apply_offload(model, device="cuda", lr=1e-4)
+    for x, y in data:
+        loss = loss_fn(model(x), y)
+        loss.backward()          # host AdamW steps run during this call
+        engine.step()            # step boundary (learns the prefetch order after the first step)
+    engine.synchronize()         # wait for the last host steps before reading weights
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from vbhal.errors import TierError
+from vbhal.tiers.pool import HostBlock, HostPool, TierWarning
+from vbhal.tiers.stats import TierStats
+
+#: Parameter offsets inside a unit's flat buffers are multiples of this many elements (vector-friendly).
+ALIGN_ELEMS = 64
+#: Saved activations smaller than this stay on the device even with ``offload_activations``.
+MIN_OFFLOAD_ACT_BYTES = 1 << 20
+#: The learned prefetch depth never exceeds this many units.
+MAX_PREFETCH_DEPTH = 4
+
+
+@dataclass
+class OffloadConfig:
+    """How :func:`apply_offload` streams a model.
+
+    ``device``: where compute runs. ``work_dtype``: dtype of the working copies on the device (default:
+    bf16 on accelerators, the parameters' own dtype on CPU). ``prefetch_depth``: units copied ahead;
+    ``None`` learns it after the first step. ``checkpoint``: recompute each unit in backward (memory
+    ~ one unit's activations) instead of keeping its activations. ``offload_activations``: also move each
+    unit's saved input to pinned host memory between forward and backward (needed when even the
+    unit inputs of all layers do not fit). ``device_budget_bytes``: device memory the streamed weights
+    may take (limits the learned depth; on CPU this is the budgeted "device" tier).
+    ``units``: qualified module names to stream (default: found automatically).
+    AdamW hyper-parameters as in ``torch.optim.AdamW``.
+    """
+
+    device: str | torch.device = "cuda"
+    work_dtype: torch.dtype | None = None
+    prefetch_depth: int | None = None
+    checkpoint: bool = True
+    offload_activations: bool = False
+    preserve_rng: bool = True
+    device_budget_bytes: int | None = None
+    units: list[str] | None = None
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+    pin_memory: bool | None = None  # None: pin when the device is an accelerator
+    host_pool_chunk_bytes: int = 256 << 20
+    optimizer_threads: int | None = None  # torch intra-op threads for the host step (None: leave as is)
+
+
+# ---------------------------------------------------------------------------------------------------- units
+@dataclass
+class _Unit:
+    idx: int
+    name: str
+    module: nn.Module
+    params: list[tuple[str, nn.Parameter]]  # trainable first, then frozen
+    shapes: list[torch.Size]
+    offsets: list[int]
+    numel: int  # padded total (working copy)
+    train_numel: int  # padded prefix that the optimizer owns
+    n_train: int
+    master: torch.Tensor | None = None  # fp32 flat, host
+    work_host: HostBlock | None = None
+    grad_host: HostBlock | None = None
+    opt: torch.optim.Optimizer | None = None
+    dev_buf: torch.Tensor | None = None
+    dev_event: Any = None
+    host_ready: threading.Event = field(default_factory=threading.Event)
+    pending: Future | None = None
+    bound: bool = False
+    warned_unused: bool = False
+    shared: list = field(default_factory=list)  # resident (tied) parameters this unit uses
+
+    @property
+    def work_bytes(self) -> int:
+        return self.numel * self.work_host.tensor.element_size() if self.work_host is not None else 0
+
+
+def _pad(n: int) -> int:
+    return -(-n // ALIGN_ELEMS) * ALIGN_ELEMS
+
+
+def _find_units(model: nn.Module, names: list[str] | None) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Parameter]]]:
+    """Choose the streamed units and the parameters that stay resident on the device.
+
+    Units: the children of the largest ModuleList/Sequential (by parameter count), then every other module
+    outside those that owns parameters and has no parameter-holding children. A module that owns
+    parameters *and* has parameter-holding children (e.g. a root-level positional embedding), and
+    parameters shared between units (tied weights), stay resident on the device.
+    """
+    modules = dict(model.named_modules())
+    if names is not None:
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise TierError(f"offload units {missing} are not modules of the model; pick from e.g. {list(modules)[:8]}")
+        units = [(n, modules[n]) for n in names]
+    else:
+        best, best_count = None, 0
+        for n, m in model.named_modules():
+            if isinstance(m, (nn.ModuleList, nn.Sequential)):
+                kids = [(f"{n}.{k}" if n else k, c) for k, c in m.named_children() if any(True for _ in c.parameters())]
+                if len(kids) >= 2:
+                    count = sum(p.numel() for _, c in kids for p in c.parameters())
+                    if count > best_count:
+                        best, best_count = kids, count
+        units = list(best or [])
+    prefixes = [n + "." for n, _ in units]
+    in_unit = lambda n: any(n == p[:-1] or n.startswith(p) for p in prefixes)  # noqa: E731
+    resident: list[tuple[str, nn.Parameter]] = []
+    if names is None:
+        for n, m in model.named_modules():
+            if in_unit(n):
+                continue
+            direct = list(m.named_parameters(recurse=False))
+            if not direct:
+                continue
+            kids_have = any(any(True for _ in c.parameters()) for c in m.children())
+            if kids_have:
+                resident += [(f"{n}.{pn}" if n else pn, p) for pn, p in direct]
+            else:
+                units.append((n, m))
+    # Parameters outside every unit (explicit unit lists) stay resident too.
+    covered = {id(p) for _, m in units for p in m.parameters()}
+    seen = {id(p) for _, p in resident}
+    for pn, p in model.named_parameters():
+        if id(p) not in covered and id(p) not in seen:
+            resident.append((pn, p))
+            seen.add(id(p))
+    return units, resident
+
+
+# ------------------------------------------------------------------------------------------ autograd glue
+class _Call:
+    """What one unit call passes between forward and backward (non-tensor arguments, output structure)."""
+
+    __slots__ = ("engine", "unit", "orig", "in_spec", "in_leaves", "tensor_pos", "out_spec", "out_leaves",
+                 "out_tensor_pos", "rng", "autocast", "act_host", "act_dev", "act_event", "inner", "inner_in",
+                 "done")
+
+    def __init__(self) -> None:
+        self.act_host: list[HostBlock | None] = []
+        self.act_dev: list[torch.Tensor | None] | None = None
+        self.act_event = None
+        self.inner = None
+        self.inner_in = None
+        self.done = False
+
+
+def _rebuild(call: _Call, tensors: Iterable[torch.Tensor]) -> tuple[tuple, dict]:
+    leaves = list(call.in_leaves)
+    for pos, t in zip(call.tensor_pos, tensors):
+        leaves[pos] = t
+    args, kwargs = tree_unflatten(leaves, call.in_spec)
+    return args, kwargs
+
+
+class _UnitFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, call: _Call, dummy: torch.Tensor, *tensors: torch.Tensor):  # type: ignore[override]
+        eng: OffloadEngine = call.engine
+        unit = call.unit
+        ctx.call = call
+        eng._before(unit, "F")
+        dev_type = eng.device.type
+        call.autocast = (torch.is_autocast_enabled(dev_type), torch.get_autocast_dtype(dev_type))
+        if eng.cfg.checkpoint:
+            if eng.cfg.preserve_rng:
+                call.rng = eng._get_rng()
+            args, kwargs = _rebuild(call, tensors)
+            with torch.no_grad():
+                out = call.orig(*args, **kwargs)
+            eng._save_inputs(ctx, call, tensors)
+        else:
+            inner_in = [t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() else t for t in tensors]
+            args, kwargs = _rebuild(call, inner_in)
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(*eng._weight_hooks(unit)):
+                out = call.orig(*args, **kwargs)
+            call.inner_in = inner_in
+        leaves, spec = tree_flatten(out)
+        call.out_spec = spec
+        call.out_tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+        call.out_leaves = [None if isinstance(x, torch.Tensor) else x for x in leaves]
+        outs = [leaves[i] for i in call.out_tensor_pos]
+        if not eng.cfg.checkpoint:
+            call.inner = outs
+        eng._after_forward(unit)
+        ret = tuple(o.detach() for o in outs)
+        ctx.mark_non_differentiable(*[o for o in ret if not o.is_floating_point()])
+        return ret
+
+    @staticmethod
+    def backward(ctx, *grad_outs: torch.Tensor):  # type: ignore[override]
+        call: _Call = ctx.call
+        eng: OffloadEngine = call.engine
+        unit = call.unit
+        eng._before(unit, "B")
+        params = [p for _, p in unit.params[: unit.n_train]] + unit.shared
+        if eng.cfg.checkpoint:
+            tensors = eng._load_inputs(ctx, call)
+            inner_in = [t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() else t for t in tensors]
+            args, kwargs = _rebuild(call, inner_in)
+            enabled, dtype = call.autocast
+            with torch.enable_grad(), torch.autocast(eng.device.type, dtype=dtype, enabled=enabled), eng._rng_ctx(call):
+                out = call.orig(*args, **kwargs)
+            leaves, _ = tree_flatten(out)
+            outs = [leaves[i] for i in call.out_tensor_pos]
+        else:
+            inner_in = call.inner_in
+            outs = call.inner
+        sel_out, sel_grad = [], []
+        for o, g in zip(outs, grad_outs):
+            if g is not None and o.requires_grad:
+                sel_out.append(o)
+                sel_grad.append(g)
+        want = [t for t in inner_in if isinstance(t, torch.Tensor) and t.requires_grad]
+        grads = torch.autograd.grad(sel_out, want + params, sel_grad, allow_unused=True) if sel_out else [None] * (len(want) + len(params))
+        call.inner = call.inner_in = None
+        call.done = True
+        in_grads = list(grads[: len(want)])
+        pgrads = list(grads[len(want):])
+        for p, g in zip(unit.shared, pgrads[unit.n_train:]):
+            if g is not None:  # tied weights resident on the device accumulate like ordinary leaves
+                p.grad = g if p.grad is None else p.grad + g
+        eng._after_backward(unit, pgrads[: unit.n_train])
+        it = iter(in_grads)
+        out = [next(it) if (isinstance(t, torch.Tensor) and t.requires_grad) else None for t in inner_in]
+        return (None, None, *out)
+
+
+# ---------------------------------------------------------------------------------------------------- engine
+class OffloadEngine:
+    """Streams a model's units through the device and trains them with AdamW on the host.
+
+    Made by :func:`apply_offload`; see the module docstring for the data flow.
+    """
+
+    stats_title = "vbhal offload (0 device, 1 pinned host, 2 disk)"
+
+    def __init__(self, model: nn.Module, cfg: OffloadConfig, report: Any = None) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self._accel = self.device.type != "cpu"
+        self._dm = torch.get_device_module(self.device.type) if self._accel else None
+        pin = cfg.pin_memory if cfg.pin_memory is not None else self._accel
+        self.pool = HostPool(pin=pin, chunk_bytes=cfg.host_pool_chunk_bytes, name="offload-weights")
+        self.act_pool = HostPool(pin=pin, chunk_bytes=cfg.host_pool_chunk_bytes, name="offload-activations")
+        self.stats = TierStats()
+        self.stats.level(0, f"device {self.device}")
+        self.stats.level(1, "pinned host" if pin else "host")
+        if cfg.optimizer_threads:
+            torch.set_num_threads(cfg.optimizer_threads)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vbhal-host-adamw")
+        self._worker_error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._h2d = self._d2h = None
+        if self._accel:
+            self._h2d = self._dm.Stream(self.device)
+            self._d2h = self._dm.Stream(self.device)
+        self._dummy = torch.empty(0, device=self.device, requires_grad=True)
+        self._trace: list[tuple[int, str]] = []
+        self._order: list[tuple[int, str]] | None = None
+        self._pos = 0
+        self.depth = cfg.prefetch_depth or 1
+        self._learn_events: dict[int, list] = {}
+        self._act_calls: list[_Call] = []
+        self._to_free: list[_Call] = []
+        self.step_count = 0
+        self.mispredictions = 0
+        self.resident_bytes = 0
+        self.peak_resident_bytes = 0
+        self._t_step = time.perf_counter()
+        self._placeholders: dict[torch.dtype, torch.Tensor] = {}
+        self._build(report)
+
+    # ------------------------------------------------------------------------------------------- set-up
+    def _build(self, report: Any) -> None:
+        units, resident = _find_units(self.model, self.cfg.units)
+        if not units:
+            raise TierError("apply_offload found no module to stream: pass OffloadConfig(units=[...module names...])")
+        seen: dict[int, str] = {}
+        shared: set[int] = set()
+        for n, m in units:
+            for p in m.parameters():
+                if id(p) in seen and seen[id(p)] != n:
+                    shared.add(id(p))
+                seen.setdefault(id(p), n)
+        res_ids = {id(p) for _, p in resident}
+        for pn, p in self.model.named_parameters(remove_duplicate=False):
+            if id(p) in shared and id(p) not in res_ids:
+                resident.append((pn, p))
+                res_ids.add(id(p))
+        # Buffers (running stats, caches) live on the device for good.
+        for m in self.model.modules():
+            for bn, b in list(m._buffers.items()):
+                if b is not None:
+                    m._buffers[bn] = b.to(self.device)
+        self.units: list[_Unit] = []
+        for i, (name, module) in enumerate(units):
+            ps = [(pn, p) for pn, p in module.named_parameters() if id(p) not in res_ids]
+            ps = [x for x in ps if x[1].requires_grad] + [x for x in ps if not x[1].requires_grad]
+            n_train = sum(1 for _, p in ps if p.requires_grad)
+            offsets, off = [], 0
+            train_numel = 0
+            for j, (_, p) in enumerate(ps):
+                offsets.append(off)
+                off = _pad(off + p.numel())
+                if j == n_train - 1:
+                    train_numel = off
+            if n_train == 0:
+                train_numel = 0
+            unit = _Unit(i, name, module, ps, [p.shape for _, p in ps], offsets, max(off, ALIGN_ELEMS), train_numel, n_train)
+            unit.shared = [p for p in module.parameters() if id(p) in res_ids and p.requires_grad]
+            self._materialize(unit)
+            self.units.append(unit)
+            self._wrap(unit)
+            if report is not None:
+                report.add("offload", name, f"{len(ps)} params, {unit.numel} elements streamed as {self.work_dtype}")
+        # Resident parameters: on the device in their own dtype, AdamW on the device at step().
+        self.resident = [p for _, p in resident]
+        for p in self.resident:
+            p.data = p.data.to(self.device)
+        train_res = [p for p in self.resident if p.requires_grad]
+        self.resident_opt = self._make_adamw(train_res) if train_res else None
+        if report is not None and resident:
+            report.add("offload", "resident", f"{len(resident)} parameters stay on {self.device}: " + ", ".join(n for n, _ in resident[:6]))
+        self.max_unit_bytes = max(u.work_bytes for u in self.units)
+        if self.cfg.device_budget_bytes is not None and self.max_unit_bytes > self.cfg.device_budget_bytes:
+            raise TierError(
+                f"the largest unit needs {self.max_unit_bytes} bytes on the device but device_budget_bytes is "
+                f"{self.cfg.device_budget_bytes}: raise the budget or split the model into smaller units"
+            )
+        self.h2d_bandwidth = self._measure_h2d()
+
+    @property
+    def work_dtype(self) -> torch.dtype:
+        return self._work_dtype
+
+    def _materialize(self, unit: _Unit) -> None:
+        ps = unit.params
+        if not hasattr(self, "_work_dtype"):
+            wd = self.cfg.work_dtype
+            if wd is None:
+                wd = torch.bfloat16 if self._accel else ps[0][1].dtype
+            self._work_dtype = wd
+        unit.work_host = self.pool.alloc(unit.numel, self._work_dtype, zero=True)
+        unit.grad_host = self.pool.alloc(unit.numel, self._work_dtype, zero=True) if unit.n_train else None
+        unit.master = torch.zeros(unit.train_numel, dtype=torch.float32)
+        for j, ((pn, p), off) in enumerate(zip(ps, unit.offsets)):
+            n = p.numel()
+            src = p.data
+            if src.is_meta:
+                raise TierError(
+                    f"parameter {unit.name}.{pn} is on the meta device: initialise it first, or use "
+                    "apply_offload(..., init_fn=...) to fill the host copy"
+                )
+            src = src.detach().reshape(-1).to("cpu")
+            if j < unit.n_train:
+                unit.master[off : off + n].copy_(src)
+            unit.work_host.tensor[off : off + n].copy_(src)
+            p.data = self._placeholder()
+        if unit.n_train:
+            unit.opt = self._make_adamw([unit.master])
+        unit.host_ready.set()
+
+    def _make_adamw(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        kw = dict(lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.eps, weight_decay=self.cfg.weight_decay)
+        try:
+            return torch.optim.AdamW(params, fused=True, **kw)
+        except (RuntimeError, TypeError):  # fused not available for this device/dtype
+            return torch.optim.AdamW(params, **kw)
+
+    def _placeholder(self) -> torch.Tensor:
+        ph = self._placeholders.get(self._work_dtype)
+        if ph is None:
+            ph = self._placeholders[self._work_dtype] = torch.empty(0, dtype=self._work_dtype, device=self.device)
+        return ph
+
+    def _measure_h2d(self) -> float | None:
+        """Host->device bandwidth of one 64 MiB pooled copy (bytes/s), used to learn the prefetch depth."""
+        if not self._accel:
+            return None
+        n = 64 << 20
+        blk = self.pool.alloc(n, torch.uint8)
+        try:
+            dst = torch.empty(n, dtype=torch.uint8, device=self.device)
+            dst.copy_(blk.tensor, non_blocking=True)
+            self._dm.synchronize(self.device)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                dst.copy_(blk.tensor, non_blocking=True)
+            self._dm.synchronize(self.device)
+            return 3 * n / (time.perf_counter() - t0)
+        finally:
+            self.pool.free(blk)
+
+    def _wrap(self, unit: _Unit) -> None:
+        orig = unit.module.forward
+        eng = self
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return eng._inference_call(unit, orig, args, kwargs)
+            leaves, spec = tree_flatten((args, kwargs))
+            call = _Call()
+            call.engine, call.unit, call.orig, call.in_spec = eng, unit, orig, spec
+            call.tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+            call.in_leaves = [None if isinstance(x, torch.Tensor) else x for x in leaves]
+            tensors = [leaves[i] for i in call.tensor_pos]
+            outs = _UnitFunction.apply(call, eng._dummy, *tensors)
+            leaves_out = list(call.out_leaves)
+            for pos, t in zip(call.out_tensor_pos, outs):
+                leaves_out[pos] = t
+            return tree_unflatten(leaves_out, call.out_spec)
+
+        forward.__wrapped__ = orig  # type: ignore[attr-defined]
+        unit.module.forward = forward  # instance attribute: the class is untouched
+
+    # ------------------------------------------------------------------------------------ residency
+    def _check_worker(self) -> None:
+        if self._worker_error is not None:
+            err, self._worker_error = self._worker_error, None
+            raise TierError(f"the host optimizer step failed: {err!r}") from err
+
+    def _fetch(self, unit: _Unit, *, block: bool) -> bool:
+        """Start copying `unit`'s working copy to the device. Returns False when its host step is not done
+        and `block` is False (the copy is tried again later)."""
+        if unit.dev_buf is not None:
+            return True
+        if not unit.host_ready.is_set():
+            if not block:
+                return False
+            t0 = time.perf_counter()
+            unit.host_ready.wait()
+            self.stats.add(1, stall_s=time.perf_counter() - t0)
+            self._check_worker()
+        nbytes = unit.work_bytes
+        if self._accel:
+            with self._dm.stream(self._h2d):
+                buf = torch.empty(unit.numel, dtype=self._work_dtype, device=self.device)
+                buf.copy_(unit.work_host.tensor, non_blocking=True)
+                ev = self._dm.Event()
+                ev.record(self._h2d)
+            unit.dev_event = ev
+        else:
+            buf = unit.work_host.tensor.clone()
+        unit.dev_buf = buf
+        self.resident_bytes += nbytes
+        self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+        self.stats.add(0, promotions=1, bytes_in=nbytes)
+        self.stats.add(1, bytes_out=nbytes)
+        return True
+
+    def _bind(self, unit: _Unit) -> None:
+        buf = unit.dev_buf
+        if self._accel and unit.dev_event is not None:
+            cur = self._dm.current_stream(self.device)
+            cur.wait_event(unit.dev_event)
+            buf.record_stream(cur)  # the allocator must not hand this block out before compute is done with it
+            unit.dev_event = None
+        for (_, p), shape, off in zip(unit.params, unit.shapes, unit.offsets):
+            n = math.prod(shape)
+            p.data = buf[off : off + n].view(shape)
+        unit.bound = True
+
+    def _release(self, unit: _Unit) -> None:
+        if unit.dev_buf is None:
+            return
+        ph = self._placeholder()
+        for _, p in unit.params:
+            p.data = ph
+        self.resident_bytes -= unit.work_bytes
+        unit.dev_buf = None
+        unit.dev_event = None
+        unit.bound = False
+        self.stats.add(0, demotions=1)
+
+    def _upcoming(self) -> list[int]:
+        if self._order is None:
+            return []
+        return [u for u, _ in self._order[self._pos : self._pos + self.depth]]
+
+    def _before(self, unit: _Unit, phase: str) -> None:
+        """A unit is about to compute: make it resident and bound, and prefetch what comes next."""
+        self._check_worker()
+        event = (unit.idx, phase)
+        if self._order is None:
+            self._trace.append(event)
+        else:
+            if self._pos < len(self._order) and self._order[self._pos] == event:
+                self._pos += 1
+            else:
+                self.mispredictions += 1
+                try:
+                    self._pos = self._order.index(event, self._pos) + 1
+                except ValueError:
+                    try:
+                        self._pos = self._order.index(event) + 1
+                    except ValueError:
+                        self._pos = len(self._order)
+        hit = unit.dev_buf is not None
+        self.stats.add(0, hits=int(hit), misses=int(not hit))
+        self._fetch(unit, block=True)
+        self._bind(unit)
+        if self._learning_events() is not None:
+            self._mark_compute(unit, phase, "start")
+        # Prefetch: the learned window, or (first step) the neighbour in module order.
+        if self._order is not None:
+            for u in self._upcoming():
+                self._fetch(self.units[u], block=False)
+        else:
+            nxt = unit.idx + (1 if phase == "F" else -1)
+            if 0 <= nxt < len(self.units):
+                self._fetch(self.units[nxt], block=False)
+
+    def _after_forward(self, unit: _Unit) -> None:
+        if self._learning_events() is not None:
+            self._mark_compute(unit, "F", "end")
+        if unit.idx not in self._upcoming():
+            self._release(unit)
+
+    def _after_backward(self, unit: _Unit, grads: list[torch.Tensor | None]) -> None:
+        """Send the unit's gradients down to the host and queue its host AdamW step."""
+        if unit.n_train:
+            gh = unit.grad_host.tensor
+            unused = [unit.params[j][0] for j, g in enumerate(grads) if g is None]
+            if unused and not unit.warned_unused:
+                unit.warned_unused = True
+                warnings.warn(
+                    f"vbhal offload: parameters {unused} of unit '{unit.name}' got no gradient; they are stepped with a "
+                    "zero gradient (weight decay and moment decay still apply, unlike torch.optim.AdamW which skips them)",
+                    TierWarning,
+                    stacklevel=2,
+                )
+            nbytes = 0
+            if self._accel:
+                cur = self._dm.current_stream(self.device)
+                ready = self._dm.Event()
+                ready.record(cur)
+                with self._dm.stream(self._d2h):
+                    self._d2h.wait_event(ready)
+                    for j, g in enumerate(grads):
+                        off, n = unit.offsets[j], math.prod(unit.shapes[j])
+                        if g is None:
+                            gh[off : off + n].zero_()
+                            continue
+                        gh[off : off + n].copy_(g.reshape(-1), non_blocking=True)
+                        g.record_stream(self._d2h)
+                        nbytes += n * gh.element_size()
+                    done = self._dm.Event()
+                    done.record(self._d2h)
+            else:
+                for j, g in enumerate(grads):
+                    off, n = unit.offsets[j], math.prod(unit.shapes[j])
+                    if g is None:
+                        gh[off : off + n].zero_()
+                    else:
+                        gh[off : off + n].copy_(g.reshape(-1))
+                        nbytes += n * gh.element_size()
+                done = None
+            self.stats.add(0, bytes_out=nbytes)
+            self.stats.add(1, bytes_in=nbytes)
+            unit.host_ready.clear()
+            unit.pending = self._worker.submit(self._host_step, unit, done)
+        if self._learning_events() is not None:
+            self._mark_compute(unit, "B", "end")
+        if unit.idx not in self._upcoming():
+            self._release(unit)
+
+    def _host_step(self, unit: _Unit, done: Any) -> None:
+        try:
+            if done is not None:
+                done.synchronize()  # the worker, not the main thread, waits for the gradient copy
+            g = unit.grad_host.tensor[: unit.train_numel]
+            unit.master.grad = g if g.dtype == torch.float32 else g.to(torch.float32)
+            unit.opt.step()
+            unit.master.grad = None
+            unit.work_host.tensor[: unit.train_numel].copy_(unit.master)
+        except BaseException as e:  # surfaced on the main thread at the next fetch or step
+            self._worker_error = e
+        finally:
+            unit.host_ready.set()
+
+    # ------------------------------------------------------------------------------- activations
+    def _save_inputs(self, ctx: Any, call: _Call, tensors: tuple[torch.Tensor, ...]) -> None:
+        if not self.cfg.offload_activations:
+            ctx.save_for_backward(*tensors)
+            return
+        keep: list[torch.Tensor | None] = []
+        call.act_host = []
+        if self._accel:
+            ready = self._dm.Event()
+            ready.record(self._dm.current_stream(self.device))
+        for t in tensors:
+            if t.device == self.device and t.numel() * t.element_size() >= MIN_OFFLOAD_ACT_BYTES:
+                blk = self.act_pool.alloc(t.shape, t.dtype)
+                if self._accel:
+                    with self._dm.stream(self._d2h):
+                        self._d2h.wait_event(ready)
+                        blk.tensor.copy_(t, non_blocking=True)
+                        t.record_stream(self._d2h)
+                else:
+                    blk.tensor.copy_(t)
+                call.act_host.append(blk)
+                keep.append(None)
+                self.stats.add(0, bytes_out=t.numel() * t.element_size())
+                self.stats.add(1, bytes_in=t.numel() * t.element_size())
+            else:
+                call.act_host.append(None)
+                keep.append(t)
+        if self._accel:
+            ev = self._dm.Event()
+            ev.record(self._d2h)
+            call.act_event = ev  # the host copy is complete once this fires
+        ctx.save_for_backward(*[t if t is not None else torch.empty(0) for t in keep])
+        ctx.requires = [t.requires_grad for t in tensors]
+        self._act_calls.append(call)
+
+    def _prefetch_acts(self, call: _Call) -> None:
+        if call.act_dev is not None or call.done:
+            return
+        devs: list[torch.Tensor | None] = []
+        if self._accel:
+            with self._dm.stream(self._h2d):
+                if call.act_event is not None:
+                    self._h2d.wait_event(call.act_event)
+                for blk in call.act_host:
+                    if blk is None:
+                        devs.append(None)
+                        continue
+                    d = torch.empty(blk.tensor.shape, dtype=blk.tensor.dtype, device=self.device)
+                    d.copy_(blk.tensor, non_blocking=True)
+                    devs.append(d)
+                ev = self._dm.Event()
+                ev.record(self._h2d)
+            call.act_event = ev
+        else:
+            devs = [None if b is None else b.tensor.clone() for b in call.act_host]
+        n = sum(b.tensor.numel() * b.tensor.element_size() for b in call.act_host if b is not None)
+        self.stats.add(0, bytes_in=n)
+        self.stats.add(1, bytes_out=n)
+        call.act_dev = devs
+
+    def _load_inputs(self, ctx: Any, call: _Call) -> list[torch.Tensor]:
+        saved = list(ctx.saved_tensors)
+        if not self.cfg.offload_activations:
+            return saved
+        # Prefetch the saved inputs of the next units backward will reach (reverse forward order).
+        try:
+            k = self._act_calls.index(call)
+        except ValueError:
+            k = -1
+        self._prefetch_acts(call)
+        for j in range(k - 1, max(-1, k - 1 - self.depth), -1):
+            self._prefetch_acts(self._act_calls[j])
+        if self._accel and call.act_event is not None:
+            cur = self._dm.current_stream(self.device)
+            cur.wait_event(call.act_event)
+        out = []
+        for t, blk, d, req in zip(saved, call.act_host, call.act_dev, ctx.requires):
+            if blk is None:
+                out.append(t)
+                continue
+            if self._accel:
+                d.record_stream(self._dm.current_stream(self.device))
+            out.append(d.requires_grad_(req) if d.is_floating_point() else d)
+        # The host copies are no longer needed once the device copies have landed (event waited above by compute);
+        # free them after the host knows the copy is done: the worker-free path is to free at step end.
+        call.act_dev = None
+        if k >= 0:
+            self._act_calls.pop(k)
+        self._to_free.append(call)
+        return out
+
+    # ----------------------------------------------------------------------------- weight hooks (no ckpt)
+    def _weight_hooks(self, unit: _Unit):
+        storage_ptr = unit.dev_buf.untyped_storage().data_ptr()
+
+        def pack(t: torch.Tensor) -> Any:
+            if t.device == self.device and t.untyped_storage().data_ptr() == storage_ptr:
+                return ("vbhal-weight", t.storage_offset(), tuple(t.shape), t.stride())
+            return t
+
+        def unpack(h: Any) -> torch.Tensor:
+            if isinstance(h, tuple) and h and h[0] == "vbhal-weight":
+                if unit.dev_buf is None:  # backward reached this unit without _before (should not happen)
+                    self._fetch(unit, block=True)
+                    self._bind(unit)
+                _, off, shape, stride = h
+                return unit.dev_buf.as_strided(shape, stride, off)
+            return h
+
+        return pack, unpack
+
+    # -------------------------------------------------------------------------------------- misc
+    def _get_rng(self) -> tuple:
+        cpu = torch.get_rng_state()
+        dev = self._dm.get_rng_state(self.device) if self._accel and hasattr(self._dm, "get_rng_state") else None
+        return cpu, dev
+
+    def _rng_ctx(self, call: _Call):
+        if not self.cfg.preserve_rng or getattr(call, "rng", None) is None:
+            import contextlib
+
+            return contextlib.nullcontext()
+        eng = self
+
+        class _Ctx:
+            def __enter__(self_inner):
+                self_inner.saved = eng._get_rng()
+                cpu, dev = call.rng
+                torch.set_rng_state(cpu)
+                if dev is not None:
+                    eng._dm.set_rng_state(dev, eng.device)
+
+            def __exit__(self_inner, *exc):
+                cpu, dev = self_inner.saved
+                torch.set_rng_state(cpu)
+                if dev is not None:
+                    eng._dm.set_rng_state(dev, eng.device)
+                return False
+
+        return _Ctx()
+
+    def _learning_events(self) -> dict | None:
+        if self._order is not None or not self._accel or self.cfg.prefetch_depth is not None:
+            return None
+        return self._learn_events
+
+    def _mark_compute(self, unit: _Unit, phase: str, which: str) -> None:
+        ev = self._dm.Event(enable_timing=True)
+        ev.record(self._dm.current_stream(self.device))
+        self._learn_events.setdefault(unit.idx, []).append((phase, which, ev))
+
+    def _inference_call(self, unit: _Unit, orig: Any, args: tuple, kwargs: dict) -> Any:
+        self._check_worker()
+        hit = unit.dev_buf is not None
+        self.stats.add(0, hits=int(hit), misses=int(not hit))
+        self._fetch(unit, block=True)
+        self._bind(unit)
+        if unit.idx + 1 < len(self.units):
+            self._fetch(self.units[unit.idx + 1], block=False)
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            self._release(unit)
+
+    # ------------------------------------------------------------------------------------- public
+    def step(self) -> None:
+        """Close a training step: step resident parameters, learn the prefetch order after the first step.
+
+        The streamed units' host AdamW steps were already queued during backward and keep running in the
+        background; the next forward waits for each unit's step only when it needs that unit.
+        """
+        self._check_worker()
+        if self.resident_opt is not None:
+            self.resident_opt.step()
+            self.resident_opt.zero_grad(set_to_none=True)
+        for call in self._to_free:
+            self._free_acts(call)
+        self._to_free = []
+        for call in self._act_calls:  # forward without backward (e.g. an abandoned graph)
+            self._free_acts(call)
+        self._act_calls = []
+        if self._order is None and self._trace:
+            self._learn()
+        self._pos = 0
+        # Release anything still resident so each step starts from the same state.
+        for u in self.units:
+            self._release(u)
+        self.step_count += 1
+        now = time.perf_counter()
+        self.stats.end_step(step_s=now - self._t_step)
+        self._t_step = now
+
+    def _free_acts(self, call: _Call) -> None:
+        if call.act_event is not None and self._accel:
+            call.act_event.synchronize()
+        for blk in call.act_host:
+            if blk is not None:
+                self.act_pool.free(blk)
+        call.act_host = []
+
+    def _learn(self) -> None:
+        self._order = list(self._trace)
+        if self.cfg.prefetch_depth is not None:
+            self.depth = self.cfg.prefetch_depth
+            return
+        depth = 2
+        if self._accel and self._learn_events and self.h2d_bandwidth:
+            self._dm.synchronize(self.device)
+            times = []
+            for evs in self._learn_events.values():
+                starts = {ph: e for ph, w, e in evs if w == "start"}
+                for ph, w, e in evs:
+                    if w == "end" and ph in starts:
+                        times.append(starts[ph].elapsed_time(e) / 1e3)
+            t_compute = min(times) if times else 0.0
+            t_copy = self.max_unit_bytes / self.h2d_bandwidth
+            depth = int(math.ceil(t_copy / max(t_compute, 1e-6))) + 1
+        budget = self.cfg.device_budget_bytes
+        if budget is not None:
+            depth = min(depth, max(1, budget // self.max_unit_bytes - 1))
+        self.depth = max(1, min(MAX_PREFETCH_DEPTH, depth))
+        self._learn_events = {}
+
+    def synchronize(self) -> None:
+        """Wait for every queued host step (call before reading master weights or saving)."""
+        for u in self.units:
+            if u.pending is not None:
+                u.pending.result()
+                u.pending = None
+        self._check_worker()
+        if self._accel:
+            self._dm.synchronize(self.device)
+
+    def master_state_dict(self) -> dict[str, torch.Tensor]:
+        """fp32 master weights by qualified parameter name (host tensors; waits for pending steps)."""
+        self.synchronize()
+        out: dict[str, torch.Tensor] = {}
+        for u in self.units:
+            prefix = f"{u.name}." if u.name else ""
+            for j, ((pn, _), shape, off) in enumerate(zip(u.params, u.shapes, u.offsets)):
+                n = math.prod(shape)
+                src = u.master if j < u.n_train else u.work_host.tensor
+                out[prefix + pn] = src[off : off + n].view(shape).to(torch.float32).clone()
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for p in self.resident:
+            out[names.get(id(p), f"resident{id(p)}")] = p.detach().to("cpu", torch.float32).clone()
+        return out
+
+    def memory_summary(self) -> dict[str, Any]:
+        return {
+            "units": len(self.units),
+            "streamed_params": sum(u.train_numel for u in self.units),
+            "max_unit_bytes": self.max_unit_bytes,
+            "prefetch_depth": self.depth,
+            "peak_resident_weight_bytes": self.peak_resident_bytes,
+            "host_pool": self.pool.describe(),
+            "activation_pool": self.act_pool.describe(),
+            "pinned_bytes": self.pool.pinned_bytes + self.act_pool.pinned_bytes,
+            "master_bytes": sum(u.master.numel() * 4 for u in self.units),
+            "h2d_bandwidth": self.h2d_bandwidth,
+            "mispredictions": self.mispredictions,
+        }
+
+    def close(self) -> None:
+        self.synchronize()
+        self._worker.shutdown(wait=True)
+
+
+def apply_offload(
+    model: nn.Module,
+    *,
+    stack: Any = None,
+    config: Any = None,
+    report: Any = None,
+    device: str | torch.device | None = None,
+    **options: Any,
+) -> OffloadEngine:
+    """Stream `model`'s weights through `device` and train them with AdamW on the host; returns the engine.
+
+    `config` is an :class:`OffloadConfig` (or any object with its field names as attributes, such as
+    vbhal's ``OptimizeConfig``); keyword `options` override single fields (``lr=``, ``work_dtype=`` ...).
+    `stack` (a TierStack) is accepted for the optimize pipeline: its device decides the compute device.
+    The engine is also stored as ``model.vbhal_offload``.
+    """
+    base = OffloadConfig()
+    if isinstance(config, OffloadConfig):
+        base = config
+    elif config is not None:
+        for f in OffloadConfig.__dataclass_fields__:
+            v = getattr(config, f, None) if not isinstance(config, dict) else config.get(f)
+            if v is not None:
+                setattr(base, f, v)
+    import dataclasses
+
+    cfg = dataclasses.replace(base)
+    for k, v in options.items():
+        if k not in OffloadConfig.__dataclass_fields__:
+            raise TypeError(f"apply_offload got an unknown option {k!r}; valid: {sorted(OffloadConfig.__dataclass_fields__)}")
+        setattr(cfg, k, v)
+    if device is not None:
+        cfg.device = device
+    elif stack is not None and getattr(stack, "device", None) is not None:
+        cfg.device = stack.device
+    engine = OffloadEngine(model, cfg, report)
+    model.vbhal_offload = engine  # type: ignore[attr-defined]
+    return engine
