@@ -83,11 +83,11 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
                seq_k, qk_scale, lo, hi,
                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
     """Online softmax over key blocks [lo, hi). MASKED adds the causal and sequence-end masks."""
+    kt_ptrs = k_base + (lo + offs_n)[None, :] * stride_kn + offs_d[:, None]
+    v_ptrs = v_base + (lo + offs_n)[:, None] * stride_vn + offs_d[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
-        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
         if MASKED:
             kt = tl.load(kt_ptrs, mask=cols[None, :] < seq_k, other=0.0)
         else:
@@ -113,6 +113,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
             v = tl.load(v_ptrs)
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_ij
+        kt_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
     return acc, l_i, m_i
 
 
@@ -127,6 +129,10 @@ def _fwd_kernel(Q, K, V, O, LSE, CU,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
     start_m = tl.program_id(0)
+    if CAUSAL:
+        # Causal work grows with the query block: launch the longest blocks first so the last wave
+        # is made of short ones (better load balance, as FlashAttention-2 does).
+        start_m = tl.num_programs(0) - 1 - start_m
     off_bh = tl.program_id(1)
     off_b = off_bh // H
     off_h = off_bh % H
@@ -206,11 +212,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
     zero (p = 1 but dO = 0 and dS = p * (0 - 0) = 0), so the boundary needs masked loads only.
     """
     offs_mb = tl.arange(0, BLOCK_M)
+    qt_ptrs = q_base + (lo + offs_mb)[None, :] * stride_qm + offs_d[:, None]
+    do_ptrs = do_base + (lo + offs_mb)[:, None] * stride_dom + offs_d[None, :]
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_mb
-        qt_ptrs = q_base + rows[None, :] * stride_qm + offs_d[:, None]
-        do_ptrs = do_base + rows[:, None] * stride_dom + offs_d[None, :]
         if BOUNDARY:
             ok = rows < seq_q
             qt = tl.load(qt_ptrs, mask=ok[None, :], other=0.0)
@@ -230,6 +236,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
         dpt = tl.dot(v, tl.trans(do))
         dst = pt * (dpt - delta[None, :])
         dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk)
+        qt_ptrs += BLOCK_M * stride_qm
+        do_ptrs += BLOCK_M * stride_dom
     return dk, dv
 
 
@@ -310,11 +318,11 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
                   seq_k, qk_scale, lo, hi,
                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
     offs_nb = tl.arange(0, BLOCK_N)
+    kt_ptrs = k_base + (lo + offs_nb)[None, :] * stride_kn + offs_d[:, None]
+    vt_ptrs = v_base + (lo + offs_nb)[None, :] * stride_vn + offs_d[:, None]
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_nb
-        kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
-        vt_ptrs = v_base + cols[None, :] * stride_vn + offs_d[:, None]
         if MASKED:
             kt = tl.load(kt_ptrs, mask=cols[None, :] < seq_k, other=0.0)
             vt = tl.load(vt_ptrs, mask=cols[None, :] < seq_k, other=0.0)
@@ -332,6 +340,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
         dp = tl.dot(do, vt)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq)
+        kt_ptrs += BLOCK_N * stride_kn
+        vt_ptrs += BLOCK_N * stride_vn
     return dq
 
 
@@ -347,6 +357,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
     start_m = tl.program_id(0)
+    if CAUSAL:
+        start_m = tl.num_programs(0) - 1 - start_m  # longest blocks first
     off_bh = tl.program_id(1)
     off_b = off_bh // H
     off_h = off_bh % H
