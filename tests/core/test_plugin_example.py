@@ -38,10 +38,11 @@ def test_plugin_is_discovered_and_broken_one_reported(plugin_env):
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     devices = [d["name"] for d in info["devices"]]
-    assert devices[0] == "exampledev:0" and "cpu" in devices  # plug-ins rank above the CPU
-    assert info["selected"]["device"] == "exampledev:0"
-    assert info["kernels"]["attention"]["backend"] == "exampledev"
-    assert info["kernels"]["fp4_linear"]["backend"] == "cpu" and "fallback" in info["kernels"]["fp4_linear"]
+    assert devices.index("exampledev:0") < devices.index("cpu")  # plug-ins rank above the CPU (below cuda/npu)
+    assert info["selected"]["device"] == devices[0]
+    if devices[0] == "exampledev:0":
+        assert info["kernels"]["attention"]["backend"] == "exampledev"
+        assert info["kernels"]["fp4_linear"]["backend"] == "cpu" and "fallback" in info["kernels"]["fp4_linear"]
     failures = {f["name"]: f for f in info["plugin_failures"]}
     assert failures["broken"]["stage"] == "load" and "libexampledriver.so" in failures["broken"]["error"]
     text = _run(plugin_env, "-m", "vbhal.cli", "info").stdout
@@ -67,7 +68,8 @@ def test_plugin_selectable_and_its_kernel_bound_by_optimize(plugin_env):
 def test_autoload_can_be_turned_off(plugin_env):
     env = dict(plugin_env, VBHAL_DISABLE_PLUGIN_AUTOLOAD="1")
     info = json.loads(_run(env, "-m", "vbhal.cli", "info", "--json").stdout)
-    assert [d["name"] for d in info["devices"]] == ["cpu"] and not info["plugin_failures"]
+    names = [d["name"] for d in info["devices"]]
+    assert "exampledev:0" not in names and "cpu" in names and not info["plugin_failures"]
 
 
 def test_strict_mode_refuses_the_broken_plugin(plugin_env):
