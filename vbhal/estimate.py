@@ -397,6 +397,7 @@ class _AllocationTracker(torch.utils._python_dispatch.TorchDispatchMode):
         self.peak_time = 0
         self.phase = "forward"
         self.tag = "activation"
+        self.data_dependent = 0
 
     def _round(self, n: int) -> int:
         r = self.round_to
@@ -424,6 +425,12 @@ class _AllocationTracker(torch.utils._python_dispatch.TorchDispatchMode):
             self.current -= a.nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
+            # Data-dependent Python control flow (`if mask.all():`) on meta tensors: answer as for
+            # plain inputs -- True for checks such as "no packed sequences", 1 for numbers.
+            self.data_dependent += 1
+            dt = args[0].dtype
+            return True if dt == torch.bool else (1.0 if dt.is_floating_point else 1)
         out = func(*args, **(kwargs or {}))
         self.clock += 1
         for t in torch.utils._pytree.tree_leaves(out):
@@ -665,7 +672,7 @@ def _make_inputs(spec: _ModelSpec, batch: int, seq: int, example_inputs) -> tupl
     ids = torch.empty(batch, seq, dtype=torch.long, device="meta")
     labels = torch.empty(batch, seq, dtype=torch.long, device="meta")
     if spec.kind == "hf":
-        return (), {"input_ids": ids, "labels": labels}
+        return (), {"input_ids": ids, "labels": labels, "use_cache": False}
     return (ids, labels), {}
 
 
@@ -792,7 +799,7 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
             b.forward = fwd
     was_training = model.training
     own_ckpt = getattr(model, "gradient_checkpointing", None)
-    from torch.func import functional_call
+    from torch.nn.utils.stateless import _reparametrize_module
 
     opt_state = opt_temp = grads_bytes = 0
     step_extra_peak = 0
@@ -806,16 +813,19 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
                 if isinstance(t, torch.Tensor):
                     tracker.track(t, "input")
             tracker.phase = "forward"
-            with sem, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                out = functional_call(model, params, args, kwargs, tie_weights=False, strict=False)
-                loss = loss_fn(out) if loss_fn is not None else _loss_of(out)
-                sem.cache.clear()
-            del out
-            fwd_end = tracker.clock
-            tracker.phase = "backward"
-            tracker.tag = "activation"
-            loss.backward()
-            del loss
+            # The stand-ins stay in the module through backward: checkpointed blocks recompute
+            # with them (torch.func.functional_call would put the real weights back too early).
+            with _reparametrize_module(model, params, tie_weights=False, strict=False):
+                with sem, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    out = model(*args, **kwargs)
+                    loss = loss_fn(out) if loss_fn is not None else _loss_of(out)
+                    sem.cache.clear()
+                del out
+                fwd_end = tracker.clock
+                tracker.phase = "backward"
+                tracker.tag = "activation"
+                loss.backward()
+                del loss
             bwd_end = tracker.clock
             grads_bytes = sum(tracker.seen[p.grad.untyped_storage()].nbytes for p in trainable
                               if p.grad is not None and p.grad.untyped_storage() in tracker.seen)
