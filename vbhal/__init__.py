@@ -72,11 +72,7 @@ def __dir__() -> list[str]:
 # touched and no vendor package is imported.
 from vbhal.optimize import optimize, print_stats, stats  # noqa: E402
 
-try:
-    from vbhal.estimate import estimate, plan  # noqa: E402
-except ModuleNotFoundError as _e:  # pragma: no cover - only while the estimator is not part of the tree
-    if _e.name != "vbhal.estimate":
-        raise
+from vbhal.estimate import estimate, plan  # noqa: E402
 
 
 def _enable_from_environment() -> None:
