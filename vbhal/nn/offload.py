@@ -83,6 +83,8 @@ class OffloadConfig:
     preserve_rng: bool = True
     device_budget_bytes: int | None = None
     units: list[str] | None = None
+    chunks: int = 1  # row chunks (dim 0) per unit call: bounds activation memory; rows must be independent
+    init_fn: Any = None  # fills host masters of meta-device parameters: init_fn(qualified_name, fp32_tensor)
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -90,6 +92,7 @@ class OffloadConfig:
     pin_memory: bool | None = None  # None: pin when the device is an accelerator
     host_pool_chunk_bytes: int = 256 << 20
     optimizer_threads: int | None = None  # torch intra-op threads for the host step (None: leave as is)
+    poison: bool = False  # debug: fill each fresh device buffer with NaN before its copy (catches unwritten elements)
 
 
 # ---------------------------------------------------------------------------------------------------- units
@@ -199,7 +202,29 @@ def _rebuild(call: _Call, tensors: Iterable[torch.Tensor]) -> tuple[tuple, dict]
     return args, kwargs
 
 
+def _split_rows(call: _Call, tensors: tuple[torch.Tensor, ...], chunks: int) -> list[list[torch.Tensor]]:
+    """Split the tensors whose leading size is the batch size into `chunks` pieces along dim 0."""
+    if chunks <= 1:
+        return [list(tensors)]
+    batch = next((t.shape[0] for t in tensors if t.dim() >= 1 and t.is_floating_point()), None)
+    if batch is None:
+        batch = next((t.shape[0] for t in tensors if t.dim() >= 1), None)
+    if batch is None or batch < chunks:
+        return [list(tensors)]
+    size = -(-batch // chunks)
+    pieces = [t.split(size) if (t.dim() >= 1 and t.shape[0] == batch) else None for t in tensors]
+    n = -(-batch // size)
+    return [[p[i] if p is not None else t for p, t in zip(pieces, tensors)] for i in range(n)]
+
+
+def _detach_like(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() else t for t in tensors]
+
+
 class _UnitFunction(torch.autograd.Function):
+    """One call of a streamed unit: fetch weights, run (no graph when checkpointing), release; in backward
+    fetch again, recompute chunk by chunk, send parameter gradients down, return input gradients."""
+
     @staticmethod
     def forward(ctx, call: _Call, dummy: torch.Tensor, *tensors: torch.Tensor):  # type: ignore[override]
         eng: OffloadEngine = call.engine
@@ -209,14 +234,24 @@ class _UnitFunction(torch.autograd.Function):
         dev_type = eng.device.type
         call.autocast = (torch.is_autocast_enabled(dev_type), torch.get_autocast_dtype(dev_type))
         if eng.cfg.checkpoint:
-            if eng.cfg.preserve_rng:
-                call.rng = eng._get_rng()
-            args, kwargs = _rebuild(call, tensors)
+            parts = _split_rows(call, tensors, eng.cfg.chunks)
+            call.rng = []
+            outs_per = []
             with torch.no_grad():
-                out = call.orig(*args, **kwargs)
+                for part in parts:
+                    call.rng.append(eng._get_rng() if eng.cfg.preserve_rng else None)
+                    args, kwargs = _rebuild(call, part)
+                    outs_per.append(call.orig(*args, **kwargs))
+            if len(outs_per) == 1:
+                out = outs_per[0]
+            else:
+                flat = [tree_flatten(o)[0] for o in outs_per]
+                leaves0, spec0 = tree_flatten(outs_per[0])
+                merged = [torch.cat([f[i] for f in flat]) if isinstance(x, torch.Tensor) else x for i, x in enumerate(leaves0)]
+                out = tree_unflatten(merged, spec0)
             eng._save_inputs(ctx, call, tensors)
         else:
-            inner_in = [t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() else t for t in tensors]
+            inner_in = _detach_like(list(tensors))
             args, kwargs = _rebuild(call, inner_in)
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(*eng._weight_hooks(unit)):
                 out = call.orig(*args, **kwargs)
@@ -242,34 +277,65 @@ class _UnitFunction(torch.autograd.Function):
         params = [p for _, p in unit.params[: unit.n_train]] + unit.shared
         if eng.cfg.checkpoint:
             tensors = eng._load_inputs(ctx, call)
-            inner_in = [t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() else t for t in tensors]
-            args, kwargs = _rebuild(call, inner_in)
+            parts = _split_rows(call, tuple(tensors), eng.cfg.chunks)
+            gparts = _split_rows(call, tuple(g if g is not None else torch.empty(0) for g in grad_outs), len(parts)) if len(parts) > 1 else [list(grad_outs)]
+            if len(gparts) != len(parts):
+                raise TierError(f"unit '{unit.name}': outputs cannot be split into {len(parts)} row chunks like its inputs; use chunks=1")
             enabled, dtype = call.autocast
-            with torch.enable_grad(), torch.autocast(eng.device.type, dtype=dtype, enabled=enabled), eng._rng_ctx(call):
-                out = call.orig(*args, **kwargs)
-            leaves, _ = tree_flatten(out)
-            outs = [leaves[i] for i in call.out_tensor_pos]
+            in_grads_per, pgrads = [], None
+            for ci, (part, gpart) in enumerate(zip(parts, gparts)):
+                inner_in = _detach_like(part)
+                args, kwargs = _rebuild(call, inner_in)
+                with torch.enable_grad(), torch.autocast(eng.device.type, dtype=dtype, enabled=enabled), eng._rng_ctx(call.rng[ci]):
+                    out = call.orig(*args, **kwargs)
+                leaves, _ = tree_flatten(out)
+                outs = [leaves[i] for i in call.out_tensor_pos]
+                gsel = [g if (g is not None and g.numel()) else None for g in gpart] if len(parts) > 1 else list(gpart)
+                ig, pg = _grads(outs, gsel, inner_in, params)
+                in_grads_per.append(ig)
+                if pgrads is None:
+                    pgrads = pg
+                else:  # accumulate over row chunks in fp32, as one big matmul would
+                    pgrads = [a if b is None else (b.float() if a is None else a.float() + b.float()) for a, b in zip(pgrads, pg)]
+                del out, outs, leaves
+            if len(parts) == 1:
+                in_grads = in_grads_per[0]
+            else:
+                in_grads = []
+                for i in range(len(tensors)):
+                    gs = [ig[i] for ig in in_grads_per]
+                    if all(g is None for g in gs):
+                        in_grads.append(None)
+                    elif parts[0][i] is tensors[i]:  # not split: gradients add up
+                        in_grads.append(sum(g for g in gs if g is not None))
+                    else:
+                        in_grads.append(torch.cat([g if g is not None else torch.zeros_like(p[i]) for g, p in zip(gs, parts)]))
         else:
-            inner_in = call.inner_in
-            outs = call.inner
-        sel_out, sel_grad = [], []
-        for o, g in zip(outs, grad_outs):
-            if g is not None and o.requires_grad:
-                sel_out.append(o)
-                sel_grad.append(g)
-        want = [t for t in inner_in if isinstance(t, torch.Tensor) and t.requires_grad]
-        grads = torch.autograd.grad(sel_out, want + params, sel_grad, allow_unused=True) if sel_out else [None] * (len(want) + len(params))
+            in_grads, pgrads = _grads(call.inner, list(grad_outs), call.inner_in, params)
         call.inner = call.inner_in = None
         call.done = True
-        in_grads = list(grads[: len(want)])
-        pgrads = list(grads[len(want):])
         for p, g in zip(unit.shared, pgrads[unit.n_train:]):
             if g is not None:  # tied weights resident on the device accumulate like ordinary leaves
-                p.grad = g if p.grad is None else p.grad + g
+                p.grad = g.to(p.dtype) if p.grad is None else p.grad + g.to(p.dtype)
         eng._after_backward(unit, pgrads[: unit.n_train])
-        it = iter(in_grads)
-        out = [next(it) if (isinstance(t, torch.Tensor) and t.requires_grad) else None for t in inner_in]
-        return (None, None, *out)
+        return (None, None, *in_grads)
+
+
+def _grads(outs: list[torch.Tensor], grad_outs: list, inner_in: list, params: list) -> tuple[list, list]:
+    """Gradients of `outs` (seeded with `grad_outs`) w.r.t. the inputs that require grad and `params`."""
+    sel_out, sel_grad = [], []
+    for o, g in zip(outs, grad_outs):
+        if g is not None and o.requires_grad:
+            sel_out.append(o)
+            sel_grad.append(g)
+    want = [t for t in inner_in if isinstance(t, torch.Tensor) and t.requires_grad]
+    if sel_out:
+        grads = list(torch.autograd.grad(sel_out, want + params, sel_grad, allow_unused=True))
+    else:
+        grads = [None] * (len(want) + len(params))
+    it = iter(grads[: len(want)])
+    in_grads = [next(it) if (isinstance(t, torch.Tensor) and t.requires_grad) else None for t in inner_in]
+    return in_grads, grads[len(want):]
 
 
 # ---------------------------------------------------------------------------------------------------- engine
@@ -397,15 +463,26 @@ class OffloadEngine:
             n = p.numel()
             src = p.data
             if src.is_meta:
-                raise TierError(
-                    f"parameter {unit.name}.{pn} is on the meta device: initialise it first, or use "
-                    "apply_offload(..., init_fn=...) to fill the host copy"
-                )
+                if self.cfg.init_fn is None:
+                    raise TierError(
+                        f"parameter {unit.name}.{pn} is on the meta device: initialise it first, or pass "
+                        "apply_offload(..., init_fn=fn) where fn(name, fp32_host_tensor) fills the host copy in place"
+                    )
+                # Materialise straight into host memory: a model bigger than the device never exists on it.
+                src = unit.master[off : off + n] if j < unit.n_train else torch.empty(n, dtype=torch.float32)
+                self.cfg.init_fn(f"{unit.name}.{pn}" if unit.name else pn, src.view(p.shape))
             src = src.detach().reshape(-1).to("cpu")
-            if j < unit.n_train:
+            if j < unit.n_train and not p.data.is_meta:
                 unit.master[off : off + n].copy_(src)
             unit.work_host.tensor[off : off + n].copy_(src)
-            p.data = self._placeholder()
+            if p.data.is_meta:  # a meta tensor cannot take real storage: put a fresh Parameter in its place
+                owner_name, _, leaf = pn.rpartition(".")
+                owner = unit.module.get_submodule(owner_name) if owner_name else unit.module
+                newp = nn.Parameter(self._placeholder(), requires_grad=p.requires_grad)
+                owner._parameters[leaf] = newp
+                unit.params[j] = (pn, newp)
+            else:
+                p.data = self._placeholder()
         if unit.n_train:
             unit.opt = self._make_adamw([unit.master])
         unit.host_ready.set()
@@ -485,6 +562,8 @@ class OffloadEngine:
         if self._accel:
             with self._dm.stream(self._h2d):
                 buf = torch.empty(unit.numel, dtype=self._work_dtype, device=self.device)
+                if self.cfg.poison:
+                    buf.fill_(float("nan"))
                 buf.copy_(unit.work_host.tensor, non_blocking=True)
                 ev = self._dm.Event()
                 ev.record(self._h2d)
@@ -582,6 +661,7 @@ class OffloadEngine:
             nbytes = 0
             if self._accel:
                 cur = self._dm.current_stream(self.device)
+                grads = [g if g is None or g.dtype == gh.dtype else g.to(gh.dtype) for g in grads]
                 ready = self._dm.Event()
                 ready.record(cur)
                 with self._dm.stream(self._d2h):
@@ -618,11 +698,13 @@ class OffloadEngine:
         try:
             if done is not None:
                 done.synchronize()  # the worker, not the main thread, waits for the gradient copy
+            t0 = time.perf_counter()
             g = unit.grad_host.tensor[: unit.train_numel]
             unit.master.grad = g if g.dtype == torch.float32 else g.to(torch.float32)
             unit.opt.step()
             unit.master.grad = None
             unit.work_host.tensor[: unit.train_numel].copy_(unit.master)
+            self.stats.add(1, busy_s=time.perf_counter() - t0)
         except BaseException as e:  # surfaced on the main thread at the next fetch or step
             self._worker_error = e
         finally:
@@ -745,8 +827,8 @@ class OffloadEngine:
         dev = self._dm.get_rng_state(self.device) if self._accel and hasattr(self._dm, "get_rng_state") else None
         return cpu, dev
 
-    def _rng_ctx(self, call: _Call):
-        if not self.cfg.preserve_rng or getattr(call, "rng", None) is None:
+    def _rng_ctx(self, rng: tuple | None):
+        if rng is None:
             import contextlib
 
             return contextlib.nullcontext()
@@ -755,7 +837,7 @@ class OffloadEngine:
         class _Ctx:
             def __enter__(self_inner):
                 self_inner.saved = eng._get_rng()
-                cpu, dev = call.rng
+                cpu, dev = rng
                 torch.set_rng_state(cpu)
                 if dev is not None:
                     eng._dm.set_rng_state(dev, eng.device)

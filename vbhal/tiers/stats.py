@@ -24,6 +24,7 @@ class LevelStats:
     bytes_out: int = 0
     stall_s: float = 0.0
     failed_demotions: int = 0
+    busy_s: float = 0.0  # time spent working at this level (e.g. host optimizer steps)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -59,6 +60,7 @@ class TierStats:
             out[f"l{lv}_in"] = st.bytes_in
             out[f"l{lv}_out"] = st.bytes_out
             out[f"l{lv}_stall"] = st.stall_s
+            out[f"l{lv}_busy"] = st.busy_s
         return out
 
     def end_step(self, **extra: float) -> dict[str, float]:
