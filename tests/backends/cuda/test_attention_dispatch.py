@@ -1,0 +1,91 @@
+"""The attention dispatcher's choice (host-only logic) and its table file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the dispatcher asks the Triton kernel which head dims it takes")
+
+from vbhal.backends.cuda import attention_dispatch as D  # noqa: E402
+
+GPU = "NVIDIA H100 80GB HBM3"
+TABLE = {"devices": {GPU: {"entries": [
+    {"dtype": "bfloat16", "head_dim": 128, "causal": True, "gqa": False, "seq": 1024, "fwd": "sdpa_flash",
+     "fwdbwd": "sdpa_cudnn"},
+    {"dtype": "bfloat16", "head_dim": 128, "causal": True, "gqa": False, "seq": 8192, "fwd": "vbhal",
+     "fwdbwd": "sdpa_cudnn"},
+    {"dtype": "bfloat16", "head_dim": 128, "causal": True, "gqa": True, "seq": 2048, "fwd": "sdpa_flash",
+     "fwdbwd": "vbhal"},
+]}}}
+
+
+def choose(**kw):
+    base = dict(dtype=torch.bfloat16, head_dim=128, seq=4096, causal=True, gqa=False, device_name=GPU, table=TABLE)
+    return D.choose(**{**base, **kw})[0]
+
+
+def test_table_entry_nearest_in_log_length_and_per_mode():
+    assert choose(seq=900) == "sdpa_flash"
+    assert choose(seq=2000) == "sdpa_flash"      # log2: nearer 1k than 8k
+    assert choose(seq=4000) == "vbhal"           # log2(4000) is nearer 8192 than 1024
+    assert choose(seq=60000) == "vbhal"
+    assert choose(seq=60000, needs_grad=True) == "sdpa_cudnn"
+
+
+def test_gqa_uses_its_own_entries_or_ours():
+    assert choose(gqa=True, needs_grad=True) == "vbhal"
+    assert choose(gqa=True) == "sdpa_flash"
+    assert choose(gqa=True, causal=False) == "vbhal"   # no measurement: ours (no K/V repeat)
+
+
+def test_rules_that_override_the_table():
+    assert choose(packed=True) == "vbhal"
+    assert choose(has_mask=True) == "sdpa_default"
+    assert choose(dtype=torch.float32) == "sdpa_default"
+    assert choose(head_dim=96) == "sdpa_default"
+    assert choose(head_dim=96, packed=True) == "sdpa_default"  # per-document SDPA
+
+
+def test_unknown_gpu_keeps_sdpa_default():
+    assert choose(device_name="Some Other GPU") == "sdpa_default"
+    assert choose(device_name="Some Other GPU", gqa=True) == "vbhal"
+
+
+def test_committed_table_is_well_formed():
+    table = D.load_table()
+    for name, dev in table.get("devices", {}).items():
+        for e in dev["entries"]:
+            assert {"dtype", "head_dim", "causal", "seq"} <= set(e), (name, e)
+            for mode in ("fwd", "fwdbwd"):
+                if mode in e:
+                    assert e[mode] in D.IMPLEMENTATIONS, (name, e)
+
+
+def test_cpu_tensors_go_to_the_cpu_backend():
+    q = torch.randn(1, 2, 5, 8)
+    out = D.attention(q, q, q, causal=True)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert torch.allclose(out, ref, atol=1e-6)
+
+
+def test_make_table_picks_fastest_and_never_worse_than_default(tmp_path):
+    from benchmarks.make_attention_table import make_table
+
+    rows = []
+    for p, tf in (("sdpa_default", 300.0), ("sdpa_flash", 280.0), ("sdpa_cudnn", 310.0), ("vbhal", 305.0)):
+        rows.append({"provider": p, "head_dim": 128, "causal": True, "gqa": False, "seq": 4096, "mode": "fwd",
+                     "tflops": tf})
+    rows.append({"provider": "sdpa_efficient", "head_dim": 128, "causal": True, "gqa": False, "seq": 4096,
+                 "mode": "fwd", "error": "RuntimeError"})
+    for p, tf in (("sdpa_default", 300.0), ("vbhal", 301.0)):  # within noise: keep the default
+        rows.append({"provider": p, "head_dim": 128, "causal": True, "gqa": False, "seq": 4096, "mode": "fwdbwd",
+                     "tflops": tf})
+    bench = {"meta": {"device": GPU, "dtype": "bfloat16", "torch": "2.11"}, "rows": rows}
+    src = tmp_path / "bench.json"
+    src.write_text(json.dumps(bench))
+    table = make_table([src], margin=0.02)
+    (entry,) = table["devices"][GPU]["entries"]
+    assert entry["fwd"] == "sdpa_cudnn" and entry["fwdbwd"] == "sdpa_default"
