@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_conf = sub.add_parser("conformance", help="run the conformance suite for a device")
     p_conf.add_argument("--device", default=None, help="device to check (default: the selected one)")
     p_conf.add_argument("--report", default=None, help="write a Markdown report of kernel x check to this file")
-    p_conf.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra arguments for pytest (after --)")
+    p_conf.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra arguments for pytest (e.g. -k attention)")
 
     p_run = sub.add_parser("run", help="run an unmodified script with vbhal enabled globally")
     p_run.add_argument("--mode", default=None, help="optimize mode for models built or loaded by the script")
@@ -51,7 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if argv and argv[0] in _DELEGATED:
         return _delegate(argv[0], argv[1:])
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "conformance":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.version:
         from vbhal import __version__
 
@@ -60,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "info":
         return cmd_info(as_json=args.json, device=args.device)
     if args.command == "conformance":
-        return cmd_conformance(args.device, args.report, [a for a in args.pytest_args if a != "--"])
+        return cmd_conformance(args.device, args.report, unknown + [a for a in args.pytest_args if a != "--"])
     if args.command == "run":
         return cmd_run(args.script, args.args, args.mode)
     if args.command == "demo":
@@ -198,8 +200,11 @@ def cmd_conformance(device: str | None, report: str | None, extra: list[str]) ->
     from vbhal import hal
 
     name = hal.select_device(device).device.name
-    args = ["-q", "-p", "vbhal.conformance.plugin", "--pyargs", "vbhal.conformance", f"--vbhal-device={name}",
-            "-p", "no:cacheprovider"]
+    import vbhal.conformance
+
+    suite = Path(vbhal.conformance.__file__).resolve().parent
+    # The suite's own pytest.ini, not the caller's configuration, so that it runs the same from any directory.
+    args = ["-q", "-c", str(suite / "pytest.ini"), "--rootdir", str(suite), str(suite), f"--vbhal-device={name}"]
     if report:
         args.append(f"--vbhal-report={report}")
     print(f"vbhal conformance: checking device {name}")

@@ -1,7 +1,8 @@
 """pytest plug-in behind ``vbhal conformance``: the device option, fixtures, and the Markdown report.
 
-Loaded automatically wherever vbhal is installed (entry point ``pytest11``); it only adds options and
-fixtures, so it costs nothing in other test suites.
+``vbhal conformance`` loads it through the suite's own ``conftest.py``. A backend author who wants the
+fixtures in their own suite adds ``-p vbhal.conformance.plugin`` (or ``pytest_plugins = ["vbhal.conformance.plugin"]``
+in their root conftest).
 """
 
 from __future__ import annotations
