@@ -1,0 +1,698 @@
+"""The training loop behind `vbhal train`.
+
+`run(cfg)` does, in order: check every setting, load the data, check the resume checkpoint, build
+the model (print its parameter counts), apply `vbhal.optimize` when a vbhal feature was asked for,
+wrap it for DDP/FSDP2, then train:
+
+* micro-batches under autocast (bf16; fp16 with a GradScaler), ``gradient_accumulation_steps`` of them
+  per optimizer step, the gradient all-reduce skipped (``no_sync``) on all but the last;
+* AdamW (weight decay on matrices only, fused on CUDA), linear warmup then cosine (or linear /
+  constant) decay to ``min_lr_ratio`` of the peak, gradient clipping;
+* one host sync per step (loss and grad norm together): a NaN/Inf stops the run *before* the
+  optimizer step, so the saved state is the last good one;
+* validation every ``val_interval`` steps (default: every epoch end), best model -> best_model.pt;
+* tokens/s and, on GPUs, model FLOP utilisation (PaLM formula, see `GPT.flops_per_token`);
+* tqdm progress bar, ``training_<timestamp>.log``, ``metrics.jsonl``, ``loss_curve.png``, TensorBoard
+  when installed; all written by rank 0 only;
+* SIGINT/SIGTERM: the step in flight finishes, all ranks agree, a checkpoint is saved, and the
+  process exits with 128 + signal number (130 / 143). A second Ctrl-C aborts at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from vbhal.train import checkpoint as ckpt
+from vbhal.train import distributed as D
+from vbhal.train._errors import (CheckpointError, ConfigError, DataError, FeatureUnavailableError,
+                                 ResumeError)
+from vbhal.train.config import TrainConfig
+from vbhal.train.data import (TokenWindows, ResumableSampler, bytes_human, load_corpus, loader_settings,
+                              make_loader)
+from vbhal.train.model import GPT, GPTConfig
+
+__all__ = ["run", "TrainResult", "peak_flops", "lr_at", "build_optimizer"]
+
+# Dense (no sparsity) bf16 tensor-core peaks, from NVIDIA's data sheets (H100 / H200 / A100).
+# MFU is reported only for devices listed here (or with VBHAL_PEAK_TFLOPS set).
+_PEAK_BF16_TFLOPS = (
+    ("H200", 989.4), ("H100 NVL", 835.0), ("H100 PCIE", 756.0), ("H100", 989.4), ("GH200", 989.4),
+    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.05), ("A10G", 70.0), ("L4", 121.0),
+)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of `device`, or None when unknown (then no MFU is printed)."""
+    env = os.environ.get("VBHAL_PEAK_TFLOPS")
+    if env:
+        return float(env) * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).upper()
+    for key, tflops in _PEAK_BF16_TFLOPS:
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def lr_at(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak LR at optimizer step `step` (0-based): linear warmup from 1/warmup to 1
+    over `warmup` steps, then cosine / linear decay to `min_ratio` at `total`, or constant."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; weight decay only on tensors of rank >= 2 (matrices and
+    embeddings), as in nanoGPT / GPT-3."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **kwargs)
+
+
+@dataclass
+class TrainResult:
+    """What a run did; `exit_code` is what the CLI returns (0 done, 130/143 signal, 3 NaN)."""
+
+    step: int = 0
+    epoch: int = 0
+    losses: list[float] = field(default_factory=list)         # train loss of every step this process ran
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    best_val_loss: float | None = None
+    stopped: str = "done"
+    exit_code: int = 0
+    output_dir: Path | None = None
+    last_checkpoint: Path | None = None
+    tokens_per_second: float | None = None
+    mfu: float | None = None
+    elapsed: float = 0.0
+
+
+class _RunLog:
+    """Messages to the console (above the progress bar) and to training_<timestamp>.log (rank 0)."""
+
+    def __init__(self, info: D.DistInfo, path: Path | None):
+        self.main = info.is_main
+        self.fh = open(path, "a", buffering=1) if (path is not None and self.main) else None
+        self.bar = None
+
+    def __call__(self, msg: str, *, console: bool = True) -> None:
+        if not self.main:
+            return
+        if self.fh is not None:
+            self.fh.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
+        if console:
+            if self.bar is not None:
+                self.bar.write(msg, file=sys.stderr)
+            else:
+                print(msg, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+
+
+class _Signals:
+    """Turns the first SIGINT/SIGTERM into a flag checked at step boundaries."""
+
+    def __init__(self, log: _RunLog):
+        self.received: int | None = None
+        self.log = log
+        self.previous: dict[int, object] = {}
+
+    def _handler(self, signum, frame):  # noqa: ARG002
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        self.log(f"received {signal.Signals(signum).name}: finishing this step, saving a checkpoint, "
+                 f"then stopping (Ctrl-C again aborts without saving).")
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _precision(cfg: TrainConfig, device: torch.device) -> str:
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "no"
+    if mp == "fp16" and device.type != "cuda":
+        raise ConfigError("--mixed-precision fp16 needs a CUDA device (its GradScaler is CUDA-only here); "
+                          "use bf16 or no on this device.")
+    return mp
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _apply_vbhal_features(model: nn.Module, cfg: TrainConfig, device: torch.device, log) -> nn.Module:
+    """--use-fp4 / --use-flash-attn / --mode / --vgpu-auto -> vbhal.optimize (the core's API)."""
+    overrides = {}
+    if cfg.use_fp4 is not None:
+        overrides["fp4"] = bool(cfg.use_fp4)
+        if cfg.use_fp4:
+            overrides["fp4_format"] = cfg.fp4_format
+    if cfg.use_flash_attn is not None:
+        overrides["attention"] = bool(cfg.use_flash_attn)
+    if cfg.gradient_checkpointing:
+        overrides["gradient_checkpointing"] = True
+    plan_config = None
+    if cfg.vgpu_auto:
+        plan_config = _vgpu_plan(model, cfg, device, log)
+    if not overrides and cfg.mode is None and plan_config is None:
+        return model
+    try:
+        import vbhal
+        optimize = vbhal.optimize
+    except (ImportError, AttributeError) as exc:
+        raise FeatureUnavailableError(
+            f"--use-fp4/--use-flash-attn/--mode need vbhal.optimize, which is not importable in this "
+            f"build ({exc}). Run without those flags.") from None
+    # The loop owns autocast; the model's weights stay fp32 masters for the optimizer.
+    overrides["mixed_precision"] = None
+    result = optimize(model, mode=cfg.mode or "balanced", device=str(device), config=plan_config, **overrides)
+    model = result[0] if isinstance(result, tuple) else result
+    report = getattr(model, "vbhal_report", None) or (result[1] if isinstance(result, tuple) else None)
+    if report is not None:
+        log(f"vbhal.optimize: {report}")
+    return model
+
+
+def _estimate_module():
+    try:
+        import vbhal.estimate as est
+        return est
+    except Exception as exc:
+        raise FeatureUnavailableError(
+            f"--estimate-resources / --vgpu-auto need vbhal.estimate, which is not available yet in "
+            f"this build ({type(exc).__name__}: {exc}).") from None
+
+
+def _vgpu_plan(model, cfg: TrainConfig, device, log):
+    est = _estimate_module()
+    planner = getattr(est, "plan", None) or getattr(est, "plan_vgpu", None)
+    if planner is None:
+        raise FeatureUnavailableError("--vgpu-auto needs vbhal.estimate.plan(...), which this build of "
+                                      "vbhal.estimate does not have yet.")
+    plan = planner(model, batch_size=cfg.batch_size, seq_length=model.config.seq_length, device=str(device))
+    log(f"--vgpu-auto plan: {plan}")
+    return getattr(plan, "config", plan)
+
+
+def estimate_resources(cfg: TrainConfig, model_cfg: GPTConfig, device: torch.device) -> str:
+    """The estimator's report for this run's model and batch (raises FeatureUnavailableError)."""
+    est = _estimate_module()
+    fn = getattr(est, "estimate_memory", None) or getattr(est, "estimate", None)
+    if fn is None:
+        raise FeatureUnavailableError("vbhal.estimate has no estimate_memory() yet.")
+    with torch.device("meta"):
+        model = GPT(model_cfg)
+    result = fn(model, batch_size=cfg.batch_size, seq_length=model_cfg.seq_length,
+                mixed_precision=_precision(cfg, device), gradient_checkpointing=cfg.gradient_checkpointing)
+    return str(result)
+
+
+def _count_params(model: GPT) -> str:
+    total = model.num_parameters()
+    non_emb = model.num_parameters(non_embedding=True)
+    seen, trainable = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen and p.requires_grad:
+            seen.add(id(p))
+            trainable += p.numel()
+    return (f"model parameters: {total:,} total, {non_emb:,} non-embedding, {trainable:,} trainable "
+            f"({model.config.num_layers} layers x hidden {model.config.hidden_size}, "
+            f"{model.config.num_heads} heads"
+            + (f" / {model.config.num_kv_heads} kv heads" if model.config.num_kv_heads else "")
+            + f", seq {model.config.seq_length}, vocab {model.config.vocab_size})")
+
+
+def _prepare_output(cfg: TrainConfig, resuming: bool, overwrite: bool) -> Path:
+    out = Path(cfg.output_dir)
+    ckdir = out / "checkpoints"
+    existing = ckpt.list_checkpoints(ckdir)
+    if existing and not resuming:
+        if not overwrite:
+            raise ConfigError(
+                f"{out} already holds checkpoints of an earlier run ({existing[-1].name}). Continue it with "
+                f"--resume {out}, write to another --output-dir, or pass --overwrite to delete them.")
+    return out
+
+
+def _wipe_checkpoints(out: Path) -> None:
+    import shutil
+    ckdir = out / "checkpoints"
+    if ckdir.is_dir():
+        shutil.rmtree(ckdir)
+    for name in ("best_model.pt", "best_model.pt.json", "metrics.jsonl"):
+        (out / name).unlink(missing_ok=True)
+
+
+def run(cfg: TrainConfig, *, overwrite: bool = False) -> TrainResult:
+    """Train as `cfg` says. Raises ConfigError/DataError/CheckpointError before any work on bad input."""
+    t_start = time.time()
+    cfg = cfg.with_preset_defaults()
+    cfg.check()
+    model_cfg = cfg.model_config()
+    info = D.init_distributed(cfg.device)
+    device = info.device
+    try:
+        return _run(cfg, model_cfg, info, device, overwrite, t_start)
+    finally:
+        D.shutdown(info)
+
+
+def _size_cpu_threads(info: D.DistInfo) -> str | None:
+    """On CPU runs, use only the cores that are idle: intra-op threads that outnumber free cores spin
+    against each other (measured here: 2 threads on a 2-core machine with 3 other busy processes ran
+    8x slower than 1 thread). Skipped when OMP_NUM_THREADS is set."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    try:
+        cpus = len(os.sched_getaffinity(0))
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    free = max(1, int(cpus - busy + 0.5)) // max(1, info.local_world_size)
+    want = max(1, min(torch.get_num_threads(), free))
+    if want < torch.get_num_threads():
+        before = torch.get_num_threads()
+        torch.set_num_threads(want)
+        return (f"CPU: {cpus} cores, load {busy:.1f}: using {want} intra-op thread(s) instead of {before} "
+                f"(set OMP_NUM_THREADS to choose)")
+    return None
+
+
+def _run(cfg: TrainConfig, model_cfg: GPTConfig, info: D.DistInfo, device: torch.device, overwrite: bool,
+         t_start: float) -> TrainResult:
+    precision = _precision(cfg, device)
+    thread_note = _size_cpu_threads(info) if device.type == "cpu" else None
+    if cfg.strategy == "fsdp" and not info.enabled:
+        raise ConfigError("--strategy fsdp shards the model over several processes; launch with --nproc N "
+                          "(N >= 2) or torchrun, or use the default ddp.")
+    if cfg.estimate_resources:
+        report = estimate_resources(cfg, model_cfg, device)
+        if info.is_main:
+            print(report)
+        return TrainResult(stopped="estimate-only", output_dir=Path(cfg.output_dir))
+
+    resuming = cfg.resume is not None
+    out = _prepare_output(cfg, resuming, overwrite)
+
+    # ---- data (rank 0 builds the token cache first, the others then read it) --------------------
+    def _load():
+        return load_corpus(cfg.data, max_bytes=cfg.max_corpus_bytes)
+
+    if info.is_main:
+        corpus = _load()
+    D.barrier(info)
+    if not info.is_main:
+        corpus = _load()
+    train_set = TokenWindows(corpus.train, model_cfg.seq_length, "train")
+    if model_cfg.vocab_size <= int(max(corpus.train.max(initial=0), corpus.val.max(initial=0))):
+        raise DataError(f"the data holds token id {int(max(corpus.train.max(initial=0), corpus.val.max(initial=0)))}"
+                        f" but --vocab-size is {model_cfg.vocab_size}; raise --vocab-size.")
+    val_set = TokenWindows(corpus.val, model_cfg.seq_length, "validation")
+    sampler = ResumableSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                               seed=cfg.seed)
+    micro_per_epoch = len(sampler) // cfg.batch_size
+    steps_per_epoch = micro_per_epoch // cfg.gradient_accumulation_steps
+    global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * info.world_size
+    if steps_per_epoch == 0:
+        raise DataError(f"the training split has {len(train_set)} windows of {model_cfg.seq_length} tokens, "
+                        f"fewer than one optimizer step needs (batch {cfg.batch_size} x accumulation "
+                        f"{cfg.gradient_accumulation_steps} x {info.world_size} ranks = {global_batch}); "
+                        f"give more data or lower --batch-size / --seq-length.")
+    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    if cfg.warmup_steps >= total_steps and total_steps > 1:
+        raise ConfigError(f"--warmup-steps {cfg.warmup_steps} is not below the run's {total_steps} steps; "
+                          f"lower it (e.g. to {max(0, total_steps // 10)}).")
+
+    # ---- resume checkpoint: checked before anything is built --------------------------------------
+    state = None
+    log_path = None
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        log_path = out / f"training_{time.strftime('%Y%m%d_%H%M%S')}.log"
+    log = _RunLog(info, log_path)
+    try:
+        if resuming:
+            found = None
+            if info.is_main:
+                found = ckpt.find_resumable(cfg.resume, log=log)
+            found_path = D.broadcast_object(str(found[0]) if found else None, info)
+            state = found[1] if found else ckpt.load_checkpoint(Path(found_path))
+            ckpt.require_same_model(state["model_config"], model_cfg.to_dict(), Path(found_path))
+            log(f"resuming from {found_path} (step {state['step']}, epoch {state['epoch']})")
+        elif overwrite and info.is_main:
+            _wipe_checkpoints(out)
+        D.barrier(info)
+        if thread_note:
+            log(thread_note)
+        return _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, sampler,
+                      steps_per_epoch, total_steps, state, out, log, t_start)
+    finally:
+        log.close()
+
+
+def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, sampler, steps_per_epoch,
+           total_steps, state, out: Path, log: _RunLog, t_start: float) -> TrainResult:
+    result = TrainResult(output_dir=out)
+    ckdir = out / "checkpoints"
+    metrics_path = out / "metrics.jsonl"
+    log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        + f", precision: {precision}, ranks: {info.world_size} ({cfg.strategy if info.enabled else 'single process'})")
+    log(f"data: {corpus.source} -> {corpus.num_train_tokens:,} train / {corpus.num_val_tokens:,} validation "
+        f"tokens ({corpus.num_documents} documents); epoch = {len(train_set)} windows of {model_cfg.seq_length} "
+        f"= {len(train_set) * model_cfg.seq_length:,} tokens, {steps_per_epoch} steps")
+
+    # ---- model -------------------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)   # identical initial weights on every rank
+    model = GPT(model_cfg)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.to(device)
+    model = _apply_vbhal_features(model, cfg, device, log)
+    raw: GPT = model
+    log(_count_params(raw))
+    if state is not None and cfg.strategy != "fsdp":
+        raw.load_state_dict(state["model"])
+    model = D.wrap_model(model, cfg.strategy, info)
+    lr = D.scale_learning_rate(cfg.learning_rate, info.world_size, cfg.lr_scaling)
+    optimizer = build_optimizer(model, cfg, lr, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_at(s, warmup=cfg.warmup_steps, total=total_steps, schedule=cfg.lr_schedule,
+                                   min_ratio=cfg.min_lr_ratio))
+    scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
+
+    step, epoch, consumed, best_val = 0, 0, 0, None
+    if state is not None:
+        if cfg.strategy == "fsdp":
+            D.load_sharded(model, optimizer, Path(state["sharded"]))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, epoch, consumed = state["step"], state["epoch"], state["consumed_in_epoch"]
+        best_val = state.get("best_val_loss")
+        rngs = state["rng"]
+        if len(rngs) == info.world_size:
+            ckpt.restore_rng_state(rngs[info.rank])
+        else:
+            log(f"WARNING: checkpoint has RNG states of {len(rngs)} ranks, this run has {info.world_size}; "
+                f"re-seeding (dropout masks will differ from an uninterrupted run).")
+            torch.manual_seed(cfg.seed + info.rank + step)
+    else:
+        torch.manual_seed(cfg.seed + info.rank)  # dropout differs across ranks, as it should
+    if cfg.compile:
+        model = torch.compile(model)
+
+    settings = loader_settings(device, cfg.num_workers, info.local_world_size)
+    loader = make_loader(train_set, cfg.batch_size, sampler, **settings)
+    val_bs = max(1, min(cfg.batch_size, len(val_set) // info.world_size))
+    if cfg.val_batches and len(val_set) < info.world_size:
+        raise DataError(f"the validation split has {len(val_set)} windows, fewer than the {info.world_size} "
+                        f"ranks; give more data or a shorter --seq-length.")
+    val_sampler = ResumableSampler(val_set, num_replicas=info.world_size, rank=info.rank, shuffle=False)
+    val_loader = make_loader(val_set, val_bs, val_sampler, num_workers=0,
+                             pin_memory=settings["pin_memory"])
+
+    # ---- outputs ------------------------------------------------------------------------------
+    metrics_fh = None
+    tb = None
+    if info.is_main:
+        metrics_fh = open(metrics_path, "a" if state is not None else "w", buffering=1)
+        if cfg.tensorboard:
+            try:
+                import tensorboard  # noqa: F401
+                from torch.utils.tensorboard import SummaryWriter
+                tb = SummaryWriter(str(out / "tensorboard"))
+            except Exception:
+                tb = None
+
+    def emit(record: dict) -> None:
+        if metrics_fh is not None:
+            metrics_fh.write(json.dumps(record) + "\n")
+        if tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+
+    flops_tok = raw.flops_per_token()
+    peak = peak_flops(device)
+    tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * info.world_size * model_cfg.seq_length
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def evaluate() -> float:
+        model.eval()
+        total = torch.zeros(2, device=device, dtype=torch.float64)
+        with torch.no_grad():
+            for i, (x, y) in enumerate(val_loader):
+                if i >= cfg.val_batches:
+                    break
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with _autocast(precision, device):
+                    _, loss = model(x, y)
+                total[0] += loss.double()
+                total[1] += 1
+        model.train()
+        total = D.mean_across_ranks(total, info)
+        return float(total[0] / total[1])
+
+    def save(reason: str) -> Path | None:
+        nonlocal best_val
+        path = ckpt.checkpoint_path(ckdir, step)
+        rng_all = D.gather_objects(ckpt.capture_rng_state(), info)
+        payload = {
+            "format": ckpt.CHECKPOINT_FORMAT, "step": step, "epoch": epoch, "consumed_in_epoch": consumed,
+            "model_config": model_cfg.to_dict(), "train_config": cfg.to_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            "rng": rng_all, "best_val_loss": best_val, "world_size": info.world_size, "reason": reason,
+        }
+        try:
+            if cfg.strategy == "fsdp" and info.enabled:
+                D.save_sharded(model, optimizer, path.with_suffix(".dcp"), info)
+                payload["sharded"] = str(path.with_suffix(".dcp"))
+            else:
+                payload["model"] = raw.state_dict()
+                payload["optimizer"] = optimizer.state_dict()
+            if info.is_main:
+                ckpt.save_checkpoint(payload, ckdir, step)
+                ckpt.prune_checkpoints(ckdir, cfg.keep_checkpoints, protect=path)
+                log(f"saved checkpoint {path} ({reason})", console=reason != "periodic")
+            D.barrier(info)
+            result.last_checkpoint = path
+            return path
+        except CheckpointError as exc:
+            log(f"ERROR: {exc} (training state not saved at step {step})")
+            return None
+
+    def save_best(val_loss: float) -> None:
+        if cfg.strategy == "fsdp" and info.enabled:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            sd = raw.state_dict()
+        if info.is_main:
+            try:
+                ckpt.save_atomic({"format": ckpt.CHECKPOINT_FORMAT, "model": sd, "model_config": model_cfg.to_dict(),
+                                  "step": step, "val_loss": val_loss, "tokenizer": "bytes+eos256"},
+                                 out / "best_model.pt")
+            except CheckpointError as exc:
+                log(f"ERROR: {exc} (best model not saved)")
+
+    def validate() -> None:
+        nonlocal best_val
+        v = evaluate()
+        improved = best_val is None or v < best_val
+        if improved:
+            best_val = v
+            save_best(v)
+        result.val_losses.append((step, v))
+        emit({"kind": "val", "step": step, "epoch": epoch, "val_loss": v, "best_val_loss": best_val,
+              "elapsed": time.time() - t_start})
+        log(f"step {step}: validation loss {v:.4f}" + (" (best, saved best_model.pt)" if improved else
+                                                        f" (best {best_val:.4f})"))
+
+    # ---- the loop ------------------------------------------------------------------------------
+    try:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total_steps, initial=step, disable=not (info.is_main and cfg.progress),
+                   unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+    except ImportError:  # pragma: no cover
+        bar = None
+    log.bar = bar
+    log(f"training {total_steps} steps ({'max-steps' if cfg.max_steps else f'{cfg.epochs} epochs'}), global batch "
+        f"{cfg.batch_size * cfg.gradient_accumulation_steps * info.world_size} x {model_cfg.seq_length} tokens, "
+        f"peak lr {lr:g} ({cfg.lr_schedule}, warmup {cfg.warmup_steps})")
+    accum = cfg.gradient_accumulation_steps
+    stop_reason = None
+    stop_at = step + cfg.stop_after_steps if cfg.stop_after_steps else -1
+    window_t, window_steps, window_loss = time.time(), 0, 0.0
+    last_tps = None
+    model.train()
+    with _Signals(log) as signals:
+        while step < total_steps and stop_reason is None:
+            sampler.set_epoch(epoch)
+            sampler.set_start(consumed)
+            done_in_epoch = consumed // (cfg.batch_size * accum * info.world_size)
+            it = iter(loader)
+            while done_in_epoch < steps_per_epoch and step < total_steps:
+                loss_sum = torch.zeros((), device=device)
+                for micro in range(accum):
+                    x, y = next(it)
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    with D.no_sync(model, micro < accum - 1):
+                        with _autocast(precision, device):
+                            _, loss = model(x, y)
+                        scaler.scale(loss / accum).backward()
+                    loss_sum += loss.detach()
+                if scaler.is_enabled():
+                    scaler.unscale_(optimizer)
+                if cfg.max_grad_norm > 0:
+                    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                else:
+                    gnorm = torch.zeros((), device=device)
+                step_loss, step_norm = torch.stack([loss_sum / accum, gnorm.float().to(device)]).tolist()
+                bad = not math.isfinite(step_loss) or (not scaler.is_enabled() and not math.isfinite(step_norm))
+                local = 2 if bad else (1 if signals.received is not None or step + 1 == stop_at else 0)
+                verdict = D.max_across_ranks(local, info)   # one tiny all-reduce: all ranks agree
+                if verdict == 2:
+                    # Do not step: the weights stay those of the last good step.
+                    optimizer.zero_grad(set_to_none=True)
+                    stop_reason = "nan"
+                    break
+                halt = verdict == 1
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                done_in_epoch += 1
+                consumed += cfg.batch_size * accum * info.world_size
+                result.losses.append(step_loss)
+                window_steps += 1
+                window_loss += step_loss
+                if bar is not None:
+                    bar.update(1)
+                if step % cfg.log_interval == 0 or step == total_steps:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    now = time.time()
+                    tps = window_steps * tokens_per_step / max(now - window_t, 1e-9)
+                    last_tps = tps
+                    mfu = flops_tok * tps / (peak * info.world_size) if peak else None
+                    rec = {"kind": "train", "step": step, "epoch": epoch, "loss": window_loss / window_steps,
+                           "lr": scheduler.get_last_lr()[0], "grad_norm": step_norm, "tokens_per_s": tps,
+                           "elapsed": now - t_start}
+                    if mfu is not None:
+                        rec["mfu"] = mfu
+                        result.mfu = mfu
+                    emit(rec)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}",
+                                        **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}), refresh=False)
+                    log(f"step {step} epoch {epoch} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
+                        f"tok/s {tps:,.0f}" + (f" mfu {mfu:.1%}" if mfu is not None else ""), console=False)
+                    window_t, window_steps, window_loss = time.time(), 0, 0.0
+                if cfg.val_interval and step % cfg.val_interval == 0:
+                    validate()
+                if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
+                    save("periodic")
+                if halt:
+                    if signals.received is not None:
+                        stop_reason = f"signal {signal.Signals(signals.received).name}"
+                    elif step == stop_at:
+                        stop_reason = f"--stop-after-steps {cfg.stop_after_steps}"
+                    else:
+                        stop_reason = "a signal on another rank"
+                    break
+            if stop_reason is None and done_in_epoch >= steps_per_epoch:
+                # End of epoch: validation / checkpoint defaults are per epoch.
+                if not cfg.val_interval and step < total_steps:
+                    validate()
+                epoch += 1
+                consumed = 0
+                if cfg.save_steps is None and step < total_steps:
+                    save("end of epoch")
+        if bar is not None:
+            bar.close()
+            log.bar = None
+
+        if stop_reason == "nan":
+            path = save("non-finite loss")
+            log(f"ERROR: the loss or gradient norm became NaN/Inf at step {step + 1}; training stopped before "
+                f"that update. Last good state saved to {path}. Lower --learning-rate, keep --max-grad-norm, "
+                f"or use --mixed-precision bf16 instead of fp16, then --resume {out}.")
+            result.stopped, result.exit_code = "nan", 3
+        elif stop_reason is not None:
+            path = save("interrupted")
+            log(f"stopped at step {step} on {stop_reason}; checkpoint {path}. Continue with "
+                f"`vbhal train --resume {out} ...` (same flags).")
+            if signals.received is not None:
+                code = 128 + int(signals.received)
+            elif step == stop_at:
+                code = 0
+            else:
+                code = 128 + int(signal.SIGTERM)
+            result.stopped, result.exit_code = stop_reason, code
+        else:
+            if cfg.val_batches and (not result.val_losses or result.val_losses[-1][0] != step):
+                validate()
+            save("final")
+
+    result.step, result.epoch, result.best_val_loss = step, epoch, best_val
+    result.tokens_per_second = last_tps
+    result.elapsed = time.time() - t_start
+    if metrics_fh is not None:
+        metrics_fh.close()
+    if tb is not None:
+        tb.close()
+    if info.is_main:
+        from vbhal.train.plotting import save_loss_curve
+        png = save_loss_curve(metrics_path, out / "loss_curve.png",
+                              title=f"vbhal train --config {cfg.config}")
+        summary = (f"{result.stopped}: {step} steps in {result.elapsed:.1f}s"
+                   + (f", best validation loss {best_val:.4f}" if best_val is not None else "")
+                   + (f", {last_tps:,.0f} tokens/s" if last_tps else "")
+                   + (f", MFU {result.mfu:.1%}" if result.mfu is not None else "")
+                   + f"; outputs in {out}" + (f" ({png.name})" if png else ""))
+        log(summary)
+    return result
