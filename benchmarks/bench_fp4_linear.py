@@ -1,0 +1,295 @@
+"""FP4 linear on one GPU, side by side: cuBLAS bf16, torch int4 (group 128), bitsandbytes fp4/nf4, vbhal MXFP4/NVFP4.
+
+One run, one device. For each weight shape (K, N) and batch rows M, the median of CUDA-event timings
+(``triton.testing.do_bench``, L2 flushed before every call, so weights stream from HBM as in a real
+decoder) of y = x @ W^T + b in bfloat16, plus each result's error against an fp32 reference of the
+*same* quantized weight (kernel correctness) and against the original weight (format accuracy).
+Also: quantize throughput (bytes read + written) and weight relative error on gaussian weights, and
+the two floors of each shape (HBM bytes of the 4.25-bit weight at the measured copy bandwidth;
+bf16 tensor-core flops).
+
+    python benchmarks/bench_fp4_linear.py            # full table, JSON to benchmarks/results/
+    python benchmarks/bench_fp4_linear.py --quick    # one shape, fewer M
+
+Peers that are not installed (bitsandbytes) or fail are reported as unavailable with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(8192, 8192), (4096, 14336)]  # (K, N)
+MS = [1, 8, 16, 64, 256, 1024, 4096]
+INT4_GROUP = 128
+BF16_PEAK_TFLOPS_H100 = 989.0  # H100 SXM dense bf16 (NVIDIA datasheet), for the flops floor column
+
+
+def _bench(fn, rep=100):
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e3  # us
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a.float()
+    b = b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------------------------------------------
+# peers
+# ---------------------------------------------------------------------------------------------------
+def make_int4(w: torch.Tensor):
+    """torch's int4 weight-only kernel (tinygemm): asymmetric group-128 quantization, as gpt-fast/torchao.
+
+    Returns (fn(x) -> y, dequantized weight) or raises with the reason.
+    """
+    n, k = w.shape
+    g = w.float().reshape(-1, INT4_GROUP)
+    mx, mn = g.amax(1, keepdim=True), g.amin(1, keepdim=True)
+    scales = ((mx - mn).clamp(min=1e-6) / 15).to(torch.bfloat16)
+    zeros = (mn + scales.float() * 8).to(torch.bfloat16)
+    s32, z32 = scales.float(), zeros.float()
+    q = ((g - (z32 - s32 * 8)) / s32).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+    deq = ((q.reshape(-1, INT4_GROUP).float() - 8) * s32 + z32).reshape(n, k)
+    packed_u8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+    wp = torch.ops.aten._convert_weight_to_int4pack(packed_u8.contiguous(), 8)
+    sz = torch.cat([scales.reshape(n, -1, 1), zeros.reshape(n, -1, 1)], 2).transpose(0, 1).contiguous()
+
+    def fn(x, bias):
+        y = torch.ops.aten._weight_int4pack_mm(x, wp, INT4_GROUP, sz)
+        return y + bias
+
+    return fn, deq
+
+
+def make_bnb(w: torch.Tensor, quant_type: str):
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bf
+
+    wq, state = bf.quantize_4bit(w, quant_type=quant_type, blocksize=64)
+    deq = bf.dequantize_4bit(wq, state).float()
+
+    def fn(x, bias):
+        return bnb.matmul_4bit(x, wq.t(), quant_state=state, bias=bias)
+
+    return fn, deq, (wq, state)
+
+
+def import_bnb():
+    if "BNB_CUDA_VERSION" not in os.environ and torch.version.cuda:
+        cv = torch.version.cuda.replace(".", "")
+        if cv not in ("128", "130"):  # the slimmed wheel in .whl carries these two builds only
+            os.environ["BNB_CUDA_VERSION"] = "128"
+    import bitsandbytes  # noqa: F401
+
+    return bitsandbytes.__version__
+
+
+# ---------------------------------------------------------------------------------------------------
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one shape, M in {1, 16, 256}")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--variants", action="store_true", help="also time each vbhal path (gemv/mm/dequant)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: this benchmark measures GPU kernels; nothing to do")
+        return 0
+    import triton
+
+    from vbhal.backends.cuda import fp4_linear as L
+    from vbhal.backends.cuda.fp4_quantize import dequantize_fp4, quantize_fp4, qw_operands
+    import vbhal.formats as VF
+
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name(dev)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    ms = [1, 16, 256] if args.quick else MS
+    torch.manual_seed(0)
+    out = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
+           "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "method": "triton.testing.do_bench median, L2 flushed before each call; bf16 activations; us",
+           "peers": {}, "linear": [], "quantize": [], "floors": []}
+
+    # copy bandwidth (bytes read + written) for the bytes floor
+    buf = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
+    buf2 = torch.empty_like(buf)
+    t = _bench(lambda: buf2.copy_(buf))
+    bw = 2 * buf.numel() / (t * 1e-6)
+    del buf, buf2
+    out["copy_bandwidth_TBps"] = bw / 1e12
+    print(f"device {name}; torch {torch.__version__}; triton {triton.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s")
+
+    try:
+        out["peers"]["bitsandbytes"] = import_bnb()
+        have_bnb = None
+    except Exception as e:  # noqa: BLE001 - report any failure to load as "unavailable"
+        have_bnb = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        out["peers"]["bitsandbytes"] = f"unavailable: {have_bnb}"
+        print("bitsandbytes unavailable:", have_bnb)
+
+    for k, n in shapes:
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+        bias = torch.randn(n, device=dev, dtype=torch.bfloat16) * 0.1
+        peers = {}
+        errs_w = {}
+        peers["cublas_bf16"] = lambda x, b, w=w: F.linear(x, w, b)
+        errs_w["cublas_bf16"] = 0.0
+        try:
+            f4, deq4 = make_int4(w)
+            peers["torch_int4_g128"] = f4
+            errs_w["torch_int4_g128"] = _rel(deq4, w)
+        except Exception as e:  # noqa: BLE001
+            peers["torch_int4_g128"] = f"unavailable: {type(e).__name__}: {str(e)[:160]}"
+        for qt in ("fp4", "nf4"):
+            key = f"bnb_{qt}"
+            if have_bnb is not None:
+                peers[key] = f"unavailable: {have_bnb}"
+                continue
+            try:
+                fb, deqb, _ = make_bnb(w, qt)
+                peers[key] = fb
+                errs_w[key] = _rel(deqb, w)
+            except Exception as e:  # noqa: BLE001
+                peers[key] = f"unavailable: {type(e).__name__}: {str(e)[:160]}"
+        qws = {}
+        for fmt in ("mxfp4", "nvfp4"):
+            qw = quantize_fp4(w, fmt)
+            qws[fmt] = qw
+            deq = dequantize_fp4(qw, torch.float32)
+            errs_w[f"vbhal_{fmt}"] = _rel(deq, w)
+            peers[f"vbhal_{fmt}"] = lambda x, b, qw=qw: L.fp4_linear(x, qw, b)
+            if args.variants:
+                ops = qw_operands(qw)
+                for path in ("gemv", "mm", "dequant"):
+                    peers[f"vbhal_{fmt}_{path}"] = (
+                        lambda x, b, ops=ops, path=path: L._linear_2d(x, ops[0], ops[1], ops[2], b, ops[3], n, k, path))
+        wbytes = {f: qws[f].nbytes for f in qws}
+        for m in ms:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            row = {"K": k, "N": n, "M": m, "us": {}, "out_rel_err_vs_same_weight": {}, "out_rel_err_vs_bf16": {}}
+            y_bf16 = F.linear(x.float(), w.float(), bias.float())
+            for pname, fn in peers.items():
+                if isinstance(fn, str):
+                    row["us"][pname] = fn
+                    continue
+                try:
+                    y = fn(x, bias)
+                    torch.cuda.synchronize()
+                    row["out_rel_err_vs_bf16"][pname] = _rel(y, y_bf16)
+                    if pname.startswith("vbhal_"):
+                        fmt = pname.split("_")[1]
+                        y_ref = F.linear(x.float(), dequantize_fp4(qws[fmt], torch.float32), bias.float())
+                        row["out_rel_err_vs_same_weight"][pname] = _rel(y, y_ref)
+                    row["us"][pname] = _bench(lambda fn=fn: fn(x, bias))
+                except Exception as e:  # noqa: BLE001
+                    row["us"][pname] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                    traceback.print_exc(limit=3)
+            out["linear"].append(row)
+            fl = {"K": k, "N": n, "M": m,
+                  "bytes_floor_us_mxfp4": (wbytes["mxfp4"] + 2 * m * (k + n)) / bw * 1e6,
+                  "bytes_floor_us_nvfp4": (wbytes["nvfp4"] + 2 * m * (k + n)) / bw * 1e6,
+                  "bytes_floor_us_bf16": (2 * n * k + 2 * m * (k + n)) / bw * 1e6,
+                  "flops_floor_us_bf16_peak": 2 * m * n * k / (BF16_PEAK_TFLOPS_H100 * 1e12) * 1e6}
+            out["floors"].append(fl)
+            _print_row(row, fl)
+            _write(out, args.out, slug)  # after every row: a run cut short still leaves its numbers
+        out.setdefault("weight_rel_err", {})[f"{k}x{n}"] = errs_w
+
+        # quantize throughput: bytes read (bf16 weight) + written (codes + scales), logical (one pass)
+        for fmt, rule in (("mxfp4", "floor"), ("mxfp4", "rceil"), ("nvfp4", "floor")):
+            qw = quantize_fp4(w, fmt, scale_rule=rule)
+            ref = VF.quantize(w, fmt, scale_rule=rule)
+            exact = bool(torch.equal(qw.codes, ref.codes)
+                         and torch.equal(qw.scales.view(torch.uint8), ref.scales.view(torch.uint8))
+                         and (fmt == "mxfp4" or torch.equal(qw.tensor_scale, ref.tensor_scale)))
+            t = _bench(lambda fmt=fmt, rule=rule: quantize_fp4(w, fmt, scale_rule=rule))
+            nbytes = w.numel() * 2 + qw.nbytes
+            rec = {"K": k, "N": n, "fmt": fmt, "rule": rule, "us": t, "TBps": nbytes / (t * 1e-6) / 1e12,
+                   "bit_exact_vs_vbhal_formats": exact}
+            out["quantize"].append(rec)
+            print(f"quantize {fmt}/{rule} {n}x{k}: {t:8.1f} us  {rec['TBps']:.2f} TB/s  bit-exact={exact}")
+        td = _bench(lambda: dequantize_fp4(qws["mxfp4"], torch.bfloat16))
+        out["quantize"].append({"K": k, "N": n, "fmt": "mxfp4", "rule": "dequantize->bf16", "us": td,
+                                "TBps": (w.numel() * 2 + qws["mxfp4"].nbytes) / (td * 1e-6) / 1e12})
+        print(f"dequantize mxfp4->bf16 {n}x{k}: {td:8.1f} us")
+        t = _bench(lambda: make_int4(w))
+        out["quantize"].append({"K": k, "N": n, "fmt": "torch_int4_g128 (torch ops)", "us": t})
+        if have_bnb is None:
+            import bitsandbytes.functional as bf
+
+            for qt in ("fp4", "nf4"):
+                t = _bench(lambda qt=qt: bf.quantize_4bit(w, quant_type=qt, blocksize=64))
+                out["quantize"].append({"K": k, "N": n, "fmt": f"bnb_{qt}", "us": t,
+                                        "TBps": (w.numel() * 2.5) / (t * 1e-6) / 1e12})
+                print(f"quantize bnb {qt}: {t:8.1f} us")
+        print("weight rel err:", {a: round(b, 5) for a, b in errs_w.items()})
+        del w
+
+    _summary(out)
+    print("wrote", _write(out, args.out, slug))
+    return 0
+
+
+def _write(out, folder, slug):
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"fp4_linear-{slug}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _print_row(row, fl):
+    us = row["us"]
+    base = us.get("cublas_bf16")
+    cells = []
+    for pname, v in us.items():
+        if isinstance(v, str):
+            cells.append(f"{pname}=n/a")
+            continue
+        ratio = f" ({base / v:.2f}x)" if isinstance(base, float) else ""
+        err = row["out_rel_err_vs_same_weight"].get(pname)
+        errs = f" e={err:.1e}" if err is not None else ""
+        cells.append(f"{pname}={v:.1f}{ratio}{errs}")
+    print(f"K={row['K']} N={row['N']} M={row['M']:5d} floor4={fl['bytes_floor_us_mxfp4']:.1f} "
+          f"flop={fl['flops_floor_us_bf16_peak']:.1f} | " + "  ".join(cells), flush=True)
+
+
+TARGETS = {1: 4.0, 16: 3.5, 64: 2.5, 1024: 0.95, 4096: 0.95}
+
+
+def _summary(out):
+    print("\nspeed-up vs cuBLAS bf16 (target in brackets); vbhal faster than int4/bnb at this M?")
+    for row in out["linear"]:
+        us = row["us"]
+        base = us.get("cublas_bf16")
+        if not isinstance(base, float):
+            continue
+        tgt = TARGETS.get(row["M"])
+        for fmt in ("mxfp4", "nvfp4"):
+            v = us.get(f"vbhal_{fmt}")
+            if not isinstance(v, float):
+                continue
+            peers = [p for p in ("torch_int4_g128", "bnb_fp4", "bnb_nf4") if isinstance(us.get(p), float)]
+            beats = all(v < us[p] for p in peers)
+            t = f"[{tgt}]" if tgt else ""
+            print(f"  K={row['K']:5d} N={row['N']:5d} M={row['M']:5d} {fmt}: {base / v:5.2f}x {t:7s} "
+                  f"beats {','.join(peers) or '-'}: {beats}")
+            row.setdefault("ratio_vs_cublas", {})[fmt] = base / v
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""vbhal's Triton FP4 kernels on a CUDA GPU at real sizes, bfloat16 included (skipped without a GPU).
+
+Codecs bit for bit against vbhal.formats computed on the same GPU; the fused linear (every path, and
+the automatic choice) against an fp32 cuBLAS matmul of the reference-dequantized weight; gradients.
+Outputs are poisoned (NaN / 0xA5) before every kernel run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (kernels run on the H100 rounds)")]
+
+# relative Frobenius error of the output vs an fp32 reference of the same quantized weight:
+# bf16 output rounding (2^-9) dominates; fp16 2^-11
+REL_TOL = {torch.bfloat16: 6e-3, torch.float16: 2e-3, torch.float32: 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    from vbhal.backends.cuda import fp4_quantize as Q
+
+    Q.POISON_OUTPUTS = True
+    yield
+    Q.POISON_OUTPUTS = False
+
+
+def _same_bytes(a, b):
+    return a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("fmt,rule", [("mxfp4", "floor"), ("mxfp4", "rceil"), ("nvfp4", "floor")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_gpu_quantize_dequantize_bit_exact(fmt, rule, dtype):
+    import vbhal.formats as VF
+    from vbhal.backends.cuda.fp4_quantize import dequantize_fp4, quantize_fp4
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, k = 4096, 4096 + 80  # K not a multiple of 32: padded tail
+    scale = torch.logspace(-4, 2, k, device="cuda")[torch.randperm(k, device="cuda", generator=g)]
+    w = (torch.randn(n, k, device="cuda", generator=g) * scale).to(dtype)
+    got = quantize_fp4(w, fmt, scale_rule=rule)
+    ref = VF.quantize(w, fmt, scale_rule=rule)
+    assert _same_bytes(got.codes, ref.codes)
+    assert _same_bytes(got.scales, ref.scales)
+    if fmt == "nvfp4":
+        assert torch.equal(got.tensor_scale, ref.tensor_scale)
+    for out in (torch.bfloat16, torch.float32, torch.float16):
+        assert _same_bytes(dequantize_fp4(ref, out), ref.dequantize(out)), out
+
+
+MM_CONFIGS = {  # one small-M and one large-M tile, fixed (the autotuned choice is checked by "auto")
+    "mm16": {"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 4, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+    "mm128": {"BLOCK_M": 128, "BLOCK_N": 128, "NBK": 2, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+}
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("path,dtype", [("auto", torch.bfloat16), ("gemv", torch.bfloat16), ("gemv", torch.float16),
+                                        ("mm16", torch.bfloat16), ("mm128", torch.bfloat16), ("mm16", torch.float16),
+                                        ("dequant", torch.bfloat16)])
+def test_gpu_linear_paths(fmt, path, dtype):
+    import vbhal.formats as VF
+    from vbhal.backends.cuda import fp4_linear as L
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    n, k = 4096 + 48, 4096 + 32
+    w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+    qw = L.quantize_fp4(w.to(torch.bfloat16), fmt)
+    wd = VF.dequantize(qw, torch.float32)
+    bias = torch.randn(n, device="cuda", generator=g).to(dtype)
+    codes, scales, ts, fid = L.qw_operands(qw)
+    cfg = MM_CONFIGS.get(path)
+    for m in (1, 3, 16, 300, 1024):
+        x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+        y = L._linear_2d(x, codes, scales, ts, bias, fid, n, k, "mm" if cfg else path, config=cfg)
+        ref = torch.nn.functional.linear(x.float(), wd, bias.float())
+        assert y.dtype == dtype and not torch.isnan(y).any()
+        assert _rel(y, ref) < REL_TOL[dtype], (m, _rel(y, ref))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_gpu_linear_split_k_and_fp32(fmt):
+    import vbhal.formats as VF
+    from vbhal.backends.cuda import fp4_linear as L
+
+    n, k = 256, 8192
+    qw = L.quantize_fp4(torch.randn(n, k, device="cuda") * 0.02, fmt)
+    wd = VF.dequantize(qw, torch.float32)
+    codes, scales, ts, fid = L.qw_operands(qw)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(2, k, device="cuda").to(dtype)
+        for split in (1, 4):
+            y = L._linear_2d(x, codes, scales, ts, None, fid, n, k, "gemv", split_k=split)
+            assert _rel(y, x.float() @ wd.t()) < REL_TOL[dtype], (dtype, split)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_gpu_fp4_linear_grads(fmt):
+    import vbhal.formats as VF
+    from vbhal.backends.cuda.fp4_linear import fp4_linear, quantize_fp4
+
+    n, k = 1024, 2048
+    qw = quantize_fp4(torch.randn(n, k, device="cuda") * 0.02, fmt)
+    wd = VF.dequantize(qw, torch.float32)
+    x = torch.randn(2, 8, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = fp4_linear(x, qw, b)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    xr = x.detach().float().requires_grad_()
+    br = b.detach().float().requires_grad_()
+    torch.nn.functional.linear(xr, wd, br).backward(gy.float())
+    assert _rel(x.grad, xr.grad) < 1e-2
+    assert _rel(b.grad, br.grad) < 1e-2
+
+
+def test_gpu_torch_compile_traces_the_op():
+    from vbhal.backends.cuda.fp4_linear import fp4_linear, quantize_fp4
+
+    qw = quantize_fp4(torch.randn(512, 1024, device="cuda") * 0.02, "mxfp4")
+    x = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)
+    f = torch.compile(lambda x: fp4_linear(x, qw) * 2, fullgraph=True)
+    assert _rel(f(x), fp4_linear(x, qw) * 2) < 1e-6

@@ -1,0 +1,307 @@
+"""vbhal's Triton FP4 kernels (quantize, dequantize, fused linear) under the Triton interpreter (CPU).
+
+The kernels only run on CPU under ``TRITON_INTERPRET=1``, which must be set before triton is imported,
+so ``test_interpreter_suite`` re-runs this file in a subprocess with it set; inside that subprocess the
+other tests run (outside they are skipped with that reason). Codecs are checked bit for bit against
+vbhal.formats (the reference); the linear against a float64 matmul of the reference-dequantized
+weight. Activations fp16/fp32 only: the interpreter's tl.dot and its float32->bfloat16 cast (it
+truncates) are wrong for bf16, which test_fp4_gpu.py checks on the GPU. Every kernel output buffer is
+allocated filled with garbage (POISON_OUTPUTS), so an unwritten element fails the comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+ROOT = Path(__file__).resolve().parents[3]
+kernel = pytest.mark.skipif(not INTERP, reason="kernel tests run under TRITON_INTERPRET=1 via test_interpreter_suite")
+
+# max |error| of the linear, as a fraction of max(1, max |reference|): output rounding of the dtype
+# plus float32 accumulation over K (the reference is float64)
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3}
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(os.environ.get("VBHAL_SKIP_INTERPRET") == "1", reason="VBHAL_SKIP_INTERPRET=1 (GPU run)")
+def test_interpreter_suite():
+    if INTERP:
+        pytest.skip("already inside the interpreter run")
+    pytest.importorskip("triton", reason="triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in tail and "failed" not in tail, tail
+
+
+def test_import_does_not_import_triton():
+    """The CUDA plugin imports fp4_linear to read KERNELS; that must not import triton (nor run a kernel)."""
+    code = ("import sys; import vbhal.backends.cuda.fp4_linear as L; "
+            "assert 'triton' not in sys.modules, 'triton imported'; "
+            "assert sorted(L.KERNELS) == ['dequantize_fp4', 'fp4_linear', 'quantize_fp4'], sorted(L.KERNELS); "
+            "import torch; assert hasattr(torch.ops.vbhal, 'fp4_linear_cuda'); print('ok')")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs():
+    if not INTERP:
+        yield
+        return
+    from vbhal.backends.cuda import fp4_quantize as Q
+
+    Q.POISON_OUTPUTS = True
+    yield
+
+
+def _weight(n: int, k: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    """Gaussian rows with a wide dynamic range across K (1e-3 .. 1e3), plus special blocks: an all-zero
+    block, a block of exact E2M1 ties (after FLOOR scaling by 1), negative zeros and tiny values."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * torch.logspace(-3, 3, k)[torch.randperm(k, generator=g)]
+    if k >= 32 and n >= 3:
+        w[0, :32] = 0.0
+        ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0] * 4)
+        w[1, :32] = ties * torch.where(torch.arange(32) % 3 == 0, -1.0, 1.0)  # amax 7 -> scale 1
+        w[2, :16] = -0.0
+        w[2, 16:32] = torch.randn(16, generator=g) * 1e-30
+    return w.to(dtype)
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+CODEC_CASES = [("mxfp4", "floor"), ("mxfp4", "rceil"), ("nvfp4", "floor")]
+
+
+@kernel
+@pytest.mark.parametrize("fmt,rule", CODEC_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(7, 96), (5, 70), (3, 16)])
+def test_quantize_bit_exact_with_reference(fmt, rule, dtype, shape):
+    import vbhal.formats as VF
+    from vbhal.backends.cuda.fp4_quantize import quantize_fp4
+
+    w = _weight(*shape, dtype=dtype, seed=shape[0])
+    got = quantize_fp4(w, fmt, scale_rule=rule)
+    ref = VF.quantize(w, fmt, scale_rule=rule)
+    assert _same_bytes(got.codes, ref.codes)
+    assert got.scales.dtype == ref.scales.dtype and _same_bytes(got.scales, ref.scales)
+    if fmt == "nvfp4":
+        assert torch.equal(got.tensor_scale, ref.tensor_scale)
+    else:
+        assert got.tensor_scale is None
+    assert (got.fmt, got.shape, got.orig_dtype, got.scale_rule) == (ref.fmt, ref.shape, ref.orig_dtype, ref.scale_rule)
+
+
+@kernel
+def test_quantize_nvfp4_given_tensor_scale():
+    import vbhal.formats as VF
+    from vbhal.backends.cuda.fp4_quantize import quantize_fp4
+
+    w = _weight(4, 64)
+    ts = torch.tensor(0.37)
+    got = quantize_fp4(w, "nvfp4", tensor_scale=ts)
+    ref = VF.quantize(w, "nvfp4", tensor_scale=ts)
+    assert _same_bytes(got.codes, ref.codes) and _same_bytes(got.scales, ref.scales)
+    assert torch.equal(got.tensor_scale, ref.tensor_scale)
+
+
+@kernel
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_quantize_refuses_nan_inf(bad):
+    from vbhal.backends.cuda.fp4_quantize import quantize_fp4
+    from vbhal.errors import QuantizationError
+
+    w = _weight(4, 64)
+    w[3, 50] = bad
+    for fmt in ("mxfp4", "nvfp4"):
+        with pytest.raises(QuantizationError, match="NaN"):
+            quantize_fp4(w, fmt)
+
+
+@kernel
+def test_quantize_bad_input_messages():
+    from vbhal.backends.cuda.fp4_quantize import quantize_fp4
+    from vbhal.errors import QuantizationError
+
+    with pytest.raises(QuantizationError, match="2-D"):
+        quantize_fp4(torch.randn(2, 3, 32), "mxfp4")
+    with pytest.raises(QuantizationError, match="int32"):
+        quantize_fp4(torch.ones(4, 32, dtype=torch.int32), "mxfp4")
+    with pytest.raises(QuantizationError, match="unknown FP4 format"):
+        quantize_fp4(torch.randn(4, 32), "int4")
+    with pytest.raises(QuantizationError, match="scale rule"):
+        quantize_fp4(torch.randn(4, 32), "mxfp4", scale_rule="up")
+    with pytest.raises(QuantizationError, match="single block-scale rule"):
+        quantize_fp4(torch.randn(4, 32), "nvfp4", scale_rule="rceil")
+
+
+@kernel
+@pytest.mark.parametrize("fmt,rule", CODEC_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dequantize_bit_exact_with_reference(fmt, rule, dtype):
+    import vbhal.formats as VF
+    from vbhal.backends.cuda.fp4_quantize import dequantize_fp4
+
+    ref = VF.quantize(_weight(6, 80, seed=3), fmt, scale_rule=rule)
+    got = dequantize_fp4(ref, dtype)
+    want = ref.dequantize(dtype)
+    assert got.dtype == dtype and got.shape == (6, 80)
+    assert _same_bytes(got, want)
+
+
+@kernel
+def test_dequantize_special_scale_bytes():
+    """E8M0 code 0 (2^-127, a float32 subnormal) and 0xFF (NaN); E4M3 subnormal scales and NaN."""
+    import vbhal.formats as VF
+    from vbhal.backends.cuda.fp4_quantize import dequantize_fp4
+
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 256, (2, 32), generator=g, dtype=torch.uint8)
+    s_mx = torch.tensor([[0, 1, 127, 255], [254, 200, 100, 3]], dtype=torch.uint8).view(torch.float8_e8m0fnu)
+    codes_mx = torch.randint(0, 256, (2, 64), generator=g, dtype=torch.uint8)
+    qmx = VF.QuantizedWeight(codes_mx, s_mx, None, "mxfp4", (2, 128))
+    s_nv = torch.tensor([[0, 1, 7, 8], [0x7F, 0x7E, 0x40, 0x3A]], dtype=torch.uint8).view(torch.float8_e4m3fn)
+    qnv = VF.QuantizedWeight(codes, s_nv, torch.tensor(0.5), "nvfp4", (2, 64))
+    for q in (qmx, qnv):
+        got, want = dequantize_fp4(q, torch.float32), q.dequantize(torch.float32)
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
+
+
+def _operands(qw):
+    from vbhal.backends.cuda.fp4_quantize import qw_operands
+
+    return qw_operands(qw)
+
+
+def _check_linear(y, x, qw, bias):
+    ref = torch.nn.functional.linear(x.double(), qw.dequantize(torch.float64),
+                                     None if bias is None else bias.double())
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    assert not torch.isnan(y).any(), "unwritten (poisoned) or NaN outputs"
+    err = (y.double() - ref).abs().max().item()
+    assert err <= TOL[x.dtype] * max(1.0, ref.abs().max().item()), err
+
+
+@kernel
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("path,dtype", [("gemv", torch.float32), ("gemv", torch.float16), ("mm", torch.float16),
+                                        ("dequant", torch.float32), ("dequant", torch.float16)])
+@pytest.mark.parametrize("m", [1, 3, 19])
+def test_linear_paths_match_reference(fmt, path, dtype, m):
+    import vbhal.formats as VF
+    from vbhal.backends.cuda import fp4_linear as L
+
+    n, k = 21, 100  # N not a multiple of any tile, K not a multiple of the block (padded)
+    qw = VF.quantize(_weight(n, k, seed=m) * 1e-2, fmt)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    codes, scales, ts, fid = _operands(qw)
+    for b in (bias, None):
+        y = L._linear_2d(x, codes, scales, ts, b, fid, n, k, path)
+        _check_linear(y, x, qw, b)
+
+
+@kernel
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_linear_gemv_split_k(fmt):
+    """Split-K (float32 atomics into a zeroed buffer): the sums of the parts equal the whole."""
+    import vbhal.formats as VF
+    from vbhal.backends.cuda import fp4_linear as L
+
+    n, k = 9, 300
+    qw = VF.quantize(_weight(n, k, seed=11) * 1e-2, fmt)
+    x = torch.randn(2, k, dtype=torch.float16)
+    bias = torch.randn(n, dtype=torch.float16)
+    codes, scales, ts, fid = _operands(qw)
+    for split in (2, 3):
+        y = L._linear_2d(x, codes, scales, ts, bias, fid, n, k, "gemv", split_k=split)
+        _check_linear(y, x, qw, bias)
+
+
+@kernel
+def test_linear_mm_multi_tile_config():
+    """Several M and N tiles and several K steps with a grouped tile order."""
+    import vbhal.formats as VF
+    from vbhal.backends.cuda import fp4_linear as L
+
+    n, k, m = 40, 160, 35
+    qw = VF.quantize(_weight(n, k, seed=2) * 1e-2, "mxfp4")
+    x = torch.randn(m, k, dtype=torch.float16)
+    codes, scales, ts, fid = _operands(qw)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 1, "GROUP_M": 2}
+    y = L._linear_2d(x, codes, scales, ts, None, fid, n, k, "mm", config=cfg)
+    _check_linear(y, x, qw, None)
+
+
+@kernel
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_fp4_linear_public_api_and_grads(fmt):
+    """fp4_linear on (batch, seq, K) input; grads w.r.t. x and bias equal those of F.linear with the
+    reference-dequantized weight."""
+    import vbhal.formats as VF
+    from vbhal.backends.cuda.fp4_linear import fp4_linear
+
+    n, k = 12, 64
+    qw = VF.quantize(_weight(n, k, seed=4) * 1e-2, fmt)
+    x = torch.randn(2, 3, k, dtype=torch.float32, requires_grad=True)
+    bias = torch.randn(n, dtype=torch.float32, requires_grad=True)
+    y = fp4_linear(x, qw, bias)
+    assert y.shape == (2, 3, n)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    xr = x.detach().double().requires_grad_()
+    br = bias.detach().double().requires_grad_()
+    yr = torch.nn.functional.linear(xr, qw.dequantize(torch.float64), br)
+    yr.backward(gy.double())
+    assert torch.allclose(y.double(), yr, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(x.grad.double(), xr.grad, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(bias.grad.double(), br.grad, atol=1e-5, rtol=1e-5)
+
+
+@kernel
+def test_fp4_linear_bad_inputs():
+    import vbhal.formats as VF
+    from vbhal.backends.cuda.fp4_linear import fp4_linear
+    from vbhal.errors import KernelError
+
+    qw = VF.quantize(torch.randn(8, 64), "mxfp4")
+    with pytest.raises(KernelError, match=r"\(\.\.\., 64\)"):
+        fp4_linear(torch.randn(2, 63), qw)
+    with pytest.raises(KernelError, match="int64"):
+        fp4_linear(torch.ones(2, 64, dtype=torch.int64), qw)
+    with pytest.raises(KernelError, match="bias"):
+        fp4_linear(torch.randn(2, 64), qw, torch.randn(9))
+    with pytest.raises(KernelError, match="QuantizedWeight"):
+        fp4_linear(torch.randn(2, 64), torch.randn(8, 64))
+
+
+@kernel
+def test_custom_op_opcheck():
+    """Schema, fake (meta) implementation and autograd registration are consistent (torch.library.opcheck)."""
+    import vbhal.formats as VF
+    from vbhal.backends.cuda import fp4_linear  # noqa: F401  registers the ops
+
+    qw = VF.quantize(torch.randn(8, 64), "nvfp4")
+    codes, scales, ts, fid = _operands(qw)
+    x = torch.randn(3, 64, dtype=torch.float16, requires_grad=True)
+    b = torch.randn(8, dtype=torch.float16, requires_grad=True)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.vbhal.fp4_linear_cuda.default, (x, codes, scales, ts, b, fid, 8, 64), test_utils=tests)
+    torch.library.opcheck(torch.ops.vbhal.dequantize_fp4_cuda.default, (codes, scales, ts, fid, 64, torch.float16),
+                          test_utils=tests)

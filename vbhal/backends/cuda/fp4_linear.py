@@ -1,0 +1,356 @@
+"""Fused FP4 dequantize-matmul for the CUDA backend: ``y = x @ dequant(W)^T + bias``.
+
+The kernels (``fp4_kernels.py``) never materialize the bf16 weight except on the large-M path where
+that is faster. Paths, chosen by the number of activation rows M (``_choose_path``):
+
+- ``gemv``: M tiny. One program per (BLOCK_N weight rows, activation row); weights are streamed from
+  HBM once (the other rows hit L2), codes decoded in registers, float32 FMA, the block scale applied
+  once per block. Split-K with float32 atomics when there are too few row tiles to fill the GPU.
+- ``mm``: tiled tensor-core GEMM that decodes each weight tile inside the K loop (tl.dot).
+- ``dequant``: Triton dequantize to x's dtype, then cuBLAS (F.linear): wins where the matmul is long
+  enough that one extra pass over a bf16 weight is cheap and cuBLAS's GEMM beats the fused one.
+
+The op is ``vbhal::fp4_linear_cuda`` (torch.library.custom_op) with a fake (meta) implementation and
+autograd w.r.t. x and bias: grad_x = grad_y @ dequant(W) (Triton dequantize + cuBLAS); the FP4 weight
+is frozen. ``KERNELS`` is what the CUDA plugin binds: quantize_fp4, dequantize_fp4, fp4_linear.
+
+Native FP4 (compute capability 10.x, Blackwell): ``native_fp4_linear`` hands the same code and scale
+bytes to ``torch._scaled_mm`` with ``float4_e2m1fn_x2`` operands. That is W4A4 (the activations are
+quantized too), so it is opt-in (``VBHAL_FP4_NATIVE=1``) and **has never run** (no Blackwell GPU was
+available to us); the Triton path is the default on every GPU.
+
+triton is imported on first use, never at module import.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from vbhal.errors import KernelError
+from vbhal.formats import BLOCK_SIZES, FORMATS, QuantizedWeight
+
+from . import fp4_quantize as _q
+from .fp4_quantize import dequantize_fp4, is_interpreter, kernels_module, qw_operands, quantize_fp4, triton_cdiv
+
+if importlib.util.find_spec("triton") is None:  # the KernelTable reports this and falls back to CPU kernels
+    raise ImportError("the CUDA FP4 kernels need triton (pip install triton); the CPU reference kernels serve instead")
+
+__all__ = ["fp4_linear", "native_fp4_linear", "KERNELS", "PATHS"]
+
+#: Paths of the fused linear; "auto" picks by shape (``_choose_path``). VBHAL_FP4_LINEAR_PATH overrides.
+PATHS = ("auto", "gemv", "mm", "dequant")
+_ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# Shape thresholds for "auto", measured on the H100 (benchmarks/bench_fp4_linear.py; see its JSON).
+GEMV_MAX_M = 4
+MM_MAX_M = 512
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _choose_path(m: int, n: int, k: int, dtype: torch.dtype) -> str:
+    forced = os.environ.get("VBHAL_FP4_LINEAR_PATH", "auto")
+    if forced != "auto":
+        if forced not in PATHS:
+            raise KernelError(f"VBHAL_FP4_LINEAR_PATH={forced!r}; use one of {PATHS}")
+        if not (forced == "mm" and dtype == torch.float32):
+            return forced
+    if m <= GEMV_MAX_M:
+        return "gemv"
+    if dtype == torch.float32:  # tl.dot on fp32 would be TF32; keep fp32 exact through cuBLAS
+        return "dequant"
+    if m <= MM_MAX_M:
+        return "mm"
+    return "dequant"
+
+
+# ---------------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------------
+_TUNED: dict[str, object] = {}
+
+
+def _autotuned(name: str):
+    """The autotuned wrapper of a kernel (GPU only; short config lists, results cached on disk)."""
+    fn = _TUNED.get(name)
+    if fn is not None:
+        return fn
+    import triton
+
+    k4 = kernels_module()
+    kw = {}
+    try:  # cache_results persists the tuning across processes (triton >= 3.2)
+        import inspect
+
+        if "cache_results" in inspect.signature(triton.autotune).parameters:
+            kw["cache_results"] = True
+    except (TypeError, ValueError):
+        pass
+    C = triton.Config
+    if name == "gemv":
+        configs = [
+            C({"BLOCK_N": 8, "NBK": 16}, num_warps=4, num_stages=3),
+            C({"BLOCK_N": 16, "NBK": 8}, num_warps=4, num_stages=3),
+            C({"BLOCK_N": 4, "NBK": 32}, num_warps=4, num_stages=3),
+            C({"BLOCK_N": 16, "NBK": 16}, num_warps=8, num_stages=3),
+        ]
+        fn = triton.autotune(configs, key=["M", "N", "K", "BLOCK", "SPLIT_K"], reset_to_zero=["y_ptr"], **kw)(
+            k4.fp4_gemv_kernel)
+    elif name == "mm_small":
+        configs = [
+            C({"BLOCK_M": 16, "BLOCK_N": 32, "NBK": 8, "GROUP_M": 8}, num_warps=4, num_stages=4),
+            C({"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 4, "GROUP_M": 8}, num_warps=4, num_stages=4),
+            C({"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 8, "GROUP_M": 8}, num_warps=4, num_stages=3),
+            C({"BLOCK_M": 32, "BLOCK_N": 64, "NBK": 4, "GROUP_M": 8}, num_warps=4, num_stages=4),
+            C({"BLOCK_M": 64, "BLOCK_N": 64, "NBK": 4, "GROUP_M": 8}, num_warps=4, num_stages=4),
+            C({"BLOCK_M": 64, "BLOCK_N": 128, "NBK": 2, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        ]
+        fn = triton.autotune(configs, key=["M_BUCKET", "N", "K", "BLOCK", "SPLIT_K"], reset_to_zero=["y_ptr"],
+                             prune_configs_by={"early_config_prune": _prune_mm}, **kw)(k4.fp4_mm_kernel)
+    elif name == "mm_large":
+        configs = [
+            C({"BLOCK_M": 128, "BLOCK_N": 128, "NBK": 2, "GROUP_M": 8}, num_warps=8, num_stages=4),
+            C({"BLOCK_M": 128, "BLOCK_N": 256, "NBK": 2, "GROUP_M": 8}, num_warps=8, num_stages=3),
+            C({"BLOCK_M": 128, "BLOCK_N": 128, "NBK": 4, "GROUP_M": 8}, num_warps=8, num_stages=3),
+            C({"BLOCK_M": 64, "BLOCK_N": 256, "NBK": 2, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        ]
+        fn = triton.autotune(configs, key=["M_BUCKET", "N", "K", "BLOCK", "SPLIT_K"], reset_to_zero=["y_ptr"],
+                             prune_configs_by={"early_config_prune": _prune_mm}, **kw)(k4.fp4_mm_kernel)
+    else:
+        raise KeyError(name)
+    _TUNED[name] = fn
+    return fn
+
+
+def _prune_mm(configs, named_args, **kwargs):
+    """Drop configs whose BLOCK_M is far above M (wasted tensor-core rows) -- keep at least one."""
+    m = named_args["M"]
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, triton_cdiv(m, 16) * 16)]
+    return keep or configs[:1]
+
+
+def _m_bucket(m: int) -> int:
+    b = 1
+    while b < m:
+        b *= 2
+    return b
+
+
+def _gemv_split(m: int, n: int, nblocks: int, sms: int) -> int:
+    """Split K only when the row tiles (at BLOCK_N = 16, the largest tried) cannot fill the GPU twice."""
+    split = 1
+    while triton_cdiv(n, 16) * m * split < 2 * sms and nblocks // (split * 2) >= 64:
+        split *= 2
+    return split
+
+
+def _launch_gemv(x2, codes, scales, ts, bias, fmt, n, k, out_dtype, split=None):
+    m = x2.shape[0]
+    block = BLOCK_SIZES[fmt]
+    nblocks = scales.shape[1]
+    if split is None:
+        split = _gemv_split(m, n, nblocks, _sm_count(x2.device))
+    y = torch.zeros((m, n), dtype=torch.float32, device=x2.device) if split > 1 else \
+        _q.new_output((m, n), out_dtype, x2.device)
+    args = (x2, codes, scales, ts, bias if bias is not None else x2, y,
+            m, n, k, nblocks, x2.stride(0), codes.stride(0), scales.stride(0), y.stride(0))
+    consts = dict(IS_NV=fmt == "nvfp4", HAS_BIAS=bias is not None, BLOCK=block, SPLIT_K=split)
+    if is_interpreter() or x2.device.type != "cuda":
+        kernels_module().fp4_gemv_kernel[(triton_cdiv(n, 4), m, split)](*args, BLOCK_N=4, NBK=2, **consts)
+    else:
+        _autotuned("gemv")[lambda meta: (triton_cdiv(n, meta["BLOCK_N"]), m, split)](*args, **consts)
+    return y if split == 1 else y.to(out_dtype)
+
+
+def _launch_mm(x2, codes, scales, ts, bias, fmt, n, k, out_dtype, config: dict | None = None):
+    m = x2.shape[0]
+    block = BLOCK_SIZES[fmt]
+    nblocks = scales.shape[1]
+    split = 1
+    y = _q.new_output((m, n), out_dtype, x2.device)
+    args = (x2, codes, scales, ts, bias if bias is not None else x2, y,
+            m, n, k, nblocks, x2.stride(0), codes.stride(0), scales.stride(0), y.stride(0), _m_bucket(m))
+    consts = dict(IS_NV=fmt == "nvfp4", HAS_BIAS=bias is not None, BLOCK=block, SPLIT_K=split)
+    k4 = kernels_module()
+    if is_interpreter() or x2.device.type != "cuda":
+        cfg = config or {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 2, "GROUP_M": 2}
+        grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"]), split)
+        k4.fp4_mm_kernel[grid](*args, **cfg, **consts)
+        return y
+    if config is not None:
+        cfg = dict(config)
+        warps = cfg.pop("num_warps", 4)
+        stages = cfg.pop("num_stages", 3)
+        grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"]), split)
+        k4.fp4_mm_kernel[grid](*args, **cfg, **consts, num_warps=warps, num_stages=stages)
+        return y
+    tuned = _autotuned("mm_small" if m <= 128 else "mm_large")
+    grid = lambda meta: (triton_cdiv(m, meta["BLOCK_M"]) * triton_cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+    tuned[grid](*args, **consts)
+    return y
+
+
+def _launch_dequant(x2, codes, scales, ts, bias, fmt_id, n, k, out_dtype):
+    w = torch.ops.vbhal.dequantize_fp4_cuda(codes, scales, ts, fmt_id, k, x2.dtype)
+    return torch.nn.functional.linear(x2, w, bias).to(out_dtype)
+
+
+def _linear_2d(x2, codes, scales, ts, bias, fmt_id, n, k, path="auto", *, split_k=None, config=None):
+    """y (M, N) from x (M, K) and the weight operands, by ``path`` (``PATHS``); split_k/config: tests."""
+    fmt = FORMATS[fmt_id]
+    m = x2.shape[0]
+    if path == "auto":
+        path = _choose_path(m, n, k, x2.dtype)
+    if path == "gemv":
+        return _launch_gemv(x2, codes, scales, ts, bias, fmt, n, k, x2.dtype, split=split_k)
+    if path == "mm":
+        return _launch_mm(x2, codes, scales, ts, bias, fmt, n, k, x2.dtype, config=config)
+    if path == "dequant":
+        return _launch_dequant(x2, codes, scales, ts, bias, fmt_id, n, k, x2.dtype)
+    raise KernelError(f"unknown fp4_linear path {path!r}; use one of {PATHS}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the custom op
+# ---------------------------------------------------------------------------------------------------
+@torch.library.custom_op("vbhal::fp4_linear_cuda", mutates_args=())
+def _fp4_linear_op(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, tensor_scale: torch.Tensor,
+                   bias: torch.Tensor | None, fmt_id: int, n: int, k: int) -> torch.Tensor:
+    """x (M, K) contiguous, codes uint8 (N, Kp/2), scale bytes uint8 (N, Kp/B) -> y (M, N) in x's dtype."""
+    return _linear_2d(x, codes, scales, tensor_scale, bias, fmt_id, n, k)
+
+
+@_fp4_linear_op.register_fake
+def _(x, codes, scales, tensor_scale, bias, fmt_id, n, k):
+    return x.new_empty((x.shape[0], n))
+
+
+def _setup_context(ctx, inputs, output):
+    x, codes, scales, tensor_scale, bias, fmt_id, n, k = inputs
+    ctx.save_for_backward(codes, scales, tensor_scale)
+    ctx.fmt_id, ctx.k = fmt_id, k
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward(ctx, grad_y):
+    codes, scales, tensor_scale = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = torch.ops.vbhal.dequantize_fp4_cuda(codes, scales, tensor_scale, ctx.fmt_id, ctx.k, grad_y.dtype)
+        grad_x = grad_y @ w
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        grad_bias = grad_y.sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, grad_bias, None, None, None
+
+
+_fp4_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# public kernel
+# ---------------------------------------------------------------------------------------------------
+def fp4_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, dequantize_fp4(qw, x.dtype), bias)`` without materializing the weight (small M).
+
+    x: (..., K) bfloat16 / float16 / float32 on the weight's GPU; bias: (N,) or None. Returns (..., N)
+    in x's dtype. Differentiable w.r.t. x and bias.
+
+    >>> y = fp4_linear(torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16), qw)
+    """
+    if not isinstance(qw, QuantizedWeight):
+        raise KernelError(f"fp4_linear takes a vbhal.formats.QuantizedWeight, got {type(qw).__name__}")
+    n, k = qw.shape
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != k:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise KernelError(f"fp4_linear: x must be (..., {k}) for a weight of shape {qw.shape}, got {got}")
+    if x.dtype not in _ACT_DTYPES:
+        raise KernelError(f"fp4_linear takes bfloat16/float16/float32 activations, got {x.dtype}; cast x first")
+    if x.device != qw.device:
+        raise KernelError(f"fp4_linear: x is on {x.device} but the weight on {qw.device}; move one of them")
+    if bias is not None and (bias.shape != (n,) or bias.device != x.device):
+        raise KernelError(f"fp4_linear: bias must be ({n},) on {x.device}, got {tuple(bias.shape)} on {bias.device}")
+    codes, scales, ts, fmt_id = qw_operands(qw)
+    if os.environ.get("VBHAL_FP4_NATIVE") == "1" and native_fp4_available(x.device):
+        return native_fp4_linear(x, qw, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != k):
+        x2 = x2.contiguous()
+    if x2.shape[0] == 0:
+        return x.new_empty((*lead, n))
+    y = torch.ops.vbhal.fp4_linear_cuda(x2, codes, scales, ts, bias, fmt_id, n, k)
+    return y.reshape(*lead, n)
+
+
+# ---------------------------------------------------------------------------------------------------
+# native FP4 (Blackwell, compute capability 10.x) -- UNRUN: no such GPU was available
+# ---------------------------------------------------------------------------------------------------
+def native_fp4_available(device: torch.device) -> bool:
+    """True on a compute capability 10.x GPU with a torch that has float4_e2m1fn_x2 (the probe's fp4_native)."""
+    if device.type != "cuda" or not hasattr(torch, "float4_e2m1fn_x2"):
+        return False
+    return torch.cuda.get_device_capability(device)[0] == 10
+
+
+def _to_blocked(scales: torch.Tensor) -> torch.Tensor:
+    """Rearrange (rows, cols) block scales into cuBLAS's 128x4 tiled ("swizzled") scale layout."""
+    rows, cols = scales.shape
+    rp, cp = triton_cdiv(rows, 128) * 128, triton_cdiv(cols, 4) * 4
+    padded = torch.zeros((rp, cp), dtype=scales.dtype, device=scales.device)
+    padded[:rows, :cols] = scales
+    blocks = padded.view(rp // 128, 128, cp // 4, 4).permute(0, 2, 1, 3)
+    return blocks.reshape(-1, 4, 32, 4).transpose(1, 2).reshape(-1, 32, 16).flatten()
+
+
+def native_fp4_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W4A4 on Blackwell's FP4 tensor cores: quantize x to qw's format and call ``torch._scaled_mm``.
+
+    The weight's code and scale bytes go to cuBLAS unchanged (viewed as float4_e2m1fn_x2 and
+    swizzled scales). UNRUN: written against torch's documented _scaled_mm FP4 contract; no compute
+    capability 10.x GPU was available, so it is opt-in (VBHAL_FP4_NATIVE=1) and untested.
+    """
+    if not native_fp4_available(x.device):
+        raise KernelError("native FP4 needs a compute capability 10.x GPU and torch with float4_e2m1fn_x2")
+    n, k = qw.shape
+    x2 = x.reshape(-1, k)
+    if qw.padded_k != k:
+        x2 = torch.nn.functional.pad(x2, (0, qw.padded_k - k))
+    xq = quantize_fp4(x2, qw.fmt, scale_rule="rceil" if qw.fmt == "mxfp4" else "floor")
+    fp4 = torch.float4_e2m1fn_x2
+    y = torch._scaled_mm(
+        xq.codes.view(fp4), qw.codes.view(fp4).t(),
+        _to_blocked(xq.scales), _to_blocked(qw.scales),
+        out_dtype=torch.float32,
+    )
+    if qw.fmt == "nvfp4":  # the block scales are relative to each operand's tensor scale
+        y = y * (xq.tensor_scale * qw.tensor_scale)
+    y = y.to(x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _quantize_kernel(w: torch.Tensor, fmt: str, *, scale_rule: str = "floor") -> QuantizedWeight:
+    """The ``quantize_fp4`` kernel of the HAL contract."""
+    return quantize_fp4(w, fmt, scale_rule=scale_rule)
+
+
+def _dequantize_kernel(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ``dequantize_fp4`` kernel of the HAL contract."""
+    return dequantize_fp4(qw, dtype)
+
+
+KERNELS = {"quantize_fp4": _quantize_kernel, "dequantize_fp4": _dequantize_kernel, "fp4_linear": fp4_linear}
