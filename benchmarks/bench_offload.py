@@ -253,28 +253,32 @@ def part_check(args) -> dict:
         opt.step()
         opt.zero_grad()
         lp.append(loss.item())
-    off = copy.deepcopy(base)
-    eng = apply_offload(off, device="cuda", lr=1e-3, work_dtype=torch.bfloat16, offload_activations=True, chunks=2,
-                        poison=True)
-    lo = []
-    for x in xs:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = off(x).float().pow(2).mean()
-        loss.backward()
-        eng.step()
-        lo.append(loss.item())
-    master = eng.master_state_dict()
-    wdiff = max((master[k] - v.detach().cpu().float()).abs().max().item() for k, v in plain.named_parameters())
-    ldiff = max(abs(a - b) / abs(b) for a, b in zip(lo, lp))
-    finite = all(math.isfinite(v) for v in lo)
-    # Tolerance: row chunks (2) split the weight-gradient sums and bf16 rounding of the gradient copy differs
-    # from autocast's fp32 accumulation of one big matmul: a few ulps of bf16 per step.
-    ok = finite and ldiff < 2e-2 and wdiff < 5e-3
-    print(f"check: plain losses {[round(v, 5) for v in lp]}")
-    print(f"check: vbhal losses {[round(v, 5) for v in lo]}")
-    print(f"check: max rel loss diff {ldiff:.2e}, max |w_vbhal - w_plain| {wdiff:.2e} -> {'PASS' if ok else 'FAIL'}")
-    eng.close()
-    return {"plain_losses": lp, "vbhal_losses": lo, "max_rel_loss_diff": ldiff, "max_weight_diff": wdiff, "pass": ok,
+    result = {"plain_losses": lp}
+    ok_all = True
+    # (a) same arithmetic as plain (one row chunk, activations kept): expected equal up to cuBLAS determinism.
+    # (b) 2 row chunks + activations offloaded: weight-gradient sums are split in two, so a tolerance.
+    for tag, kw, tol in (("exact", dict(chunks=1), 1e-6), ("chunked", dict(chunks=2, offload_activations=True), 2e-2)):
+        off = copy.deepcopy(base)
+        eng = apply_offload(off, device="cuda", lr=1e-3, work_dtype=torch.bfloat16, poison=True, **kw)
+        lo = []
+        for x in xs:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = off(x).float().pow(2).mean()
+            loss.backward()
+            eng.step()
+            lo.append(loss.item())
+        master = eng.master_state_dict()
+        wdiff = max((master[k] - v.detach().cpu().float()).abs().max().item() for k, v in plain.named_parameters())
+        ldiff = max(abs(a - b) / abs(b) for a, b in zip(lo, lp))
+        ok = all(math.isfinite(v) for v in lo) and ldiff <= tol and wdiff <= max(tol, 1e-6) * 10
+        ok_all &= ok
+        print(f"check[{tag}]: vbhal losses {[round(v, 6) for v in lo]}")
+        print(f"check[{tag}]: max rel loss diff {ldiff:.2e}, max |w_vbhal - w_plain| {wdiff:.2e} -> {'PASS' if ok else 'FAIL'}")
+        result[tag] = {"vbhal_losses": lo, "max_rel_loss_diff": ldiff, "max_weight_diff": wdiff, "pass": ok, **kw}
+        eng.close()
+        del off, eng
+    print(f"check: plain losses {[round(v, 6) for v in lp]}")
+    return {**result, "pass": ok_all,
             "model": f"{n} MLP blocks d={d} ffn={ffn}, {tokens} tokens, bf16 autocast, 2 row chunks, activations offloaded"}
 
 

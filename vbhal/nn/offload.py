@@ -52,8 +52,8 @@ from vbhal.errors import TierError
 from vbhal.tiers.pool import HostBlock, HostPool, TierWarning
 from vbhal.tiers.stats import TierStats
 
-#: Parameter offsets inside a unit's flat buffers are multiples of this many elements (vector-friendly).
-ALIGN_ELEMS = 64
+#: Parameter offsets inside a unit's flat buffers are multiples of this many bytes (vector-friendly).
+ALIGN_BYTES = 256
 #: Saved activations smaller than this stay on the device even with ``offload_activations``.
 MIN_OFFLOAD_ACT_BYTES = 1 << 20
 #: The learned prefetch depth never exceeds this many units.
@@ -103,9 +103,12 @@ class _Unit:
     module: nn.Module
     params: list[tuple[str, nn.Parameter]]  # trainable first, then frozen
     shapes: list[torch.Size]
-    offsets: list[int]
-    numel: int  # padded total (working copy)
-    train_numel: int  # padded prefix that the optimizer owns
+    dtypes: list[torch.dtype]  # working-copy dtype of each parameter
+    offsets: list[int]  # byte offsets in the working copy / device buffer / gradient buffer
+    m_offsets: list[int]  # element offsets in the (tightly packed) fp32 master of the trainable ones
+    nbytes: int  # working copy, padded
+    train_nbytes: int  # the byte prefix holding trainable parameters (gradients go there)
+    train_numel: int  # elements of the fp32 master
     n_train: int
     master: torch.Tensor | None = None  # fp32 flat, host
     work_host: HostBlock | None = None
@@ -121,11 +124,28 @@ class _Unit:
 
     @property
     def work_bytes(self) -> int:
-        return self.numel * self.work_host.tensor.element_size() if self.work_host is not None else 0
+        return self.nbytes
+
+    def view(self, buf: torch.Tensor, j: int) -> torch.Tensor:
+        """Parameter `j` as a typed view of a raw byte buffer laid out like this unit's working copy."""
+        n = math.prod(self.shapes[j]) * _itemsize(self.dtypes[j])
+        return buf[self.offsets[j] : self.offsets[j] + n].view(self.dtypes[j]).view(self.shapes[j])
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _pad(n: int) -> int:
-    return -(-n // ALIGN_ELEMS) * ALIGN_ELEMS
+    return -(-n // ALIGN_BYTES) * ALIGN_BYTES
+
+
+#: Modules whose parameters get the 16-bit working copy: the ones whose ops autocast runs in 16 bits
+#: (matmuls, convolutions). Every other parameter (norms, embeddings, ...) keeps an fp32 working copy, so the
+#: streamed model computes what autocast computes from fp32 parameters.
+_LOW_PRECISION_TYPES: tuple[type, ...] = (
+    nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+)
 
 
 def _find_units(model: nn.Module, names: list[str] | None) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Parameter]]]:
@@ -378,6 +398,7 @@ class OffloadEngine:
         self._learn_events: dict[int, list] = {}
         self._act_calls: list[_Call] = []
         self._to_free: list[_Call] = []
+        self._scratch: torch.Tensor | None = None
         self.step_count = 0
         self.mispredictions = 0
         self.resident_bytes = 0
@@ -413,22 +434,24 @@ class OffloadEngine:
             ps = [(pn, p) for pn, p in module.named_parameters() if id(p) not in res_ids]
             ps = [x for x in ps if x[1].requires_grad] + [x for x in ps if not x[1].requires_grad]
             n_train = sum(1 for _, p in ps if p.requires_grad)
-            offsets, off = [], 0
-            train_numel = 0
+            low_ids = {id(p) for m in module.modules() if isinstance(m, _LOW_PRECISION_TYPES) for p in m.parameters(recurse=False)}
+            dtypes = [self._dtype_for(p, id(p) in low_ids) for _, p in ps]
+            offsets, m_offsets, off, moff, train_nbytes = [], [], 0, 0, 0
             for j, (_, p) in enumerate(ps):
                 offsets.append(off)
-                off = _pad(off + p.numel())
-                if j == n_train - 1:
-                    train_numel = off
-            if n_train == 0:
-                train_numel = 0
-            unit = _Unit(i, name, module, ps, [p.shape for _, p in ps], offsets, max(off, ALIGN_ELEMS), train_numel, n_train)
+                off = _pad(off + p.numel() * _itemsize(dtypes[j]))
+                if j < n_train:
+                    m_offsets.append(moff)
+                    moff += p.numel()
+                    train_nbytes = off
+            unit = _Unit(i, name, module, ps, [p.shape for _, p in ps], dtypes, offsets, m_offsets, max(off, ALIGN_BYTES),
+                         train_nbytes, moff, n_train)
             unit.shared = [p for p in module.parameters() if id(p) in res_ids and p.requires_grad]
             self._materialize(unit)
             self.units.append(unit)
             self._wrap(unit)
             if report is not None:
-                report.add("offload", name, f"{len(ps)} params, {unit.numel} elements streamed as {self.work_dtype}")
+                report.add("offload", name, f"{len(ps)} params, {unit.nbytes} bytes streamed as {sorted(set(map(str, dtypes)))}")
         # Resident parameters: on the device in their own dtype, AdamW on the device at step().
         self.resident = [p for _, p in resident]
         for p in self.resident:
@@ -449,17 +472,23 @@ class OffloadEngine:
     def work_dtype(self) -> torch.dtype:
         return self._work_dtype
 
-    def _materialize(self, unit: _Unit) -> None:
-        ps = unit.params
+    def _dtype_for(self, p: nn.Parameter, low_ok: bool) -> torch.dtype:
+        """Working-copy dtype: the configured one for matmul/conv weights, fp32 for the rest when it is 16-bit."""
         if not hasattr(self, "_work_dtype"):
             wd = self.cfg.work_dtype
-            if wd is None:
-                wd = torch.bfloat16 if self._accel else ps[0][1].dtype
-            self._work_dtype = wd
-        unit.work_host = self.pool.alloc(unit.numel, self._work_dtype, zero=True)
-        unit.grad_host = self.pool.alloc(unit.numel, self._work_dtype, zero=True) if unit.n_train else None
+            self._work_dtype = wd if wd is not None else (torch.bfloat16 if self._accel else p.dtype)
+        if not p.is_floating_point():
+            return p.dtype
+        if not low_ok and self._work_dtype.itemsize < 4:
+            return torch.float32
+        return self._work_dtype
+
+    def _materialize(self, unit: _Unit) -> None:
+        ps = unit.params
+        unit.work_host = self.pool.alloc(unit.nbytes, torch.uint8, zero=True)
+        unit.grad_host = self.pool.alloc(unit.train_nbytes, torch.uint8, zero=True) if unit.n_train else None
         unit.master = torch.zeros(unit.train_numel, dtype=torch.float32)
-        for j, ((pn, p), off) in enumerate(zip(ps, unit.offsets)):
+        for j, ((pn, p), off) in enumerate(zip(ps, unit.m_offsets + [0] * (len(ps) - unit.n_train))):
             n = p.numel()
             src = p.data
             if src.is_meta:
@@ -474,15 +503,15 @@ class OffloadEngine:
             src = src.detach().reshape(-1).to("cpu")
             if j < unit.n_train and not p.data.is_meta:
                 unit.master[off : off + n].copy_(src)
-            unit.work_host.tensor[off : off + n].copy_(src)
+            unit.view(unit.work_host.tensor, j).copy_(src.view(p.shape))
             if p.data.is_meta:  # a meta tensor cannot take real storage: put a fresh Parameter in its place
                 owner_name, _, leaf = pn.rpartition(".")
                 owner = unit.module.get_submodule(owner_name) if owner_name else unit.module
-                newp = nn.Parameter(self._placeholder(), requires_grad=p.requires_grad)
+                newp = nn.Parameter(self._placeholder(unit.dtypes[j]), requires_grad=p.requires_grad)
                 owner._parameters[leaf] = newp
                 unit.params[j] = (pn, newp)
             else:
-                p.data = self._placeholder()
+                p.data = self._placeholder(unit.dtypes[j])
         if unit.n_train:
             unit.opt = self._make_adamw([unit.master])
         unit.host_ready.set()
@@ -494,10 +523,10 @@ class OffloadEngine:
         except (RuntimeError, TypeError):  # fused not available for this device/dtype
             return torch.optim.AdamW(params, **kw)
 
-    def _placeholder(self) -> torch.Tensor:
-        ph = self._placeholders.get(self._work_dtype)
+    def _placeholder(self, dtype: torch.dtype) -> torch.Tensor:
+        ph = self._placeholders.get(dtype)
         if ph is None:
-            ph = self._placeholders[self._work_dtype] = torch.empty(0, dtype=self._work_dtype, device=self.device)
+            ph = self._placeholders[dtype] = torch.empty(0, dtype=dtype, device=self.device)
         return ph
 
     def _measure_h2d(self) -> float | None:
@@ -561,9 +590,9 @@ class OffloadEngine:
         nbytes = unit.work_bytes
         if self._accel:
             with self._dm.stream(self._h2d):
-                buf = torch.empty(unit.numel, dtype=self._work_dtype, device=self.device)
+                buf = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
                 if self.cfg.poison:
-                    buf.fill_(float("nan"))
+                    buf.fill_(0xFF)  # all-ones bytes: NaN in every float format
                 buf.copy_(unit.work_host.tensor, non_blocking=True)
                 ev = self._dm.Event()
                 ev.record(self._h2d)
@@ -584,17 +613,15 @@ class OffloadEngine:
             cur.wait_event(unit.dev_event)
             buf.record_stream(cur)  # the allocator must not hand this block out before compute is done with it
             unit.dev_event = None
-        for (_, p), shape, off in zip(unit.params, unit.shapes, unit.offsets):
-            n = math.prod(shape)
-            p.data = buf[off : off + n].view(shape)
+        for j, (_, p) in enumerate(unit.params):
+            p.data = unit.view(buf, j)
         unit.bound = True
 
     def _release(self, unit: _Unit) -> None:
         if unit.dev_buf is None:
             return
-        ph = self._placeholder()
-        for _, p in unit.params:
-            p.data = ph
+        for j, (_, p) in enumerate(unit.params):
+            p.data = self._placeholder(unit.dtypes[j])
         self.resident_bytes -= unit.work_bytes
         unit.dev_buf = None
         unit.dev_event = None
@@ -659,32 +686,32 @@ class OffloadEngine:
                     stacklevel=2,
                 )
             nbytes = 0
+            grads = [g if g is None or g.dtype == unit.dtypes[j] else g.to(unit.dtypes[j]) for j, g in enumerate(grads)]
+            done = None
             if self._accel:
                 cur = self._dm.current_stream(self.device)
-                grads = [g if g is None or g.dtype == gh.dtype else g.to(gh.dtype) for g in grads]
                 ready = self._dm.Event()
                 ready.record(cur)
                 with self._dm.stream(self._d2h):
                     self._d2h.wait_event(ready)
                     for j, g in enumerate(grads):
-                        off, n = unit.offsets[j], math.prod(unit.shapes[j])
+                        dst = unit.view(gh, j)
                         if g is None:
-                            gh[off : off + n].zero_()
+                            dst.zero_()
                             continue
-                        gh[off : off + n].copy_(g.reshape(-1), non_blocking=True)
+                        dst.copy_(g, non_blocking=True)
                         g.record_stream(self._d2h)
-                        nbytes += n * gh.element_size()
+                        nbytes += g.numel() * g.element_size()
                     done = self._dm.Event()
                     done.record(self._d2h)
             else:
                 for j, g in enumerate(grads):
-                    off, n = unit.offsets[j], math.prod(unit.shapes[j])
+                    dst = unit.view(gh, j)
                     if g is None:
-                        gh[off : off + n].zero_()
+                        dst.zero_()
                     else:
-                        gh[off : off + n].copy_(g.reshape(-1))
-                        nbytes += n * gh.element_size()
-                done = None
+                        dst.copy_(g)
+                        nbytes += g.numel() * g.element_size()
             self.stats.add(0, bytes_out=nbytes)
             self.stats.add(1, bytes_in=nbytes)
             unit.host_ready.clear()
@@ -699,16 +726,27 @@ class OffloadEngine:
             if done is not None:
                 done.synchronize()  # the worker, not the main thread, waits for the gradient copy
             t0 = time.perf_counter()
-            g = unit.grad_host.tensor[: unit.train_numel]
-            unit.master.grad = g if g.dtype == torch.float32 else g.to(torch.float32)
+            g32 = self._grad_scratch(unit.train_numel)
+            for j in range(unit.n_train):  # gradients in their working dtype -> fp32, packed like the master
+                n = math.prod(unit.shapes[j])
+                g32[unit.m_offsets[j] : unit.m_offsets[j] + n].view(unit.shapes[j]).copy_(unit.view(unit.grad_host.tensor, j))
+            unit.master.grad = g32
             unit.opt.step()
             unit.master.grad = None
-            unit.work_host.tensor[: unit.train_numel].copy_(unit.master)
+            for j in range(unit.n_train):  # fp32 master -> working copy (rounded to nearest even for bf16)
+                n = math.prod(unit.shapes[j])
+                unit.view(unit.work_host.tensor, j).copy_(unit.master[unit.m_offsets[j] : unit.m_offsets[j] + n].view(unit.shapes[j]))
             self.stats.add(1, busy_s=time.perf_counter() - t0)
         except BaseException as e:  # surfaced on the main thread at the next fetch or step
             self._worker_error = e
         finally:
             unit.host_ready.set()
+
+    def _grad_scratch(self, numel: int) -> torch.Tensor:
+        """fp32 gradient scratch shared by the (single) worker: allocated once, not per step."""
+        if self._scratch is None or self._scratch.numel() < numel:
+            self._scratch = torch.empty(max(numel, max(u.train_numel for u in self.units)), dtype=torch.float32)
+        return self._scratch[:numel]
 
     # ------------------------------------------------------------------------------- activations
     def _save_inputs(self, ctx: Any, call: _Call, tensors: tuple[torch.Tensor, ...]) -> None:
@@ -807,7 +845,7 @@ class OffloadEngine:
 
         def pack(t: torch.Tensor) -> Any:
             if t.device == self.device and t.untyped_storage().data_ptr() == storage_ptr:
-                return ("vbhal-weight", t.storage_offset(), tuple(t.shape), t.stride())
+                return ("vbhal-weight", t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
             return t
 
         def unpack(h: Any) -> torch.Tensor:
@@ -815,8 +853,8 @@ class OffloadEngine:
                 if unit.dev_buf is None:  # backward reached this unit without _before (should not happen)
                     self._fetch(unit, block=True)
                     self._bind(unit)
-                _, off, shape, stride = h
-                return unit.dev_buf.as_strided(shape, stride, off)
+                _, off, shape, stride, dtype = h
+                return unit.dev_buf.view(dtype).as_strided(shape, stride, off)
             return h
 
         return pack, unpack
@@ -949,10 +987,12 @@ class OffloadEngine:
         out: dict[str, torch.Tensor] = {}
         for u in self.units:
             prefix = f"{u.name}." if u.name else ""
-            for j, ((pn, _), shape, off) in enumerate(zip(u.params, u.shapes, u.offsets)):
-                n = math.prod(shape)
-                src = u.master if j < u.n_train else u.work_host.tensor
-                out[prefix + pn] = src[off : off + n].view(shape).to(torch.float32).clone()
+            for j, ((pn, _), shape) in enumerate(zip(u.params, u.shapes)):
+                if j < u.n_train:
+                    off, n = u.m_offsets[j], math.prod(shape)
+                    out[prefix + pn] = u.master[off : off + n].view(shape).clone()
+                else:  # frozen: only the working copy exists
+                    out[prefix + pn] = u.view(u.work_host.tensor, j).to(torch.float32).clone()
         names = {id(p): n for n, p in self.model.named_parameters()}
         for p in self.resident:
             out[names.get(id(p), f"resident{id(p)}")] = p.detach().to("cpu", torch.float32).clone()
