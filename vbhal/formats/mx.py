@@ -33,6 +33,7 @@ __all__ = [
     "E8M0_BIAS",
     "E8M0_NAN",
     "SCALE_RULES",
+    "RCEIL_DECODE_OVERFLOW",
     "mxfp4_quantize_padded",
     "mxfp4_dequantize",
     "e8m0_to_float32",
@@ -46,6 +47,11 @@ E8M0_BIAS = 127
 E8M0_NAN = 0xFF
 #: Scale rules we implement: the spec's FLOOR (section 6.3) and the round-up RCEIL of cuBLAS/Blackwell.
 SCALE_RULES = ("floor", "rceil")
+
+#: RCEIL only: the smallest magnitude whose MXFP4 value is not a float32. Above 6 * 2^125 a block gets
+#: X = 2^126 and an element >= 3.5 * 2^126 rounds to 4 * 2^126 = 2^128 (FLOOR never gets there: its X
+#: is at most 2^125). Such a weight is refused rather than decoded to inf.
+RCEIL_DECODE_OVERFLOW = 3.5 * 2.0**126
 
 _F32_MBITS = 23  # IEEE-754 binary32 mantissa bits
 _F32_EXP_MASK = 0xFF

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import QuantizationError
-from .mx import MX_BLOCK_SIZE, SCALE_RULES, mxfp4_dequantize, mxfp4_quantize_padded
+from .mx import MX_BLOCK_SIZE, RCEIL_DECODE_OVERFLOW, SCALE_RULES, mxfp4_dequantize, mxfp4_quantize_padded
 from .nvfp4 import NVFP4_BLOCK_SIZE, nvfp4_dequantize, nvfp4_quantize_padded
 
 __all__ = ["FORMATS", "BLOCK_SIZES", "SCALE_DTYPES", "QuantizedWeight", "quantize", "padded_k"]
@@ -181,10 +181,18 @@ class QuantizedWeight:
             raise QuantizationError(f"unknown scale rule {self.scale_rule!r}; use one of {SCALE_RULES}")
 
     # -- use -------------------------------------------------------------------------------------
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The (N, K) weight in ``dtype``: decoded in float32 (exact products), then cast."""
+    def dequantize(self, dtype: torch.dtype = torch.float32, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The (N, K) weight in ``dtype``: decoded in float32 (exact products), then cast.
+
+        ``out``: an (N, K) tensor to write into (its dtype wins over ``dtype``); every element is written.
+        """
         n, k = self.shape
-        out = torch.empty((n, k), dtype=dtype, device=self.device)
+        if out is None:
+            out = torch.empty((n, k), dtype=dtype, device=self.device)
+        elif tuple(out.shape) != (n, k) or out.device != self.device:
+            raise QuantizationError(
+                f"dequantize out= must be ({n}, {k}) on {self.device}, got {tuple(out.shape)} on {out.device}"
+            )
         rows = _chunk_rows(self.device, self.padded_k)
         for r0 in range(0, n, rows):
             c, s = self.codes[r0 : r0 + rows], self.scales[r0 : r0 + rows]
@@ -311,6 +319,11 @@ def quantize(
     w32 = w.detach().to(torch.float32)
     if orig_dtype == torch.float64 and not bool(torch.isfinite(w32).all()):
         raise QuantizationError(f"the float64 weight{_where(name)} overflows float32; scale it down first")
+    if fmt == "mxfp4" and scale_rule == "rceil" and float(w32.abs().amax()) >= RCEIL_DECODE_OVERFLOW:
+        raise QuantizationError(
+            f"the weight{_where(name)} has values >= {RCEIL_DECODE_OVERFLOW:.4g}, which MXFP4 with the RCEIL "
+            "scale rule rounds beyond float32's range (2^128); use scale_rule='floor' or scale the weight down"
+        )
     n, k = w32.shape
     kp = padded_k(k, fmt)
     if kp != k:
