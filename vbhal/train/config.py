@@ -94,7 +94,7 @@ class TrainConfig:
     output_dir: str = "output"
     log_interval: int | None = None
     val_interval: int | None = None          # steps; None: at the end of every epoch
-    val_batches: int = 20
+    val_batches: int = 20                    # 0: no validation (and no best_model.pt)
     save_steps: int | None = None            # None: at the end of every epoch; 0: only at the end
     keep_checkpoints: int = 3
     resume: str | None = None
@@ -117,6 +117,8 @@ class TrainConfig:
         preset = TRAIN_PRESETS[self.config]
         out = dataclasses.replace(self)
         for key, value in preset.items():
+            if key == "epochs":
+                continue  # only when neither --epochs nor --max-steps was given (below)
             current = getattr(out, key)
             if current is None or (key == "max_corpus_bytes" and current == -1):
                 setattr(out, key, value)
@@ -139,8 +141,7 @@ class TrainConfig:
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"--{key.replace('_', '-')} {getattr(self, key)!r} is not one of "
                                   f"{', '.join(str(a) for a in allowed if a is not None)}.")
-        positive = ("batch_size", "gradient_accumulation_steps", "val_batches", "keep_checkpoints",
-                    "log_interval")
+        positive = ("batch_size", "gradient_accumulation_steps", "keep_checkpoints", "log_interval")
         for key in positive:
             v = getattr(self, key)
             if v is not None and v <= 0:
@@ -149,7 +150,7 @@ class TrainConfig:
             v = getattr(self, key)
             if v is not None and v <= 0:
                 raise ConfigError(f"--{key.replace('_', '-')} must be a positive integer, got {v}.")
-        for key in ("warmup_steps", "save_steps", "val_interval", "num_workers"):
+        for key in ("warmup_steps", "save_steps", "val_interval", "num_workers", "val_batches"):
             v = getattr(self, key)
             if v is not None and v < 0:
                 raise ConfigError(f"--{key.replace('_', '-')} must be >= 0, got {v}.")

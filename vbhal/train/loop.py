@@ -21,6 +21,7 @@ wrap it for DDP/FSDP2, then train:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -35,10 +36,9 @@ import torch.nn as nn
 
 from vbhal.train import checkpoint as ckpt
 from vbhal.train import distributed as D
-from vbhal.train._errors import (CheckpointError, ConfigError, DataError, FeatureUnavailableError,
-                                 ResumeError)
+from vbhal.train._errors import (CheckpointError, ConfigError, DataError, FeatureUnavailableError)
 from vbhal.train.config import TrainConfig
-from vbhal.train.data import (TokenWindows, ResumableSampler, bytes_human, load_corpus, loader_settings,
+from vbhal.train.data import (TokenWindows, ResumableSampler, load_corpus, loader_settings,
                               make_loader)
 from vbhal.train.model import GPT, GPTConfig
 
@@ -181,9 +181,19 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _apply_vbhal_features(model: nn.Module, cfg: TrainConfig, device: torch.device, log) -> nn.Module:
-    """--use-fp4 / --use-flash-attn / --mode / --vgpu-auto -> vbhal.optimize (the core's API)."""
-    overrides = {}
+def _apply_vbhal_features(model: nn.Module, cfg: TrainConfig, device: torch.device, log,
+                          plan_overrides: dict | None = None) -> nn.Module:
+    """--use-fp4 / --use-flash-attn / --mode / --vgpu-auto -> `vbhal.optimize` (the core's API).
+
+    Only the flags the user gave (or the planner chose) are passed as overrides; the rest come from
+    the mode. The loop owns autocast, so optimize's own autocast is turned off
+    (``mixed_precision="none"``) and the weights stay fp32 masters for the optimizer.
+    """
+    overrides: dict = dict(plan_overrides or {})
+    if cfg.mode is None and not plan_overrides:
+        # No mode asked for: change only what the flags name (a mode would also turn on, e.g.,
+        # balanced's gradient checkpointing).
+        overrides.update(fp4=False, attention=False, gradient_checkpointing=False, offload=False)
     if cfg.use_fp4 is not None:
         overrides["fp4"] = bool(cfg.use_fp4)
         if cfg.use_fp4:
@@ -192,11 +202,9 @@ def _apply_vbhal_features(model: nn.Module, cfg: TrainConfig, device: torch.devi
         overrides["attention"] = bool(cfg.use_flash_attn)
     if cfg.gradient_checkpointing:
         overrides["gradient_checkpointing"] = True
-    plan_config = None
-    if cfg.vgpu_auto:
-        plan_config = _vgpu_plan(model, cfg, device, log)
-    if not overrides and cfg.mode is None and plan_config is None:
-        return model
+    mode = overrides.pop("mode", None) or cfg.mode
+    if not (overrides.get("fp4") or overrides.get("attention") or overrides.get("offload")) and mode is None:
+        return model   # nothing of vbhal's asked for (checkpointing is the model's own switch)
     try:
         import vbhal
         optimize = vbhal.optimize
@@ -204,48 +212,56 @@ def _apply_vbhal_features(model: nn.Module, cfg: TrainConfig, device: torch.devi
         raise FeatureUnavailableError(
             f"--use-fp4/--use-flash-attn/--mode need vbhal.optimize, which is not importable in this "
             f"build ({exc}). Run without those flags.") from None
-    # The loop owns autocast; the model's weights stay fp32 masters for the optimizer.
-    overrides["mixed_precision"] = None
-    result = optimize(model, mode=cfg.mode or "balanced", device=str(device), config=plan_config, **overrides)
-    model = result[0] if isinstance(result, tuple) else result
-    report = getattr(model, "vbhal_report", None) or (result[1] if isinstance(result, tuple) else None)
+    overrides["mixed_precision"] = "none"
+    model = optimize(model, mode or "speed", device=str(device), **overrides)
+    report = getattr(model, "_vbhal_report", None)
     if report is not None:
-        log(f"vbhal.optimize: {report}")
+        text = report.format(max_rows=12) if hasattr(report, "format") else str(report)
+        log("vbhal.optimize:\n" + text)
     return model
 
 
 def _estimate_module():
+    import importlib
     try:
-        import vbhal.estimate as est
-        return est
+        return importlib.import_module("vbhal.estimate")
     except Exception as exc:
         raise FeatureUnavailableError(
-            f"--estimate-resources / --vgpu-auto need vbhal.estimate, which is not available yet in "
-            f"this build ({type(exc).__name__}: {exc}).") from None
+            f"--estimate-resources / --vgpu-auto need vbhal.estimate, which is not available in this "
+            f"build ({type(exc).__name__}: {exc}).") from None
 
 
-def _vgpu_plan(model, cfg: TrainConfig, device, log):
+def _estimate_precision(precision: str) -> str:
+    return {"bf16": "bf16-mixed", "fp16": "fp16-mixed", "no": "fp32"}[precision]
+
+
+def vgpu_plan(cfg: TrainConfig, model_cfg: GPTConfig, device: torch.device, precision: str,
+              world_size: int):
+    """--vgpu-auto: ask `vbhal.estimate.plan` for mode, micro-batch and accumulation that fit this
+    device at the run's global batch; raise ConfigError (with the planner's suggestions) if none does."""
     est = _estimate_module()
-    planner = getattr(est, "plan", None) or getattr(est, "plan_vgpu", None)
-    if planner is None:
-        raise FeatureUnavailableError("--vgpu-auto needs vbhal.estimate.plan(...), which this build of "
-                                      "vbhal.estimate does not have yet.")
-    plan = planner(model, batch_size=cfg.batch_size, seq_length=model.config.seq_length, device=str(device))
-    log(f"--vgpu-auto plan: {plan}")
-    return getattr(plan, "config", plan)
+    global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
+    p = est.plan(model_cfg, seq_length=model_cfg.seq_length, global_batch=global_batch,
+                 precision=_estimate_precision(precision), allow_fp4=bool(cfg.use_fp4),
+                 fp4_format=cfg.fp4_format, world_size=world_size,
+                 device="cuda" if device.type == "cuda" else "cpu")
+    if not p.fits:
+        raise ConfigError(f"--vgpu-auto: no setup fits: {p.missing}. "
+                          + ("Suggestions: " + "; ".join(p.suggestions) if p.suggestions else ""))
+    return p, est.format_plan(p)
 
 
-def estimate_resources(cfg: TrainConfig, model_cfg: GPTConfig, device: torch.device) -> str:
-    """The estimator's report for this run's model and batch (raises FeatureUnavailableError)."""
+def estimate_resources(cfg: TrainConfig, model_cfg: GPTConfig, device: torch.device, precision: str,
+                       world_size: int) -> str:
+    """The estimator's report for this run's model, micro-batch and features (`vbhal.estimate`)."""
     est = _estimate_module()
-    fn = getattr(est, "estimate_memory", None) or getattr(est, "estimate", None)
-    if fn is None:
-        raise FeatureUnavailableError("vbhal.estimate has no estimate_memory() yet.")
-    with torch.device("meta"):
-        model = GPT(model_cfg)
-    result = fn(model, batch_size=cfg.batch_size, seq_length=model_cfg.seq_length,
-                mixed_precision=_precision(cfg, device), gradient_checkpointing=cfg.gradient_checkpointing)
-    return str(result)
+    e = est.estimate(model_cfg, batch_size=cfg.batch_size, seq_length=model_cfg.seq_length,
+                     precision=_estimate_precision(precision), gradient_checkpointing=cfg.gradient_checkpointing,
+                     fp4=cfg.fp4_format if cfg.use_fp4 else None,
+                     attention="flash" if (cfg.use_flash_attn or device.type == "cuda") else "math",
+                     world_size=world_size, distributed=cfg.strategy,
+                     device="cuda" if device.type == "cuda" else "cpu")
+    return est.format_estimate(e)
 
 
 def _count_params(model: GPT) -> str:
@@ -327,10 +343,21 @@ def _run(cfg: TrainConfig, model_cfg: GPTConfig, info: D.DistInfo, device: torch
         raise ConfigError("--strategy fsdp shards the model over several processes; launch with --nproc N "
                           "(N >= 2) or torchrun, or use the default ddp.")
     if cfg.estimate_resources:
-        report = estimate_resources(cfg, model_cfg, device)
+        report = estimate_resources(cfg, model_cfg, device, precision, info.world_size)
         if info.is_main:
             print(report)
         return TrainResult(stopped="estimate-only", output_dir=Path(cfg.output_dir))
+    plan_overrides = None
+    if cfg.vgpu_auto:
+        plan, plan_text = vgpu_plan(cfg, model_cfg, device, precision, info.world_size)
+        if info.is_main:
+            print(plan_text, file=sys.stderr)
+        plan_overrides = plan.to_optimize_overrides()
+        cfg = dataclasses.replace(cfg, batch_size=plan_overrides.pop("batch_size"),
+                                  gradient_accumulation_steps=plan_overrides.pop("grad_accum"))
+        plan_overrides.pop("mixed_precision", None)   # the loop's own autocast stays in charge
+        if plan_overrides.get("gradient_checkpointing"):
+            cfg = dataclasses.replace(cfg, gradient_checkpointing=True)
 
     resuming = cfg.resume is not None
     out = _prepare_output(cfg, resuming, overwrite)
@@ -386,13 +413,14 @@ def _run(cfg: TrainConfig, model_cfg: GPTConfig, info: D.DistInfo, device: torch
         if thread_note:
             log(thread_note)
         return _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, sampler,
-                      steps_per_epoch, total_steps, state, out, log, t_start)
+                      steps_per_epoch, total_steps, state, out, log, t_start, plan_overrides)
     finally:
         log.close()
 
 
 def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, sampler, steps_per_epoch,
-           total_steps, state, out: Path, log: _RunLog, t_start: float) -> TrainResult:
+           total_steps, state, out: Path, log: _RunLog, t_start: float,
+           plan_overrides: dict | None = None) -> TrainResult:
     result = TrainResult(output_dir=out)
     ckdir = out / "checkpoints"
     metrics_path = out / "metrics.jsonl"
@@ -408,7 +436,7 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.to(device)
-    model = _apply_vbhal_features(model, cfg, device, log)
+    model = _apply_vbhal_features(model, cfg, device, log, plan_overrides)
     raw: GPT = model
     log(_count_params(raw))
     if state is not None and cfg.strategy != "fsdp":
@@ -540,6 +568,8 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
 
     def validate() -> None:
         nonlocal best_val
+        if not cfg.val_batches:
+            return
         v = evaluate()
         improved = best_val is None or v < best_val
         if improved:
