@@ -399,6 +399,10 @@ class _AllocationTracker(torch.utils._python_dispatch.TorchDispatchMode):
         self.tag = "activation"
         self.data_dependent = 0
 
+    def ignore(self, t: torch.Tensor) -> None:
+        """Storage that exists before the step (a parameter, a buffer): views of it are not new memory."""
+        self.seen[t.untyped_storage()] = None
+
     def _round(self, n: int) -> int:
         r = self.round_to
         return n if r <= 1 else (n + r - 1) // r * r
@@ -409,7 +413,7 @@ class _AllocationTracker(torch.utils._python_dispatch.TorchDispatchMode):
         except Exception:  # sparse / nested / opaque tensors: no plain storage
             return None
         if st in self.seen:
-            return self.seen[st]
+            return self.seen[st]  # None for pre-existing storage
         a = _Alloc(self._round(st.nbytes()), self.clock, self.phase, tag or self.tag)
         self.seen[st] = a
         self.allocs.append(a)
@@ -725,6 +729,8 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
     trainable = [p for p in {id(t): t for t in by_id.values()}.values() if p.requires_grad]
 
     tracker = _AllocationTracker(round_to)
+    for t in params.values():
+        tracker.ignore(t)
     sem = _StepSemantics(tracker, autocast, attention, fp4_ids, fp4_dequant_temp)
 
     # Per-layer saved-tensor attribution: forward pre/post hooks keep the current layer.
@@ -827,11 +833,11 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
                 loss.backward()
                 del loss
             bwd_end = tracker.clock
-            grads_bytes = sum(tracker.seen[p.grad.untyped_storage()].nbytes for p in trainable
-                              if p.grad is not None and p.grad.untyped_storage() in tracker.seen)
+            grad_allocs = [tracker.seen.get(p.grad.untyped_storage()) for p in trainable if p.grad is not None]
+            grad_allocs = [a for a in grad_allocs if a is not None]
+            grads_bytes = sum(a.nbytes for a in grad_allocs)
             peak_fb, peak_time = tracker.peak, tracker.peak_time
-            grad_allocs = {id(tracker.seen[p.grad.untyped_storage()]) for p in trainable
-                           if p.grad is not None and p.grad.untyped_storage() in tracker.seen}
+            grad_allocs = {id(a) for a in grad_allocs}
             live = tracker.live_at(peak_time)
             fb = {"gradients": 0, "activations": 0, "autocast": 0, "temporaries": 0, "inputs": 0}
             for a in live:
