@@ -1,0 +1,201 @@
+"""The disk tier's files: a private directory per process, checksummed spill files, stale-directory sweep.
+
+Layout: ``<spill root>/vbhal-spill-<uid>/<pid>-<process start time>/`` with mode 0700. The process start
+time (from ``/proc/<pid>/stat``, else psutil) makes the name unique even when a pid is reused, so a
+directory is only ever trusted by the process that made it. A directory whose process is gone (or whose
+pid now belongs to a younger process) is stale — left by a killed run — and is removed when the next
+stack starts. Spill files are never read across runs.
+
+File format (little endian)::
+
+    8 bytes  magic b"VBHSPIL1"
+    4 bytes  header length H (uint32)
+    H bytes  JSON header: {"key", "shape", "dtype", "nbytes", "crc32", "owner"}
+    nbytes   raw tensor bytes (C-contiguous)
+
+A file is written to a temporary name and renamed into place, so a reader never sees half a file;
+the CRC-32 of the payload is checked on every read, so a corrupted file raises instead of returning
+a wrong value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from vbhal.errors import TierError
+
+SPILL_MAGIC = b"VBHSPIL1"
+_HDR = struct.Struct("<8sI")
+#: Payload is checksummed in pieces of this size (zlib.crc32 over a memoryview, no copy).
+_CRC_PIECE = 64 << 20
+
+
+class SpillCorruptionError(TierError):
+    """A spill file failed its checksum or header check; the message names the tensor and the file."""
+
+
+class DiskFullError(TierError, OSError):
+    """The disk tier has no room (quota or free space); the tensor stays where it was."""
+
+
+def process_start_time(pid: int) -> str | None:
+    """An identifier of when process `pid` started (clock ticks since boot on Linux), or None if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+        # Field 22 (starttime); split after the command name, which may itself contain spaces and ')'.
+        return raw.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        pass
+    try:
+        import psutil
+
+        return str(int(psutil.Process(pid).create_time() * 100))
+    except Exception:  # psutil missing or no such process
+        return None
+
+
+def _owner_tag(pid: int | None = None) -> str:
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}-{process_start_time(pid) or 'unknown'}"
+
+
+def spill_base(root: Path | None = None) -> Path:
+    """The per-user directory that holds every process's private spill directory."""
+    if root is None:
+        from vbhal._sysinfo import spill_root
+
+        root = spill_root()
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(root) / f"vbhal-spill-{uid}"
+
+
+def sweep_stale(base: Path) -> list[Path]:
+    """Remove spill directories under `base` whose owning process no longer exists. Returns what was removed."""
+    removed: list[Path] = []
+    if not base.is_dir():
+        return removed
+    for d in base.iterdir():
+        if not d.is_dir():
+            continue
+        pid_s, _, start = d.name.partition("-")
+        if not pid_s.isdigit():
+            continue
+        alive = process_start_time(int(pid_s))
+        if alive is not None and (alive == start or start == "unknown"):
+            continue  # a live process owns it
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+class SpillDirectory:
+    """This process's private spill directory (0700), created after sweeping stale ones; removed by close()."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.base = spill_base(root)
+        self.base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.swept = sweep_stale(self.base)
+        self.owner = _owner_tag()
+        self.path = self.base / self.owner
+        self.path.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.path, 0o700)
+        self._n = 0
+
+    def new_file(self, key: object) -> Path:
+        self._n += 1
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(key))[:80]
+        return self.path / f"{self._n:08d}-{safe}.spill"
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def write_spill(path: Path, key: object, tensor: torch.Tensor, *, owner: str = "",
+                fault_hook: Callable[[str, object], None] | None = None) -> int:
+    """Write `tensor` (on the host) to `path` atomically; returns the payload size in bytes.
+
+    Raises :class:`DiskFullError` when the disk is full (ENOSPC/EDQUOT or the fault hook says so); the
+    partial temporary file is removed.
+    """
+    t = tensor.detach().contiguous()
+    if t.device.type != "cpu":
+        raise TierError(f"write_spill expects a host tensor for {key!r}, got one on {t.device}")
+    payload = memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
+    crc = 0
+    for i in range(0, len(payload), _CRC_PIECE):
+        crc = zlib.crc32(payload[i : i + _CRC_PIECE], crc)
+    header = json.dumps(
+        {"key": str(key), "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+         "nbytes": len(payload), "crc32": crc, "owner": owner}
+    ).encode()
+    tmp = path.with_suffix(".tmp")
+    try:
+        if fault_hook is not None:
+            fault_hook("write", key)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(_HDR.pack(SPILL_MAGIC, len(header)))
+            f.write(header)
+            f.write(payload)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if isinstance(e, DiskFullError):
+            raise
+        raise DiskFullError(f"writing {key!r} to the disk tier ({path.parent}) failed: {e}") from e
+    return len(payload)
+
+
+def read_spill(path: Path, key: object, shape: tuple[int, ...], dtype: torch.dtype, *,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read a spill file back, checking magic, header and CRC-32; raises :class:`SpillCorruptionError`."""
+
+    def bad(why: str) -> SpillCorruptionError:
+        return SpillCorruptionError(
+            f"spill file of tensor {key!r} ({path}) is corrupted: {why}. The value is not used; the tensor is "
+            "lost from the disk tier — restart from a checkpoint, and check the disk"
+        )
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HDR.size)
+            if len(head) != _HDR.size:
+                raise bad("truncated header")
+            magic, hlen = _HDR.unpack(head)
+            if magic != SPILL_MAGIC:
+                raise bad(f"bad magic {magic!r}")
+            try:
+                meta = json.loads(f.read(hlen))
+            except ValueError as e:
+                raise bad(f"unreadable header ({e})") from None
+            want_dtype = str(dtype).removeprefix("torch.")
+            if meta.get("key") != str(key) or tuple(meta.get("shape", ())) != tuple(shape) or meta.get("dtype") != want_dtype:
+                raise bad(f"header says {meta.get('key')!r} {meta.get('shape')} {meta.get('dtype')}, expected "
+                          f"{key!r} {list(shape)} {want_dtype}")
+            t = out if out is not None else torch.empty(shape, dtype=dtype)
+            raw = t.view(torch.uint8).reshape(-1) if t.numel() else torch.empty(0, dtype=torch.uint8)
+            if raw.numel() != meta["nbytes"]:
+                raise bad(f"payload size {meta['nbytes']} does not match the tensor's {raw.numel()} bytes")
+            buf = memoryview(raw.numpy())
+            got = f.readinto(buf) if raw.numel() else 0
+            if got != raw.numel():
+                raise bad(f"truncated payload ({got} of {raw.numel()} bytes)")
+    except FileNotFoundError:
+        raise SpillCorruptionError(f"spill file of tensor {key!r} ({path}) is missing") from None
+    crc = 0
+    for i in range(0, len(buf) if raw.numel() else 0, _CRC_PIECE):
+        crc = zlib.crc32(buf[i : i + _CRC_PIECE], crc)
+    if crc != meta["crc32"]:
+        raise bad(f"CRC-32 {crc:#010x} != {meta['crc32']:#010x}")
+    return t
