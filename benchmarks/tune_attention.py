@@ -35,6 +35,9 @@ CANDIDATES = {
     ("dkdv", 64): [(64, 128, 8, 3), (32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3)],
     ("dq", 128): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 8, 2), (128, 128, 8, 2)],
     ("dq", 64): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3)],
+    # dK/dV kernel that also accumulates dQ with fp32 atomics (no dQ kernel): VBHAL_ATTN_ATOMIC_DQ=1
+    ("dkdv_atomic", 128): [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (128, 128, 8, 2)],
+    ("dkdv_atomic", 64): [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3)],
 }
 
 
@@ -63,8 +66,9 @@ def main(argv=None):
             q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                        for _ in range(3))
             do = torch.randn_like(q)
-            best = {name: A._GPU_CONFIGS[(name, d)] for name in ("fwd", "dkdv", "dq")}
-            for name in ("fwd", "dkdv", "dq"):
+            best = {name: A._GPU_CONFIGS[(name, d)] for name in ("fwd", "dkdv", "dq", "dkdv_atomic")}
+            for name in ("fwd", "dkdv", "dq", "dkdv_atomic"):
+                os.environ["VBHAL_ATTN_ATOMIC_DQ"] = "1" if name == "dkdv_atomic" else "0"
                 scores = []
                 for cand in CANDIDATES[(name, d)]:
                     if time.time() - t0 > args.budget:
@@ -95,6 +99,7 @@ def main(argv=None):
             print(f"BEST hd{d} causal={causal}: {best}", flush=True)
             Path(args.out).write_text(json.dumps(results, indent=1))
     os.environ.pop("VBHAL_ATTN_CONFIG", None)
+    os.environ.pop("VBHAL_ATTN_ATOMIC_DQ", None)
     Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
 

@@ -72,13 +72,14 @@ def _check(name, got, ref, base, dtype):
     return rows
 
 
-def run_dense(name, b, hq, hkv, sq, sk, d, causal, dtype, impl="vbhal"):
+def run_dense(name, b, hq, hkv, sq, sk, d, causal, dtype, impl="vbhal", atomic_dq=None):
     from vbhal.backends.cpu.attention import reference_attention
     from vbhal.backends.cuda.attention import flash_attention
     from vbhal.backends.cuda.attention_dispatch import attention as dispatch
     import torch.nn.functional as F
 
     fn = flash_attention if impl == "vbhal" else dispatch
+    _atomic(atomic_dq)
     g = torch.Generator(device="cuda").manual_seed(zlib.crc32(name.encode()))
     q = torch.randn(b, hq, sq, d, device="cuda", dtype=dtype, generator=g)
     k = torch.randn(b, hkv, sk, d, device="cuda", dtype=dtype, generator=g)
@@ -105,10 +106,20 @@ def run_dense(name, b, hq, hkv, sq, sk, d, causal, dtype, impl="vbhal"):
     return results
 
 
-def run_packed(name, lens, hq, hkv, d, causal, dtype=torch.bfloat16):
+def _atomic(flag):
+    import os
+
+    if flag is None:
+        os.environ.pop("VBHAL_ATTN_ATOMIC_DQ", None)
+    else:
+        os.environ["VBHAL_ATTN_ATOMIC_DQ"] = "1" if flag else "0"
+
+
+def run_packed(name, lens, hq, hkv, d, causal, dtype=torch.bfloat16, atomic_dq=None):
     from vbhal.backends.cpu.attention import attention as per_document, reference_attention
     from vbhal.backends.cuda.attention import flash_attention
 
+    _atomic(atomic_dq)
     t = sum(lens)
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(len(name))
@@ -185,6 +196,12 @@ if pytest is not None:
         run_packed(*case)
 
     @gpu
+    @pytest.mark.parametrize("atomic", [False, True])
+    def test_both_dq_schemes_match_float64(atomic):
+        run_dense(*DENSE_CASES[4], atomic_dq=atomic)
+        run_packed(*PACKED_CASES[0], atomic_dq=atomic)
+
+    @gpu
     def test_nan_in_key_propagates_to_rows_that_see_it():
         run_nan()
 
@@ -202,6 +219,11 @@ def main() -> int:
     jobs = [(c[0], run_dense, c) for c in DENSE_CASES]
     jobs += [("dispatch " + c[0], lambda *a: run_dense(*a, impl="dispatch"), c) for c in DENSE_CASES[:2]]
     jobs += [(c[0], run_packed, c) for c in PACKED_CASES]
+    for flag in (False, True):
+        jobs += [(f"atomic_dq={flag} " + DENSE_CASES[4][0], lambda *a, f=flag: run_dense(*a, atomic_dq=f), DENSE_CASES[4]),
+                 (f"atomic_dq={flag} " + PACKED_CASES[0][0], lambda *a, f=flag: run_packed(*a, atomic_dq=f),
+                  PACKED_CASES[0]),
+                 (f"atomic_dq={flag} " + DENSE_CASES[0][0], lambda *a, f=flag: run_dense(*a, atomic_dq=f), DENSE_CASES[0])]
     jobs += [("nan propagation", lambda: run_nan(), ()), ("torch.compile", lambda: run_compile(), ())]
     failed = 0
     for name, fn, case in jobs:
@@ -213,6 +235,7 @@ def main() -> int:
             failed += 1
             print(f"FAIL {name:32s} {type(e).__name__}: {str(e)[:300]}", flush=True)
         torch.cuda.empty_cache()
+        _atomic(None)
     print(f"{len(jobs) - failed} passed, {failed} failed")
     return 1 if failed else 0
 

@@ -138,6 +138,23 @@ def test_packed_forward_and_gradients_match_float64(case):
 
 
 @kernel
+@pytest.mark.parametrize("atomic", ["0", "1"])
+def test_both_dq_schemes_dense_gqa_and_packed(monkeypatch, atomic):
+    """dQ from the separate dQ kernel (0) or from fp32 atomics inside the dK/dV kernel (1)."""
+    from vbhal.backends.cpu.attention import reference_attention
+    from vbhal.backends.cuda.attention import flash_attention
+
+    monkeypatch.setenv("VBHAL_ATTN_ATOMIC_DQ", atomic)
+    q, k, v, do = _inputs((2, 4, 41, 32), (2, 2, 41, 32), torch.float32, seed=11)
+    _compare(lambda *t: flash_attention(*t, causal=True), lambda *t: reference_attention(*t, causal=True),
+             q, k, v, do, torch.float32)
+    cu = _cu([16, 3, 30])
+    q, k, v, do = _inputs((49, 4, 16), (49, 1, 16), torch.float16, seed=12)
+    _compare(lambda *x: flash_attention(*x, causal=False, cu_seqlens=cu),
+             lambda *x: reference_attention(*x, causal=False, cu_seqlens=cu), q, k, v, do, torch.float16)
+
+
+@kernel
 def test_packed_documents_do_not_see_each_other():
     from vbhal.backends.cuda.attention import flash_attention
 

@@ -204,12 +204,16 @@ def _bwd_delta_kernel(O, DO, DELTA, N_ROWS, H,
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                    dq_base, stride_dqm, sm_scale, col_ok,
                     offs_n, offs_d, seq_q, qk_scale, lo, hi,
-                    BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDARY: tl.constexpr):
+                    BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDARY: tl.constexpr,
+                    ATOMIC_DQ: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head.
 
     Rows past the sequence end load q = dO = lse = delta = 0, which makes their contribution exactly
     zero (p = 1 but dO = 0 and dS = p * (0 - 0) = 0), so the boundary needs masked loads only.
+    With ATOMIC_DQ, dQ is accumulated here too (FlashAttention-2's scheme: fp32 atomic adds of
+    dS @ K into a zeroed buffer), saving the dQ kernel's recomputation of P and dP.
     """
     offs_mb = tl.arange(0, BLOCK_M)
     qt_ptrs = q_base + (lo + offs_mb)[None, :] * stride_qm + offs_d[:, None]
@@ -235,24 +239,36 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
         dv = tl.dot(pt.to(do.dtype), do, dv)
         dpt = tl.dot(v, tl.trans(do))
         dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk)
+        if ATOMIC_DQ:
+            # Padded key rows (k = 0) must not add exp2(-lse) * 0 = inf * 0 into dQ.
+            dst = tl.where(col_ok[:, None], dst, 0.0)
+        dst = dst.to(qt.dtype)
+        dk = tl.dot(dst, tl.trans(qt), dk)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(dst), k) * sm_scale  # (BLOCK_M, HEAD_DIM)
+            dq_ptrs = dq_base + rows[:, None] * stride_dqm + offs_d[None, :]
+            if BOUNDARY:
+                tl.atomic_add(dq_ptrs, dq, mask=(rows < seq_q)[:, None], sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
         qt_ptrs += BLOCK_M * stride_qm
         do_ptrs += BLOCK_M * stride_dom
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, CU,
                      stride_qb, stride_qh, stride_qm,
                      stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn,
                      stride_dob, stride_doh, stride_dom,
                      stride_dkb, stride_dkh, stride_dkn,
                      stride_dvb, stride_dvh, stride_dvn,
+                     stride_dqb, stride_dqh, stride_dqm,
                      stride_lb, stride_lh,
                      H_KV, GROUP, SEQ_Q, SEQ_K, qk_scale, sm_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
+                     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     pid_n = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = off_bh // H_KV
@@ -294,16 +310,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU,
             do_base = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh + tok0 * stride_dom
             lse_base = LSE + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + tok0
             delta_base = DELTA + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + tok0
+            dq_base = DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh + tok0 * stride_dqm
             if CAUSAL:
                 dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm,
-                                         stride_dom, offs_n, offs_d, seq_q, qk_scale, lo, mid,
-                                         BLOCK_M, True, True)
+                                         stride_dom, dq_base, stride_dqm, sm_scale, col_ok,
+                                         offs_n, offs_d, seq_q, qk_scale, lo, mid,
+                                         BLOCK_M, True, True, ATOMIC_DQ)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm,
-                                     stride_dom, offs_n, offs_d, seq_q, qk_scale, mid, full,
-                                     BLOCK_M, False, False)
+                                     stride_dom, dq_base, stride_dqm, sm_scale, col_ok,
+                                     offs_n, offs_d, seq_q, qk_scale, mid, full,
+                                     BLOCK_M, False, False, ATOMIC_DQ)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm,
-                                     stride_dom, offs_n, offs_d, seq_q, qk_scale, tail, seq_q,
-                                     BLOCK_M, False, True)
+                                     stride_dom, dq_base, stride_dqm, sm_scale, col_ok,
+                                     offs_n, offs_d, seq_q, qk_scale, tail, seq_q,
+                                     BLOCK_M, False, True, ATOMIC_DQ)
         dk = dk * sm_scale
         dk_base = DK + off_b.to(tl.int64) * stride_dkb + off_hk.to(tl.int64) * stride_dkh + tok0 * stride_dkn
         dv_base = DV + off_b.to(tl.int64) * stride_dvb + off_hk.to(tl.int64) * stride_dvh + tok0 * stride_dvn
@@ -427,9 +447,20 @@ _GPU_CONFIGS: dict[tuple[str, int], tuple[int, int, int, int]] = {
     ("dq", 128): (128, 64, 8, 3),
     ("dq", 256): (64, 32, 4, 2),
 }
+for _d in SUPPORTED_HEAD_DIMS:
+    _GPU_CONFIGS[("dkdv_atomic", _d)] = _GPU_CONFIGS[("dkdv", _d)]
+#: Whether dQ is accumulated with atomics in the dK/dV kernel (measured choice; see tune_attention.py).
+ATOMIC_DQ_DEFAULT = False
+
 # Under the interpreter every block is simulated in numpy: small blocks keep CPU tests quick and make
 # short test sequences cross several blocks (diagonal, unmasked middle and ragged end all exercised).
 _INTERPRET_CONFIG = (16, 16, 4, 1)
+
+
+def _atomic_dq() -> bool:
+    """dQ by fp32 atomics inside the dK/dV kernel (VBHAL_ATTN_ATOMIC_DQ=1/0 overrides the default)."""
+    flag = os.environ.get("VBHAL_ATTN_ATOMIC_DQ")
+    return ATOMIC_DQ_DEFAULT if flag is None else flag == "1"
 
 
 def _config(kernel: str, head_dim: int) -> tuple[int, int, int, int]:
@@ -530,18 +561,23 @@ def _backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale):
         HEAD_DIM=d, BLOCK=block,
     )
 
-    dq, dk, dv = _empty(q.shape, q), _empty(k.shape, k), _empty(v.shape, v)
+    dk, dv = _empty(k.shape, k), _empty(v.shape, v)
+    atomic_dq = _atomic_dq()
+    # With atomic dQ the dK/dV kernel accumulates dQ in fp32 (zeroed); else the dQ kernel writes it.
+    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic_dq else _empty(q.shape, q)
     qk_scale = scale * LOG2E
-    bm, bn, warps, stages = _config("dkdv", d)
+    bm, bn, warps, stages = _config("dkdv_atomic" if atomic_dq else "dkdv", d)
     sk_grid = seq_grid if varlen else sk
     _bwd_dkdv_kernel[(triton.cdiv(sk_grid, bn), batch * hkv)](
-        q, k, v, do, dk, dv, lse, delta, cu,
+        q, k, v, do, dk, dv, dq, lse, delta, cu,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
-        *_strides(dk, varlen), *_strides(dv, varlen), slb, slh,
+        *_strides(dk, varlen), *_strides(dv, varlen), *_strides(dq, varlen), slb, slh,
         hkv, hq // hkv, sq, sk, qk_scale, scale,
-        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, VARLEN=varlen,
+        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, VARLEN=varlen, ATOMIC_DQ=atomic_dq,
         num_warps=warps, num_stages=stages,
     )
+    if atomic_dq:
+        return dq.to(q.dtype), dk, dv
     bm, bn, warps, stages = _config("dq", d)
     sq_grid = seq_grid if varlen else sq
     _bwd_dq_kernel[(triton.cdiv(sq_grid, bm), batch * hq)](
