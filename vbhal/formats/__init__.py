@@ -4,6 +4,7 @@
 - :mod:`.mx` — MXFP4: 32-element blocks, E8M0 scales, FLOOR (spec section 6.3) or RCEIL scale rule.
 - :mod:`.nvfp4` — NVFP4: 16-element blocks, E4M3 scales and an FP32 tensor scale.
 - :mod:`.quantized_weight` — :class:`QuantizedWeight` and :func:`quantize`.
+- :mod:`.reference` — the reference ``fp4_linear`` (dequantize in float32, matmul, cast).
 
 >>> import torch, vbhal.formats as F
 >>> qw = F.quantize(torch.randn(32, 64), "mxfp4")
@@ -15,6 +16,7 @@ from .e2m1 import E2M1_MAX, E2M1_VALUES, decode_e2m1, encode_e2m1, pack_fp4, unp
 from .mx import E8M0_BIAS, MX_BLOCK_SIZE, SCALE_RULES, e8m0_to_float32
 from .nvfp4 import E4M3_MAX, NVFP4_BLOCK_SIZE, nvfp4_tensor_scale
 from .quantized_weight import BLOCK_SIZES, FORMATS, SCALE_DTYPES, QuantizedWeight, padded_k, quantize
+from .reference import fp4_linear_reference
 
 
 def dequantize(qw: QuantizedWeight, dtype=None):
@@ -28,5 +30,5 @@ __all__ = [
     "E2M1_MAX", "E2M1_VALUES", "decode_e2m1", "encode_e2m1", "pack_fp4", "unpack_fp4",
     "E8M0_BIAS", "MX_BLOCK_SIZE", "SCALE_RULES", "e8m0_to_float32",
     "E4M3_MAX", "NVFP4_BLOCK_SIZE", "nvfp4_tensor_scale",
-    "BLOCK_SIZES", "FORMATS", "SCALE_DTYPES", "QuantizedWeight", "padded_k", "quantize", "dequantize",
+    "BLOCK_SIZES", "FORMATS", "SCALE_DTYPES", "QuantizedWeight", "padded_k", "quantize", "dequantize", "fp4_linear_reference",
 ]

@@ -7,7 +7,7 @@ bias, if any, stays a trainable ``Parameter``; gradients flow to the input and t
 (LoRA) train on top of an FP4 base.
 
 The forward runs the kernel bound when the module was built (``fp4_linear`` from the HAL; by default
-the CPU reference of :mod:`vbhal.backends.cpu.fp4`) through the custom op ``vbhal::fp4_linear``
+the reference :func:`vbhal.formats.reference.fp4_linear_reference`, which the CPU backend serves) through the custom op ``vbhal::fp4_linear``
 (``torch.library``: a fake implementation for ``torch.compile`` and an autograd formula), so compile
 sees one opaque op instead of tracing into a kernel.
 
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from vbhal.errors import KernelError, QuantizationError
 from vbhal.formats import BLOCK_SIZES, FORMATS, SCALE_DTYPES, QuantizedWeight, padded_k, quantize
+from vbhal.formats.reference import ACTIVATION_DTYPES, autocast_enabled, fp4_linear_reference
 
 __all__ = ["FP4Linear", "swap_linears", "register_kernels", "DEFAULT_KEEP_NAMES", "ROUTER_MAX_OUT_FEATURES"]
 
@@ -37,7 +38,6 @@ DEFAULT_KEEP_NAMES = ("lm_head", "head", "output", "classifier")
 #: precision (routing decisions are discrete; a small error flips the chosen experts).
 ROUTER_MAX_OUT_FEATURES = 512
 
-_ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -80,9 +80,7 @@ def _reference_dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float3
 
 
 def _reference_linear(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> Tensor:
-    from vbhal.backends.cpu.fp4 import fp4_linear
-
-    return fp4_linear(x, qw, bias)
+    return fp4_linear_reference(x, qw, bias)
 
 
 _REGISTRY[REFERENCE_KEY] = (_reference_linear, _reference_dequantize)
@@ -138,7 +136,7 @@ def _fp4_linear_grad_input_op(
     _, deq = _kernels(kernel)
     w32 = deq(_qw(codes, scales, tensor_scale, fmt, in_features), torch.float32)
     dev = grad.device.type
-    if torch.is_autocast_enabled(dev):
+    if autocast_enabled(dev):
         with torch.autocast(dev, enabled=False):
             return torch.matmul(grad.to(torch.float32), w32).to(grad.dtype)
     return torch.matmul(grad.to(torch.float32), w32).to(grad.dtype)
@@ -296,19 +294,18 @@ class FP4Linear(nn.Module):
         return self.qweight.dequantize(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev) and x.is_floating_point():
-            # As nn.Linear under autocast: compute in the autocast dtype.
-            x = x.to(torch.get_autocast_dtype(dev))
-        if x.dtype not in _ACT_DTYPES:
-            raise KernelError(
-                f"FP4Linear{self._where()} takes float32/bfloat16/float16 input, got {x.dtype}; cast the "
-                "input or run under torch.autocast"
-            )
         if x.device != self.codes.device:
             raise KernelError(
                 f"FP4Linear{self._where()} weight is on {self.codes.device} but the input is on {x.device}; "
                 "move the module or the input so both are on one device"
+            )
+        if autocast_enabled(x.device.type) and x.is_floating_point():
+            # As nn.Linear under autocast: compute in the autocast dtype.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        if x.dtype not in ACTIVATION_DTYPES:
+            raise KernelError(
+                f"FP4Linear{self._where()} takes float32/bfloat16/float16 input, got {x.dtype}; cast the "
+                "input or run under torch.autocast"
             )
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise KernelError(
