@@ -487,7 +487,8 @@ class _FlashAttentionSim(torch.autograd.Function):
         return dq, dk, dv
 
 
-def _math_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+def _math_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                    fused_dropout=True):
     """SDPA's math path (aten _scaled_dot_product_attention_math): the (B, H, S, S) scores are saved."""
     if k.shape[-3] != q.shape[-3]:
         rep = q.shape[-3] // k.shape[-3]
@@ -501,8 +502,27 @@ def _math_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
         attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
     attn = torch.softmax(attn, dim=-1)
     if dropout_p > 0:
-        attn = F.dropout(attn, dropout_p)
+        attn = _FusedDropoutSim.apply(attn, dropout_p) if fused_dropout else F.dropout(attn, dropout_p)
     return attn @ v
+
+
+class _FusedDropoutSim(torch.autograd.Function):
+    """CUDA's fused dropout (aten native_dropout): the output plus a 1-byte mask saved for backward.
+    Meta (and CPU) tensors take the unfused path, whose mask has the input's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, p):
+        mask = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+        ctx.save_for_backward(mask)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.empty_like(g), None
+
+
+def _fused_dropout_applies(x: Any, p: float, training: bool) -> bool:
+    return isinstance(x, torch.Tensor) and training and 0.0 < p < 1.0 and x.numel() > 0
 
 
 class _FP4LinearSim(torch.autograd.Function):
@@ -534,8 +554,10 @@ class _StepSemantics(torch.overrides.TorchFunctionMode):
     CUDA autocast (op lists + weight-cast cache), the attention kernel, FP4 linear layers."""
 
     def __init__(self, tracker: _AllocationTracker, autocast: torch.dtype | None, attention: str,
-                 fp4_weights: Mapping[int, tuple[int, int]], fp4_dequant_temp: bool):
+                 fp4_weights: Mapping[int, tuple[int, int]], fp4_dequant_temp: bool,
+                 fused_dropout: bool = True):
         super().__init__()
+        self.fused_dropout = fused_dropout
         self.tracker = tracker
         self.autocast = autocast
         self.attention = attention
@@ -597,6 +619,13 @@ class _StepSemantics(torch.overrides.TorchFunctionMode):
                 args, kwargs = self._cast_all(args, kwargs, torch.float32)
         if name == "scaled_dot_product_attention" and self.attention in ("flash", "math"):
             return self._attention(*args, **kwargs)
+        if name == "dropout" and self.fused_dropout:
+            x = args[0] if args else kwargs.get("input")
+            p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+            training = args[2] if len(args) > 2 else kwargs.get("training", True)
+            inplace = args[3] if len(args) > 3 else kwargs.get("inplace", False)
+            if _fused_dropout_applies(x, p, training) and not inplace:
+                return _FusedDropoutSim.apply(x, p)
         return func(*args, **kwargs)
 
     def _attention(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -605,7 +634,7 @@ class _StepSemantics(torch.overrides.TorchFunctionMode):
         if self.attention == "flash":
             out = _FlashAttentionSim.apply(q, k, v)
         else:
-            out = _math_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+            out = _math_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, self.fused_dropout)
         self.attention_bytes = getattr(self, "attention_bytes", 0) + max(0, self.tracker.current - before)
         return out
 
@@ -701,7 +730,7 @@ def _loss_of(out) -> torch.Tensor:
 def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dtype,
                 autocast: torch.dtype | None, attention: str, checkpointing: bool,
                 optimizer: str, impl: str, fp4: str | None, fp4_dequant_temp: bool,
-                round_to: int, example_inputs, loss_fn) -> _Trace:
+                round_to: int, example_inputs, loss_fn, device_kind: str = "cuda") -> _Trace:
     """Run one training step of `spec.module` on meta tensors under the allocation tracker."""
     model = spec.module
     blocks_name, blocks = _find_blocks(model)
@@ -731,7 +760,8 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
     tracker = _AllocationTracker(round_to)
     for t in params.values():
         tracker.ignore(t)
-    sem = _StepSemantics(tracker, autocast, attention, fp4_ids, fp4_dequant_temp)
+    sem = _StepSemantics(tracker, autocast, attention, fp4_ids, fp4_dequant_temp,
+                         fused_dropout=device_kind == "cuda")
 
     # Per-layer saved-tensor attribution: forward pre/post hooks keep the current layer.
     stack: list[str] = []
@@ -996,12 +1026,12 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
                      attention=attention, checkpointing=gradient_checkpointing, optimizer=optimizer,
                      impl=optimizer_impl, fp4=fmt, fp4_dequant_temp=fp4_dequant_temp,
                      round_to=_CUDA_ROUND if kind == "cuda" else 1, example_inputs=example_inputs,
-                     loss_fn=loss_fn)
+                     loss_fn=loss_fn, device_kind=kind)
     if gradient_checkpointing:  # per-layer numbers without checkpointing come from a second trace
         tr_plain = _trace_step(spec, batch=batch_size, seq=seq, param_dtype=param_dtype, autocast=autocast,
                                attention=attention, checkpointing=False, optimizer="none",
                                impl=optimizer_impl, fp4=fmt, fp4_dequant_temp=fp4_dequant_temp,
-                               round_to=1, example_inputs=example_inputs, loss_fn=loss_fn)
+                               round_to=1, example_inputs=example_inputs, loss_fn=loss_fn, device_kind=kind)
         layers = tr_plain.layers
     else:
         layers = tr.layers
