@@ -217,8 +217,27 @@ class TierStack:
             )
             if want >= len(self.tiers):
                 raise TierError(f"level {want} does not exist in this stack (levels 0..{len(self.tiers) - 1})")
-            self._make_room(want, nbytes, exclude=e)
-            self._place(e, t, want)
+            try:
+                self._make_room(want, nbytes, exclude=e)
+                self._place(e, t, want)
+            except DiskFullError as exc:
+                # Nothing is lost: keep the tensor in memory (over budget, within the hard limit) and say so.
+                mem = max(tr.level for tr in self.tiers if tr.kind != "disk")
+                warnings.warn(
+                    f"vbhal tiers: could not place {key!r} ({nbytes} bytes) on the disk tier: {exc}. "
+                    f"It stays on level {mem}",
+                    TierWarning,
+                    stacklevel=2,
+                )
+                self.stats.add(want, failed_demotions=1)
+                tier = self.tiers[mem]
+                if tier.hard_limit_bytes is None or tier.used_bytes + nbytes > tier.hard_limit_bytes:
+                    raise TierError(
+                        f"cannot keep {key!r}: the disk tier refused it ({exc}) and level {mem} ({tier.name}) is at its "
+                        f"hard limit ({tier.used_bytes} of {tier.hard_limit_bytes} bytes): free disk space, raise "
+                        "the budgets, or use a smaller model"
+                    ) from exc
+                self._place(e, t, mem)
             self._entries[key] = e
             self._touch(e)
 
@@ -361,7 +380,15 @@ class TierStack:
         if e.level == 0:
             return
         self._reap()
-        self._make_room(0, e.nbytes, exclude=e)
+        swap = False
+        try:
+            self._make_room(0, e.nbytes, exclude=e)
+        except TierError:
+            # The levels below are at their limits (e.g. the disk refused): swap instead — move `e` up first,
+            # which frees its bytes below, then demote a victim into them.
+            if e.level != 1:
+                raise
+            swap = True
         src = self._read(e)
         old = e.level
         new = _Entry(e.key, e.shape, e.dtype, e.nbytes, level=-1)
@@ -369,6 +396,9 @@ class TierStack:
         # The old host copy may still be read by the asynchronous copy: free it once that copy is done.
         self._free_location(e, after=new.event)
         e.level, e.data, e.block, e.path, e.event = new.level, new.data, new.block, new.path, new.event
+        if swap:
+            self._make_room(0, 0, exclude=e)
+        self._touch(e)  # a prefetched tensor is about to be used: it must not be the next LRU victim
         self.stats.add(0, promotions=1, bytes_in=e.nbytes)
         self.stats.add(old, bytes_out=e.nbytes)
 

@@ -1,0 +1,144 @@
+"""TierStack: placement, LRU demotion, promotion, learned prefetch, statistics, consistency."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vbhal.errors import TierError
+from vbhal.tiers import TierStack, format_tier_stats, plot_tier_traffic
+
+KB4 = 1024 * 4  # one float32 tensor of 1024 elements
+
+
+@pytest.fixture
+def stack(tmp_path):
+    st = TierStack.for_device("cpu", device_bytes=3 * KB4, host_bytes=2 * KB4, disk_bytes=1 << 20, spill_root=tmp_path)
+    yield st
+    st.close()
+
+
+def _val(i: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(i)
+    return torch.randn(1024, generator=g)
+
+
+def test_register_fills_levels_top_down(stack):
+    for i in range(8):
+        stack.register(i, _val(i))
+    assert [stack.level_of(i) for i in range(8)] == [0, 0, 0, 1, 1, 2, 2, 2]
+    stack.check_consistency()
+
+
+def test_access_promotes_and_lru_demotes_values_intact(stack):
+    for i in range(8):
+        stack.register(i, _val(i))
+    for i in reversed(range(8)):
+        assert torch.equal(stack.access(i), _val(i))
+        assert stack.level_of(i) == 0
+    # The three most recently used are on level 0; the least recently used went furthest down.
+    assert sorted(k for k in range(8) if stack.level_of(k) == 0) == [0, 1, 2]
+    assert stack.level_of(7) == 2
+    s0 = stack.stats.levels[0]
+    assert s0.hits + s0.misses == 8
+    assert s0.promotions >= 5 and stack.stats.levels[0].demotions >= 5
+    stack.check_consistency()
+
+
+def test_in_place_changes_survive_demotion(stack):
+    stack.register("w", _val(1))
+    t = stack.access("w")
+    t.mul_(2)
+    stack.demote("w", 2)
+    assert stack.level_of("w") == 2
+    assert torch.equal(stack.access("w"), _val(1) * 2)
+
+
+def test_pinned_tensor_never_demoted(stack):
+    stack.register("p", _val(0), pin=True)
+    for i in range(6):
+        stack.register(i, _val(i + 10))
+        stack.access(i)
+    assert stack.level_of("p") == 0
+    stack.unpin("p")
+    for i in range(6):
+        stack.access(i)
+    assert stack.level_of("p") > 0
+
+
+def test_level_full_of_pinned_is_clear_error(stack):
+    for i in range(3):
+        stack.register(i, _val(i), pin=True)
+    stack.register("x", _val(9), level=1)
+    with pytest.raises(TierError, match="nothing in it can move down"):
+        stack.access("x")
+
+
+def test_learned_order_prefetches_after_first_step(stack):
+    for i in range(6):
+        stack.register(i, _val(i), level=2)
+    for i in range(6):
+        stack.access(i)
+    stack.end_step()
+    hits_before = stack.stats.levels[0].hits
+    for i in range(6):
+        assert torch.equal(stack.access(i), _val(i))
+    stack.end_step()
+    assert stack.stats.levels[0].hits - hits_before >= 4  # all but the first one or two were prefetched
+    assert len(stack.stats.steps) == 2
+    stack.check_consistency()
+
+
+def test_update_remove_and_errors(stack):
+    stack.register("a", _val(0))
+    stack.update("a", _val(5))
+    assert torch.equal(stack.access("a"), _val(5))
+    with pytest.raises(TierError, match="already registered"):
+        stack.register("a", _val(0))
+    with pytest.raises(TierError, match="update of 'a'"):
+        stack.update("a", torch.zeros(3))
+    stack.remove("a")
+    with pytest.raises(TierError, match="not registered"):
+        stack.access("a")
+    stack.check_consistency()
+
+
+def test_stats_table_and_plot(stack, tmp_path):
+    for i in range(5):
+        stack.register(i, _val(i))
+    for _ in range(3):
+        for i in range(5):
+            stack.access(i)
+        stack.end_step()
+    text = format_tier_stats(stack)
+    assert "0 " in text and "hits" in text and "disk" in text
+    png = plot_tier_traffic(stack, str(tmp_path / "traffic.png"))
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bytes_moved_add_up(stack):
+    for i in range(8):
+        stack.register(i, _val(i))
+    for _ in range(2):
+        for i in range(8):
+            stack.access(i)
+        stack.end_step()
+    lv = stack.stats.levels
+    moved_in = sum(s.bytes_in for s in lv.values())
+    moved_out = sum(s.bytes_out for s in lv.values())
+    assert moved_in == moved_out  # every byte that left a level arrived at another
+    assert lv[0].bytes_in == lv[0].promotions * KB4
+
+
+def test_closed_stack_removes_spill_dir(tmp_path):
+    st = TierStack.for_device("cpu", device_bytes=KB4, host_bytes=KB4, spill_root=tmp_path)
+    for i in range(3):
+        st.register(i, _val(i))
+    path = st.spill.path
+    assert path.exists() and oct(path.stat().st_mode & 0o777) == "0o700"
+    assert any(path.iterdir())
+    st.close()
+    assert not path.exists()
+    with pytest.raises(TierError, match="closed"):
+        st.access(0)
