@@ -378,8 +378,11 @@ def loader_settings(device: torch.device, num_workers: int | None, local_world_s
 
 
 def make_loader(dataset: Dataset, batch_size: int, sampler=None, **settings) -> DataLoader:
+    """A DataLoader with its own generator: creating an iterator would otherwise draw a worker seed
+    from torch's global RNG, so a resumed run (one extra iter() call) would get different dropout
+    masks than an uninterrupted one."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=True,
-                      **settings)
+                      generator=torch.Generator().manual_seed(0), **settings)
 
 
 def num_windows(tokens: int, seq_length: int) -> int:

@@ -387,8 +387,8 @@ def _run(cfg: TrainConfig, model_cfg: GPTConfig, info: D.DistInfo, device: torch
                         f"{cfg.gradient_accumulation_steps} x {info.world_size} ranks = {global_batch}); "
                         f"give more data or lower --batch-size / --seq-length.")
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-    if cfg.warmup_steps >= total_steps and total_steps > 1:
-        raise ConfigError(f"--warmup-steps {cfg.warmup_steps} is not below the run's {total_steps} steps; "
+    if cfg.warmup_steps > total_steps:
+        raise ConfigError(f"--warmup-steps {cfg.warmup_steps} is more than the run's {total_steps} steps; "
                           f"lower it (e.g. to {max(0, total_steps // 10)}).")
 
     # ---- resume checkpoint: checked before anything is built --------------------------------------
