@@ -35,6 +35,9 @@ CANDIDATES = {
     ("dkdv", 64): [(64, 128, 8, 3), (32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3)],
     ("dq", 128): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 8, 2), (128, 128, 8, 2)],
     ("dq", 64): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3)],
+    # forward through TMA descriptors (VBHAL_ATTN_TMA=1)
+    ("fwd_tma", 128): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 128, 8, 2)],
+    ("fwd_tma", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 4, 3)],
     # dK/dV kernel that also accumulates dQ with fp32 atomics (no dQ kernel): VBHAL_ATTN_ATOMIC_DQ=1
     ("dkdv_atomic", 128): [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (128, 128, 8, 2)],
     ("dkdv_atomic", 64): [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3)],
@@ -66,16 +69,18 @@ def main(argv=None):
             q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                        for _ in range(3))
             do = torch.randn_like(q)
-            best = {name: A._GPU_CONFIGS[(name, d)] for name in ("fwd", "dkdv", "dq", "dkdv_atomic")}
-            for name in ("fwd", "dkdv", "dq", "dkdv_atomic"):
+            names = ("fwd", "fwd_tma", "dkdv", "dq", "dkdv_atomic")
+            best = {name: A._GPU_CONFIGS[(name, d)] for name in names}
+            for name in names:
                 os.environ["VBHAL_ATTN_ATOMIC_DQ"] = "1" if name == "dkdv_atomic" else "0"
+                os.environ["VBHAL_ATTN_TMA"] = "1" if name == "fwd_tma" else "0"
                 scores = []
                 for cand in CANDIDATES[(name, d)]:
                     if time.time() - t0 > args.budget:
                         break
                     _env({**best, name: cand})
                     try:
-                        if name == "fwd":
+                        if name in ("fwd", "fwd_tma"):
                             with torch.no_grad():
                                 ms = _time(lambda: A.flash_attention(q, k, v, causal=causal))
                             tf = _flops(b, h, s, d, causal, "fwd") / ms / 1e9
@@ -100,6 +105,7 @@ def main(argv=None):
             Path(args.out).write_text(json.dumps(results, indent=1))
     os.environ.pop("VBHAL_ATTN_CONFIG", None)
     os.environ.pop("VBHAL_ATTN_ATOMIC_DQ", None)
+    os.environ.pop("VBHAL_ATTN_TMA", None)
     Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
 

@@ -12,10 +12,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$RES/gpu.txt"
 
 echo "== correctness =="
-timeout 95 python3 tests/backends/cuda/test_attention_gpu.py 2>&1 | tail -n 40 | tee "$RES/check.txt"
+timeout 100 python3 tests/backends/cuda/test_attention_gpu.py 2>&1 | tail -n 40 | tee "$RES/check.txt"
 
 echo "== benchmark =="
-B=$(( $(left) - 70 )); [ "$B" -gt 90 ] && B=90
+B=$(( $(left) - 55 )); [ "$B" -gt 90 ] && B=90
 timeout $(( B + 25 )) python3 benchmarks/bench_attention.py --budget "$B" --out "$RES/attention-bench.json" 2>&1 \
   | tail -n 80 | tee "$RES/bench.txt"
 

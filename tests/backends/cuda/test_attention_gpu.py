@@ -106,13 +106,22 @@ def run_dense(name, b, hq, hkv, sq, sk, d, causal, dtype, impl="vbhal", atomic_d
     return results
 
 
-def _atomic(flag):
+def _atomic(flag, var="VBHAL_ATTN_ATOMIC_DQ"):
     import os
 
     if flag is None:
-        os.environ.pop("VBHAL_ATTN_ATOMIC_DQ", None)
+        os.environ.pop(var, None)
     else:
-        os.environ["VBHAL_ATTN_ATOMIC_DQ"] = "1" if flag else "0"
+        os.environ[var] = "1" if flag else "0"
+
+
+def run_tma(*case):
+    """The TMA-descriptor forward (sm_90+) on the same checks."""
+    _atomic(True, "VBHAL_ATTN_TMA")
+    try:
+        return run_dense(*case)
+    finally:
+        _atomic(None, "VBHAL_ATTN_TMA")
 
 
 def run_packed(name, lens, hq, hkv, d, causal, dtype=torch.bfloat16, atomic_dq=None):
@@ -202,6 +211,11 @@ if pytest is not None:
         run_packed(*PACKED_CASES[0], atomic_dq=atomic)
 
     @gpu
+    @pytest.mark.parametrize("case", [DENSE_CASES[0], DENSE_CASES[4], DENSE_CASES[6]], ids=["causal", "gqa-odd", "sq<sk"])
+    def test_tma_forward_matches_float64(case):
+        run_tma(*case)
+
+    @gpu
     def test_nan_in_key_propagates_to_rows_that_see_it():
         run_nan()
 
@@ -219,6 +233,7 @@ def main() -> int:
     jobs = [(c[0], run_dense, c) for c in DENSE_CASES]
     jobs += [("dispatch " + c[0], lambda *a: run_dense(*a, impl="dispatch"), c) for c in DENSE_CASES[:2]]
     jobs += [(c[0], run_packed, c) for c in PACKED_CASES]
+    jobs += [("tma " + c[0], run_tma, c) for c in (DENSE_CASES[0], DENSE_CASES[4], DENSE_CASES[6])]
     for flag in (False, True):
         jobs += [(f"atomic_dq={flag} " + DENSE_CASES[4][0], lambda *a, f=flag: run_dense(*a, atomic_dq=f), DENSE_CASES[4]),
                  (f"atomic_dq={flag} " + PACKED_CASES[0][0], lambda *a, f=flag: run_packed(*a, atomic_dq=f),

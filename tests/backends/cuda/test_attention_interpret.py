@@ -101,6 +101,20 @@ def test_dense_forward_and_gradients_match_float64(case):
 
 
 @kernel
+@pytest.mark.parametrize("case", [DENSE[0], DENSE[1], DENSE[3]], ids=["causal", "gqa-full", "mqa-sq<sk"])
+def test_tma_forward_matches_float64(monkeypatch, case):
+    """The forward through TMA descriptors (used on sm_90+ when enabled), simulated by the interpreter."""
+    from vbhal.backends.cpu.attention import reference_attention
+    from vbhal.backends.cuda.attention import flash_attention
+
+    monkeypatch.setenv("VBHAL_ATTN_TMA", "1")
+    b, hq, hkv, sq, sk, d, causal, dtype = case
+    q, k, v, do = _inputs((b, hq, sq, d), (b, hkv, sk, d), dtype, seed=sq * 7 + sk)
+    _compare(lambda *t: flash_attention(*t, causal=causal), lambda *t: reference_attention(*t, causal=causal),
+             q, k, v, do, dtype)
+
+
+@kernel
 def test_custom_scale_and_strided_inputs():
     from vbhal.backends.cpu.attention import reference_attention
     from vbhal.backends.cuda.attention import flash_attention

@@ -180,6 +180,73 @@ def _fwd_kernel(Q, K, V, O, LSE, CU,
         tl.store(lse_base + offs_m, lse, mask=row_ok)
 
 
+@triton.jit
+def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, kv_row, offs_m, offs_n, seq_k, qk_scale, lo, hi,
+                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    """``_fwd_inner`` with K/V tiles fetched by TMA (Hopper+); rows past Sk arrive zero-filled."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k = k_desc.load([kv_row, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        qk = tl.dot(q, tl.trans(k))
+        if MASKED:
+            cols = start_n + offs_n
+            keep = cols[None, :] < seq_k
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= cols[None, :])
+            qk = tl.where(keep, qk * qk_scale, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            qk = qk - m_ij[:, None]
+        else:
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            qk = qk * qk_scale - m_ij[:, None]
+        p = tl.math.exp2(qk)
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = v_desc.load([kv_row, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel_tma(q_desc, k_desc, v_desc, o_desc, LSE, H, GROUP, SEQ_Q, SEQ_K, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    CAUSAL: tl.constexpr):
+    """Dense forward with TMA descriptors over (B*H, S, D) views: same math as ``_fwd_kernel``.
+
+    3-D descriptors keep every tile inside its own (batch, head) plane, so tiles past the sequence
+    end are zero-filled by the hardware instead of reading the next head.
+    """
+    start_m = tl.program_id(0)
+    if CAUSAL:
+        start_m = tl.num_programs(0) - 1 - start_m
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    kv_row = off_b * (H // GROUP) + off_h // GROUP
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = q_desc.load([off_bh, start_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if CAUSAL:
+        hi = tl.minimum(SEQ_K, (start_m + 1) * BLOCK_M)
+        full = tl.minimum(SEQ_K, start_m * BLOCK_M)
+    else:
+        hi = SEQ_K
+        full = SEQ_K
+    full = (full // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, kv_row, offs_m, offs_n, SEQ_K, qk_scale,
+                                   0, full, BLOCK_N, HEAD_DIM, CAUSAL, False)
+    acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, kv_row, offs_m, offs_n, SEQ_K, qk_scale,
+                                   full, hi, BLOCK_N, HEAD_DIM, CAUSAL, True)
+    acc = acc / l_i[:, None]
+    o_desc.store([off_bh, start_m * BLOCK_M, 0], acc.to(o_desc.dtype).reshape(1, BLOCK_M, HEAD_DIM))
+    tl.store(LSE + off_bh.to(tl.int64) * SEQ_Q + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < SEQ_Q)
+
+
 # --------------------------------------------------------------------------------------------------
 # backward
 # --------------------------------------------------------------------------------------------------
@@ -449,12 +516,28 @@ _GPU_CONFIGS: dict[tuple[str, int], tuple[int, int, int, int]] = {
 }
 for _d in SUPPORTED_HEAD_DIMS:
     _GPU_CONFIGS[("dkdv_atomic", _d)] = _GPU_CONFIGS[("dkdv", _d)]
+for _d in SUPPORTED_HEAD_DIMS:
+    _GPU_CONFIGS[("fwd_tma", _d)] = _GPU_CONFIGS[("fwd", _d)]
+#: Whether the dense forward uses TMA descriptors on sm_90+ (measured choice; see tune_attention.py).
+TMA_FWD_DEFAULT = False
 #: Whether dQ is accumulated with atomics in the dK/dV kernel (measured choice; see tune_attention.py).
 ATOMIC_DQ_DEFAULT = False
 
 # Under the interpreter every block is simulated in numpy: small blocks keep CPU tests quick and make
 # short test sequences cross several blocks (diagonal, unmasked middle and ragged end all exercised).
 _INTERPRET_CONFIG = (16, 16, 4, 1)
+
+
+def _use_tma(q, k, v) -> bool:
+    """TMA forward (VBHAL_ATTN_TMA=1/0 overrides the default): dense contiguous tensors on sm_90+."""
+    flag = os.environ.get("VBHAL_ATTN_TMA")
+    if not (TMA_FWD_DEFAULT if flag is None else flag == "1"):
+        return False
+    if not all(t.is_contiguous() for t in (q, k, v)):
+        return False
+    if _interpreting():
+        return True
+    return q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
 
 
 def _atomic_dq() -> bool:
@@ -515,6 +598,20 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale):
     out = _empty(q.shape, q)
     lse_shape, (slb, slh) = _lse_layout(q, varlen)
     lse = _empty(lse_shape, q, torch.float32)
+    if not varlen and _use_tma(q, k, v):
+        bm, bn, warps, stages = _config("fwd_tma", d)
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        def desc(t, rows, block):
+            t3 = t.reshape(-1, rows, d)  # (B*H, S, D): a view for the contiguous tensors _use_tma allows
+            return TensorDescriptor(t3, list(t3.shape), list(t3.stride()), [1, block, d])
+
+        _fwd_kernel_tma[(triton.cdiv(sq, bm), batch * hq)](
+            desc(q, sq, bm), desc(k, sk, bn), desc(v, sk, bn), desc(out, sq, bm), lse,
+            hq, hq // hkv, sq, sk, scale * LOG2E,
+            HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, num_warps=warps, num_stages=stages,
+        )
+        return out, lse
     bm, bn, warps, stages = _config("fwd", d)
     grid = (triton.cdiv(seq_grid, bm), batch * hq)
     cu = cu_seqlens if varlen else q  # unused pointer when dense

@@ -115,7 +115,12 @@ def sdpa(q, k, v, *, causal=False, scale=None, attn_mask=None, backend: str = "s
         attn_mask = (attn_mask & keep) if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~keep, float("-inf"))
         causal = False
     kwargs = dict(attn_mask=attn_mask, is_causal=causal, scale=scale)
-    if gqa:
+    if gqa and attn_mask is not None:
+        # SDPA's fused kernels take either a mask or enable_gqa, not both (it would fall back to the
+        # O(S^2) math kernel): expand K/V instead, which the memory-efficient kernel handles with a mask.
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    elif gqa:
         kwargs["enable_gqa"] = True
     if backend == "sdpa_default":
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
