@@ -15,11 +15,14 @@ python3 -c "import psutil; print('psutil', psutil.__version__)" >> "$RES/gpu.txt
 free -g >> "$RES/gpu.txt" 2>&1
 cat "$RES/gpu.txt"
 
+echo "== cuda tests (streams, events, pinned pool, offload vs plain) =="
+timeout 45 python3 tests/tiers/test_cuda.py 2>&1 | tail -n 40
+
 echo "== check (bf16, real size) =="
-timeout 60 python3 benchmarks/bench_offload.py check --out "$OUTJ" 2>&1 | tail -n 30
+timeout 45 python3 benchmarks/bench_offload.py check --out "$OUTJ" 2>&1 | tail -n 30
 
 echo "== speed (3.5B, 16k and 64k tokens) == left $(left)"
-T=$(( $(left) - 90 )); [ "$T" -gt 150 ] && T=150
+T=$(( $(left) - 70 )); [ "$T" -gt 130 ] && T=130
 timeout "$T" python3 benchmarks/bench_offload.py speed --steps 3 --out "$OUTJ" 2>&1 | tail -n 30
 
 echo "== capacity (8 GB cap) == left $(left)"
