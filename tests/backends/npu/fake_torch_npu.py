@@ -199,7 +199,7 @@ def npu_weight_quant_batchmatmul(x, weight, antiquant_scale, *args, **kwargs):
     if bias is not None:
         want = torch.float32 if x.dtype == torch.bfloat16 else torch.float16
         _need(bias.dtype == want, f"bias must be {want} with {x.dtype} x, got {bias.dtype}")
-        _need(bias.is_contiguous() and tuple(bias.shape) in ((n,), (1, n)), f"bias must be contiguous (N,)/(1, N)")
+        _need(bias.is_contiguous() and tuple(bias.shape) in ((n,), (1, n)), "bias must be contiguous (N,)/(1, N)")
     # ANTIQUANT(weight) = (weight + offset) * scale in x's dtype, then x @ W with float32 accumulation.
     wq = (w.to(x.dtype) * scale.to(x.dtype)) if a["weight_dtype"] is None else (w * scale).to(x.dtype)
     y = x.float() @ wq.float()

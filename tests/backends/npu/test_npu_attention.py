@@ -25,7 +25,7 @@ TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=2e-3,
 
 def _qkv(b, hq, hkv, sq, sk, d, dtype=torch.float32, grad=False, seed=0):
     g = torch.Generator().manual_seed(seed)
-    mk = lambda *s: torch.randn(*s, generator=g).to(dtype).requires_grad_(grad)  # noqa: E731
+    mk = lambda *s: torch.randn(*s, generator=g).to(dtype).requires_grad_(grad)
     return mk(b, hq, sq, d), mk(b, hkv, sk, d), mk(b, hkv, sk, d)
 
 

@@ -257,3 +257,24 @@ def test_codecs_are_the_reference_codecs_and_table_maps_them():
     assert torch.equal(nfp4.dequantize_fp4(qw, torch.bfloat16), ref.dequantize(torch.bfloat16))
     for name in ("quantize_fp4", "dequantize_fp4", "fp4_linear"):
         assert _TABLE.lookup(name) is nfp4.KERNELS[name]
+
+
+def test_fp4linear_module_with_npu_kernels_matches_reference(fake_npu):
+    """FP4Linear (the custom op vbhal::fp4_linear) bound to the NPU kernels: forward through the op,
+    backward through the module's autograd formula; same results as the module on reference kernels."""
+    from vbhal.nn.fp4_linear import FP4Linear
+
+    lin = torch.nn.Linear(64, 24).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(_weight(24, 64, spread=False))
+    npu_mod = FP4Linear.from_linear(lin, "mxfp4", kernels=nfp4.KERNELS)
+    ref_mod = FP4Linear.from_linear(lin, "mxfp4")
+    x = _x(2, 5, 64, dtype=torch.bfloat16, grad=True)
+    xr = x.detach().clone().requires_grad_()
+    y, yr = npu_mod(x), ref_mod(xr)
+    assert len(fake_npu.calls_of("npu_weight_quant_batchmatmul")) == 1
+    torch.testing.assert_close(y.float(), yr.float(), **TOL[torch.bfloat16])
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    y.backward(gy)
+    yr.backward(gy)
+    assert torch.equal(x.grad, xr.grad) and torch.equal(npu_mod.bias.grad, ref_mod.bias.grad)

@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-__all__ = ["FALLBACKS", "torch_npu", "chip_of", "record_fallback", "fallback_report", "reset"]
+__all__ = ["FALLBACKS", "chip_of", "fallback_report", "record_fallback", "reset", "torch_npu"]
 
 log = logging.getLogger("vbhal.npu")
 

@@ -35,7 +35,6 @@ NPU): numbers are then those of the reference path, and the reason is counted an
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -45,14 +44,14 @@ from vbhal.backends.cpu.attention import validate_attention_inputs
 from . import _runtime
 
 __all__ = [
-    "KERNELS",
-    "attention",
-    "to_npu_atten_mask",
-    "fused_attention_unsupported",
     "COMPRESSED_MASK_SIZE",
+    "KERNELS",
     "SPARSE_MODE_DEFAULT",
     "SPARSE_MODE_LEFT_UP_CAUSAL",
     "SPARSE_MODE_RIGHT_DOWN_CAUSAL",
+    "attention",
+    "fused_attention_unsupported",
+    "to_npu_atten_mask",
 ]
 
 # -- limits and modes of npu_fusion_attention (op-plugin docs, torch_npu 2.13) ------------------------
@@ -127,7 +126,7 @@ def to_npu_atten_mask(attn_mask: torch.Tensor, *, causal: bool, batch: int, head
 # --------------------------------------------------------------------------------------------------
 
 
-def fused_attention_unsupported(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> str:
+def fused_attention_unsupported(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None) -> str:
     """Why ``npu_fusion_attention`` cannot take these inputs ("" when it can). Cheap: no device sync."""
     chip = _runtime.chip_of(q.device)
     if chip not in FUSED_ATTENTION_CHIPS:
@@ -203,8 +202,8 @@ def _packed(q, k, v, cu_seqlens, causal, scale):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-              scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None,
-              cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None) -> torch.Tensor:
+              scale: float | None = None, attn_mask: torch.Tensor | None = None,
+              cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
     """The ``attention`` kernel (docs/CONTRACT.md) through ``torch_npu.npu_fusion_attention``.
 
     Same signature, layouts and errors as the CPU kernel; inputs the op cannot take run the CPU kernel

@@ -46,14 +46,14 @@ from vbhal.formats import E2M1_VALUES, MX_BLOCK_SIZE, QuantizedWeight, e8m0_to_f
 from . import _runtime
 
 __all__ = [
+    "E2M1_TIMES_TWO",
     "KERNELS",
-    "quantize_fp4",
     "dequantize_fp4",
+    "exact_scale_codes",
     "fp4_linear",
     "mxfp4_int8_carrier",
-    "exact_scale_codes",
     "plan_fp4_linear",
-    "E2M1_TIMES_TWO",
+    "quantize_fp4",
 ]
 
 #: ``antiquant_group_size`` must be a multiple of this, within [32, K - 1] (op doc, torch_npu 2.13).
