@@ -14,8 +14,12 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$RESROOT/instal
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESROOT/gpu.txt" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$RESROOT/gpu.txt" 2>&1
+DEADLINE=$(( $(date +%s) + ${2:-560} ))  # the whole call must end inside the device tool's 600 s
 for spec in ${1:-}; do
   feat=${spec%%:*}; secs=${spec##*:}
+  left=$(( DEADLINE - $(date +%s) ))
+  [ "$secs" -gt "$left" ] && secs=$left
+  [ "$secs" -lt 20 ] && { echo "$feat skipped: no time left" | tee -a "$RESROOT/summary.txt"; continue; }
   [ -f "gpu/$feat.sh" ] || { echo "no gpu/$feat.sh" > "$RESROOT/$feat.missing"; continue; }
   mkdir -p "$RESROOT/$feat"
   start=$(date +%s)
@@ -23,6 +27,7 @@ for spec in ${1:-}; do
   rc=$?
   echo "$feat rc=$rc seconds=$(( $(date +%s) - start ))" | tee -a "$RESROOT/summary.txt"
   tail -n 25 "$RESROOT/$feat/log.txt"
+  tar czf "$OUT/results.tgz" -C "$RESROOT" .   # after each feature: a later kill still returns what ran
 done
 tar czf "$OUT/results.tgz" -C "$RESROOT" .
 ls -la "$OUT"
