@@ -35,7 +35,6 @@ The op is registered as ``torch.ops.vbhal.flash_attn_fwd`` / ``flash_attn_bwd`` 
 implementations and autograd, so ``torch.compile`` traces it and autograd differentiates it.
 """
 
-from __future__ import annotations
 
 import math
 import os
@@ -243,7 +242,7 @@ def _fwd_kernel_tma(q_desc, k_desc, v_desc, o_desc, LSE, H, GROUP, SEQ_Q, SEQ_K,
     acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, kv_row, offs_m, offs_n, SEQ_K, qk_scale,
                                    full, hi, BLOCK_N, HEAD_DIM, CAUSAL, True)
     acc = acc / l_i[:, None]
-    o_desc.store([off_bh, start_m * BLOCK_M, 0], acc.to(o_desc.dtype).reshape(1, BLOCK_M, HEAD_DIM))
+    o_desc.store([off_bh, start_m * BLOCK_M, 0], acc.to(q.dtype).reshape(1, BLOCK_M, HEAD_DIM))
     tl.store(LSE + off_bh.to(tl.int64) * SEQ_Q + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < SEQ_Q)
 
 
