@@ -272,6 +272,10 @@ class _Model(nn.Module):
         self.lm_head.weight = self.embed_tokens.weight  # tied
         self.proj_out = nn.Linear(d, d)
         self.proj_out.weight = self.blocks[0].o.weight  # tied under an innocent name
+        self.output = nn.Linear(d, vocab)  # Meta-LLaMA-style head name
+        self.ffn = nn.ModuleDict({"output": nn.ModuleDict({"dense": nn.Linear(d, d)})})  # BERT-style: quantized
+        self.mha = nn.MultiheadAttention(d, 4)  # out_proj is a Linear subclass: left alone
+        self.shared_expert_gate = nn.Linear(d, 1)
 
     def forward(self, idx):
         x = self.embed_proj(self.embed_tokens(idx))
@@ -285,7 +289,8 @@ def test_swap_linears_keeps_sensitive_modules_and_reports():
     m = _Model()
     rep = OptimizeReport()
     swapped = swap_linears(m, fmt="mxfp4", report=rep)
-    expect = {f"blocks.{i}.{n}" for i in range(2) for n in ("q", "k", "v", "up", "down")} | {"blocks.1.o"}
+    expect = {f"blocks.{i}.{n}" for i in range(2) for n in ("q", "k", "v", "up", "down")} | {"blocks.1.o",
+                                                                                          "ffn.output.dense"}
     assert set(swapped) == expect
     for name in expect:
         assert isinstance(m.get_submodule(name), FP4Linear)
@@ -294,6 +299,8 @@ def test_swap_linears_keeps_sensitive_modules_and_reports():
     assert "blocks.0.router" in kept and "blocks.0.gate" in kept and "MoE router" in kept["blocks.0.router"]
     assert "tiny" in kept and "too small" in kept["tiny"]
     assert "blocks.0.o" in kept and "proj_out" in kept and "tied" in kept["proj_out"]
+    assert "output" in kept and "shared_expert_gate" in kept
+    assert "mha.out_proj" in kept and "subclass" in kept["mha.out_proj"]
     assert rep.count("fp4") == len(expect)
     assert all("rel_err=" in c.detail for c in rep.changes if c.kind == "fp4")
     assert m(torch.randint(0, 50, (2, 5))).shape == (2, 5, 50)
@@ -338,3 +345,12 @@ def test_swap_linears_uses_the_given_kernels():
     swap_linears(m, fmt="mxfp4", kernel_linear=Kernel("fp4_linear", lin, "t"), include=("0",))
     m(torch.randn(2, 64))
     assert seen == [(64, 64)]
+
+
+def test_swap_linears_on_a_bare_linear_reports_instead_of_breaking():
+    rep = OptimizeReport()
+    lin = nn.Linear(64, 64)
+    assert swap_linears(lin, fmt="mxfp4", report=rep) == []
+    assert rep.changes[0].name == "<model>" and "from_linear" in rep.changes[0].detail
+    with pytest.raises(QuantizationError, match="unknown FP4 format"):
+        swap_linears(lin, fmt="int4")

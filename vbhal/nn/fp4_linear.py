@@ -31,13 +31,14 @@ from vbhal.formats.reference import ACTIVATION_DTYPES, autocast_enabled, fp4_lin
 
 __all__ = ["FP4Linear", "swap_linears", "register_kernels", "DEFAULT_KEEP_NAMES", "ROUTER_MAX_OUT_FEATURES"]
 
-#: Module-name components kept in high precision by :func:`swap_linears` (output heads; "embed" matches
-#: as a substring). Quantizing these is where FP4 has collapsed model quality.
-DEFAULT_KEEP_NAMES = ("lm_head", "head", "output", "classifier")
-#: A Linear named ``router`` or ``gate`` with at most this many outputs is an MoE router: kept in high
-#: precision (routing decisions are discrete; a small error flips the chosen experts).
+#: Output heads kept in high precision by :func:`swap_linears`: a Linear inside a module with one of these
+#: names (``lm_head``, ``classifier.dense``), or whose own name is ``output`` (Meta's LLaMA head; BERT's
+#: ``layer.N.output.dense`` is an FFN projection and is quantized). Any name component containing
+#: ``embed`` is kept as well. Quantizing these is where FP4 has collapsed model quality.
+DEFAULT_KEEP_NAMES = ("lm_head", "head", "classifier")
+#: A Linear named ``router``/``gate`` (or ending in ``_router``/``_gate``) with at most this many outputs
+#: is an MoE router or gate: kept in high precision (routing is discrete; a small error flips experts).
 ROUTER_MAX_OUT_FEATURES = 512
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -387,12 +388,15 @@ def _has_wildcard(p: str) -> bool:
 def _keep_reason(name: str, mod: nn.Linear, tied: set[int]) -> str | None:
     parts = name.split(".")
     last = parts[-1]
-    if any(p in DEFAULT_KEEP_NAMES for p in parts) or any("embed" in p for p in parts):
-        return "output head / embedding kept in high precision"
+    if any(p in DEFAULT_KEEP_NAMES for p in parts) or last == "output":
+        return "output head kept in high precision"
+    if any("embed" in p for p in parts):
+        return "embedding kept in high precision"
     if id(mod.weight) in tied:
         return "weight tied to another module (e.g. the embedding) kept in high precision"
-    if last in ("router", "gate") and mod.out_features <= ROUTER_MAX_OUT_FEATURES:
-        return f"MoE router ({mod.out_features} outputs) kept in high precision"
+    is_router = last in ("router", "gate") or last.endswith(("_router", "_gate"))
+    if is_router and mod.out_features <= ROUTER_MAX_OUT_FEATURES:
+        return f"MoE router/gate ({mod.out_features} outputs) kept in high precision"
     return None
 
 
@@ -410,10 +414,12 @@ def swap_linears(
 ) -> list[str]:
     """Replace ``nn.Linear`` modules of ``model`` in place by :class:`FP4Linear`; return the swapped names.
 
-    Kept in high precision by default (each reported with its reason): output heads and embeddings
-    (a name component in :data:`DEFAULT_KEEP_NAMES` or containing ``embed``), linears whose weight is
-    tied to another module, MoE routers (``router``/``gate`` with <= :data:`ROUTER_MAX_OUT_FEATURES`
-    outputs), and layers narrower than one block (in_features < 32 for mxfp4, 16 for nvfp4).
+    Kept in high precision by default (each reported with its reason): output heads (a name component
+    in :data:`DEFAULT_KEEP_NAMES`, or the module's own name ``output``), embeddings (a component
+    containing ``embed``), linears whose weight is tied to another module, MoE routers/gates
+    (``router``/``gate``/``*_gate`` with <= :data:`ROUTER_MAX_OUT_FEATURES` outputs), layers narrower
+    than one block (in_features < 32 for mxfp4, 16 for nvfp4), and subclasses of nn.Linear (their
+    forward may not be x @ W^T + b).
     ``include``/``exclude`` are fnmatch patterns on qualified names: with ``include``, only matching
     layers are swapped; ``exclude`` always wins; a layer named exactly (no wildcard) in ``include`` is
     swapped even if a default rule would keep it. Each swap is reported as
@@ -439,8 +445,16 @@ def swap_linears(
             report.add(kind, name, detail)
 
     swapped: list[str] = []
-    targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name, lin in targets:
+        if type(lin) is not nn.Linear:
+            # e.g. MultiheadAttention's out_proj (read through .weight by F.multi_head_attention_forward)
+            # or an adapter-wrapped Linear: its forward is not plain x @ W^T + b.
+            note("skip", name, f"{type(lin).__name__} is a subclass of nn.Linear; not swapped")
+            continue
+        if name == "":
+            note("skip", "<model>", "the model itself is an nn.Linear; use FP4Linear.from_linear(model)")
+            continue
         if any(fnmatch.fnmatchcase(name, p) for p in exclude):
             note("skip", name, "excluded by pattern")
             continue
