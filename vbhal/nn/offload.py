@@ -121,6 +121,9 @@ class _Unit:
     bound: bool = False
     warned_unused: bool = False
     shared: list = field(default_factory=list)  # resident (tied) parameters this unit uses
+    fw_calls: int = 0  # grad-enabled forward calls this step
+    bw_calls: int = 0  # backward calls seen this step
+    grad_acc: list | None = None  # gradients summed over calls until the last backward of the step
 
     @property
     def work_bytes(self) -> int:
@@ -251,6 +254,7 @@ class _UnitFunction(torch.autograd.Function):
         unit = call.unit
         ctx.call = call
         eng._before(unit, "F")
+        unit.fw_calls += 1
         dev_type = eng.device.type
         call.autocast = (torch.is_autocast_enabled(dev_type), torch.get_autocast_dtype(dev_type))
         if eng.cfg.checkpoint:
@@ -673,7 +677,20 @@ class OffloadEngine:
             self._release(unit)
 
     def _after_backward(self, unit: _Unit, grads: list[torch.Tensor | None]) -> None:
-        """Send the unit's gradients down to the host and queue its host AdamW step."""
+        """Send the unit's gradients down to the host and queue its host AdamW step (after the unit's last
+        backward call of the step: a unit called twice, e.g. a shared block, accumulates first)."""
+        unit.bw_calls += 1
+        if unit.grad_acc is not None:
+            grads = [a if b is None else (b if a is None else a + b) for a, b in zip(unit.grad_acc, grads)]
+        if unit.bw_calls < unit.fw_calls:
+            unit.grad_acc = grads
+            if self._learning_events() is not None:
+                self._mark_compute(unit, "B", "end")
+            if unit.idx not in self._upcoming():
+                self._release(unit)
+            return
+        unit.grad_acc = None
+        unit.fw_calls = unit.bw_calls = 0
         if unit.n_train:
             gh = unit.grad_host.tensor
             unused = [unit.params[j][0] for j, g in enumerate(grads) if g is None]
@@ -929,6 +946,13 @@ class OffloadEngine:
         for call in self._act_calls:  # forward without backward (e.g. an abandoned graph)
             self._free_acts(call)
         self._act_calls = []
+        for u in self.units:
+            if u.bw_calls or u.grad_acc is not None:
+                raise TierError(
+                    f"unit '{u.name}' had {u.fw_calls} forward calls but only {u.bw_calls} backward calls this step: "
+                    "call backward through every output before engine.step()"
+                )
+            u.fw_calls = 0
         if self._order is None and self._trace:
             self._learn()
         self._pos = 0
