@@ -89,6 +89,16 @@ def choose(*, dtype: torch.dtype, head_dim: int, seq: int, causal: bool, gqa: bo
     return "sdpa_default", f"no measurement for {device_name or 'this GPU'}: SDPA default"
 
 
+def _choose_uncached(**kw) -> str:
+    return choose(**kw)[0]
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose_cached(**kw) -> str:
+    """``choose`` against the committed table, memoised: the hot path pays one dict lookup per call."""
+    return choose(**kw)[0]
+
+
 @functools.lru_cache(maxsize=16)
 def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
@@ -151,10 +161,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     max_seqlen = validate_attention_inputs(q, k, v, attn_mask=attn_mask, cu_seqlens=cu_seqlens,
                                            max_seqlen=max_seqlen)
     packed = cu_seqlens is not None
-    impl, _ = choose(dtype=q.dtype, head_dim=q.shape[-1], seq=(max_seqlen if packed else q.shape[2]) or 1,
-                     causal=causal, gqa=q.shape[1] != k.shape[1], packed=packed, has_mask=attn_mask is not None,
-                     needs_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
-                     device_name=_device_name(q.device.index or 0) if q.is_cuda else "")
+    # Memoised in eager mode; under torch.compile the choice is traced once per graph anyway.
+    chooser = _choose_uncached if torch.compiler.is_compiling() else _choose_cached
+    impl = chooser(dtype=q.dtype, head_dim=q.shape[-1], seq=(max_seqlen if packed else q.shape[2]) or 1,
+                   causal=causal, gqa=q.shape[1] != k.shape[1], packed=packed, has_mask=attn_mask is not None,
+                   needs_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+                   device_name=_device_name(q.device.index or 0) if q.is_cuda else "")
     if impl == "vbhal":
         from vbhal.backends.cuda.attention import flash_attention
 
