@@ -161,10 +161,11 @@ class TierStack:
                 specs = list(get(device))
         except Exception:  # the HAL is optional for the stack; fall back to defaults
             specs = []
-        by_level = {s.level: s for s in specs}
         tiers = []
         for level, kind, override in ((0, "device", device_bytes), (1, "host", host_bytes), (2, "disk", disk_bytes)):
-            s = by_level.get(level)
+            # One tier per level: the HAL may offer several at a level (e.g. a peer GPU beside pinned host memory
+            # at level 1); the stack takes the one of the level's kind.
+            s = next((x for x in specs if x.level == level and x.kind == kind), None)
             cap = override if override is not None else (s.capacity_bytes if s is not None else _default_capacity(device, level))
             tiers.append(
                 Tier(
@@ -467,7 +468,7 @@ class TierStack:
 
     def _read(self, e: _Entry, *, to_host: bool = False) -> torch.Tensor:
         """The current value of `e` as a tensor (host tensor when reading from disk or when `to_host`)."""
-        if e.level == LEVEL_DISK:
+        if self.tiers[e.level].kind == "disk":
             blk = self.pool.alloc(e.shape, e.dtype)
             try:
                 read_spill(e.path, e.key, e.shape, e.dtype, out=blk.tensor)
@@ -572,7 +573,7 @@ class TierStack:
                 assert held == t.used_bytes, f"level {t.level}: entries hold {held} bytes, counter says {t.used_bytes}"
             for e in self._entries.values():
                 assert 0 <= e.level < len(self.tiers), f"{e.key!r} has no level"
-                if e.level == LEVEL_DISK:
+                if self.tiers[e.level].kind == "disk":
                     assert e.path is not None and e.path.exists(), f"{e.key!r} lost its spill file"
                 else:
                     assert e.data is not None, f"{e.key!r} lost its data"
