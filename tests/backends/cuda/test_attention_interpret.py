@@ -263,3 +263,32 @@ def test_inputs_the_kernel_cannot_take_raise_with_a_reason():
         flash_attention(p, p, p, cu_seqlens=torch.tensor([0, 9], dtype=torch.int32))
     with pytest.raises(AttentionInputError, match="max_seqlen=3"):
         flash_attention(p, p, p, cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32), max_seqlen=3)
+
+
+@kernel
+def test_swap_into_vbhal_gpt_runs_the_triton_kernel_and_matches():
+    import copy
+
+    from vbhal._report import OptimizeReport
+    from vbhal.backends.cuda.attention import flash_attention
+    from vbhal.nn.attention import swap_attention
+    from vbhal.train.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    ref = GPT(GPTConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=2, seq_length=24))
+    model = copy.deepcopy(ref)
+    calls = []
+
+    def kernel(*a, **kw):
+        calls.append(1)
+        return flash_attention(*a, **kw)
+
+    assert swap_attention(model, kernel=kernel, report=OptimizeReport()) == 2
+    idx = torch.randint(0, 50, (2, 21))
+    loss_ref = ref(idx, idx)[1]
+    loss = model(idx, idx)[1]
+    assert len(calls) == 2 and torch.allclose(loss, loss_ref, atol=1e-5)
+    loss.backward()
+    loss_ref.backward()
+    for (n, p), (_, pr) in zip(model.named_parameters(), ref.named_parameters()):
+        assert torch.allclose(p.grad, pr.grad, atol=1e-5), n
