@@ -54,6 +54,9 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--head-dims", default="128,64")
     ap.add_argument("--out", default="tune_attention.json")
+    ap.add_argument("--max-per-kernel", type=int, default=99, help="first N candidates of each kernel only")
+    ap.add_argument("--kernels", default="fwd,fwd_tma,dkdv,dq,dkdv_atomic")
+    ap.add_argument("--causal", default="1,0")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune_attention: no CUDA device")
@@ -64,18 +67,18 @@ def main(argv=None):
     results = []
     s = args.seq
     for d in map(int, args.head_dims.split(",")):
-        for causal in (True, False):
+        for causal in (c == "1" for c in args.causal.split(",")):
             b, h = 16384 // s, 2048 // d
             q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                        for _ in range(3))
             do = torch.randn_like(q)
-            names = ("fwd", "fwd_tma", "dkdv", "dq", "dkdv_atomic")
-            best = {name: A._GPU_CONFIGS[(name, d)] for name in names}
+            names = tuple(args.kernels.split(","))
+            best = {name: A._GPU_CONFIGS[(name, d)] for name in ("fwd", "fwd_tma", "dkdv", "dq", "dkdv_atomic")}
             for name in names:
                 os.environ["VBHAL_ATTN_ATOMIC_DQ"] = "1" if name == "dkdv_atomic" else "0"
                 os.environ["VBHAL_ATTN_TMA"] = "1" if name == "fwd_tma" else "0"
                 scores = []
-                for cand in CANDIDATES[(name, d)]:
+                for cand in CANDIDATES[(name, d)][: args.max_per_kernel]:
                     if time.time() - t0 > args.budget:
                         break
                     _env({**best, name: cand})
