@@ -22,7 +22,7 @@ timeout $(( B + 25 )) python3 benchmarks/bench_attention.py --budget "$B" --out 
 echo "== config sweep =="
 T=$(( $(left) - 8 ))
 if [ "$T" -gt 15 ]; then
-  timeout "$T" python3 benchmarks/tune_attention.py --budget $(( T - 10 )) --out "$RES/tune.json" 2>&1 \
+  timeout "$T" python3 benchmarks/tune_attention.py --budget $(( T - 10 )) --max-per-kernel 3 --out "$RES/tune.json" 2>&1 \
     | tail -n 40 | tee "$RES/tune.txt"
 fi
 echo "total $(( $(date +%s) - START )) s"
