@@ -97,8 +97,9 @@ def main(argv=None):
                         results.append({"kernel": name, "head_dim": d, "causal": causal, "seq": s, "cfg": cand,
                                         "ms": ms, "tflops": tf})
                     except Exception as e:
-                        results.append({"kernel": name, "head_dim": d, "causal": causal, "cfg": cand,
-                                        "error": f"{type(e).__name__}: {str(e)[:120]}"})
+                        err = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                        print(f"hd{d} causal={causal} {name} {cand}: {err}", flush=True)
+                        results.append({"kernel": name, "head_dim": d, "causal": causal, "cfg": cand, "error": err})
                 if scores:
                     best[name] = max(scores)[1]
                     print(f"hd{d} causal={causal} {name}: " + "  ".join(f"{c}={t:.0f}" for t, c in sorted(scores, reverse=True)),
