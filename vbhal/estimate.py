@@ -957,7 +957,7 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
              fp4_dequant_temp: bool = False, example_inputs: Any = None,
              loss_fn: Callable[[Any], torch.Tensor] | None = None,
              gpu_mem: int | str | None = None, cpu_mem: int | str | None = None,
-             disk: int | str | None = None) -> MemoryEstimate:
+             disk: int | str | None = None, layer_detail: bool = True) -> MemoryEstimate:
     """Estimate the memory of one training step of `model`, traced on meta tensors.
 
     Args:
@@ -979,6 +979,8 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
             buckets) or "fsdp" (parameters, gradients and state sharded by `world_size`).
         device: "cuda" (adds cuBLAS workspaces and 512-byte rounding) or "cpu".
         gpu_mem, cpu_mem, disk: capacities per tier (sizes such as "8GB"), shown beside the usage.
+        layer_detail: with checkpointing, trace once more without it for the per-layer table
+            (`LayerActivation.saved_bytes`); the planner turns it off while it searches.
 
     Returns a `MemoryEstimate`. Raises `EstimateError` for input it cannot work with.
 
@@ -1027,7 +1029,7 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
                      impl=optimizer_impl, fp4=fmt, fp4_dequant_temp=fp4_dequant_temp,
                      round_to=_CUDA_ROUND if kind == "cuda" else 1, example_inputs=example_inputs,
                      loss_fn=loss_fn, device_kind=kind)
-    if gradient_checkpointing:  # per-layer numbers without checkpointing come from a second trace
+    if gradient_checkpointing and layer_detail:  # per-layer numbers without checkpointing: a second trace
         tr_plain = _trace_step(spec, batch=batch_size, seq=seq, param_dtype=param_dtype, autocast=autocast,
                                attention=attention, checkpointing=False, optimizer="none",
                                impl=optimizer_impl, fp4=fmt, fp4_dequant_temp=fp4_dequant_temp,
@@ -1321,9 +1323,9 @@ def plan(model: Any, *, gpu_mem: int | str | None = None, cpu_mem: int | str | N
                   loss_fn=loss_fn, gpu_mem=caps["device"], cpu_mem=caps["host"], disk=caps["disk"],
                   attention="flash")
 
-    def est(b: int, ckpt: bool, fp4: bool, off: bool) -> MemoryEstimate:
+    def est(b: int, ckpt: bool, fp4: bool, off: bool, detail: bool = False) -> MemoryEstimate:
         return estimate(spec.module, batch_size=b, gradient_checkpointing=ckpt, fp4=fp4_format if fp4 else None,
-                        offload=off, **common)
+                        offload=off, layer_detail=detail, **common)
 
     ladder = [r for r in _LADDER if (allow_fp4 or not r[2]) and (allow_offload or not r[3])]
     chosen = None
@@ -1336,7 +1338,7 @@ def plan(model: Any, *, gpu_mem: int | str | None = None, cpu_mem: int | str | N
                 best_fail = (e1, rung)
             continue
         b = _largest_batch(lambda bb: est(bb, ckpt, fp4, off), e1, caps, kind, max_batch_size)
-        chosen = (rung, b, est(b, ckpt, fp4, off))
+        chosen = (rung, b, est(b, ckpt, fp4, off, detail=True))
         break
 
     mp = {"fp32": "none", "bf16-mixed": "bf16", "fp16-mixed": "fp16"}.get(prec, "bf16")
@@ -1352,6 +1354,7 @@ def plan(model: Any, *, gpu_mem: int | str | None = None, cpu_mem: int | str | N
         sugg = [f"a device with at least {_h(_need(e1, kind))} (gpu_mem) fits batch size 1 in mode {mode!r}"]
         s_fit = _largest_seq_that_fits(lambda s: estimate(spec.module, batch_size=1, gradient_checkpointing=ckpt,
                                                           fp4=fp4_format if fp4 else None, offload=off,
+                                                          layer_detail=False,
                                                           **{**common, "seq_length": s}),
                                        e1.setup["seq_length"], caps, kind)
         if s_fit:
@@ -1376,24 +1379,39 @@ def plan(model: Any, *, gpu_mem: int | str | None = None, cpu_mem: int | str | N
 
 
 def _largest_batch(est_b: Callable[[int], MemoryEstimate], e1: MemoryEstimate, caps, kind: str, cap: int) -> int:
-    """Largest micro-batch that fits: memory is affine in the batch size, so two traces predict it;
-    then check the prediction with a trace and step down if a rounding made it not fit."""
+    """Largest micro-batch in [1, cap] that fits, given that batch 1 does.
+
+    Memory is affine in the batch size within a phase (the peak moves from the optimizer step to
+    backward as activations grow), so two traces give a first guess; a bracketing binary search on
+    real traces then settles it with a handful of estimates.
+    """
     if cap == 1:
         return 1
     e2 = est_b(2)
     if not _fits(e2, caps, kind):
         return 1
     slope = _need(e2, kind) - _need(e1, kind)
-    if caps["device"] is None or slope <= 0:
-        return cap
-    b = min(cap, 1 + (caps["device"] - _need(e1, kind)) // slope)
-    b = max(2, int(b))
-    while b > 2 and not _fits(est_b(b), caps, kind):
-        b -= 1
-    # the affine model can be pessimistic by a rounding: try one more
-    while b < cap and _fits(est_b(b + 1), caps, kind):
-        b += 1
-    return b
+    if caps["device"] is not None and slope > 0:
+        guess = int(min(cap, max(2, 1 + (caps["device"] - _need(e1, kind)) // slope)))
+    else:
+        guess = cap
+    lo, hi = 2, None  # lo fits; hi (if known) does not
+    probe = guess
+    while hi is None:
+        if _fits(est_b(probe), caps, kind):
+            lo = probe
+            if probe >= cap:
+                return cap
+            probe = min(cap, probe * 2)
+        else:
+            hi = probe
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _fits(est_b(mid), caps, kind):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _largest_seq_that_fits(est_s: Callable[[int], MemoryEstimate], seq: int, caps, kind: str) -> int | None:
@@ -1411,7 +1429,8 @@ def _savings(spec: _ModelSpec, e: MemoryEstimate, b: int, flags, common, fp4_for
     base = dict(common)
 
     def need(**over) -> int:
-        kw = dict(batch_size=b, gradient_checkpointing=ckpt, fp4=fp4_format if fp4 else None, offload=off)
+        kw = dict(batch_size=b, gradient_checkpointing=ckpt, fp4=fp4_format if fp4 else None, offload=off,
+                  layer_detail=False)
         kw.update(over)
         a = {**base, **{k: v for k, v in kw.items() if k in base}}
         a.update({k: v for k, v in kw.items() if k not in base})
