@@ -89,3 +89,17 @@ def test_make_table_picks_fastest_and_never_worse_than_default(tmp_path):
     table = make_table([src], margin=0.02)
     (entry,) = table["devices"][GPU]["entries"]
     assert entry["fwd"] == "sdpa_cudnn" and entry["fwdbwd"] == "sdpa_default"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend", ["sdpa_default", "sdpa_efficient"])
+def test_sdpa_helper_gqa_with_mask_and_causal_matches_reference(causal, backend):
+    from vbhal.backends.cpu.attention import reference_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 9, 8, generator=g), torch.randn(2, 2, 11, 8, generator=g), torch.randn(2, 2, 11, 8, generator=g)
+    mask = torch.rand(2, 1, 9, 11, generator=g) > 0.3
+    mask[..., 0] = True
+    out = D.sdpa(q, k, v, causal=causal, attn_mask=mask, backend=backend)
+    ref = reference_attention(q, k, v, causal=causal, attn_mask=mask)
+    assert torch.allclose(out.double(), ref, atol=1e-5)
