@@ -618,6 +618,8 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
                     scaler.unscale_(optimizer)
                 if cfg.max_grad_norm > 0:
                     gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    if hasattr(gnorm, "full_tensor"):   # FSDP2: a DTensor (already reduced over ranks)
+                        gnorm = gnorm.full_tensor()
                 else:
                     gnorm = torch.zeros((), device=device)
                 step_loss, step_norm = torch.stack([loss_sum / accum, gnorm.float().to(device)]).tolist()
