@@ -92,6 +92,8 @@ class OffloadConfig:
     pin_memory: bool | None = None  # None: pin when the device is an accelerator
     host_pool_chunk_bytes: int = 256 << 20
     optimizer_threads: int | None = None  # torch intra-op threads for the host step (None: leave as is)
+    state_budget_bytes: int | None = None  # host RAM for fp32 masters + AdamW state; the rest goes to disk (LRU)
+    spill_root: str | None = None  # where the disk tier's private directory goes (default: VBHAL_SPILL_DIR / tmp)
     poison: bool = False  # debug: fill each fresh device buffer with NaN before its copy (catches unwritten elements)
 
 
@@ -403,12 +405,22 @@ class OffloadEngine:
         self._act_calls: list[_Call] = []
         self._to_free: list[_Call] = []
         self._scratch: torch.Tensor | None = None
+        self._state_steps = 0
         self.step_count = 0
         self.mispredictions = 0
         self.resident_bytes = 0
         self.peak_resident_bytes = 0
         self._t_step = time.perf_counter()
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
+        self.state_stack = None
+        if cfg.state_budget_bytes is not None:
+            from vbhal.tiers.stack import Tier, TierStack
+
+            self.state_stack = TierStack(
+                [Tier("host RAM (master + AdamW state)", 0, torch.device("cpu"), int(cfg.state_budget_bytes)),
+                 Tier("disk", 1, torch.device("cpu"), _disk_capacity(cfg.spill_root), kind="disk")],
+                prefetch_depth=6, spill_root=cfg.spill_root,
+            )
         self._build(report)
 
     # ------------------------------------------------------------------------------------------- set-up
@@ -518,6 +530,11 @@ class OffloadEngine:
                 p.data = self._placeholder(unit.dtypes[j])
         if unit.n_train:
             unit.opt = self._make_adamw([unit.master])
+            if self.state_stack is not None:
+                # The master lives in the state stack (host RAM budget, then disk); the optimizer keeps only an
+                # empty stand-in whose .data is pointed at the stack's tensor for the duration of a step.
+                self.state_stack.register((unit.idx, "master"), unit.master)
+                unit.master.data = torch.empty(0)
         unit.host_ready.set()
 
     def _make_adamw(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -747,17 +764,52 @@ class OffloadEngine:
             for j in range(unit.n_train):  # gradients in their working dtype -> fp32, packed like the master
                 n = math.prod(unit.shapes[j])
                 g32[unit.m_offsets[j] : unit.m_offsets[j] + n].view(unit.shapes[j]).copy_(unit.view(unit.grad_host.tensor, j))
-            unit.master.grad = g32
-            unit.opt.step()
-            unit.master.grad = None
-            for j in range(unit.n_train):  # fp32 master -> working copy (rounded to nearest even for bf16)
-                n = math.prod(unit.shapes[j])
-                unit.view(unit.work_host.tensor, j).copy_(unit.master[unit.m_offsets[j] : unit.m_offsets[j] + n].view(unit.shapes[j]))
+            with self._state_in_memory(unit):
+                unit.master.grad = g32
+                unit.opt.step()
+                unit.master.grad = None
+                for j in range(unit.n_train):  # fp32 master -> working copy (rounded to nearest even for bf16)
+                    n = math.prod(unit.shapes[j])
+                    unit.view(unit.work_host.tensor, j).copy_(unit.master[unit.m_offsets[j] : unit.m_offsets[j] + n].view(unit.shapes[j]))
             self.stats.add(1, busy_s=time.perf_counter() - t0)
         except BaseException as e:  # surfaced on the main thread at the next fetch or step
             self._worker_error = e
         finally:
             unit.host_ready.set()
+
+    def _state_in_memory(self, unit: _Unit):
+        """Bring the unit's master and AdamW state into host memory from the state stack (pinned there for the
+        step); after the step, state created by the first step is registered with the stack."""
+        import contextlib
+
+        st = self.state_stack
+        if st is None:
+            return contextlib.nullcontext()
+        eng = self
+
+        @contextlib.contextmanager
+        def ctx():
+            keys = [(unit.idx, "master")]
+            state = unit.opt.state.get(unit.master)
+            names = [k for k in ("exp_avg", "exp_avg_sq") if state is not None and (unit.idx, k) in st]
+            unit.master.data = st.access(keys[0], pin=True)
+            for k in names:
+                state[k] = st.access((unit.idx, k), pin=True)
+                keys.append((unit.idx, k))
+            try:
+                yield
+            finally:
+                state = unit.opt.state.get(unit.master, {})
+                for k in ("exp_avg", "exp_avg_sq"):
+                    if k in state and (unit.idx, k) not in st:
+                        st.register((unit.idx, k), state[k])  # the stack keeps its own copy
+                    state.pop(k, None)  # the optimizer holds no state between steps
+                for k in keys:
+                    st.unpin(k)
+                unit.master.data = torch.empty(0)
+                eng._state_steps += 1
+
+        return ctx()
 
     def _grad_scratch(self, numel: int) -> torch.Tensor:
         """fp32 gradient scratch shared by the (single) worker: allocated once, not per step."""
@@ -955,6 +1007,8 @@ class OffloadEngine:
             u.fw_calls = 0
         if self._order is None and self._trace:
             self._learn()
+        if self.state_stack is not None:  # after this step's host steps (the worker runs tasks in order)
+            self._worker.submit(self.state_stack.end_step)
         self._pos = 0
         # Release anything still resident so each step starts from the same state.
         for u in self.units:
@@ -1011,10 +1065,11 @@ class OffloadEngine:
         out: dict[str, torch.Tensor] = {}
         for u in self.units:
             prefix = f"{u.name}." if u.name else ""
+            master = u.master if self.state_stack is None or not u.n_train else self.state_stack.access((u.idx, "master"))
             for j, ((pn, _), shape) in enumerate(zip(u.params, u.shapes)):
                 if j < u.n_train:
                     off, n = u.m_offsets[j], math.prod(shape)
-                    out[prefix + pn] = u.master[off : off + n].view(shape).clone()
+                    out[prefix + pn] = master[off : off + n].view(shape).clone()
                 else:  # frozen: only the working copy exists
                     out[prefix + pn] = u.view(u.work_host.tensor, j).to(torch.float32).clone()
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -1032,7 +1087,9 @@ class OffloadEngine:
             "host_pool": self.pool.describe(),
             "activation_pool": self.act_pool.describe(),
             "pinned_bytes": self.pool.pinned_bytes + self.act_pool.pinned_bytes,
-            "master_bytes": sum(u.master.numel() * 4 for u in self.units),
+            "master_bytes": sum(u.train_numel * 4 for u in self.units),
+            "state_stack": None if self.state_stack is None else {
+                t.name: t.used_bytes for t in self.state_stack.tiers},
             "h2d_bandwidth": self.h2d_bandwidth,
             "mispredictions": self.mispredictions,
         }
@@ -1040,6 +1097,19 @@ class OffloadEngine:
     def close(self) -> None:
         self.synchronize()
         self._worker.shutdown(wait=True)
+        if self.state_stack is not None:
+            self.state_stack.close()
+
+
+def _disk_capacity(root: str | None) -> int:
+    try:
+        from pathlib import Path
+
+        from vbhal._sysinfo import disk_free
+
+        return int(disk_free(Path(root) if root else None) * 0.9)
+    except ImportError:
+        return 1 << 40
 
 
 def apply_offload(
