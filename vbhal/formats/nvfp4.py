@@ -31,6 +31,7 @@ __all__ = [
     "E4M3_MIN_SCALE",
     "NVFP4_MIN_TENSOR_SCALE",
     "nvfp4_tensor_scale",
+    "nvfp4_tensor_scale_from_amax",
     "nvfp4_quantize_padded",
     "nvfp4_dequantize",
 ]
@@ -47,8 +48,12 @@ NVFP4_MIN_TENSOR_SCALE = 2.0**-121
 
 def nvfp4_tensor_scale(w: torch.Tensor) -> torch.Tensor:
     """The FP32 per-tensor scale amax(|w|) / (448 * 6) as a 0-dim float32 tensor, floored at 2^-121."""
-    amax = w.abs().amax().to(torch.float32)
-    ts = amax / (E4M3_MAX * E2M1_MAX)
+    return nvfp4_tensor_scale_from_amax(w.abs().amax().to(torch.float32))
+
+
+def nvfp4_tensor_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """amax / (448 * 6) in float32 (torchao's ``per_tensor_amax_to_scale``), floored at 2^-121."""
+    ts = amax.to(torch.float32) / (E4M3_MAX * E2M1_MAX)
     return torch.clamp(ts, min=NVFP4_MIN_TENSOR_SCALE)
 
 

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import QuantizationError
 from .mx import MX_BLOCK_SIZE, RCEIL_DECODE_OVERFLOW, SCALE_RULES, mxfp4_dequantize, mxfp4_quantize_padded
-from .nvfp4 import NVFP4_BLOCK_SIZE, nvfp4_dequantize, nvfp4_quantize_padded
+from .nvfp4 import NVFP4_BLOCK_SIZE, nvfp4_dequantize, nvfp4_quantize_padded, nvfp4_tensor_scale_from_amax
 
 __all__ = ["FORMATS", "BLOCK_SIZES", "SCALE_DTYPES", "QuantizedWeight", "quantize", "padded_k"]
 
@@ -316,28 +316,30 @@ def quantize(
         raise QuantizationError("mxfp4 has no tensor scale; tensor_scale applies to nvfp4 only")
     _validate_weight(w, name)
     orig_dtype = w.dtype
-    w32 = w.detach().to(torch.float32)
-    if orig_dtype == torch.float64 and not bool(torch.isfinite(w32).all()):
+    w = w.detach()
+    # Max |w| in float32: exact for float32/bf16/fp16, and rounding is monotone, so for float64 it is
+    # the max of the rounded values. Used for the overflow checks and the NVFP4 tensor scale.
+    amax32 = w.abs().amax().to(torch.float32)
+    if orig_dtype == torch.float64 and not bool(torch.isfinite(amax32)):
         raise QuantizationError(f"the float64 weight{_where(name)} overflows float32; scale it down first")
-    if fmt == "mxfp4" and scale_rule == "rceil" and float(w32.abs().amax()) >= RCEIL_DECODE_OVERFLOW:
+    if fmt == "mxfp4" and scale_rule == "rceil" and float(amax32) >= RCEIL_DECODE_OVERFLOW:
         raise QuantizationError(
             f"the weight{_where(name)} has values >= {RCEIL_DECODE_OVERFLOW:.4g}, which MXFP4 with the RCEIL "
             "scale rule rounds beyond float32's range (2^128); use scale_rule='floor' or scale the weight down"
         )
-    n, k = w32.shape
+    n, k = w.shape
     kp = padded_k(k, fmt)
-    if kp != k:
-        w32 = torch.nn.functional.pad(w32, (0, kp - k))
-    # NVFP4's tensor scale depends on the whole tensor: compute it before chunking.
-    if fmt == "nvfp4":
-        from .nvfp4 import nvfp4_tensor_scale
-
-        tensor_scale = nvfp4_tensor_scale(w32) if tensor_scale is None else tensor_scale
+    if fmt == "nvfp4" and tensor_scale is None:
+        # NVFP4's tensor scale depends on the whole tensor: computed before chunking.
+        tensor_scale = nvfp4_tensor_scale_from_amax(amax32)
     codes_parts, scale_parts = [], []
-    rows = _chunk_rows(w32.device, kp)
+    rows = _chunk_rows(w.device, kp)
     ts_out = None
+    # Chunks are cast (and zero-padded along K) one at a time: no full-size float32 copy of the weight.
     for r0 in range(0, n, rows):
-        chunk = w32[r0 : r0 + rows]
+        chunk = w[r0 : r0 + rows].to(torch.float32)
+        if kp != k:
+            chunk = torch.nn.functional.pad(chunk, (0, kp - k))
         if fmt == "mxfp4":
             c, s = mxfp4_quantize_padded(chunk, scale_rule)
         else:
