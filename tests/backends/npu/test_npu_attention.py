@@ -256,3 +256,35 @@ def test_kernels_table_and_backend_lookup():
 
     assert npa.KERNELS == {"attention": npa.attention}
     assert _TABLE.lookup("attention") is npa.attention
+
+
+def test_new_offsets_tensor_is_never_served_stale_lengths(fake_npu):
+    # A new cu_seqlens tensor often reuses a freed one's memory (same data_ptr, _version 0): the
+    # host copy of the offsets must follow the tensor, not its address.
+    q, k, v, _ = _packed([16], 2, 2, 8)
+    ptrs = set()
+    for lengths in ([3, 5, 8], [8, 5, 3], [1, 1, 14], [6, 6, 4]):
+        want = torch.tensor(lengths).cumsum(0).tolist()
+        cu = torch.tensor([0, *want], dtype=torch.int32)
+        ptrs.add(cu.data_ptr())
+        npa.attention(q, k, v, cu_seqlens=cu)
+        assert fake_npu.calls_of("npu_fusion_attention")[-1]["actual_seq_qlen"] == want
+        del cu
+
+
+def test_in_place_change_of_offsets_is_seen(fake_npu):
+    q, k, v, cu = _packed([3, 5, 8], 2, 2, 8)
+    npa.attention(q, k, v, cu_seqlens=cu)
+    cu.copy_(torch.tensor([0, 8, 13, 16], dtype=torch.int32))
+    npa.attention(q, k, v, cu_seqlens=cu)
+    assert fake_npu.calls_of("npu_fusion_attention")[-1]["actual_seq_qlen"] == [8, 13, 16]
+
+
+def test_offsets_at_a_reused_address_are_read_again(fake_npu):
+    np = pytest.importorskip("numpy")
+    q, k, v, _ = _packed([16], 2, 2, 8)
+    buf = np.array([0, 3, 8, 16], dtype=np.int32)
+    npa.attention(q, k, v, cu_seqlens=torch.from_numpy(buf))
+    buf[:] = [0, 8, 13, 16]  # same memory, a new tensor object, _version 0: what a caching allocator produces
+    npa.attention(q, k, v, cu_seqlens=torch.from_numpy(buf))
+    assert fake_npu.calls_of("npu_fusion_attention")[-1]["actual_seq_qlen"] == [8, 13, 16]

@@ -278,3 +278,15 @@ def test_fp4linear_module_with_npu_kernels_matches_reference(fake_npu):
     y.backward(gy)
     yr.backward(gy)
     assert torch.equal(x.grad, xr.grad) and torch.equal(npu_mod.bias.grad, ref_mod.bias.grad)
+
+
+def test_carrier_cache_follows_a_replaced_scales_tensor(fake_npu):
+    from vbhal.formats import QuantizedWeight
+
+    qw = quantize(_weight(8, 64, spread=False), "mxfp4")
+    x = _x(2, 64, dtype=torch.bfloat16)
+    nfp4.fp4_linear(x, qw)
+    other = quantize(_weight(8, 64, seed=5, spread=False), "mxfp4")
+    swapped = QuantizedWeight(qw.codes, other.scales.clone(), None, "mxfp4", qw.shape)  # same codes object
+    y = nfp4.fp4_linear(x, swapped)
+    torch.testing.assert_close(y.float(), cpu_fp4.fp4_linear(x, swapped).float(), **TOL[torch.bfloat16])

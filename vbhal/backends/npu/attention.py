@@ -77,7 +77,7 @@ MAX_VARLEN_DOCS = 1024
 KEEP_PROB = 1.0
 
 _compressed_masks: dict[torch.device, torch.Tensor] = {}
-_offsets_cache: dict[tuple, list[int]] = {}
+_offsets_cache = None  # WeakTensorKeyDictionary: cu_seqlens tensor -> (version, host offsets)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,13 +143,21 @@ def fused_attention_unsupported(q: torch.Tensor, k: torch.Tensor, attn_mask: tor
 
 
 def _host_offsets(cu_seqlens: torch.Tensor) -> list[int]:
-    """cu_seqlens on the host (one sync per distinct offsets tensor: models reuse it in every layer)."""
-    key = (cu_seqlens.device, cu_seqlens.data_ptr(), cu_seqlens._version, cu_seqlens.numel())
-    offs = _offsets_cache.get(key)
-    if offs is None:
-        offs = [int(o) for o in cu_seqlens.tolist()]
-        _offsets_cache.clear()
-        _offsets_cache[key] = offs
+    """cu_seqlens on the host: one sync per offsets tensor (models pass the same one to every layer).
+
+    Keyed by the tensor object (weakly) and its version counter, NOT by its address: a caching
+    allocator hands a freed tensor's memory to the next step's offsets, which must be read again.
+    """
+    global _offsets_cache
+    if _offsets_cache is None:
+        from torch.utils.weak import WeakTensorKeyDictionary
+
+        _offsets_cache = WeakTensorKeyDictionary()
+    hit = _offsets_cache.get(cu_seqlens)
+    if hit is not None and hit[0] == cu_seqlens._version:
+        return hit[1]
+    offs = [int(o) for o in cu_seqlens.tolist()]
+    _offsets_cache[cu_seqlens] = (cu_seqlens._version, offs)
     return offs
 
 

@@ -36,6 +36,7 @@ the 950 only and is not documented to follow OCP MX v1.0's FLOOR rule bit for bi
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
@@ -154,13 +155,15 @@ def _cached_carrier(qw: QuantizedWeight, dtype: torch.dtype):
 
         _carriers = WeakTensorKeyDictionary()
     # In-place updates (load_state_dict copies into the buffers) bump _version: the carrier is rebuilt.
-    stamp = (qw.codes._version, qw.scales.data_ptr(), qw.scales._version)
+    # The scales are matched by identity (a weak reference), never by address, which a caching
+    # allocator reuses.
+    stamp = (qw.codes._version, qw.scales._version)
     per_dtype = _carriers.setdefault(qw.codes, {})
     hit = per_dtype.get(dtype)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
+    if hit is not None and hit[0] == stamp and hit[1]() is qw.scales:
+        return hit[2]
     result = mxfp4_int8_carrier(qw, dtype)
-    per_dtype[dtype] = (stamp, result)
+    per_dtype[dtype] = (stamp, weakref.ref(qw.scales), result)
     return result
 
 
