@@ -159,7 +159,7 @@ def run_plain(n_blocks: int, tokens: int, cap: int | None, warmup=2, steps=3, ck
     except torch.OutOfMemoryError as e:
         res.update(status="OOM", error=str(e).splitlines()[0][:200])
     finally:
-        del model
+        model = None
         reset_gpu()
         set_cap(None)
     return res
@@ -335,37 +335,44 @@ def part_largest(args) -> dict:
 
 
 def part_peers(args) -> dict:
+    """vbhal vs DeepSpeed ZeRO-3 (param + optimizer offload to CPU) vs torchao CPUOffloadOptimizer, same model,
+    same tokens, same 8 GB cap, one process (DeepSpeed last: it initialises torch.distributed)."""
+    n, tokens = args.blocks or 10, args.cap_tokens
     rows = []
-    n, tokens = args.blocks or 26, args.cap_tokens
-    # torchao's CPUOffloadOptimizer keeps params on the GPU (only optimizer state and its step on the host):
-    # it applies only when the bf16/fp32 weights and grads fit the device.
-    try:
-        from torchao.optim import CPUOffloadOptimizer  # noqa: F401
-
-        rows.append(run_torchao(n, tokens))
-    except ImportError as e:
-        rows.append({"peer": "torchao CPUOffloadOptimizer", "status": "unavailable", "error": f"import failed: {e}"})
+    model, eng, t_build = build_vbhal(n, tokens, offload_activations=True)
+    rows.append(run_vbhal(model, eng, tokens, CAP_BYTES, warmup=2, steps=args.steps))
+    rows[-1]["build_s"] = t_build
     print(_row(rows[-1]), flush=True)
-    try:
-        import deepspeed  # noqa: F401
+    eng.close()
+    del model, eng
+    gc.collect()
+    for cap in (CAP_BYTES, None):
+        # torchao keeps bf16 weights and grads on the GPU (only AdamW state and its step on the host).
+        try:
+            from torchao.optim import CPUOffloadOptimizer  # noqa: F401
 
-        rows.append({"peer": "deepspeed ZeRO-3 offload", "status": "unavailable", "error": "not run yet"})
-    except Exception as e:  # ImportError or its own setup errors
-        rows.append({"peer": "deepspeed ZeRO-3 offload", "status": "unavailable", "error": f"import failed: {type(e).__name__}: {e}"[:300]})
+            rows.append(run_torchao(n, tokens, cap, steps=args.steps))
+        except ImportError as e:
+            rows.append({"peer": "torchao CPUOffloadOptimizer", "status": "unavailable", "error": f"import failed: {e}"})
+        print(_row(rows[-1]), flush=True)
+    rows.append(run_deepspeed(n, tokens, CAP_BYTES, steps=args.steps))
     print(_row(rows[-1]), flush=True)
+    base = rows[0]
+    for r in rows[1:]:
+        if r.get("status") == "ok" and base.get("status") == "ok":
+            r["vbhal_speedup"] = r["step_s"] / base["step_s"]
     return {"rows": rows}
 
 
-def run_torchao(n: int, tokens: int) -> dict:
+def run_torchao(n: int, tokens: int, cap: int | None, steps: int = 3) -> dict:
     from torchao.optim import CPUOffloadOptimizer
 
     reset_gpu()
-    set_cap(CAP_BYTES)
-    res = {"peer": "torchao CPUOffloadOptimizer", "params": params_of(n), "tokens": tokens, "cap_bytes": CAP_BYTES}
+    set_cap(cap)
+    res = {"peer": "torchao CPUOffloadOptimizer", "params": params_of(n), "tokens": tokens, "cap_bytes": cap}
     model = None
     try:
-        with torch.device("cuda"):
-            model = nn.Sequential(*[MLPBlock() for _ in range(n)]).to(torch.bfloat16)
+        model = make_model(n, "cuda").to(torch.bfloat16)
         opt = CPUOffloadOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-4, fused=True)
         x = torch.randn(tokens, D_MODEL, device="cuda", dtype=torch.bfloat16)
 
@@ -379,12 +386,85 @@ def run_torchao(n: int, tokens: int) -> dict:
             opt.zero_grad()
             return loss.detach()
 
-        t, losses = time_steps(step, x, 1, 2)
-        res.update(status="ok", step_s=t, losses=losses, peak_gpu_bytes=torch.cuda.max_memory_allocated())
+        t, losses = time_steps(step, x, 1, steps)
+        res.update(status="ok", step_s=t, losses=losses, peak_gpu_bytes=torch.cuda.max_memory_allocated(),
+                   note="bf16 params/grads on GPU (no fp32 master), fp32 AdamW state on host")
     except torch.OutOfMemoryError as e:
         res.update(status="OOM", error=str(e).splitlines()[0][:200])
+    except Exception as e:  # torchao build mismatch with this torch, etc.
+        res.update(status="error", error=f"{type(e).__name__}: {e}"[:300])
     finally:
-        del model
+        model = None
+        reset_gpu()
+        set_cap(None)
+    return res
+
+
+def run_deepspeed(n: int, tokens: int, cap: int | None, steps: int = 3) -> dict:
+    res = {"peer": "deepspeed ZeRO-3 offload", "params": params_of(n), "tokens": tokens, "cap_bytes": cap}
+    try:
+        import deepspeed
+    except Exception as e:  # ImportError or its own setup errors
+        res.update(status="unavailable", error=f"import failed: {type(e).__name__}: {e}"[:300])
+        return res
+    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29517"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(k, v)
+    reset_gpu()
+    set_cap(cap)
+    engine = None
+    try:
+        deepspeed.init_distributed(dist_backend="nccl")
+        cpu_adam = os.environ.get("VBHAL_DS_TORCH_ADAM") != "1"
+        cfg = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "bf16": {"enabled": True},
+            "zero_optimization": {
+                "stage": 3,
+                "offload_param": {"device": "cpu", "pin_memory": True},
+                "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                "overlap_comm": True,
+                "contiguous_gradients": True,
+                "stage3_prefetch_bucket_size": 5e8,
+                "stage3_param_persistence_threshold": 1e5,
+                "stage3_max_live_parameters": 1e9,
+                "stage3_max_reuse_distance": 1e9,
+                "sub_group_size": 1e9,
+            },
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01}},
+            "zero_force_ds_cpu_optimizer": cpu_adam,
+            "steps_per_print": 10**9,
+        }
+        t0 = time.perf_counter()
+        with deepspeed.zero.Init(config_dict_or_path=cfg, remote_device="cpu", pin_memory=True):
+            model = make_model(n, "cuda")
+        optimizer = None
+        if not cpu_adam:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+            cfg.pop("optimizer")
+        engine, _, _, _ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters(), optimizer=optimizer)
+        res["init_s"] = time.perf_counter() - t0
+        x = torch.randn(tokens, D_MODEL, device="cuda", dtype=torch.bfloat16)
+
+        def step(x):
+            h = x
+            for b in engine.module:
+                h = torch.utils.checkpoint.checkpoint(b, h, use_reentrant=False)
+            loss = h.float().pow(2).mean()
+            engine.backward(loss)
+            engine.step()
+            return loss.detach()
+
+        t, losses = time_steps(step, x, 1, steps)
+        res.update(status="ok", step_s=t, losses=losses, peak_gpu_bytes=torch.cuda.max_memory_allocated(),
+                   optimizer="DeepSpeedCPUAdam" if cpu_adam else "torch AdamW on CPU", deepspeed=deepspeed.__version__)
+    except torch.OutOfMemoryError as e:
+        res.update(status="OOM", error=str(e).splitlines()[0][:200])
+    except Exception as e:  # compile failure of its CPU Adam, config errors...
+        traceback.print_exc()
+        res.update(status="error", error=f"{type(e).__name__}: {e}"[:400])
+    finally:
+        engine = None
         reset_gpu()
         set_cap(None)
     return res
@@ -397,7 +477,7 @@ def _row(r: dict) -> str:
 
     return (f"{r.get('peer', ''):30s} params={r.get('params', 0) / 1e9:6.2f}B tokens={r.get('tokens', 0):6d} "
             f"cap={'8GB' if r.get('cap_bytes') else 'none':4s} status={r.get('status')} step_s={f('step_s', '.3f')} "
-            f"ratio={f('ratio_vs_in_gpu', '.2f')} h2d={f('h2d_GBps', '.1f')}GB/s d2h={f('d2h_GBps', '.1f')}GB/s "
+            f"ratio={f('ratio_vs_in_gpu', '.2f')} vs_vbhal={f('vbhal_speedup', '.2f')} h2d={f('h2d_GBps', '.1f')}GB/s d2h={f('d2h_GBps', '.1f')}GB/s "
             f"hostAdamW={f('host_adamw_s_per_step', '.3f')}s stall={f('stall_s_per_step', '.3f')}s "
             f"peakGPU={f('peak_gpu_bytes', '.3e')} {r.get('error', '')}")
 

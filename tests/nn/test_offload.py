@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from vbhal.errors import TierError
-from vbhal.nn.offload import OffloadConfig, OffloadEngine, apply_offload
+from vbhal.nn.offload import apply_offload
 
 
 class Block(nn.Module):

@@ -40,9 +40,10 @@ import math
 import threading
 import time
 import warnings
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -178,7 +179,7 @@ def _find_units(model: nn.Module, names: list[str] | None) -> tuple[list[tuple[s
                         best, best_count = kids, count
         units = list(best or [])
     prefixes = [n + "." for n, _ in units]
-    in_unit = lambda n: any(n == p[:-1] or n.startswith(p) for p in prefixes)  # noqa: E731
+    in_unit = lambda n: any(n == p[:-1] or n.startswith(p) for p in prefixes)
     resident: list[tuple[str, nn.Parameter]] = []
     if names is None:
         for n, m in model.named_modules():
@@ -206,9 +207,25 @@ def _find_units(model: nn.Module, names: list[str] | None) -> tuple[list[tuple[s
 class _Call:
     """What one unit call passes between forward and backward (non-tensor arguments, output structure)."""
 
-    __slots__ = ("engine", "unit", "orig", "in_spec", "in_leaves", "tensor_pos", "out_spec", "out_leaves",
-                 "out_tensor_pos", "rng", "autocast", "act_host", "act_dev", "act_event", "inner", "inner_in",
-                 "done")
+    __slots__ = (
+        "act_dev",
+        "act_event",
+        "act_host",
+        "autocast",
+        "done",
+        "engine",
+        "in_leaves",
+        "in_spec",
+        "inner",
+        "inner_in",
+        "orig",
+        "out_leaves",
+        "out_spec",
+        "out_tensor_pos",
+        "rng",
+        "tensor_pos",
+        "unit",
+    )
 
     def __init__(self) -> None:
         self.act_host: list[HostBlock | None] = []

@@ -13,12 +13,12 @@ from vbhal.tiers.stack import LEVEL_DEVICE, LEVEL_DISK, LEVEL_HOST, Tier, TierSt
 from vbhal.tiers.stats import LevelStats, TierStats, format_tier_stats, plot_tier_traffic
 
 __all__ = [
-    "DiskFullError",
-    "HostBlock",
-    "HostPool",
     "LEVEL_DEVICE",
     "LEVEL_DISK",
     "LEVEL_HOST",
+    "DiskFullError",
+    "HostBlock",
+    "HostPool",
     "LevelStats",
     "SpillCorruptionError",
     "SpillDirectory",

@@ -30,11 +30,11 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -144,7 +144,7 @@ class TierStack:
         disk_bytes: int | None = None,
         pin: bool | None = None,
         **kw: Any,
-    ) -> "TierStack":
+    ) -> TierStack:
         """A stack of the HAL's tiers for `device` (``vbhal.hal.get_tiers``), budgets overridden by the arguments.
 
         Without the HAL (or a tier it does not give) the defaults are: device memory (free memory on
@@ -594,10 +594,10 @@ class TierStack:
             self._deferred = []
         self._finalizer()
 
-    def __enter__(self) -> "TierStack":
+    def __enter__(self) -> TierStack:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
