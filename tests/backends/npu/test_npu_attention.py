@@ -59,6 +59,8 @@ def test_to_npu_atten_mask_folds_causal_top_left():
 def test_to_npu_atten_mask_rejects_non_broadcastable():
     with pytest.raises(AttentionInputError, match="does not broadcast"):
         npa.to_npu_atten_mask(torch.ones(3, 2, 5, 7, dtype=torch.bool), causal=False, batch=2, heads=4, sq=5, sk=7)
+    with pytest.raises(AttentionInputError, match="does not broadcast"):
+        npa.to_npu_atten_mask(torch.ones(5, 8, dtype=torch.bool), causal=False, batch=2, heads=4, sq=5, sk=7)
 
 
 # -- dense BNSD ---------------------------------------------------------------------------------------

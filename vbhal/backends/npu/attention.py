@@ -107,7 +107,9 @@ def to_npu_atten_mask(attn_mask: torch.Tensor, *, causal: bool, batch: int, head
     while keep.dim() < 4:
         keep = keep.unsqueeze(0)
     b, h = keep.shape[0], keep.shape[1]
-    if b not in (1, batch) or h not in (1, heads) or keep.dim() != 4:
+    bad = keep.dim() != 4 or b not in (1, batch) or h not in (1, heads) or keep.shape[2] not in (1, sq) or \
+        keep.shape[3] not in (1, sk)
+    if bad:
         raise _cpu.AttentionInputError(
             f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (B={batch}, H={heads}, "
             f"Sq={sq}, Sk={sk}); pass a mask of shape (Sq, Sk), (B, 1, Sq, Sk) or (B, H, Sq, Sk)."
