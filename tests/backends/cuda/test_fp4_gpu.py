@@ -62,9 +62,9 @@ MM_CONFIGS = {  # one small-M and one large-M tile, fixed (the autotuned choice 
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
-@pytest.mark.parametrize("path,dtype", [("auto", torch.bfloat16), ("gemv", torch.bfloat16), ("gemv", torch.float16),
-                                        ("mm16", torch.bfloat16), ("mm128", torch.bfloat16), ("mm16", torch.float16),
-                                        ("dequant", torch.bfloat16)])
+@pytest.mark.parametrize("path,dtype", [("auto", torch.bfloat16), ("gemv", torch.bfloat16), ("gemv_w32", torch.bfloat16),
+                                        ("gemv_w32", torch.float16), ("mm16", torch.bfloat16), ("mm128", torch.bfloat16),
+                                        ("mm16", torch.float16), ("dequant", torch.bfloat16)])
 def test_gpu_linear_paths(fmt, path, dtype):
     import vbhal.formats as VF
     from vbhal.backends.cuda import fp4_linear as L
@@ -79,7 +79,7 @@ def test_gpu_linear_paths(fmt, path, dtype):
     cfg = MM_CONFIGS.get(path)
     for m in (1, 3, 16, 300, 1024):
         x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
-        y = L._linear_2d(x, codes, scales, ts, bias, fid, n, k, "mm" if cfg else path, config=cfg)
+        y = L._linear_2d(x, codes, scales, ts, bias, fid, n, k, "mm_w32" if cfg else path, config=cfg)
         ref = torch.nn.functional.linear(x.float(), wd, bias.float())
         assert y.dtype == dtype and not torch.isnan(y).any()
         assert _rel(y, ref) < REL_TOL[dtype], (m, _rel(y, ref))
@@ -97,8 +97,9 @@ def test_gpu_linear_split_k_and_fp32(fmt):
     for dtype in (torch.bfloat16, torch.float32):
         x = torch.randn(2, k, device="cuda").to(dtype)
         for split in (1, 4):
-            y = L._linear_2d(x, codes, scales, ts, None, fid, n, k, "gemv", split_k=split)
-            assert _rel(y, x.float() @ wd.t()) < REL_TOL[dtype], (dtype, split)
+            for path in ("gemv", "gemv_w32"):
+                y = L._linear_2d(x, codes, scales, ts, None, fid, n, k, path, split_k=split)
+                assert _rel(y, x.float() @ wd.t()) < REL_TOL[dtype], (dtype, split, path)
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])

@@ -199,7 +199,8 @@ def _check_linear(y, x, qw, bias):
 
 @kernel
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
-@pytest.mark.parametrize("path,dtype", [("gemv", torch.float32), ("gemv", torch.float16), ("mm", torch.float16),
+@pytest.mark.parametrize("path,dtype", [("gemv", torch.float32), ("gemv", torch.float16), ("gemv_w32", torch.float32),
+                                        ("gemv_w32", torch.float16), ("mm", torch.float16), ("mm_w32", torch.float16),
                                         ("dequant", torch.float32), ("dequant", torch.float16)])
 @pytest.mark.parametrize("m", [1, 3, 19])
 def test_linear_paths_match_reference(fmt, path, dtype, m):
@@ -230,8 +231,9 @@ def test_linear_gemv_split_k(fmt):
     bias = torch.randn(n, dtype=torch.float16)
     codes, scales, ts, fid = _operands(qw)
     for split in (2, 3):
-        y = L._linear_2d(x, codes, scales, ts, bias, fid, n, k, "gemv", split_k=split)
-        _check_linear(y, x, qw, bias)
+        for path in ("gemv", "gemv_w32"):
+            y = L._linear_2d(x, codes, scales, ts, bias, fid, n, k, path, split_k=split)
+            _check_linear(y, x, qw, bias)
 
 
 @kernel
@@ -245,8 +247,9 @@ def test_linear_mm_multi_tile_config():
     x = torch.randn(m, k, dtype=torch.float16)
     codes, scales, ts, fid = _operands(qw)
     cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 1, "GROUP_M": 2}
-    y = L._linear_2d(x, codes, scales, ts, None, fid, n, k, "mm", config=cfg)
-    _check_linear(y, x, qw, None)
+    for path in ("mm", "mm_w32"):
+        y = L._linear_2d(x, codes, scales, ts, None, fid, n, k, path, config=cfg)
+        _check_linear(y, x, qw, None)
 
 
 @kernel

@@ -334,3 +334,187 @@ def fp4_mm_kernel(
         tl.atomic_add(y_ptrs, acc, mask=omask)
     else:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# fused linear, small M, int32-word decode: two codes per bit-op (see _e2m1_pair_word)
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _e2m1_pair_word(w, P: tl.constexpr):
+    """From int32 words of 8 packed codes (code j in bits 4j..4j+3, j = element index), build for
+    nibble P (0..3) the two float32 values of elements P and P + 4, each E2M1_value * 2^-14.
+
+    One shift-and-mask per word yields BOTH float16 bit patterns at once (element P in the low half,
+    P + 4 in the high half, as the codes sit 16 bits apart); the halves are then widened to float32.
+    """
+    if P < 3:
+        mag = (w << (9 - 4 * P)) & 0x0E000E00
+    else:
+        mag = (w >> 3) & 0x0E000E00
+    sgn = (w << (12 - 4 * P)) & -2147450880  # 0x80008000 as int32
+    h = mag | sgn
+    lo = (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (h >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def fp4_gemv_w32_kernel(
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr,
+    M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym,
+    IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr, NBK: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """fp4_gemv_kernel with the codes read as int32 words (codes_ptr: int32 view, stride in words).
+
+    A block of BLOCK codes is WPB = BLOCK / 8 words; the tile is [BLOCK_N, NBK, WPB] words. x is read
+    as 8 strided streams (element P of every word) that stay in L1/L2 across the row tiles.
+    """
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    WPB: tl.constexpr = BLOCK // 8
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    r3 = rows[:, None, None]
+    r2 = rows[:, None]
+    bb = tl.arange(0, NBK)
+    ww = tl.arange(0, WPB)
+    if IS_NV:
+        ts = tl.load(ts_ptr)
+    else:
+        ts = 1.0
+    acc = tl.zeros((BLOCK_N, NBK), dtype=tl.float32)
+    blocks_per_split = tl.cdiv(NUM_BLOCKS, SPLIT_K)
+    blk_lo = pid_k * blocks_per_split
+    blk_hi = tl.minimum(blk_lo + blocks_per_split, NUM_BLOCKS)
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    for blk0 in range(blk_lo, blk_hi, NBK):
+        blks = blk0 + bb
+        bmask = blks < blk_hi
+        word = blks[:, None] * WPB + ww[None, :]  # [NBK, WPB] word index along the row
+        w = tl.load(codes_ptr + r3.to(tl.int64) * stride_cn + word[None, :, :],
+                    mask=rmask[:, None, None] & bmask[None, :, None], other=0)
+        sc = _block_scale(scales_ptr + r2.to(tl.int64) * stride_sn + blks[None, :],
+                          rmask[:, None] & bmask[None, :], 1.0, IS_NV)
+        kx = word * 8
+        xm = bmask[:, None]
+        part = tl.zeros((BLOCK_N, NBK, WPB), dtype=tl.float32)
+        for p in tl.static_range(4):
+            x_lo = tl.load(x_row + kx + p, mask=xm & (kx + p < K), other=0.0).to(tl.float32)
+            x_hi = tl.load(x_row + kx + (p + 4), mask=xm & (kx + p + 4 < K), other=0.0).to(tl.float32)
+            lo, hi = _e2m1_pair_word(w, p)
+            part += lo * x_lo[None, :, :] + hi * x_hi[None, :, :]
+        acc += tl.sum(part, axis=2) * sc
+    out = tl.sum(acc, axis=1) * (E2M1_F16_UNSCALE * ts)
+    if HAS_BIAS:
+        if pid_k == 0:
+            out += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    y_ptrs = y_ptr + m.to(tl.int64) * stride_ym + rows
+    if SPLIT_K > 1:
+        tl.atomic_add(y_ptrs, out, mask=rmask)
+    else:
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _scale_f32_x2p14(s, IS_NV: tl.constexpr):
+    """Scale bytes -> float32 block scale * 2^14 (the decode's 2^-14 undone), one integer op for MX:
+    the float32 with biased exponent (s + 14) is 2^(s - 127 + 14); exact for E8M0 codes 0..240
+    (scales up to 2^113 -- weights with blocks beyond 1e34 would need more: they take the slow path)."""
+    if IS_NV:
+        return _e4m3_to_f32(s) * E2M1_F16_UNSCALE
+    else:
+        c = s.to(tl.int32)
+        fast = ((c + 14) << 23).to(tl.float32, bitcast=True)
+        return tl.where(c <= 240, fast, _e8m0_to_f32(s) * E2M1_F16_UNSCALE)
+
+
+@triton.jit
+def _e2m1_word_tile(w, sc, DT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Decode a [BN, NBK, WPB] tile of int32 code words into a [BN, BK] tile of ``code * scale`` in DT,
+    columns in natural K order. sc: [BN, NBK] float32 block scales (times 2^14, see _e2m1_decode).
+
+    _e2m1_pair_word gives elements (P, P + 4) of each word; joining (0, 2) with (1, 3) and then the
+    two results puts element 4q + 2a + c at position 4q + 2a + c of the word (q: low/high half,
+    a, c: the two join levels), i.e. K order, so the activation tile is read contiguously.
+    """
+    s3 = sc[:, :, None]
+    l0, h0 = _e2m1_pair_word(w, 0)
+    l1, h1 = _e2m1_pair_word(w, 1)
+    l2, h2 = _e2m1_pair_word(w, 2)
+    l3, h3 = _e2m1_pair_word(w, 3)
+    j0 = tl.join((l0 * s3).to(DT), (h0 * s3).to(DT))  # [.., q]: elements 0, 4
+    j1 = tl.join((l1 * s3).to(DT), (h1 * s3).to(DT))  # 1, 5
+    j2 = tl.join((l2 * s3).to(DT), (h2 * s3).to(DT))  # 2, 6
+    j3 = tl.join((l3 * s3).to(DT), (h3 * s3).to(DT))  # 3, 7
+    a0 = tl.join(j0, j2)  # [.., q, a]: p = 2a
+    a1 = tl.join(j1, j3)  # p = 2a + 1
+    t = tl.join(a0, a1)  # [.., q, a, c]: p = 2a + c, element 4q + 2a + c
+    return tl.reshape(t, (BN, BK))
+
+
+@triton.jit
+def fp4_mm_w32_kernel(
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr,
+    M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym, M_BUCKET,
+    IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBK: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """fp4_mm_kernel reading the codes as int32 words (codes_ptr: int32 view, stride in words) and
+    decoding two codes per bit operation (_e2m1_word_tile)."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    WPB: tl.constexpr = BLOCK // 8
+    BK: tl.constexpr = NBK * BLOCK
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    gid = pid // group
+    first_m = gid * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % group) % gsize)
+    pid_n = (pid % group) // gsize
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < M
+    rmask = rows < N
+    r3 = rows[:, None, None]
+    r2 = rows[:, None]
+    bb = tl.arange(0, NBK)
+    ww = tl.arange(0, WPB)
+    kk = tl.arange(0, BK)
+    if IS_NV:
+        ts = tl.load(ts_ptr)
+    else:
+        ts = 1.0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    blocks_per_split = tl.cdiv(tl.cdiv(NUM_BLOCKS, SPLIT_K), NBK) * NBK
+    blk_lo = pid_k * blocks_per_split
+    blk_hi = tl.minimum(blk_lo + blocks_per_split, NUM_BLOCKS)
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    for blk0 in range(blk_lo, blk_hi, NBK):
+        blks = blk0 + bb
+        bmask = blks < blk_hi
+        word = blks[:, None] * WPB + ww[None, :]
+        w = tl.load(codes_ptr + r3.to(tl.int64) * stride_cn + word[None, :, :],
+                    mask=rmask[:, None, None] & bmask[None, :, None], other=0)
+        sb = tl.load(scales_ptr + r2.to(tl.int64) * stride_sn + blks[None, :], mask=rmask[:, None] & bmask[None, :],
+                     other=0)
+        wt = _e2m1_word_tile(w, _scale_f32_x2p14(sb, IS_NV), x_ptr.dtype.element_ty, BLOCK_N, BK)
+        k1 = blk0 * BLOCK + kk
+        xv = tl.load(x_rows + k1[None, :], mask=mmask[:, None] & (k1[None, :] < blk_hi * BLOCK) & (k1[None, :] < K),
+                     other=0.0)
+        acc = tl.dot(xv, tl.trans(wt), acc)
+    acc = acc * ts
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :]
+    omask = mmask[:, None] & rmask[None, :]
+    if SPLIT_K > 1:
+        tl.atomic_add(y_ptrs, acc, mask=omask)
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=omask)

@@ -41,7 +41,7 @@ if importlib.util.find_spec("triton") is None:  # the KernelTable reports this a
 __all__ = ["fp4_linear", "native_fp4_linear", "KERNELS", "PATHS"]
 
 #: Paths of the fused linear; "auto" picks by shape (``_choose_path``). VBHAL_FP4_LINEAR_PATH overrides.
-PATHS = ("auto", "gemv", "mm", "dequant")
+PATHS = ("auto", "gemv", "gemv_w32", "mm", "mm_w32", "dequant")
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # Shape thresholds for "auto", measured on the H100 (benchmarks/bench_fp4_linear.py; see its JSON).
@@ -65,14 +65,12 @@ def _choose_path(m: int, n: int, k: int, dtype: torch.dtype) -> str:
     if forced != "auto":
         if forced not in PATHS:
             raise KernelError(f"VBHAL_FP4_LINEAR_PATH={forced!r}; use one of {PATHS}")
-        if not (forced == "mm" and dtype == torch.float32):
+        if not (forced.startswith("mm") and dtype == torch.float32):
             return forced
-    if m <= GEMV_MAX_M:
-        return "gemv"
-    if dtype == torch.float32:  # tl.dot on fp32 would be TF32; keep fp32 exact through cuBLAS
-        return "dequant"
+    if dtype == torch.float32:  # tl.dot on fp32 would be TF32; fp32 takes the FMA GEMV or cuBLAS
+        return "gemv" if m <= GEMV_MAX_M else "dequant"
     if m <= MM_MAX_M:
-        return "mm"
+        return "mm_w32"
     return "dequant"
 
 
@@ -99,35 +97,31 @@ def _autotuned(name: str):
     except (TypeError, ValueError):
         pass
     C = triton.Config
-    if name == "gemv":
+    if name in ("gemv", "gemv_w32"):
         configs = [
-            C({"BLOCK_N": 8, "NBK": 16}, num_warps=4, num_stages=3),
+            C({"BLOCK_N": 8, "NBK": 8}, num_warps=4, num_stages=3),
             C({"BLOCK_N": 16, "NBK": 8}, num_warps=4, num_stages=3),
-            C({"BLOCK_N": 4, "NBK": 32}, num_warps=4, num_stages=3),
-            C({"BLOCK_N": 16, "NBK": 16}, num_warps=8, num_stages=3),
+            C({"BLOCK_N": 4, "NBK": 16}, num_warps=4, num_stages=3),
         ]
-        fn = triton.autotune(configs, key=["M", "N", "K", "BLOCK", "SPLIT_K"], reset_to_zero=["y_ptr"], **kw)(
-            k4.fp4_gemv_kernel)
-    elif name == "mm_small":
-        configs = [
-            C({"BLOCK_M": 16, "BLOCK_N": 32, "NBK": 8, "GROUP_M": 8}, num_warps=4, num_stages=4),
-            C({"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 4, "GROUP_M": 8}, num_warps=4, num_stages=4),
-            C({"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 8, "GROUP_M": 8}, num_warps=4, num_stages=3),
-            C({"BLOCK_M": 32, "BLOCK_N": 64, "NBK": 4, "GROUP_M": 8}, num_warps=4, num_stages=4),
-            C({"BLOCK_M": 64, "BLOCK_N": 64, "NBK": 4, "GROUP_M": 8}, num_warps=4, num_stages=4),
-            C({"BLOCK_M": 64, "BLOCK_N": 128, "NBK": 2, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        ]
+        kern = k4.fp4_gemv_kernel if name == "gemv" else k4.fp4_gemv_w32_kernel
+        fn = triton.autotune(configs, key=["M", "N", "K", "BLOCK", "SPLIT_K"], reset_to_zero=["y_ptr"], **kw)(kern)
+    elif name.startswith("mm"):
+        kern = k4.fp4_mm_kernel if name.startswith("mm_u8") else k4.fp4_mm_w32_kernel
+        if name.endswith("small"):
+            configs = [
+                C({"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 4, "GROUP_M": 8}, num_warps=4, num_stages=4),
+                C({"BLOCK_M": 16, "BLOCK_N": 128, "NBK": 2, "GROUP_M": 8}, num_warps=4, num_stages=4),
+                C({"BLOCK_M": 32, "BLOCK_N": 64, "NBK": 4, "GROUP_M": 8}, num_warps=4, num_stages=4),
+                C({"BLOCK_M": 64, "BLOCK_N": 128, "NBK": 2, "GROUP_M": 8}, num_warps=4, num_stages=4),
+            ]
+        else:
+            configs = [
+                C({"BLOCK_M": 128, "BLOCK_N": 128, "NBK": 2, "GROUP_M": 8}, num_warps=8, num_stages=4),
+                C({"BLOCK_M": 128, "BLOCK_N": 256, "NBK": 2, "GROUP_M": 8}, num_warps=8, num_stages=3),
+                C({"BLOCK_M": 64, "BLOCK_N": 256, "NBK": 2, "GROUP_M": 8}, num_warps=8, num_stages=4),
+            ]
         fn = triton.autotune(configs, key=["M_BUCKET", "N", "K", "BLOCK", "SPLIT_K"], reset_to_zero=["y_ptr"],
-                             prune_configs_by={"early_config_prune": _prune_mm}, **kw)(k4.fp4_mm_kernel)
-    elif name == "mm_large":
-        configs = [
-            C({"BLOCK_M": 128, "BLOCK_N": 128, "NBK": 2, "GROUP_M": 8}, num_warps=8, num_stages=4),
-            C({"BLOCK_M": 128, "BLOCK_N": 256, "NBK": 2, "GROUP_M": 8}, num_warps=8, num_stages=3),
-            C({"BLOCK_M": 128, "BLOCK_N": 128, "NBK": 4, "GROUP_M": 8}, num_warps=8, num_stages=3),
-            C({"BLOCK_M": 64, "BLOCK_N": 256, "NBK": 2, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        ]
-        fn = triton.autotune(configs, key=["M_BUCKET", "N", "K", "BLOCK", "SPLIT_K"], reset_to_zero=["y_ptr"],
-                             prune_configs_by={"early_config_prune": _prune_mm}, **kw)(k4.fp4_mm_kernel)
+                             prune_configs_by={"early_config_prune": _prune_mm}, **kw)(kern)
     else:
         raise KeyError(name)
     _TUNED[name] = fn
@@ -156,8 +150,10 @@ def _gemv_split(m: int, n: int, nblocks: int, sms: int) -> int:
     return split
 
 
-def _launch_gemv(x2, codes, scales, ts, bias, fmt, n, k, out_dtype, split=None):
+def _launch_gemv(x2, codes, scales, ts, bias, fmt, n, k, out_dtype, split=None, words=False):
     m = x2.shape[0]
+    if words:  # int32 view: 8 codes per word (Kp/2 bytes is a multiple of 8 for both formats)
+        codes = codes.view(torch.int32)
     block = BLOCK_SIZES[fmt]
     nblocks = scales.shape[1]
     if split is None:
@@ -168,14 +164,18 @@ def _launch_gemv(x2, codes, scales, ts, bias, fmt, n, k, out_dtype, split=None):
             m, n, k, nblocks, x2.stride(0), codes.stride(0), scales.stride(0), y.stride(0))
     consts = dict(IS_NV=fmt == "nvfp4", HAS_BIAS=bias is not None, BLOCK=block, SPLIT_K=split)
     if is_interpreter() or x2.device.type != "cuda":
-        kernels_module().fp4_gemv_kernel[(triton_cdiv(n, 4), m, split)](*args, BLOCK_N=4, NBK=2, **consts)
+        kern = kernels_module().fp4_gemv_w32_kernel if words else kernels_module().fp4_gemv_kernel
+        kern[(triton_cdiv(n, 4), m, split)](*args, BLOCK_N=4, NBK=2, **consts)
     else:
-        _autotuned("gemv")[lambda meta: (triton_cdiv(n, meta["BLOCK_N"]), m, split)](*args, **consts)
+        _autotuned("gemv_w32" if words else "gemv")[lambda meta: (triton_cdiv(n, meta["BLOCK_N"]), m, split)](
+            *args, **consts)
     return y if split == 1 else y.to(out_dtype)
 
 
-def _launch_mm(x2, codes, scales, ts, bias, fmt, n, k, out_dtype, config: dict | None = None):
+def _launch_mm(x2, codes, scales, ts, bias, fmt, n, k, out_dtype, config: dict | None = None, words=True):
     m = x2.shape[0]
+    if words:
+        codes = codes.view(torch.int32)
     block = BLOCK_SIZES[fmt]
     nblocks = scales.shape[1]
     split = 1
@@ -184,19 +184,20 @@ def _launch_mm(x2, codes, scales, ts, bias, fmt, n, k, out_dtype, config: dict |
             m, n, k, nblocks, x2.stride(0), codes.stride(0), scales.stride(0), y.stride(0), _m_bucket(m))
     consts = dict(IS_NV=fmt == "nvfp4", HAS_BIAS=bias is not None, BLOCK=block, SPLIT_K=split)
     k4 = kernels_module()
+    kern = k4.fp4_mm_w32_kernel if words else k4.fp4_mm_kernel
     if is_interpreter() or x2.device.type != "cuda":
         cfg = config or {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 2, "GROUP_M": 2}
         grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"]), split)
-        k4.fp4_mm_kernel[grid](*args, **cfg, **consts)
+        kern[grid](*args, **cfg, **consts)
         return y
     if config is not None:
         cfg = dict(config)
         warps = cfg.pop("num_warps", 4)
         stages = cfg.pop("num_stages", 3)
         grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"]), split)
-        k4.fp4_mm_kernel[grid](*args, **cfg, **consts, num_warps=warps, num_stages=stages)
+        kern[grid](*args, **cfg, **consts, num_warps=warps, num_stages=stages)
         return y
-    tuned = _autotuned("mm_small" if m <= 128 else "mm_large")
+    tuned = _autotuned(("mm_w32_" if words else "mm_u8_") + ("small" if m <= 128 else "large"))
     grid = lambda meta: (triton_cdiv(m, meta["BLOCK_M"]) * triton_cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
     tuned[grid](*args, **consts)
     return y
@@ -213,10 +214,10 @@ def _linear_2d(x2, codes, scales, ts, bias, fmt_id, n, k, path="auto", *, split_
     m = x2.shape[0]
     if path == "auto":
         path = _choose_path(m, n, k, x2.dtype)
-    if path == "gemv":
-        return _launch_gemv(x2, codes, scales, ts, bias, fmt, n, k, x2.dtype, split=split_k)
-    if path == "mm":
-        return _launch_mm(x2, codes, scales, ts, bias, fmt, n, k, x2.dtype, config=config)
+    if path in ("gemv", "gemv_w32"):
+        return _launch_gemv(x2, codes, scales, ts, bias, fmt, n, k, x2.dtype, split=split_k, words=path == "gemv_w32")
+    if path in ("mm", "mm_w32"):
+        return _launch_mm(x2, codes, scales, ts, bias, fmt, n, k, x2.dtype, config=config, words=path == "mm_w32")
     if path == "dequant":
         return _launch_dequant(x2, codes, scales, ts, bias, fmt_id, n, k, x2.dtype)
     raise KernelError(f"unknown fp4_linear path {path!r}; use one of {PATHS}")
