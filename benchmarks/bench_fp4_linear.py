@@ -128,7 +128,6 @@ def main() -> int:
     buf2 = torch.empty_like(buf)
     t = _bench(lambda: buf2.copy_(buf))
     bw = 2 * buf.numel() / (t * 1e-6)
-    del buf, buf2
     out["copy_bandwidth_TBps"] = bw / 1e12
     print(f"device {name}; torch {torch.__version__}; triton {triton.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s")
 
@@ -173,7 +172,7 @@ def main() -> int:
             peers[f"vbhal_{fmt}"] = lambda x, b, qw=qw: L.fp4_linear(x, qw, b)
             if args.variants and fmt == "mxfp4":
                 ops = qw_operands(qw)
-                for path in ("gemv", "gemv_w32", "mm", "mm_w32", "dequant"):
+                for path in ("gemv", "gemv_w32", "mm", "mm_w32", "dequant", "dequant_pipelined"):
                     peers[f"vbhal_{fmt}_{path}"] = (
                         lambda x, b, ops=ops, path=path: L._linear_2d(x, ops[0], ops[1], ops[2], b, ops[3], n, k, path))
         wbytes = {f: qws[f].nbytes for f in qws}
@@ -187,6 +186,8 @@ def main() -> int:
                     continue
                 if pname.endswith(("_gemv", "_gemv_w32")) and m > 16:
                     continue  # one program column per activation row: only meant for tiny M
+                if pname.endswith("_pipelined") and m < 256:
+                    continue
                 try:
                     y = fn(x, bias)
                     torch.cuda.synchronize()
@@ -238,7 +239,6 @@ def main() -> int:
                                         "TBps": (w.numel() * 2.5) / (t * 1e-6) / 1e12})
                 print(f"quantize bnb {qt}: {t:8.1f} us")
         print("weight rel err:", {a: round(b, 5) for a, b in errs_w.items()})
-        del w
 
     _summary(out)
     print("wrote", _write(out, args.out, slug))

@@ -64,7 +64,8 @@ MM_CONFIGS = {  # one small-M and one large-M tile, fixed (the autotuned choice 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 @pytest.mark.parametrize("path,dtype", [("auto", torch.bfloat16), ("gemv", torch.bfloat16), ("gemv_w32", torch.bfloat16),
                                         ("gemv_w32", torch.float16), ("mm16", torch.bfloat16), ("mm128", torch.bfloat16),
-                                        ("mm16", torch.float16), ("dequant", torch.bfloat16)])
+                                        ("mm16", torch.float16), ("dequant", torch.bfloat16),
+                                        ("dequant_pipelined", torch.bfloat16)])
 def test_gpu_linear_paths(fmt, path, dtype):
     import vbhal.formats as VF
     from vbhal.backends.cuda import fp4_linear as L

@@ -41,7 +41,7 @@ if importlib.util.find_spec("triton") is None:  # the KernelTable reports this a
 __all__ = ["fp4_linear", "native_fp4_linear", "KERNELS", "PATHS"]
 
 #: Paths of the fused linear; "auto" picks by shape (``_choose_path``). VBHAL_FP4_LINEAR_PATH overrides.
-PATHS = ("auto", "gemv", "gemv_w32", "mm", "mm_w32", "dequant")
+PATHS = ("auto", "gemv", "gemv_w32", "mm", "mm_w32", "dequant", "dequant_pipelined")
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # Shape thresholds for "auto", measured on the H100 (benchmarks/bench_fp4_linear.py; see its JSON).
@@ -208,6 +208,57 @@ def _launch_dequant(x2, codes, scales, ts, bias, fmt_id, n, k, out_dtype):
     return torch.nn.functional.linear(x2, w, bias).to(out_dtype)
 
 
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+#: Weight rows per chunk of the pipelined dequantize + cuBLAS path (a multiple of cuBLAS's tiles).
+DEQUANT_CHUNK_ROWS = 2048
+
+
+def _launch_dequant_pipelined(x2, codes, scales, ts, bias, fmt_id, n, k, chunk_rows=DEQUANT_CHUNK_ROWS):
+    """Dequantize + cuBLAS in chunks of weight rows, the dequantize of chunk i+1 (side stream) running
+    under the GEMM of chunk i (current stream), two bf16 chunk buffers in rotation. Each GEMM writes
+    its column slice of y in place (cuBLAS takes the row stride), so nothing is copied afterwards."""
+    if x2.device.type != "cuda" or n <= chunk_rows:
+        return _launch_dequant(x2, codes, scales, ts, bias, fmt_id, n, k, x2.dtype)
+    fmt = FORMATS[fmt_id]
+    m = x2.shape[0]
+    dev = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    side = _SIDE_STREAMS.get(dev)
+    if side is None:
+        side = _SIDE_STREAMS[dev] = torch.cuda.Stream(x2.device)
+    main = torch.cuda.current_stream(x2.device)
+    y = _q.new_output((m, n), x2.dtype, x2.device)
+    bufs = [torch.empty((chunk_rows, k), dtype=x2.dtype, device=x2.device) for _ in range(2)]
+    starts = list(range(0, n, chunk_rows))
+    ready = [torch.cuda.Event() for _ in starts]
+    done = [torch.cuda.Event() for _ in starts]
+    side.wait_stream(main)  # codes/scales/x written on the main stream are visible to the side stream
+
+    def produce(i):
+        n0 = starts[i]
+        n1 = min(n, n0 + chunk_rows)
+        with torch.cuda.stream(side):
+            if i >= 2:
+                side.wait_event(done[i - 2])  # the GEMM that read this buffer has finished
+            _q.dequantize_into(bufs[i % 2][: n1 - n0], codes[n0:n1], scales[n0:n1], ts, fmt)
+            ready[i].record(side)
+
+    produce(0)
+    for i, n0 in enumerate(starts):
+        n1 = min(n, n0 + chunk_rows)
+        if i + 1 < len(starts):
+            produce(i + 1)
+        main.wait_event(ready[i])
+        w = bufs[i % 2][: n1 - n0]
+        if bias is None:
+            torch.mm(x2, w.t(), out=y[:, n0:n1])
+        else:
+            torch.addmm(bias[n0:n1], x2, w.t(), out=y[:, n0:n1])
+        done[i].record(main)
+    for b in bufs:  # freed on the main stream after the side stream's last use (the waits above)
+        b.record_stream(side)
+    return y
+
+
 def _linear_2d(x2, codes, scales, ts, bias, fmt_id, n, k, path="auto", *, split_k=None, config=None):
     """y (M, N) from x (M, K) and the weight operands, by ``path`` (``PATHS``); split_k/config: tests."""
     fmt = FORMATS[fmt_id]
@@ -220,6 +271,8 @@ def _linear_2d(x2, codes, scales, ts, bias, fmt_id, n, k, path="auto", *, split_
         return _launch_mm(x2, codes, scales, ts, bias, fmt, n, k, x2.dtype, config=config, words=path == "mm_w32")
     if path == "dequant":
         return _launch_dequant(x2, codes, scales, ts, bias, fmt_id, n, k, x2.dtype)
+    if path == "dequant_pipelined":
+        return _launch_dequant_pipelined(x2, codes, scales, ts, bias, fmt_id, n, k)
     raise KernelError(f"unknown fp4_linear path {path!r}; use one of {PATHS}")
 
 

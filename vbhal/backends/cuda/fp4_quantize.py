@@ -182,11 +182,18 @@ def _dequantize_op(codes: torch.Tensor, scales: torch.Tensor, tensor_scale: torc
                    dtype: torch.dtype) -> torch.Tensor:
     """(N, K) in ``dtype`` from codes uint8 (N, Kp/2) and scale bytes uint8 (N, Kp/B)."""
     fmt = FORMATS[fmt_id]
+    out = new_output((codes.shape[0], k), dtype, codes.device)
+    dequantize_into(out, codes, scales, tensor_scale, fmt)
+    return out
+
+
+def dequantize_into(out: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, tensor_scale: torch.Tensor,
+                    fmt: str) -> None:
+    """Decode codes/scale bytes (N, .) into ``out`` (N, K), any row stride, on the current stream."""
     k4 = kernels_module()
-    n = codes.shape[0]
+    n, k = out.shape
     block = BLOCK_SIZES[fmt]
     nblocks = scales.shape[1]
-    out = new_output((n, k), dtype, codes.device)
     rows, nbk, warps = _quantize_tile(fmt)
     if is_interpreter():
         rows, nbk, warps = 2, 2, 1
@@ -196,7 +203,6 @@ def _dequantize_op(codes: torch.Tensor, scales: torch.Tensor, tensor_scale: torc
         n, k, nblocks, codes.stride(0), scales.stride(0), out.stride(0),
         IS_NV=fmt == "nvfp4", BLOCK=block, ROWS=rows, NBK=nbk, num_warps=warps,
     )
-    return out
 
 
 @_dequantize_op.register_fake
