@@ -324,9 +324,16 @@ def peer_deepspeed(model_meta):
 
 
 def meta_model(c):
-    from vbhal.estimate import _resolve_model
+    """The whole model on the meta device, for the peers (which count its parameters)."""
+    kind, cfg = c["model"]
+    with torch.device("meta"):
+        if kind == "vbhal":
+            from vbhal.train.model import GPT
 
-    return _resolve_model(what_to_estimate(c), c.get("attention", "flash")).module
+            return GPT(cfg)
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(cfg)
 
 
 # ----------------------------------------------------------------------------------------------- configurations

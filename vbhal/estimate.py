@@ -247,6 +247,7 @@ class _ModelSpec:
     kind: str                     # "vbhal", "hf", "module"
     vocab_size: int | None
     max_seq: int | None
+    n_blocks: int | None = None   # when built with fewer (identical) blocks than the model has
 
 
 def _vbhal_presets() -> dict[str, Any]:
@@ -304,22 +305,46 @@ def _check_hf_shapes(cfg) -> None:
                             f"attention heads {heads}; fix the config")
 
 
-def _build_hf(cfg, attention: str) -> nn.Module:
+#: Config-built models with many blocks are built with this many (the trace needs 3).
+_BUILD_BLOCKS = 3
+
+
+def _build_hf(cfg, attention: str) -> tuple[nn.Module, int | None]:
+    """The causal LM of `cfg` on meta, built with `_BUILD_BLOCKS` layers when it has many (its
+    layers are identical; `estimate` extrapolates); returns (model, real number of layers)."""
+    import copy
+
     import transformers
 
     _check_hf_shapes(cfg)
     impl = "eager" if attention == "eager" else "sdpa"
+    n = getattr(cfg, "num_hidden_layers", None)
+    build = cfg
+    if isinstance(n, int) and n > _EXTRAPOLATE_ABOVE:
+        build = copy.deepcopy(cfg)
+        build.num_hidden_layers = _BUILD_BLOCKS
+        for key in ("layer_types", "block_types"):  # per-layer lists must match the layer count
+            v = getattr(build, key, None)
+            if isinstance(v, (list, tuple)) and len(set(v)) > 1:
+                build, n = cfg, None  # heterogeneous layers: build them all
+                break
+            if isinstance(v, (list, tuple)):
+                setattr(build, key, list(v)[:_BUILD_BLOCKS])
+    else:
+        n = None
     try:
         with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)
+            model = transformers.AutoModelForCausalLM.from_config(build, attn_implementation=impl)
     except Exception as e:
         raise EstimateError(f"cannot build a causal LM from the Hugging Face config "
                             f"({type(cfg).__name__}): {e}") from None
-    return model
+    return model, n
 
 
 def _resolve_model(model: Any, attention: str) -> _ModelSpec:
     """Turn what the user gave (module, preset name, config object, config path) into a module."""
+    if isinstance(model, _ModelSpec):
+        return model
     if isinstance(model, nn.Module):
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         kind = "module"
@@ -340,30 +365,31 @@ def _resolve_model(model: Any, attention: str) -> _ModelSpec:
         from vbhal.train.model import GPT, GPTConfig
     except ImportError:  # pragma: no cover
         GPT = GPTConfig = None  # type: ignore[assignment]
-    if GPTConfig is not None and isinstance(model, GPTConfig):
+    if GPTConfig is not None and (isinstance(model, GPTConfig) or (isinstance(model, str) and model in presets)):
+        cfg = presets[model] if isinstance(model, str) else model
+        name = f"vbhal:{model}" if isinstance(model, str) else "GPT(custom)"
+        n = cfg.num_layers
+        few = _BUILD_BLOCKS if n > _EXTRAPOLATE_ABOVE else n
         with torch.device("meta"):
-            m = GPT(model)
-        return _ModelSpec(m, "GPT(custom)", "vbhal", model.vocab_size, model.seq_length)
-    if isinstance(model, str) and model in presets:
-        with torch.device("meta"):
-            m = GPT(presets[model])
-        cfg = presets[model]
-        return _ModelSpec(m, f"vbhal:{model}", "vbhal", cfg.vocab_size, cfg.seq_length)
+            m = GPT(dataclasses.replace(cfg, num_layers=few))
+        return _ModelSpec(m, name, "vbhal", cfg.vocab_size, cfg.seq_length, n_blocks=n)
     if isinstance(model, (str, os.PathLike)):
         s = str(model)
         if not (os.sep in s or s.endswith(".json") or Path(s).exists()):
             raise EstimateError(f"unknown model preset {s!r}; choose one of {', '.join(sorted(presets))}, "
                                 f"or pass a path to a Hugging Face config.json")
         cfg = _load_hf_config(s)
-        return _ModelSpec(_build_hf(cfg, attention), f"hf:{getattr(cfg, 'model_type', '?')}", "hf",
-                          getattr(cfg, "vocab_size", None), _hf_max_seq(cfg))
+        m, n = _build_hf(cfg, attention)
+        return _ModelSpec(m, f"hf:{getattr(cfg, 'model_type', '?')}", "hf",
+                          getattr(cfg, "vocab_size", None), _hf_max_seq(cfg), n_blocks=n)
     try:
         from transformers import PretrainedConfig
     except ImportError:  # pragma: no cover
         PretrainedConfig = None  # type: ignore[assignment]
     if PretrainedConfig is not None and isinstance(model, PretrainedConfig):
-        return _ModelSpec(_build_hf(model, attention), f"hf:{model.model_type}", "hf",
-                          getattr(model, "vocab_size", None), _hf_max_seq(model))
+        m, n = _build_hf(model, attention)
+        return _ModelSpec(m, f"hf:{model.model_type}", "hf", getattr(model, "vocab_size", None),
+                          _hf_max_seq(model), n_blocks=n)
     raise EstimateError(f"cannot estimate {type(model).__name__}: pass an nn.Module, a preset name "
                         f"({', '.join(sorted(presets))}), a GPTConfig, a transformers PretrainedConfig or "
                         f"a path to a Hugging Face config.json")
@@ -398,6 +424,23 @@ class _AllocationTracker(torch.utils._python_dispatch.TorchDispatchMode):
         self.phase = "forward"
         self.tag = "activation"
         self.data_dependent = 0
+        # peak per segment of the step (("F", block) in forward, ("B", block) in backward): what
+        # the layer extrapolation of `estimate` works with
+        self.segment: tuple = ("F", "pre")
+        self.segments: list[tuple] = [self.segment]
+        self.seg_peaks: dict[tuple, tuple[int, int]] = {}
+
+    def enter(self, segment: tuple) -> None:
+        if segment == self.segment:
+            return
+        self.segment = segment
+        self.segments.append(segment)
+        self._seg_update()
+
+    def _seg_update(self) -> None:
+        sp = self.seg_peaks.get(self.segment)
+        if sp is None or self.current > sp[0]:
+            self.seg_peaks[self.segment] = (self.current, self.clock)
 
     def ignore(self, t: torch.Tensor) -> None:
         """Storage that exists before the step (a parameter, a buffer): views of it are not new memory."""
@@ -420,6 +463,7 @@ class _AllocationTracker(torch.utils._python_dispatch.TorchDispatchMode):
         self.current += a.nbytes
         if self.current > self.peak:
             self.peak, self.peak_time = self.current, self.clock
+        self._seg_update()
         weakref.finalize(st, self._free, a)
         return a
 
@@ -689,6 +733,10 @@ class _Trace:
     saved_total: int
     layers: list[LayerActivation]
     attention_saved: int
+    n_blocks: int = 0
+    segments: list[tuple] = field(default_factory=list)
+    seg_peaks: dict[tuple, int] = field(default_factory=dict)
+    seg_breakdown: dict[tuple, dict[str, int]] = field(default_factory=dict)
 
 
 def _make_inputs(spec: _ModelSpec, batch: int, seq: int, example_inputs) -> tuple[tuple, dict]:
@@ -730,11 +778,24 @@ def _loss_of(out) -> torch.Tensor:
 def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dtype,
                 autocast: torch.dtype | None, attention: str, checkpointing: bool,
                 optimizer: str, impl: str, fp4: str | None, fp4_dequant_temp: bool,
-                round_to: int, example_inputs, loss_fn, device_kind: str = "cuda") -> _Trace:
-    """Run one training step of `spec.module` on meta tensors under the allocation tracker."""
+                round_to: int, example_inputs, loss_fn, device_kind: str = "cuda",
+                keep_blocks: int | None = None) -> _Trace:
+    """Run one training step of `spec.module` on meta tensors under the allocation tracker.
+
+    `keep_blocks`: run only the first repeated blocks (the layer extrapolation of `estimate`).
+    """
     model = spec.module
     blocks_name, blocks = _find_blocks(model)
+    dropped_ids: set[int] = set()
+    dropped_prefixes: tuple[str, ...] = ()
+    if keep_blocks is not None and keep_blocks < len(blocks):
+        dropped_ids = {id(p) for b in blocks[keep_blocks:] for p in b.parameters()}
+        dropped_prefixes = tuple(f"{blocks_name}.{i}." for i in range(keep_blocks, len(blocks)))
+        blocks = blocks[:keep_blocks]
+    else:
+        keep_blocks = None
     block_ids = {id(b): f"{blocks_name}.{i}" for i, b in enumerate(blocks)}
+    block_index = {id(b): i for i, b in enumerate(blocks)}
 
     # Meta stand-ins for every parameter and buffer (the user's module is never modified).
     fp4_mods = {id(m): (n, m) for n, m in _fp4_linears(model)} if fp4 else {}
@@ -743,6 +804,8 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
     by_id: dict[int, torch.Tensor] = {}
     fp4_ids: dict[int, tuple[int, int]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
+        if name.startswith(dropped_prefixes) and dropped_prefixes:
+            continue
         if id(p) in by_id:
             params[name] = by_id[id(p)]
             continue
@@ -754,8 +817,10 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
         by_id[id(p)] = mp
         params[name] = mp
     for name, b in model.named_buffers(remove_duplicate=False):
+        if dropped_prefixes and name.startswith(dropped_prefixes):
+            continue
         params[name] = torch.empty(b.shape, dtype=b.dtype, device="meta")
-    trainable = [p for p in {id(t): t for t in by_id.values()}.values() if p.requires_grad]
+    trainable = [t for i, t in by_id.items() if t.requires_grad and i not in dropped_ids]
 
     tracker = _AllocationTracker(round_to)
     for t in params.values():
@@ -774,7 +839,17 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
     def layer_of(mod) -> str | None:
         return block_ids.get(id(mod)) or top_names.get(id(mod))
 
+    def enter_on_grad(t: Any, segment: tuple) -> None:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            t.register_hook(lambda g: tracker.enter(segment))
+
     def pre_hook(mod, args):
+        j = block_index.get(id(mod))
+        if j is not None and sem.active:
+            tracker.enter(("F", j))
+            # the gradient of a block's input is complete when its backward is done
+            x = next((a for a in torch.utils._pytree.tree_leaves(args) if isinstance(a, torch.Tensor)), None)
+            enter_on_grad(x, ("B", j - 1) if j > 0 else ("B", "pre"))
         name = layer_of(mod)
         if name is not None:
             stack.append(name)
@@ -783,6 +858,11 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
                                        if isinstance(a, torch.Tensor))
 
     def post_hook(mod, args, out):
+        j = block_index.get(id(mod))
+        if j is not None and sem.active:
+            tracker.enter(("F", "post") if j == len(blocks) - 1 else ("F", j))
+            y = next((a for a in torch.utils._pytree.tree_leaves(out) if isinstance(a, torch.Tensor)), None)
+            enter_on_grad(y, ("B", j))  # its gradient complete: this block's backward starts
         if layer_of(mod) is not None and stack:
             stack.pop()
 
@@ -835,11 +915,15 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
             b.forward = fwd
     was_training = model.training
     own_ckpt = getattr(model, "gradient_checkpointing", None)
+    container = model.get_submodule(blocks_name) if keep_blocks is not None else None
+    saved_modules = container._modules if container is not None else None
     from torch.nn.utils.stateless import _reparametrize_module
 
     opt_state = opt_temp = grads_bytes = 0
     step_extra_peak = 0
     try:
+        if container is not None:
+            container._modules = dict(list(saved_modules.items())[:keep_blocks])
         model.train()
         if isinstance(own_ckpt, bool):
             model.gradient_checkpointing = False  # we checkpoint ourselves (meta has no RNG to save)
@@ -860,6 +944,7 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
                 fwd_end = tracker.clock
                 tracker.phase = "backward"
                 tracker.tag = "activation"
+                tracker.enter(("B", "post"))
                 loss.backward()
                 del loss
             bwd_end = tracker.clock
@@ -868,23 +953,14 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
             grads_bytes = sum(a.nbytes for a in grad_allocs)
             peak_fb, peak_time = tracker.peak, tracker.peak_time
             grad_allocs = {id(a) for a in grad_allocs}
-            live = tracker.live_at(peak_time)
-            fb = {"gradients": 0, "activations": 0, "autocast": 0, "temporaries": 0, "inputs": 0}
-            for a in live:
-                if id(a) in grad_allocs:
-                    fb["gradients"] += a.nbytes
-                elif a.tag == "input":
-                    fb["inputs"] += a.nbytes
-                elif a.tag == "autocast":
-                    fb["autocast"] += a.nbytes
-                elif a.phase == "forward":
-                    fb["activations"] += a.nbytes
-                else:
-                    fb["temporaries"] += a.nbytes
+            fb = _breakdown(tracker, peak_time, grad_allocs)
             phase = "forward" if peak_time <= fwd_end else "backward"
             after_backward = tracker.current
 
             # Optimizer step, traced: state it creates and temporaries it frees again.
+            segments = tracker.segments
+            seg_breakdown = {seg: _breakdown(tracker, t, grad_allocs) for seg, (_, t) in tracker.seg_peaks.items()}
+            seg_peaks = {seg: v for seg, (v, _) in tracker.seg_peaks.items()}
             tracker.phase = "optimizer"
             base = tracker.current
             tracker.peak = base
@@ -901,6 +977,8 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
                     del opt
             saved_total = sum(saved_by_layer.values())
     finally:
+        if container is not None:
+            container._modules = saved_modules
         for h in handles:
             h.remove()
         for b, prev in patched:
@@ -919,7 +997,82 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
                   after_backward=after_backward,
                   opt_state=opt_state, opt_temporaries=max(0, opt_temp), grads=grads_bytes,
                   saved_total=saved_total, layers=layers,
-                  attention_saved=int(getattr(sem, "attention_bytes", 0)))
+                  attention_saved=int(getattr(sem, "attention_bytes", 0)),
+                  n_blocks=len(blocks), segments=segments, seg_peaks=seg_peaks, seg_breakdown=seg_breakdown)
+
+
+#: Models with more repeated blocks than this are traced with 2 and 3 blocks and extrapolated.
+_EXTRAPOLATE_ABOVE = 8
+
+
+def _segment_classes(t: _Trace) -> dict[str, tuple] | None:
+    """Map the structural positions of a step (first/last block of forward and backward, the parts
+    before and after the blocks) to the segments of a trace; None if the blocks did not run once
+    each, in order, forward then backward."""
+    k = t.n_blocks
+    expected = ([("F", "pre")] + [("F", j) for j in range(k)] + [("F", "post"), ("B", "post")]
+                + [("B", j) for j in range(k - 1, -1, -1)] + [("B", "pre")])
+    if t.segments != expected:
+        return None
+    return {"F-pre": ("F", "pre"), "F-first": ("F", 0), "F-last": ("F", k - 1), "F-post": ("F", "post"),
+            "B-post": ("B", "post"), "B-first": ("B", k - 1), "B-last": ("B", 0), "B-pre": ("B", "pre")}
+
+
+def _extrapolate(t2: _Trace, t3: _Trace, n: int, blocks_name: str) -> _Trace | None:
+    """The trace of an n-block model from traces with 2 and 3 blocks.
+
+    Identical blocks make every quantity affine in the number of blocks *at a fixed structural
+    position* (e.g. "the start of the first block's backward"): live memory there is a constant plus
+    one block's activations (or gradients) per block. The peak of the step is the largest of these
+    positions' peaks, so each is extrapolated on its own and the largest taken -- the peak can move
+    from the start of backward to its end as the blocks grow, and this follows it.
+    """
+    c2, c3 = _segment_classes(t2), _segment_classes(t3)
+    if c2 is None or c3 is None:
+        return None
+
+    def ext(a: int, b: int) -> int:
+        return max(0, b + (n - 3) * (b - a))
+
+    best = None
+    for cls in c3:
+        v = ext(t2.seg_peaks.get(c2[cls], 0), t3.seg_peaks.get(c3[cls], 0))
+        if best is None or v > best[0]:
+            best = (v, cls)
+    peak, cls = best
+    b2, b3 = t2.seg_breakdown.get(c2[cls], {}), t3.seg_breakdown.get(c3[cls], {})
+    fb = {k: ext(b2.get(k, 0), b3.get(k, 0)) for k in b3}
+    # the breakdown must add up to the peak (rounding of the extrapolation aside)
+    layers = []
+    for l in t3.layers:  # in the trace's order, block 0 standing for all n blocks
+        if l.name == f"{blocks_name}.0":
+            layers += [LayerActivation(f"{blocks_name}.{i}", l.saved_bytes, l.checkpointed_bytes,
+                                       l.attention_bytes) for i in range(n)]
+        elif not (l.name.startswith(f"{blocks_name}.") and l.name[len(blocks_name) + 1:].isdigit()):
+            layers.append(l)
+    return _Trace(peak_fb=peak, peak_fb_phase="forward" if cls.startswith("F") else "backward", fb_breakdown=fb,
+                  step_extra_peak=ext(t2.step_extra_peak, t3.step_extra_peak),
+                  after_backward=ext(t2.after_backward, t3.after_backward),
+                  opt_state=ext(t2.opt_state, t3.opt_state), opt_temporaries=ext(t2.opt_temporaries, t3.opt_temporaries),
+                  grads=ext(t2.grads, t3.grads), saved_total=ext(t2.saved_total, t3.saved_total), layers=layers,
+                  attention_saved=ext(t2.attention_saved, t3.attention_saved), n_blocks=n)
+
+
+def _breakdown(tracker: _AllocationTracker, time: int, grad_allocs: set[int]) -> dict[str, int]:
+    """What is live at `time`, by category."""
+    fb = {"gradients": 0, "activations": 0, "autocast": 0, "temporaries": 0, "inputs": 0}
+    for a in tracker.live_at(time):
+        if id(a) in grad_allocs:
+            fb["gradients"] += a.nbytes
+        elif a.tag == "input":
+            fb["inputs"] += a.nbytes
+        elif a.tag == "autocast":
+            fb["autocast"] += a.nbytes
+        elif a.phase == "forward":
+            fb["activations"] += a.nbytes
+        else:
+            fb["temporaries"] += a.nbytes
+    return fb
 
 
 def _make_optimizer(name: str, impl: str, params: list[torch.Tensor]):
@@ -1024,20 +1177,29 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
                             f"lower --seq-length or raise the model's seq_length")
     param_dtype, autocast = PRECISIONS[prec]
 
-    tr = _trace_step(spec, batch=batch_size, seq=seq, param_dtype=param_dtype, autocast=autocast,
-                     attention=attention, checkpointing=gradient_checkpointing, optimizer=optimizer,
-                     impl=optimizer_impl, fp4=fmt, fp4_dequant_temp=fp4_dequant_temp,
-                     round_to=_CUDA_ROUND if kind == "cuda" else 1, example_inputs=example_inputs,
-                     loss_fn=loss_fn, device_kind=kind)
+    blocks_name, blocks = _find_blocks(spec.module)
+    n_blocks = spec.n_blocks or len(blocks)
+    common = dict(batch=batch_size, seq=seq, param_dtype=param_dtype, autocast=autocast, attention=attention,
+                  impl=optimizer_impl, fp4=fmt, fp4_dequant_temp=fp4_dequant_temp, example_inputs=example_inputs,
+                  loss_fn=loss_fn, device_kind=kind)
+    rounding = _CUDA_ROUND if kind == "cuda" else 1
+
+    def trace(ckpt: bool, opt: str, round_to: int) -> _Trace:
+        if n_blocks > _EXTRAPOLATE_ABOVE and len(blocks) >= 3:
+            t2 = _trace_step(spec, checkpointing=ckpt, optimizer=opt, round_to=round_to, keep_blocks=2, **common)
+            t3 = _trace_step(spec, checkpointing=ckpt, optimizer=opt, round_to=round_to, keep_blocks=3, **common)
+            ext = _extrapolate(t2, t3, n_blocks, blocks_name)
+            if ext is not None:
+                return ext
+            if len(blocks) < n_blocks:  # pragma: no cover - a config-built model is regular
+                raise EstimateError(f"{spec.name}: the blocks do not run in order; cannot extrapolate")
+        return _trace_step(spec, checkpointing=ckpt, optimizer=opt, round_to=round_to, **common)
+
+    tr = trace(gradient_checkpointing, optimizer, rounding)
     if gradient_checkpointing and layer_detail:  # per-layer numbers without checkpointing: a second trace
-        tr_plain = _trace_step(spec, batch=batch_size, seq=seq, param_dtype=param_dtype, autocast=autocast,
-                               attention=attention, checkpointing=False, optimizer="none",
-                               impl=optimizer_impl, fp4=fmt, fp4_dequant_temp=fp4_dequant_temp,
-                               round_to=1, example_inputs=example_inputs, loss_fn=loss_fn, device_kind=kind)
-        layers = tr_plain.layers
+        layers = trace(False, "none", 1).layers
     else:
         layers = tr.layers
-    _, blocks = _find_blocks(spec.module)
     ckpt_in = {l.name: l.checkpointed_bytes for l in tr.layers}
     for l in layers:
         l.checkpointed_bytes = l.checkpointed_bytes if l.checkpointed_bytes is not None else ckpt_in.get(l.name)
@@ -1063,6 +1225,22 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
             n_train += p.numel()
     for b in spec.module.buffers():
         param_bytes += rnd(_nbytes(b))
+    if n_blocks > len(blocks) and blocks:
+        # built with fewer (identical) blocks than it has: add the missing ones
+        extra = n_blocks - len(blocks)
+        prefix = f"{blocks_name}.0."
+        for name, p in blocks[0].named_parameters():
+            full = prefix + name
+            n_params += extra * p.numel()
+            if full in fp4_names:
+                param_bytes += extra * (rnd(_fp4_nbytes(p.shape[0], p.shape[1], fmt)) + (_CUDA_ROUND if kind == "cuda" else 0))
+                continue
+            dt = param_dtype if p.is_floating_point() else p.dtype
+            param_bytes += extra * rnd(p.numel() * torch.empty((), dtype=dt).element_size())
+            if p.requires_grad:
+                n_train += extra * p.numel()
+        for b in blocks[0].buffers():
+            param_bytes += extra * rnd(_nbytes(b))
 
     notes: list[str] = []
     workspace = _cuda_workspace(gpu_arch) if kind == "cuda" else 0
@@ -1102,7 +1280,7 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
         # live in the host tier; the device keeps the weights outside the blocks, working copies
         # of two blocks (the one computing, the one prefetched) and their gradients; the
         # optimizer step runs on the host, so its temporaries leave the device.
-        n_blocks = len(blocks)
+        # (n_blocks: the real number of blocks, also when built with fewer)
         resident = min(n_blocks, _OFFLOAD_RESIDENT_BLOCKS)
         blk_master = _block_param_bytes(blocks, param_dtype)
         blk_work = _block_param_bytes(blocks, autocast or param_dtype)
@@ -1324,7 +1502,7 @@ def plan(model: Any, *, gpu_mem: int | str | None = None, cpu_mem: int | str | N
                   attention="flash")
 
     def est(b: int, ckpt: bool, fp4: bool, off: bool, detail: bool = False) -> MemoryEstimate:
-        return estimate(spec.module, batch_size=b, gradient_checkpointing=ckpt, fp4=fp4_format if fp4 else None,
+        return estimate(spec, batch_size=b, gradient_checkpointing=ckpt, fp4=fp4_format if fp4 else None,
                         offload=off, layer_detail=detail, **common)
 
     ladder = [r for r in _LADDER if (allow_fp4 or not r[2]) and (allow_offload or not r[3])]
@@ -1352,7 +1530,7 @@ def plan(model: Any, *, gpu_mem: int | str | None = None, cpu_mem: int | str | N
         if caps["host"] is not None and host_t.total > caps["host"]:
             missing += f"; the host tier needs {_h(host_t.total)} of {_h(caps['host'])}"
         sugg = [f"a device with at least {_h(_need(e1, kind))} (gpu_mem) fits batch size 1 in mode {mode!r}"]
-        s_fit = _largest_seq_that_fits(lambda s: estimate(spec.module, batch_size=1, gradient_checkpointing=ckpt,
+        s_fit = _largest_seq_that_fits(lambda s: estimate(spec, batch_size=1, gradient_checkpointing=ckpt,
                                                           fp4=fp4_format if fp4 else None, offload=off,
                                                           layer_detail=False,
                                                           **{**common, "seq_length": s}),
@@ -1434,7 +1612,7 @@ def _savings(spec: _ModelSpec, e: MemoryEstimate, b: int, flags, common, fp4_for
         kw.update(over)
         a = {**base, **{k: v for k, v in kw.items() if k in base}}
         a.update({k: v for k, v in kw.items() if k not in base})
-        return _need(estimate(spec.module, **a), kind)
+        return _need(estimate(spec, **a), kind)
 
     now = _need(e, kind)
     out = [Optimization("flash attention", True, need(attention="math") - now, "O(S) attention activations"),

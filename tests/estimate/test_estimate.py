@@ -357,3 +357,19 @@ def test_format_estimate_is_a_readable_table():
                  "blocks.0 .. blocks.1", "device", "capacity"):
         assert word in text
     json.dumps(est.to_dict(), default=str)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(gradient_checkpointing=True), dict(precision="fp32", attention="math"),
+                                dict(fp4="nvfp4"), dict(batch_size=1, precision="fp32")])
+def test_many_blocks_are_extrapolated_exactly(kw, monkeypatch):
+    """A 12-block model is traced with 2 and 3 blocks; the result equals the full trace."""
+    cfg = tiny_cfg(hidden_size=64, num_layers=12, seq_length=128)
+    kw = {"batch_size": 4, "seq_length": 128, **kw}
+    fast = E.estimate(cfg, **kw)
+    monkeypatch.setattr(E, "_EXTRAPOLATE_ABOVE", 1000)
+    full = E.estimate(cfg, **kw)
+    for key in ("num_parameters", "num_trainable", "parameters", "gradients", "optimizer_state", "activations",
+                "temporaries", "peak_allocated", "peak_phase", "activations_total_saved"):
+        assert getattr(fast, key) == getattr(full, key), key
+    assert [(l.name, l.saved_bytes, l.checkpointed_bytes) for l in fast.layers] == \
+        [(l.name, l.saved_bytes, l.checkpointed_bytes) for l in full.layers]
