@@ -14,6 +14,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
 
@@ -25,7 +27,7 @@ def _run(code: str, extra_path: Path | None = None, env_extra: dict | None = Non
     env["VBHAL_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     env.update(env_extra or {})
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
-                         timeout=120)
+                         timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -88,3 +90,30 @@ def test_kernel_modules_import_without_torch_npu():
         print(json.dumps(dict(loaded="torch_npu" in sys.modules)))
     """)
     assert res["loaded"] is False
+
+
+_REAL_SITE = os.environ.get("VBHAL_TEST_TORCH_NPU_SITE")
+
+
+@pytest.mark.skipif(not _REAL_SITE, reason="optional: set VBHAL_TEST_TORCH_NPU_SITE to a folder holding the real "
+                    "torch-npu wheel's files (unzipped, never installed into this venv) to check the CANN trap")
+def test_real_torch_npu_wheel_without_cann():
+    """The real torch-npu wheel beside this torch, no CANN toolkit: `import torch` fails through autoload,
+    and with TORCH_DEVICE_BACKEND_AUTOLOAD=0 the probe reports the missing runtime."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_DEVICE_BACKEND_AUTOLOAD"}
+    env["PYTHONPATH"] = os.pathsep.join([_REAL_SITE, str(REPO)])
+    plain = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env=env,
+                           timeout=120, check=False)
+    assert plain.returncode != 0 and "Failed to load the backend extension: torch_npu" in plain.stderr
+    res = _run("""
+        import json, os
+        from vbhal.backends.npu import plugin
+        absent = []
+        class R:
+            add = staticmethod(lambda d: (_ for _ in ()).throw(AssertionError("no device expected")))
+            absent = staticmethod(lambda kind, reason: absent.append(reason))
+        plugin.vbhal_probe(R())
+        print(json.dumps(dict(absent=absent, autoload=os.environ.get("TORCH_DEVICE_BACKEND_AUTOLOAD"))))
+    """, extra_path=Path(_REAL_SITE), env_extra={"TORCH_DEVICE_BACKEND_AUTOLOAD": "0"})
+    (reason,) = res["absent"]
+    assert "libhccl.so" in reason and "CANN" in reason and res["autoload"] == "0"
