@@ -281,3 +281,46 @@ def test_master_and_adamw_state_on_disk_tier_bitwise(tmp_path):
     spill_dir = st.spill.path
     eng.close()
     assert not spill_dir.exists()
+
+
+def test_apply_offload_with_optimize_style_stack_and_config(tmp_path):
+    # What vbhal.optimize(mode="memory") does: a stack from the HAL's tiers, its OptimizeConfig, a report.
+    from types import SimpleNamespace
+
+    from vbhal.tiers import Tier, TierStack
+
+    class Report:
+        def __init__(self):
+            self.changes = []
+
+        def add(self, kind, name, detail=""):
+            self.changes.append((kind, name, detail))
+
+    torch.manual_seed(12)
+    ref = TinyLM()
+    off = copy.deepcopy(ref)
+    n = sum(p.numel() for p in ref.parameters())
+    stack = TierStack([Tier("cpu-ram", 0, torch.device("cpu"), 1 << 20),
+                       Tier("host", 1, torch.device("cpu"), n * 4 + n * 6, kind="host"),
+                       Tier("disk", 2, torch.device("cpu"), 1 << 30, kind="disk")], spill_root=tmp_path)
+    cfg = SimpleNamespace(mode="memory", device=None, mixed_precision="none", gradient_checkpointing=False)
+    report = Report()
+    eng = apply_offload(off, stack=stack, config=cfg, report=report, lr=1e-2, weight_decay=0.01)
+    assert off._vbhal_tier_stack is eng and eng.device == torch.device("cpu")
+    assert eng.cfg.state_budget_bytes is not None  # host tier too small for 12 B/param: state spills to disk
+    assert any("rest on disk" in d for _, _, d in report.changes)
+    assert sum(1 for k, _, _ in report.changes if k == "offload") >= len(eng.units)
+    data = _batches(5)
+    l_ref = _train_plain(ref, data)
+    l_off = []
+    for x, y in data:
+        loss = _loss(off, x, y)
+        loss.backward()
+        eng.step()
+        l_off.append(loss.item())
+    assert l_off == l_ref
+    from vbhal.tiers import format_tier_stats
+
+    assert "device" in format_tier_stats(off._vbhal_tier_stack)
+    eng.close()
+    stack.close()

@@ -142,3 +142,21 @@ def test_closed_stack_removes_spill_dir(tmp_path):
     assert not path.exists()
     with pytest.raises(TierError, match="closed"):
         st.access(0)
+
+
+def test_from_specs_takes_one_tier_per_level_by_kind(tmp_path):
+    from vbhal.hookspecs import TierSpec
+
+    specs = [
+        TierSpec("cpu-ram", 0, torch.device("cpu"), 4 * KB4, "cpu", kind="device"),
+        TierSpec("peer", 1, torch.device("cpu"), 99 * KB4, "cuda", kind="device"),
+        TierSpec("host-pinned", 1, torch.device("cpu"), 2 * KB4, "cuda", kind="host", pinned=False),
+        TierSpec("disk", 2, torch.device("cpu"), 1 << 20, "cpu", kind="disk"),
+    ]
+    st = TierStack.from_specs(specs, spill_root=tmp_path)
+    assert [t.name for t in st.tiers] == ["cpu-ram", "host-pinned", "disk"]
+    assert st.tiers[1].hard_limit_bytes is not None
+    for i in range(8):
+        st.register(i, torch.full((1024,), float(i)))
+    assert [st.level_of(i) for i in range(8)] == [0, 0, 0, 0, 1, 1, 2, 2]
+    st.close()

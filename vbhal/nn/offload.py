@@ -1160,10 +1160,45 @@ def apply_offload(
         if k not in OffloadConfig.__dataclass_fields__:
             raise TypeError(f"apply_offload got an unknown option {k!r}; valid: {sorted(OffloadConfig.__dataclass_fields__)}")
         setattr(cfg, k, v)
+    mp = getattr(config, "mixed_precision", None)
+    if cfg.work_dtype is None and mp in ("none", "fp16"):  # vbhal's OptimizeConfig: follow its precision
+        cfg.work_dtype = torch.float16 if mp == "fp16" else torch.float32
     if device is not None:
         cfg.device = device
     elif stack is not None and getattr(stack, "device", None) is not None:
         cfg.device = stack.device
+    if stack is not None and cfg.state_budget_bytes is None:
+        _budget_from_stack(model, stack, cfg, report)
     engine = OffloadEngine(model, cfg, report)
     model.vbhal_offload = engine  # type: ignore[attr-defined]
+    model._vbhal_tier_stack = engine  # what vbhal.print_stats() shows  # type: ignore[attr-defined]
     return engine
+
+
+#: Host bytes per streamed parameter besides masters and AdamW state: pinned working copy + gradient (bf16).
+_PINNED_BYTES_PER_PARAM = 4
+#: fp32 master + AdamW exp_avg + exp_avg_sq.
+_STATE_BYTES_PER_PARAM = 12
+
+
+def _budget_from_stack(model: nn.Module, stack: Any, cfg: OffloadConfig, report: Any) -> None:
+    """When the host tier of `stack` cannot hold every master and AdamW state, put the excess on its disk tier."""
+    host = next((t for t in getattr(stack, "tiers", []) if t.kind == "host"), None)
+    disk = next((t for t in getattr(stack, "tiers", []) if t.kind == "disk"), None)
+    if host is None:
+        return
+    n = sum(p.numel() for p in model.parameters())
+    need = n * (_STATE_BYTES_PER_PARAM + _PINNED_BYTES_PER_PARAM)
+    if need <= host.capacity_bytes:
+        return
+    if disk is None:
+        raise TierError(
+            f"offloaded training of {n} parameters needs about {need} bytes of host memory but the host tier has "
+            f"{host.capacity_bytes} and there is no disk tier: use a smaller model or add a disk tier"
+        )
+    cfg.state_budget_bytes = max(0, host.capacity_bytes - n * _PINNED_BYTES_PER_PARAM)
+    if getattr(stack, "spill", None) is not None and cfg.spill_root is None:
+        cfg.spill_root = str(stack.spill.base.parent)
+    if report is not None:
+        report.add("offload", "", f"masters + AdamW state need {need} bytes > host tier {host.capacity_bytes}: "
+                   f"{cfg.state_budget_bytes} bytes in RAM, the rest on disk ({disk.name})")

@@ -135,6 +135,35 @@ class TierStack:
 
     # -------------------------------------------------------------------------------------- builders
     @classmethod
+    def from_specs(cls, specs: list[Any], **kw: Any) -> TierStack:
+        """A stack from the HAL's :class:`~vbhal.hookspecs.TierSpec` list (``vbhal.hal.get_tiers(device)``).
+
+        One tier per level (the spec of the level's own kind wins: a peer GPU offered at level 1 beside
+        pinned host memory is skipped here); missing levels between are not invented, levels are renumbered
+        from 0 in order.
+        """
+        kinds = {0: "device", 1: "host", 2: "disk"}
+        chosen = []
+        for level in sorted({s.level for s in specs}):
+            at = [s for s in specs if s.level == level]
+            s = next((x for x in at if getattr(x, "kind", None) == kinds.get(level)), at[0])
+            chosen.append(s)
+        if not chosen or chosen[0].level != 0:
+            raise TierError(f"the HAL gave no device tier (level 0) among {[getattr(s, 'name', s) for s in specs]}")
+        tiers = []
+        for i, s in enumerate(chosen):
+            kind = getattr(s, "kind", kinds.get(s.level, "host"))
+            tiers.append(Tier(
+                name=s.name, level=i, device=s.device if i == 0 else torch.device("cpu"), capacity_bytes=int(s.capacity_bytes),
+                kind=kind, pinned=bool(getattr(s, "pinned", False)),
+                hard_limit_bytes=_default_hard_limit(LEVEL_HOST, s.capacity_bytes) if kind == "host" else None,
+                bandwidth_bytes_per_s=getattr(s, "bandwidth_bytes_per_s", None),
+                stream_factory=getattr(s, "stream_factory", None), event_factory=getattr(s, "event_factory", None),
+                note=getattr(s, "note", ""),
+            ))
+        return cls(tiers, **kw)
+
+    @classmethod
     def for_device(
         cls,
         device: str | torch.device = "cpu",
