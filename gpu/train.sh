@@ -13,7 +13,7 @@ el() { echo "[train.sh] +$(( $(date +%s) - T0 ))s $*"; }
 python3 -c "import torch;print('torch',torch.__version__,torch.cuda.get_device_name(0))"
 
 el "benchmark"
-timeout --kill-after=3 92 python3 benchmarks/bench_train.py --preset medium --steps 30 --warmup 8 \
+timeout --kill-after=3 92 python3 benchmarks/bench_train.py --preset medium --steps 30 --warmup 10 \
   --out "$RES" 2>&1 | grep -v "^saved checkpoint\|Warning: TensorFloat" | tail -n 40
 el "bf16 correctness tests"
 timeout --kill-after=3 30 python3 -m pytest -q -x -p no:cacheprovider tests/train/test_gpu.py 2>&1 | tail -n 15

@@ -82,6 +82,7 @@ class TrainConfig:
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
     compile: bool = False
+    deferred_sync: bool | None = None        # fused AdamW + on-device NaN guard; None: on for CUDA
     seed: int = 1337
     # vbhal features
     use_fp4: bool | None = None              # None: leave it to --mode / the core's defaults

@@ -44,6 +44,8 @@ from vbhal.train.model import GPT, GPTConfig
 
 __all__ = ["run", "TrainResult", "peak_flops", "lr_at", "build_optimizer"]
 
+_FLUSH_EVERY = 10   # with deferred sync, the host reads losses (and answers signals) at least this often
+
 # Dense (no sparsity) bf16 tensor-core peaks, from NVIDIA's data sheets (H100 / H200 / A100).
 # MFU is reported only for devices listed here (or with VBHAL_PEAK_TFLOPS set).
 _PEAK_BF16_TFLOPS = (
@@ -87,7 +89,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float, device: torch
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = {"fused": True} if device.type == "cuda" else {}
+    fused = cfg.deferred_sync if cfg.deferred_sync is not None else device.type == "cuda"
+    kwargs = {"fused": True} if fused else {}
     return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **kwargs)
 
 
@@ -593,16 +596,46 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
         f"{cfg.batch_size * cfg.gradient_accumulation_steps * info.world_size} x {model_cfg.seq_length} tokens, "
         f"peak lr {lr:g} ({cfg.lr_schedule}, warmup {cfg.warmup_steps})")
     accum = cfg.gradient_accumulation_steps
+    global_batch = cfg.batch_size * accum * info.world_size
     stop_reason = None
     stop_at = step + cfg.stop_after_steps if cfg.stop_after_steps else -1
     window_t, window_steps, window_loss = time.time(), 0, 0.0
     last_tps = None
+    step_norm = float("nan")
+    # Deferred sync (default on CUDA): the NaN guard runs on the device. The fused AdamW kernel takes a
+    # `found_inf` flag (GradScaler's own mechanism) and skips the whole update when it is set; the flag
+    # is sticky, so from the first non-finite step on no update lands. The host reads losses only at
+    # flush points (logging, validation, saving, epoch end, at most every _FLUSH_EVERY steps) and then
+    # rewinds the step counter, data position and schedule to the last good step. Without it every
+    # step waits for the GPU before the next one can be queued.
+    device_guard = bool(optimizer.defaults.get("fused")) and precision != "fp16"
+    nan_seen = torch.zeros((), dtype=torch.bool, device=device)
+    pending: list[tuple[int, torch.Tensor]] = []
+
+    def record(vals: list[list[float]]) -> None:
+        nonlocal window_steps, window_loss, step_norm
+        for loss_v, norm_v in vals:
+            result.losses.append(loss_v)
+            window_steps += 1
+            window_loss += loss_v
+            step_norm = norm_v
+
+    def rewind_to(good_step: int) -> None:
+        nonlocal step, done_in_epoch, consumed
+        back = step - good_step
+        step, done_in_epoch, consumed = good_step, done_in_epoch - back, consumed - back * global_batch
+        scheduler.last_epoch = good_step
+        lrs = [base * scheduler.lr_lambdas[0](good_step) for base in scheduler.base_lrs]
+        for group, value in zip(optimizer.param_groups, lrs):
+            group["lr"] = value
+        scheduler._last_lr = lrs
+
     model.train()
     with _Signals(log) as signals:
         while step < total_steps and stop_reason is None:
             sampler.set_epoch(epoch)
             sampler.set_start(consumed)
-            done_in_epoch = consumed // (cfg.batch_size * accum * info.world_size)
+            done_in_epoch = consumed // global_batch
             it = iter(loader)
             while done_in_epoch < steps_per_epoch and step < total_steps:
                 loss_sum = torch.zeros((), device=device)
@@ -622,29 +655,64 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
                         gnorm = gnorm.full_tensor()
                 else:
                     gnorm = torch.zeros((), device=device)
-                step_loss, step_norm = torch.stack([loss_sum / accum, gnorm.float().to(device)]).tolist()
-                bad = not math.isfinite(step_loss) or (not scaler.is_enabled() and not math.isfinite(step_norm))
-                local = 2 if bad else (1 if signals.received is not None or step + 1 == stop_at else 0)
-                verdict = D.max_across_ranks(local, info)   # one tiny all-reduce: all ranks agree
-                if verdict == 2:
-                    # Do not step: the weights stay those of the last good step.
-                    optimizer.zero_grad(set_to_none=True)
-                    stop_reason = "nan"
-                    break
-                halt = verdict == 1
-                scaler.step(optimizer)
-                scaler.update()
+                stats = torch.stack([loss_sum / accum, gnorm.float().to(device)])
+                halt = False
+                if device_guard:
+                    nan_seen |= ~torch.isfinite(stats).all()
+                    optimizer.grad_scale, optimizer.found_inf = None, nan_seen.float()
+                    try:
+                        optimizer.step()
+                    finally:
+                        del optimizer.grad_scale, optimizer.found_inf
+                else:
+                    vals = stats.tolist()
+                    bad = not math.isfinite(vals[0]) or (not scaler.is_enabled() and not math.isfinite(vals[1]))
+                    local = 2 if bad else (1 if signals.received is not None or step + 1 == stop_at else 0)
+                    verdict = D.max_across_ranks(local, info)   # one tiny all-reduce: all ranks agree
+                    if verdict == 2:
+                        # Do not step: the weights stay those of the last good step.
+                        optimizer.zero_grad(set_to_none=True)
+                        stop_reason = "nan"
+                        break
+                    halt = verdict == 1
+                    scaler.step(optimizer)
+                    scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 done_in_epoch += 1
-                consumed += cfg.batch_size * accum * info.world_size
-                result.losses.append(step_loss)
-                window_steps += 1
-                window_loss += step_loss
+                consumed += global_batch
+                due_log = step % cfg.log_interval == 0 or step == total_steps
+                due_val = bool(cfg.val_interval) and step % cfg.val_interval == 0
+                due_save = bool(cfg.save_steps) and step % cfg.save_steps == 0 and step < total_steps
+                if device_guard:
+                    pending.append((step, stats))
+                    flush = (due_log or due_val or due_save or step % _FLUSH_EVERY == 0 or step == stop_at
+                             or done_in_epoch >= steps_per_epoch or step == total_steps
+                             or (not info.enabled and signals.received is not None))
+                    if not flush:
+                        if bar is not None:
+                            bar.update(1)
+                        continue
+                    vals = torch.stack([t for _, t in pending]).tolist()   # the one host sync
+                    bad_at = [n for (n, _), v in zip(pending, vals) if not all(map(math.isfinite, v))]
+                    local = 2 if bad_at else (1 if signals.received is not None or step == stop_at else 0)
+                    verdict = D.max_across_ranks(local, info)
+                    if verdict == 2:
+                        first_bad = -D.max_across_ranks(-(bad_at[0] if bad_at else step + 1), info)
+                        record([v for (n, _), v in zip(pending, vals) if n < first_bad])
+                        pending.clear()
+                        rewind_to(first_bad - 1)
+                        stop_reason = "nan"
+                        break
+                    record(vals)
+                    pending.clear()
+                    halt = verdict == 1
+                else:
+                    record([vals])
                 if bar is not None:
-                    bar.update(1)
-                if step % cfg.log_interval == 0 or step == total_steps:
+                    bar.update(step - bar.n)
+                if due_log:
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     now = time.time()
@@ -664,9 +732,9 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
                     log(f"step {step} epoch {epoch} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
                         f"tok/s {tps:,.0f}" + (f" mfu {mfu:.1%}" if mfu is not None else ""), console=False)
                     window_t, window_steps, window_loss = time.time(), 0, 0.0
-                if cfg.val_interval and step % cfg.val_interval == 0:
+                if due_val:
                     validate()
-                if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
+                if due_save:
                     save("periodic")
                 if halt:
                     if signals.received is not None:
