@@ -2,7 +2,7 @@
 # fp4cuda on the GPU machine (budget 240 s): the benchmark (which also checks every vbhal result against
 # an fp32 reference and the quantizers bit for bit at real sizes), then the GPU tests in the time left.
 set -u
-export PYTHONUNBUFFERED=1 VBHAL_SKIP_INTERPRET=1
+export PYTHONUNBUFFERED=1 VBHAL_SKIP_INTERPRET=1 TRITON_PRINT_AUTOTUNING=1
 RES=${RES:-/tmp/fp4cuda}
 mkdir -p "$RES"
 T0=$(date +%s)
