@@ -41,7 +41,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -381,6 +381,54 @@ def _grads(outs: list[torch.Tensor], grad_outs: list, inner_in: list, params: li
     return in_grads, grads[len(want):]
 
 
+class _HostWorker:
+    """One thread running host optimizer steps, lowest (step, unit index) first.
+
+    Gradients arrive in backward order (last unit first) but the next forward needs the first unit first:
+    when steps queue up behind a busy worker, taking the lowest unit index first lets the next forward start
+    while the rest of the backlog is still being stepped (FIFO would make it wait for the whole backlog).
+    Each step uses torch's intra-op thread pool, so one worker thread keeps every core busy.
+    """
+
+    def __init__(self) -> None:
+        import heapq
+
+        self._heapq = heapq
+        self._heap: list = []
+        self._seq = 0
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="vbhal-host-adamw", daemon=True)
+        self._thread.start()
+
+    def submit(self, priority: tuple, fn: Any, *args: Any) -> Future:
+        fut: Future = Future()
+        with self._cv:
+            self._seq += 1
+            self._heapq.heappush(self._heap, (priority, self._seq, fut, fn, args))
+            self._cv.notify()
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._heap and not self._stop:
+                    self._cv.wait()
+                if not self._heap and self._stop:
+                    return
+                _, _, fut, fn, args = self._heapq.heappop(self._heap)
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+                fut.set_exception(e)
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join()
+
+
 # ---------------------------------------------------------------------------------------------------- engine
 class OffloadEngine:
     """Streams a model's units through the device and trains them with AdamW on the host.
@@ -406,7 +454,7 @@ class OffloadEngine:
         self.stats.level(1, "pinned host" if pin else "host")
         if cfg.optimizer_threads:
             torch.set_num_threads(cfg.optimizer_threads)
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vbhal-host-adamw")
+        self._worker = _HostWorker()
         self._worker_error: BaseException | None = None
         self._lock = threading.Lock()
         self._h2d = self._d2h = None
@@ -766,7 +814,7 @@ class OffloadEngine:
             self.stats.add(0, bytes_out=nbytes)
             self.stats.add(1, bytes_in=nbytes)
             unit.host_ready.clear()
-            unit.pending = self._worker.submit(self._host_step, unit, done)
+            unit.pending = self._worker.submit((self.step_count, unit.idx), self._host_step, unit, done)
         if self._learning_events() is not None:
             self._mark_compute(unit, "B", "end")
         if unit.idx not in self._upcoming():
@@ -1025,7 +1073,7 @@ class OffloadEngine:
         if self._order is None and self._trace:
             self._learn()
         if self.state_stack is not None:  # after this step's host steps (the worker runs tasks in order)
-            self._worker.submit(self.state_stack.end_step)
+            self._worker.submit((self.step_count, math.inf), self.state_stack.end_step)
         self._pos = 0
         # Release anything still resident so each step starts from the same state.
         for u in self.units:
@@ -1113,7 +1161,7 @@ class OffloadEngine:
 
     def close(self) -> None:
         self.synchronize()
-        self._worker.shutdown(wait=True)
+        self._worker.shutdown()
         if self.state_stack is not None:
             self.state_stack.close()
 
