@@ -18,10 +18,12 @@ import torch
 
 CALLS: list[tuple[str, dict]] = []
 
-# npu_fusion_attention keyword defaults (op-plugin schema).
+# npu_fusion_attention keyword defaults: the schema in torch_npu 2.13.0's
+# csrc/aten/npu_native_functions_by_codegen.yaml.
 _FA_DEFAULTS = dict(pse=None, padding_mask=None, atten_mask=None, scale=1.0, keep_prob=1.0, pre_tockens=2147483647,
                     next_tockens=2147483647, inner_precise=0, prefix=None, actual_seq_qlen=None,
-                    actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False)
+                    actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False, softmax_layout="",
+                    sink=None, dropout_mask=None, seed=0, offset=0)
 _FA_LAYOUTS = ("BSH", "SBH", "BSND", "BNSD", "TND")
 _FA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -58,7 +60,9 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, **kwargs):
     _need(query.dtype == key.dtype == value.dtype, "query/key/value dtypes must be equal")
     _need(query.dtype in _FA_DTYPES, f"dtype {query.dtype} not supported")
     _need(key.shape == value.shape, "key and value shapes must be equal")
-    _need(a["pse"] is None and a["padding_mask"] is None and a["prefix"] is None, "pse/padding_mask/prefix unused here")
+    _need(all(a[n] is None for n in ("pse", "padding_mask", "prefix", "sink", "dropout_mask")),
+          "pse/padding_mask/prefix/sink/dropout_mask are not modelled by this stand-in")
+    _need(a["softmax_layout"] == "", "softmax_layout not modelled")
     _need(0 < a["keep_prob"] <= 1, "keep_prob must be in (0, 1]")
     _need(a["keep_prob"] == 1.0, "this stand-in models no dropout (vbhal passes keep_prob=1.0)")
     _need(isinstance(a["scale"], float), f"scale must be a float, got {type(a['scale']).__name__}")
@@ -168,8 +172,12 @@ def npu_weight_quant_batchmatmul(x, weight, antiquant_scale, *args, **kwargs):
         w = weight.to(x.dtype)
     else:
         _need(a["weight_dtype"] is float4_e2m1fn_x2, "weight_dtype must be torch_npu.float4_e2m1fn_x2")
-        _need(weight.dtype == torch.uint8 and weight.shape[0] * 2 == k, "fp4 weight: uint8 (K/2, N) packed along K")
-        _need(antiquant_scale.dtype == torch.float8_e8m0fnu, "fp4 weight needs E8M0 antiquant_scale")
+        # torch_npu 2.13.0 meta: 4-bit weights only as uint8; a transposed view (stride(-2) == 1) is
+        # (K/2, N) packed along K, logical N = size(1).
+        _need(weight.dtype == torch.uint8, "4-bit weights are carried as uint8")
+        _need(weight.stride(-2) == 1 and weight.shape[0] * 2 == k, "this stand-in models the transposed "
+              "(K/2, N) view, packed along K")
+        _need(antiquant_scale.dtype == torch.uint8, "E8M0 antiquant_scale is carried as uint8 bits")
         _need(group == 32, "native MXFP4 uses group size 32")
         n = weight.shape[1]
         # Decoded here independently of vbhal: OCP MX v1.0 E2M1 values, element 2i in the LOW nibble.
@@ -183,8 +191,10 @@ def npu_weight_quant_batchmatmul(x, weight, antiquant_scale, *args, **kwargs):
         g = -(-k // group)
         _need(tuple(antiquant_scale.shape) == (g, n), f"per-group scale must be (ceil(K/g), N)=({g}, {n}), got "
               f"{tuple(antiquant_scale.shape)}")
-        scale = antiquant_scale.float().repeat_interleave(group, 0)[:k] if a["weight_dtype"] else \
-            antiquant_scale.repeat_interleave(group, 0)[:k]
+        if a["weight_dtype"]:  # E8M0 bits e -> 2^(e - 127) (OCP MX v1.0 section 5.2), decoded here in float64
+            scale = torch.pow(2.0, antiquant_scale.to(torch.float64) - 127).repeat_interleave(group, 0)[:k]
+        else:
+            scale = antiquant_scale.repeat_interleave(group, 0)[:k]
     else:
         _need(tuple(antiquant_scale.shape) in ((n,), (1, n), (1,), (1, 1)), f"per-channel/tensor scale shape "
               f"{tuple(antiquant_scale.shape)} invalid for N={n}")

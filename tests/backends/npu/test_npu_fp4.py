@@ -179,7 +179,9 @@ def test_native_fp4_path_on_950_passes_packed_codes_and_e8m0_scales(fake_npu):
     (call,) = fake_npu.calls_of("npu_weight_quant_batchmatmul")
     assert call["weight_dtype"] is fake_npu.module.float4_e2m1fn_x2
     assert call["weight"].shape == (32, 16) and call["weight"].dtype == torch.uint8
-    assert call["antiquant_scale"].dtype == torch.float8_e8m0fnu and call["antiquant_group_size"] == 32
+    assert call["antiquant_scale"].dtype == torch.uint8 and call["antiquant_scale"].shape == (2, 16)
+    assert torch.equal(call["antiquant_scale"], qw.scales.view(torch.uint8).t())
+    assert call["antiquant_group_size"] == 32
     assert call["bias"].dtype == torch.float32
     torch.testing.assert_close(y.float(), cpu_fp4.fp4_linear(x, qw, b).float(), **TOL[torch.bfloat16])
 

@@ -1,12 +1,15 @@
 """Attention on Ascend NPUs through ``torch_npu.npu_fusion_attention`` (forward and backward).
 
 NOT RUN ON ASCEND HARDWARE. Written against the op as documented for torch_npu 2.13 / op-plugin
-(``docs/context/torch_npu-npu_fusion_attention.md`` in Ascend/op-plugin; schema
+(``docs/context/torch_npu-npu_fusion_attention.md`` in Ascend/op-plugin; schema in torch_npu 2.13.0's
+``csrc/aten/npu_native_functions_by_codegen.yaml``:
 ``npu_fusion_attention(Tensor query, Tensor key, Tensor value, int head_num, str input_layout,
 Tensor? pse=None, Tensor? padding_mask=None, Tensor? atten_mask=None, float scale=1.,
 float keep_prob=1., int pre_tockens=2147483647, int next_tockens=2147483647, int inner_precise=0,
 int[]? prefix=None, int[]? actual_seq_qlen=None, int[]? actual_seq_kvlen=None, int sparse_mode=0,
-bool gen_mask_parallel=True, bool sync=False) -> (Tensor, Tensor, Tensor, Tensor, int, int, int)``);
+bool gen_mask_parallel=True, bool sync=False, str softmax_layout="", Tensor? sink=None,
+Tensor? dropout_mask=None, int seed=0, int offset=0) -> (Tensor, Tensor, Tensor, Tensor, int, int, int)``;
+its backward is ``npu_fusion_attention_grad`` in the same file);
 the calls are checked on CPU against a stand-in module (tests/backends/npu/), and an Ascend user checks
 the numbers with ``vbhal conformance --device npu``.
 

@@ -7,9 +7,11 @@ stand-in module (tests/backends/npu/); an Ascend user checks the numbers with
 ``fp4_linear`` (y = x @ W^T + b, W = the FP4 weight dequantized; docs/CONTRACT.md) has three paths:
 
 1. **int8 carrier, A2/A3** (``torch_npu.npu_weight_quant_batchmatmul``, op-plugin
-   ``docs/context/torch_npu-npu_weight_quant_batchmatmul.md``; schema ``(Tensor x, Tensor weight,
+   ``docs/context/torch_npu-npu_weight_quant_batchmatmul.md``; schema in torch_npu 2.13.0's
+   ``csrc/aten/npu_native_functions_by_codegen.yaml``: ``(Tensor x, Tensor weight,
    Tensor antiquant_scale, Tensor? antiquant_offset=None, Tensor? quant_scale=None,
-   Tensor? quant_offset=None, Tensor? bias=None, int antiquant_group_size=0, int inner_precise=0)``,
+   Tensor? quant_offset=None, Tensor? bias=None, int antiquant_group_size=0, int inner_precise=0,
+   int? weight_dtype=None)``,
    computing ``y = x @ ((weight + antiquant_offset) * antiquant_scale) + bias``). Every E2M1 value
    times 2 is an integer in [-12, 12] (OCP MX v1.0 section 5.3.3: +-{0, 0.5, 1, 1.5, 2, 3, 4, 6}), so an
    MXFP4 weight is carried EXACTLY by int8 ``weight = 2 * e2m1`` (K, N) with a per-group
@@ -207,13 +209,21 @@ def _run_carrier(x2: torch.Tensor, bias: torch.Tensor | None, carrier) -> torch.
 
 
 def _run_native(x2: torch.Tensor, bias: torch.Tensor | None, qw: QuantizedWeight) -> torch.Tensor:
-    """Ascend 950: MXFP4 as it is (UNRUN). The packed codes (N, K/2) are passed as their transposed
-    view (K/2, N), packed along K, with ``weight_dtype=float4_e2m1fn_x2``; the E8M0 scales (N, K/32) as
-    (K/32, N); group 32 = the MX block. The layout the 950 kernel expects is what ``vbhal conformance
-    --device npu`` checks first on such a machine."""
+    """Ascend 950: MXFP4 as it is (UNRUN: no 950 was available).
+
+    - weight: the packed codes (N, K/2) uint8 as their transposed view (K/2, N), i.e. packed along K,
+      with ``weight_dtype=torch_npu.float4_e2m1fn_x2``. torch_npu 2.13.0's meta function
+      (``torch_npu/op_plugin/meta/_meta_registrations.py``, ``npu_weight_quant_batchmatmul_meta``) takes
+      4-bit weights only as uint8 and reads a transposed view (stride(-2) == 1) as (K/2, N) with logical
+      N = size(1); a non-transposed one would be packed along N.
+    - antiquant_scale: the E8M0 scales (N, K/32) as uint8 bits, transposed to (K/32, N). torch_npu
+      carries E8M0 as uint8 (its torchair converter bitcasts a uint8 ``antiquant_scale`` to FLOAT8_E8M0).
+    - group 32 = the MX block.
+    The conformance suite checks this path first on a 950 (``test_npu_native_fp4_on_950``).
+    """
     tnpu = _runtime.torch_npu()
     return tnpu.npu_weight_quant_batchmatmul(
-        x2, qw.codes.t(), qw.scales.t(), bias=_op_bias(bias, x2.dtype),
+        x2, qw.codes.t(), qw.scales.view(torch.uint8).t(), bias=_op_bias(bias, x2.dtype),
         antiquant_group_size=MX_BLOCK_SIZE, weight_dtype=tnpu.float4_e2m1fn_x2)
 
 
