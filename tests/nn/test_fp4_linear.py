@@ -354,3 +354,34 @@ def test_swap_linears_on_a_bare_linear_reports_instead_of_breaking():
     assert rep.changes[0].name == "<model>" and "from_linear" in rep.changes[0].detail
     with pytest.raises(QuantizationError, match="unknown FP4 format"):
         swap_linears(lin, fmt="int4")
+
+
+def _module_level_linear(x, qw, bias):
+    return F.linear(x, qw.dequantize(x.dtype), bias)
+
+
+def test_deepcopy_and_pickle_keep_the_module_working():
+    import copy
+
+    q = FP4Linear.from_linear(_linear(), "nvfp4", kernels={"fp4_linear": _module_level_linear})
+    x = torch.randn(2, 96)
+    y = q(x)
+    assert torch.equal(copy.deepcopy(q)(x), y)
+    # torch.save of the whole module (plain pickle.dumps of a float8 tensor fails in torch 2.13 itself)
+    buf = io.BytesIO()
+    torch.save(q, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    from vbhal.nn import fp4_linear as mod
+
+    mod._REGISTRY.pop(back.kernel_key)  # as in a fresh process: the module re-registers its kernels
+    assert torch.equal(back(x), y)
+
+
+def test_a_quantize_kernel_without_name_still_names_the_layer_on_nan():
+    lin = _linear()
+    with torch.no_grad():
+        lin.weight[0, 0] = float("inf")
+    with pytest.raises(QuantizationError, match="'x.y'"):
+        FP4Linear.from_linear(lin, "mxfp4", name="x.y",
+                              kernels={"quantize_fp4": lambda w, fmt, *, scale_rule: quantize(w, fmt)})

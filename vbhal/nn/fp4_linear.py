@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from vbhal.errors import KernelError, QuantizationError
 from vbhal.formats import BLOCK_SIZES, FORMATS, SCALE_DTYPES, QuantizedWeight, padded_k, quantize
+from vbhal.formats.quantized_weight import _validate_weight
 from vbhal.formats.reference import ACTIVATION_DTYPES, autocast_enabled, fp4_linear_reference
 
 __all__ = ["FP4Linear", "swap_linears", "register_kernels", "DEFAULT_KEEP_NAMES", "ROUTER_MAX_OUT_FEATURES"]
@@ -74,6 +75,16 @@ def register_kernels(fp4_linear: Any, dequantize_fp4: Any = None) -> str:
         key = f"{base}#{i}"
     _REGISTRY[key] = (lin, deq)
     return key
+
+
+def _takes_name(fn: Callable) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "name" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def _reference_dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -241,7 +252,10 @@ class FP4Linear(nn.Module):
         qfn = _unwrap((kernels or {}).get("quantize_fp4"))
         if qfn is None:
             qw = quantize(w, fmt, scale_rule=scale_rule, name=name)
+        elif _takes_name(qfn):
+            qw = qfn(w, fmt, scale_rule=scale_rule, name=name)
         else:
+            _validate_weight(w, name)  # so a NaN/Inf error names the layer whatever the kernel checks
             qw = qfn(w, fmt, scale_rule=scale_rule)
         if not isinstance(qw, QuantizedWeight):
             raise KernelError(f"quantize_fp4 kernel returned {type(qw).__name__}, not a QuantizedWeight")
@@ -279,9 +293,18 @@ class FP4Linear(nn.Module):
     def bind_kernels(self, kernels: Mapping[str, Any] | None) -> None:
         """Bind ``fp4_linear`` / ``dequantize_fp4`` kernels (missing ones: the CPU reference)."""
         kernels = kernels or {}
-        lin, deq = kernels.get("fp4_linear"), kernels.get("dequantize_fp4")
-        self.kernel_key = REFERENCE_KEY if lin is None and deq is None else register_kernels(
-            lin if lin is not None else _reference_linear, deq)
+        lin, deq = _unwrap(kernels.get("fp4_linear")), _unwrap(kernels.get("dequantize_fp4"))
+        if lin is None and deq is None:
+            self.kernel_key, self._bound = REFERENCE_KEY, None
+        else:
+            self._bound = (lin if lin is not None else _reference_linear, deq)
+            self.kernel_key = register_kernels(*self._bound)
+
+    def _key(self) -> str:
+        # A module unpickled in another process carries its kernels but not the registry entry.
+        if self.kernel_key not in _REGISTRY and getattr(self, "_bound", None) is not None:
+            self.kernel_key = register_kernels(*self._bound)
+        return self.kernel_key
 
     # -- use -------------------------------------------------------------------------------------
     @property
@@ -313,7 +336,7 @@ class FP4Linear(nn.Module):
                 f"FP4Linear{self._where()} expects input (..., {self.in_features}), got {tuple(x.shape)}"
             )
         return torch.ops.vbhal.fp4_linear(x, self.codes, self.scales, self.tensor_scale, self.bias,
-                                          self.fmt, self.in_features, self.kernel_key)
+                                          self.fmt, self.in_features, self._key())
 
     def _where(self) -> str:
         return f" {self.name!r}" if self.name else ""
