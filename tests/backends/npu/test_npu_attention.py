@@ -290,3 +290,13 @@ def test_offsets_at_a_reused_address_are_read_again(fake_npu):
     buf[:] = [0, 8, 13, 16]  # same memory, a new tensor object, _version 0: what a caching allocator produces
     npa.attention(q, k, v, cu_seqlens=torch.from_numpy(buf))
     assert fake_npu.calls_of("npu_fusion_attention")[-1]["actual_seq_qlen"] == [8, 13, 16]
+
+
+def test_packed_on_a3_falls_back_dense_does_not(fake_npu):
+    fake_npu.set_chip("Ascend910_9392")
+    q, k, v, cu = _packed([3, 4], 2, 1, 8)
+    out = npa.attention(q, k, v, causal=True, cu_seqlens=cu)
+    _assert_fallback(fake_npu, out, cpu_attention(q, k, v, causal=True, cu_seqlens=cu), "varlen")
+    qd, kd, vd = _qkv(1, 2, 1, 4, 4, 8)
+    npa.attention(qd, kd, vd, causal=True)
+    assert len(fake_npu.calls_of("npu_fusion_attention")) == 1

@@ -66,8 +66,11 @@ SPARSE_MODE_LEFT_UP_CAUSAL = 2
 SPARSE_MODE_RIGHT_DOWN_CAUSAL = 3
 #: Side of the compressed lower-triangular mask that sparse_mode 2/3 take ("优化后的压缩下三角矩阵 2048*2048").
 COMPRESSED_MASK_SIZE = 2048
-#: Chip families for which the op is documented (Atlas A2 training; A3 in later op-plugin docs).
+#: Chip families for which the op's kernels are documented: torch_npu 2.13.0's own doc lists Atlas A2
+#: training; CANN's ops-transformer ``aclnnFlashAttentionScore.md`` lists A2 and A3 (and not the 950).
 FUSED_ATTENTION_CHIPS = ("A2", "A3")
+#: The varlen (TND) kernel, ``aclnnFlashAttentionVarLenScore``, is documented for Atlas A2 training only.
+VARLEN_ATTENTION_CHIPS = ("A2",)
 #: Input dtypes the op documents for query/key/value.
 FUSED_ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: "D: Head Dim ... range 1~768".
@@ -131,11 +134,14 @@ def to_npu_atten_mask(attn_mask: torch.Tensor, *, causal: bool, batch: int, head
 # --------------------------------------------------------------------------------------------------
 
 
-def fused_attention_unsupported(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None) -> str:
+def fused_attention_unsupported(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None,
+                                packed: bool = False) -> str:
     """Why ``npu_fusion_attention`` cannot take these inputs ("" when it can). Cheap: no device sync."""
     chip = _runtime.chip_of(q.device)
     if chip not in FUSED_ATTENTION_CHIPS:
         return f"npu_fusion_attention is documented for {FUSED_ATTENTION_CHIPS} chips, this is {chip!r}"
+    if packed and chip not in VARLEN_ATTENTION_CHIPS:
+        return f"npu_fusion_attention's TND (varlen) kernel is documented for {VARLEN_ATTENTION_CHIPS}, this is {chip!r}"
     if q.dtype not in FUSED_ATTENTION_DTYPES:
         return f"npu_fusion_attention takes float16/bfloat16/float32, got {q.dtype}"
     if q.shape[-1] > MAX_HEAD_DIM:
@@ -228,7 +234,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         o = attention(q, k, v, causal=True, cu_seqlens=cu)   # packed q (T, Hq, D), cu int32 [0, ..., T]
     """
     validate_attention_inputs(q, k, v, attn_mask=attn_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-    reason = fused_attention_unsupported(q, k, attn_mask)
+    reason = fused_attention_unsupported(q, k, attn_mask, packed=cu_seqlens is not None)
     if not reason:
         scale_f = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         if cu_seqlens is not None:
