@@ -1195,7 +1195,8 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
                 raise EstimateError(f"{spec.name}: the blocks do not run in order; cannot extrapolate")
         return _trace_step(spec, checkpointing=ckpt, optimizer=opt, round_to=round_to, **common)
 
-    tr = trace(gradient_checkpointing, optimizer, rounding)
+    # the offload engine recomputes every unit in backward: trace it checkpointed
+    tr = trace(gradient_checkpointing or offload, optimizer, rounding)
     if gradient_checkpointing and layer_detail:  # per-layer numbers without checkpointing: a second trace
         layers = trace(False, "none", 1).layers
     else:
@@ -1276,35 +1277,36 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
     host = TierUsage("host", 1, capacity=caps["host"])
     disk_t = TierUsage("disk", 2, capacity=caps["disk"])
     if offload:
-        # Mode "memory" (DESIGN.md, memory tiers): master weights, gradients and optimizer state
-        # live in the host tier; the device keeps the weights outside the blocks, working copies
-        # of two blocks (the one computing, the one prefetched) and their gradients; the
-        # optimizer step runs on the host, so its temporaries leave the device.
-        # (n_blocks: the real number of blocks, also when built with fewer)
-        resident = min(n_blocks, _OFFLOAD_RESIDENT_BLOCKS)
-        blk_master = _block_param_bytes(blocks, param_dtype)
-        blk_work = _block_param_bytes(blocks, autocast or param_dtype)
-        blk_grad = _block_param_bytes(blocks, param_dtype, trainable_only=True) if not fmt else \
-            _block_grad_bytes_fp4(blocks, param_dtype)
-        nonblock = max(0, param_bytes - blk_master * n_blocks)
-        nonblock_grad = max(0, grads - blk_grad * n_blocks)
-        host.parameters, host.gradients, host.optimizer_state = dev["parameters"], grads, dev["optimizer_state"]
-        frac = resident / n_blocks if n_blocks else 1.0
-        dev = dict(parameters=nonblock + resident * blk_work,
-                   gradients=min(dev["gradients"], nonblock_grad + resident * blk_grad),
-                   optimizer_state=0,
-                   activations=cat["activations"] + int(cat["autocast"] * frac),
+        # vbhal.nn.offload (mode "memory"): every block, and every other module holding parameters,
+        # is a unit streamed through the device. The host keeps fp32 masters and AdamW state
+        # (pageable) plus a working copy and a gradient buffer in the work dtype (pinned); the
+        # device keeps the units in flight (the one computing and the prefetched one), one unit's
+        # gradient, and activations with unit-level checkpointing (the engine recomputes each
+        # unit in backward); the AdamW step runs on the host. Formula on top of the trace.
+        work = _elt(autocast or param_dtype)
+        units = _offload_units(spec.module, blocks, n_blocks)
+        resident = min(len(units), _OFFLOAD_RESIDENT_BLOCKS)
+        biggest = sorted((u[0] for u in units), reverse=True)[:resident]
+        host.parameters = n_train * 4 + n_params * work
+        host.gradients = n_train * work
+        host.optimizer_state = n_train * 8
+        dev = dict(parameters=sum(biggest) * work, gradients=max((u[1] for u in units), default=0) * work,
+                   optimizer_state=0, activations=cat["activations"],
                    temporaries=cat["temporaries"] if peak_phase != "optimizer" else 0)
-        notes.append(f"offload: the device holds {resident} of {n_blocks} blocks' working weights; master "
-                     f"weights, gradients and optimizer state live in host memory (formula, not traced)")
+        notes.append(f"offload: {len(units)} units stream through the device, {resident} at a time; fp32 masters, "
+                     f"AdamW state and work-dtype copies/gradients in host memory (formula over the trace; "
+                     f"the engine always uses AdamW and recomputes each unit)")
         if caps["host"] is not None and host.total > caps["host"]:
             over = host.total - caps["host"]
-            for key in ("optimizer_state", "parameters", "gradients"):  # spill order
-                move = min(over, getattr(host, key))
-                setattr(host, key, getattr(host, key) - move)
-                setattr(disk_t, key, getattr(disk_t, key) + move)
-                over -= move
-            notes.append("offload: host capacity exceeded; optimizer state (then weights) spill to disk")
+            # the engine's state stack spills fp32 masters + AdamW state to disk (LRU); pinned buffers stay
+            spillable = n_train * 12
+            move = min(over, spillable, host.optimizer_state + n_train * 4)
+            from_state = min(move, host.optimizer_state)
+            host.optimizer_state -= from_state
+            disk_t.optimizer_state += from_state
+            host.parameters -= move - from_state
+            disk_t.parameters += move - from_state
+            notes.append("offload: host capacity exceeded; AdamW state and fp32 masters spill to disk")
 
     peak_alloc = sum(dev.values()) + workspace
     reserved = int(peak_alloc * _RESERVED_FACTOR) + _RESERVED_SLACK if kind == "cuda" else peak_alloc
@@ -1336,6 +1338,28 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
         temporaries=dev["temporaries"], workspace=workspace, peak_allocated=peak_alloc, peak_reserved=reserved,
         peak_phase=peak_phase, activations_total_saved=tr.saved_total, optimizer_temporaries=opt_temp,
         layers=layers, tiers=tiers, notes=notes, trace_seconds=time.perf_counter() - t_start)
+
+
+def _elt(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _offload_units(model: nn.Module, blocks: list[nn.Module], n_blocks: int) -> list[tuple[int, int]]:
+    """(parameters, trainable parameters) of each unit vbhal.nn.offload streams: each block, and
+    each other module that owns parameters directly (embeddings, norms, the head)."""
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    units: list[tuple[int, int]] = []
+    if blocks:
+        per = (sum(p.numel() for p in blocks[0].parameters()),
+               sum(p.numel() for p in blocks[0].parameters() if p.requires_grad))
+        units += [per] * n_blocks
+    seen: set[int] = set()
+    for m in model.modules():
+        own = [p for p in m.parameters(recurse=False) if id(p) not in in_blocks and id(p) not in seen]
+        seen.update(id(p) for p in own)
+        if own:
+            units.append((sum(p.numel() for p in own), sum(p.numel() for p in own if p.requires_grad)))
+    return units
 
 
 def _block_param_bytes(blocks: list[nn.Module], dtype: torch.dtype, trainable_only: bool = False) -> int:
