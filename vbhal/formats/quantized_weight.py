@@ -303,9 +303,9 @@ def quantize(
     K is padded with zeros to the block size (see the module docstring); the work is a handful of
     vectorised passes, done in row chunks to bound the float32 temporaries.
 
-    >>> qw = quantize(torch.randn(128, 256, dtype=torch.bfloat16), "nvfp4", name="mlp.up")
-    >>> (qw.dequantize() - qw.dequantize()).abs().max().item()
-    0.0
+    >>> w = torch.tensor([[0.3, -1.2, 5.0, 0.0] * 8])       # one 32-block, max 5.0 -> X = 2^(2-2) = 1
+    >>> quantize(w, "mxfp4").dequantize()[0, :4].tolist()   # 0.3 -> 0.5, -1.2 -> -1, 5 -> 4 (tie to even)
+    [0.5, -1.0, 4.0, 0.0]
     """
     _check_fmt(fmt)
     if scale_rule not in SCALE_RULES:
