@@ -14,6 +14,7 @@ Prints compact tables and writes benchmarks/results/formats-<device>.json (and -
     python benchmarks/bench_formats.py --device cpu --small
 """
 
+# ruff: noqa: B023  (every lambda is timed at once, inside the loop iteration that made it)
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from vbhal.formats import quantize  # noqa: E402
-from vbhal.formats.reference import fp4_linear_reference  # noqa: E402
+from vbhal.formats import quantize
+from vbhal.formats.reference import fp4_linear_reference
 
 CASES = [("mxfp4", "floor"), ("mxfp4", "rceil"), ("nvfp4", "floor")]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from fp4_refs import DEVICES
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from fp4_refs import random_weight
+
 from vbhal.backends.cpu import fp4 as cpu_fp4
 from vbhal.errors import KernelError
 from vbhal.formats import quantize

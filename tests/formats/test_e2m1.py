@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fp4_refs import E2M1, e2m1_ref_code, torch_bf16_to_fp4x2, torchao_mx
+
 from vbhal.formats.e2m1 import (
     E2M1_BOUNDARIES,
     decode_e2m1,

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from fp4_refs import (
     e2m1_ref_code,
     mx_floor_ref_scale_code,
@@ -15,6 +14,7 @@ from fp4_refs import (
     random_weight,
     torchao_mx,
 )
+
 from vbhal.formats import quantize
 from vbhal.formats.e2m1 import unpack_fp4
 from vbhal.formats.mx import e8m0_to_float32

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from fp4_refs import random_weight, torchao_mx
+
 from vbhal.formats import quantize
 from vbhal.formats.e2m1 import decode_e2m1, unpack_fp4
 from vbhal.formats.nvfp4 import E4M3_MAX, NVFP4_MIN_TENSOR_SCALE

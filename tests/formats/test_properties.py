@@ -7,8 +7,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vbhal.formats import quantize
 from vbhal.errors import QuantizationError
+from vbhal.formats import quantize
 from vbhal.formats.mx import RCEIL_DECODE_OVERFLOW, e8m0_to_float32
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -6,8 +6,8 @@ import io
 
 import pytest
 import torch
-
 from fp4_refs import random_weight
+
 from vbhal.errors import QuantizationError
 from vbhal.formats import FORMATS, QuantizedWeight, dequantize, quantize
 

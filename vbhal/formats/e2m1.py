@@ -20,13 +20,13 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "E2M1_VALUES",
     "E2M1_MAX",
     "E2M1_MAX_POW2",
     "E2M1_SIGN_BIT",
-    "encode_e2m1",
+    "E2M1_VALUES",
     "decode_e2m1",
     "decode_packed_fp4",
+    "encode_e2m1",
     "pack_fp4",
     "unpack_fp4",
 ]

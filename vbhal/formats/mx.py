@@ -29,14 +29,14 @@ import torch
 from .e2m1 import E2M1_MAX, E2M1_MAX_POW2, decode_packed_fp4, encode_e2m1, pack_fp4
 
 __all__ = [
-    "MX_BLOCK_SIZE",
     "E8M0_BIAS",
     "E8M0_NAN",
-    "SCALE_RULES",
+    "MX_BLOCK_SIZE",
     "RCEIL_DECODE_OVERFLOW",
-    "mxfp4_quantize_padded",
-    "mxfp4_dequantize",
+    "SCALE_RULES",
     "e8m0_to_float32",
+    "mxfp4_dequantize",
+    "mxfp4_quantize_padded",
 ]
 
 #: Elements per shared scale (OCP MX v1.0, section 5, table 1: k = 32 for every concrete MX format).

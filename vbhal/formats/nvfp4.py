@@ -26,14 +26,14 @@ import torch
 from .e2m1 import E2M1_MAX, decode_packed_fp4, encode_e2m1, pack_fp4
 
 __all__ = [
-    "NVFP4_BLOCK_SIZE",
     "E4M3_MAX",
     "E4M3_MIN_SCALE",
+    "NVFP4_BLOCK_SIZE",
     "NVFP4_MIN_TENSOR_SCALE",
+    "nvfp4_dequantize",
+    "nvfp4_quantize_padded",
     "nvfp4_tensor_scale",
     "nvfp4_tensor_scale_from_amax",
-    "nvfp4_quantize_padded",
-    "nvfp4_dequantize",
 ]
 
 #: Elements per E4M3 block scale in NVFP4.

@@ -20,7 +20,7 @@ from ..errors import QuantizationError
 from .mx import MX_BLOCK_SIZE, RCEIL_DECODE_OVERFLOW, SCALE_RULES, mxfp4_dequantize, mxfp4_quantize_padded
 from .nvfp4 import NVFP4_BLOCK_SIZE, nvfp4_dequantize, nvfp4_quantize_padded, nvfp4_tensor_scale_from_amax
 
-__all__ = ["FORMATS", "BLOCK_SIZES", "SCALE_DTYPES", "QuantizedWeight", "quantize", "padded_k"]
+__all__ = ["BLOCK_SIZES", "FORMATS", "SCALE_DTYPES", "QuantizedWeight", "padded_k", "quantize"]
 
 #: Supported FP4 formats.
 FORMATS = ("mxfp4", "nvfp4")
@@ -97,7 +97,7 @@ class QuantizedWeight:
     (torch.Size([64, 48]), torch.Size([64, 3]), torch.Size([64, 96]))
     """
 
-    __slots__ = ("codes", "scales", "tensor_scale", "fmt", "shape", "orig_dtype", "scale_rule")
+    __slots__ = ("codes", "fmt", "orig_dtype", "scale_rule", "scales", "shape", "tensor_scale")
 
     def __init__(
         self,
@@ -203,7 +203,7 @@ class QuantizedWeight:
             out[r0 : r0 + rows] = full[:, :k]
         return out
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "QuantizedWeight":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> QuantizedWeight:
         """A copy on ``device`` (self if already there). Dtypes never change: the bytes are the format."""
         dev = torch.device(device)
         ts = self.tensor_scale
@@ -237,7 +237,7 @@ class QuantizedWeight:
         return sd
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, Any]) -> "QuantizedWeight":
+    def from_state_dict(cls, sd: dict[str, Any]) -> QuantizedWeight:
         """Rebuild from :meth:`state_dict`; any mismatch between bytes and header raises QuantizationError."""
         if not isinstance(sd, dict) or "header" not in sd or "codes" not in sd or "scales" not in sd:
             keys = sorted(sd) if isinstance(sd, dict) else type(sd).__name__

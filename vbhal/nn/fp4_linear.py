@@ -7,9 +7,11 @@ bias, if any, stays a trainable ``Parameter``; gradients flow to the input and t
 (LoRA) train on top of an FP4 base.
 
 The forward runs the kernel bound when the module was built (``fp4_linear`` from the HAL; by default
-the reference :func:`vbhal.formats.reference.fp4_linear_reference`, which the CPU backend serves) through the custom op ``vbhal::fp4_linear``
-(``torch.library``: a fake implementation for ``torch.compile`` and an autograd formula), so compile
-sees one opaque op instead of tracing into a kernel.
+the reference :func:`vbhal.formats.reference.fp4_linear_reference`, which the CPU backend serves)
+through the custom op ``vbhal::fp4_linear`` (``torch.library``: a fake implementation for
+``torch.compile`` and an autograd formula), so compile sees one opaque op, not the kernel's insides.
+The backward is the exact gradient of the reference: dL/dx = dL/dy @ W in float32 (W from the bound
+``dequantize_fp4``, else the reference decoder), cast to x's dtype; dL/db = sum of dL/dy in float32.
 
 >>> lin = torch.nn.Linear(64, 32)
 >>> q = FP4Linear.from_linear(lin, fmt="mxfp4", name="mlp.up")
@@ -20,7 +22,8 @@ sees one opaque op instead of tracing into a kernel.
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Callable, Iterable, Mapping, Optional
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +33,7 @@ from vbhal.formats import BLOCK_SIZES, FORMATS, SCALE_DTYPES, QuantizedWeight, p
 from vbhal.formats.quantized_weight import _validate_weight
 from vbhal.formats.reference import ACTIVATION_DTYPES, autocast_enabled, fp4_linear_reference
 
-__all__ = ["FP4Linear", "swap_linears", "register_kernels", "DEFAULT_KEEP_NAMES", "ROUTER_MAX_OUT_FEATURES"]
+__all__ = ["DEFAULT_KEEP_NAMES", "ROUTER_MAX_OUT_FEATURES", "FP4Linear", "register_kernels", "swap_linears"]
 
 #: Output heads kept in high precision by :func:`swap_linears`: a Linear inside a module with one of these
 #: names (``lm_head``, ``classifier.dense``), or whose own name is ``output`` (Meta's LLaMA head; BERT's
@@ -117,8 +120,8 @@ def _fp4_linear_op(
     x: Tensor,
     codes: Tensor,
     scales: Tensor,
-    tensor_scale: Optional[Tensor],
-    bias: Optional[Tensor],
+    tensor_scale: Tensor | None,
+    bias: Tensor | None,
     fmt: str,
     in_features: int,
     kernel: str,
@@ -139,7 +142,7 @@ def _fp4_linear_grad_input_op(
     grad: Tensor,
     codes: Tensor,
     scales: Tensor,
-    tensor_scale: Optional[Tensor],
+    tensor_scale: Tensor | None,
     fmt: str,
     in_features: int,
     kernel: str,
@@ -160,7 +163,7 @@ def _(grad, codes, scales, tensor_scale, fmt, in_features, kernel):
 
 
 def _setup_context(ctx, inputs, output):
-    x, codes, scales, tensor_scale, bias, fmt, in_features, kernel = inputs
+    _x, codes, scales, tensor_scale, bias, fmt, in_features, kernel = inputs
     ctx.save_for_backward(codes, scales, tensor_scale)
     ctx.meta = (fmt, in_features, kernel, None if bias is None else bias.dtype)
 
@@ -239,7 +242,7 @@ class FP4Linear(nn.Module):
         name: str | None = None,
         kernels: Mapping[str, Any] | None = None,
         scale_rule: str = "floor",
-    ) -> "FP4Linear":
+    ) -> FP4Linear:
         """Quantize ``linear.weight`` (with ``kernels["quantize_fp4"]`` if given, else the reference)
         and return an FP4Linear on the same device; the bias is copied as a trainable Parameter.
 
@@ -271,7 +274,7 @@ class FP4Linear(nn.Module):
         *,
         kernels: Mapping[str, Any] | None = None,
         name: str | None = None,
-    ) -> "FP4Linear":
+    ) -> FP4Linear:
         """Wrap an existing QuantizedWeight (and optional bias, copied) in an FP4Linear."""
         qw.validate()
         n, k = qw.shape

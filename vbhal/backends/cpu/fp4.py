@@ -13,7 +13,7 @@ import torch
 from vbhal.formats import QuantizedWeight, quantize
 from vbhal.formats.reference import autocast_enabled, check_linear_inputs, fp4_linear_reference
 
-__all__ = ["quantize_fp4", "dequantize_fp4", "fp4_linear", "check_linear_inputs", "autocast_enabled", "KERNELS"]
+__all__ = ["KERNELS", "autocast_enabled", "check_linear_inputs", "dequantize_fp4", "fp4_linear", "quantize_fp4"]
 
 
 def quantize_fp4(w: torch.Tensor, fmt: str, *, scale_rule: str = "floor", name: str | None = None) -> QuantizedWeight:
