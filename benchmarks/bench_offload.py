@@ -179,6 +179,7 @@ def build_vbhal(n_blocks: int, tokens: int, *, threads: int | None = None, **cfg
         checkpoint=True,
         init_fn=fast_host_init(),
         optimizer_threads=threads or max(1, (os.cpu_count() or 2) - 1),
+        host_step=os.environ.get("VBHAL_HOST_STEP", "compiled"),
         **cfg,
     )
     return model, eng, time.perf_counter() - t0
