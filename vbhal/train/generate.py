@@ -47,6 +47,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         raise CheckpointError(f"{path} has no model weights (an FSDP training checkpoint keeps them in its "
                               f".dcp folder); use best_model.pt of that run.")
     model = GPT(GPTConfig(**state["model_config"]))
+    applied = state.get("optimize")
+    if applied and (applied.get("fp4") or applied.get("attention")):
+        # The weights were saved from an optimized model (FP4 codes and scales instead of nn.Linear
+        # weights): rebuild the same structure, then load.
+        import vbhal
+        overrides = {k: v for k, v in applied.items() if k != "mode"}
+        model = vbhal.optimize(model, applied["mode"], device=str(device), **overrides)
     model.load_state_dict(state["model"])
     return model.to(device).eval()
 

@@ -207,7 +207,7 @@ def _apply_vbhal_features(model: nn.Module, cfg: TrainConfig, device: torch.devi
         overrides["gradient_checkpointing"] = True
     mode = overrides.pop("mode", None) or cfg.mode
     if not (overrides.get("fp4") or overrides.get("attention") or overrides.get("offload")) and mode is None:
-        return model   # nothing of vbhal's asked for (checkpointing is the model's own switch)
+        return model, None   # nothing of vbhal's asked for (checkpointing is the model's own switch)
     try:
         import vbhal
         optimize = vbhal.optimize
@@ -215,13 +215,27 @@ def _apply_vbhal_features(model: nn.Module, cfg: TrainConfig, device: torch.devi
         raise FeatureUnavailableError(
             f"--use-fp4/--use-flash-attn/--mode need vbhal.optimize, which is not importable in this "
             f"build ({exc}). Run without those flags.") from None
+    _refuse_offload(mode, overrides)
     overrides["mixed_precision"] = "none"
-    model = optimize(model, mode or "speed", device=str(device), **overrides)
+    applied = dict(overrides, mode=mode or "speed")
+    model = optimize(model, applied["mode"], device=str(device), **overrides)
     report = getattr(model, "_vbhal_report", None)
     if report is not None:
         text = report.format(max_rows=12) if hasattr(report, "format") else str(report)
         log("vbhal.optimize:\n" + text)
-    return model
+    return model, applied
+
+
+def _refuse_offload(mode: str | None, overrides: dict | None) -> None:
+    """The offload engine runs its own AdamW on the host during backward (vbhal.nn.offload), which this
+    loop's optimizer, clipping, accumulation and checkpoints do not drive yet: refuse it up front."""
+    overrides = overrides or {}
+    if overrides.get("offload") or (mode == "memory" and "offload" not in overrides):
+        raise ConfigError("offload to the host/disk tiers (--mode memory, or a --vgpu-auto plan that needs "
+                          "it) is not wired into `vbhal train` yet: its host AdamW replaces this loop's "
+                          "optimizer. Use --mode balanced/full (checkpointing, FP4), a smaller --batch-size "
+                          "with --gradient-accumulation-steps, or vbhal.nn.offload.apply_offload in your "
+                          "own loop.")
 
 
 def _estimate_module():
@@ -362,6 +376,7 @@ def _run(cfg: TrainConfig, model_cfg: GPTConfig, info: D.DistInfo, device: torch
         if plan_overrides.get("gradient_checkpointing"):
             cfg = dataclasses.replace(cfg, gradient_checkpointing=True)
 
+    _refuse_offload((plan_overrides or {}).get("mode") or cfg.mode, plan_overrides)
     resuming = cfg.resume is not None
     out = _prepare_output(cfg, resuming, overwrite)
 
@@ -439,9 +454,11 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.to(device)
-    model = _apply_vbhal_features(model, cfg, device, log, plan_overrides)
+    log(_count_params(model))
+    model, applied = _apply_vbhal_features(model, cfg, device, log, plan_overrides)
     raw: GPT = model
-    log(_count_params(raw))
+    if applied and applied.get("fp4"):
+        log("after vbhal.optimize: " + _count_params(raw) + " (FP4 weights are frozen buffers, not parameters)")
     if state is not None and cfg.strategy != "fsdp":
         raw.load_state_dict(state["model"])
     model = D.wrap_model(model, cfg.strategy, info)
@@ -536,6 +553,7 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
             "model_config": model_cfg.to_dict(), "train_config": cfg.to_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
             "rng": rng_all, "best_val_loss": best_val, "world_size": info.world_size, "reason": reason,
+            "optimize": applied,
         }
         try:
             if cfg.strategy == "fsdp" and info.enabled:
@@ -564,7 +582,8 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
         if info.is_main:
             try:
                 ckpt.save_atomic({"format": ckpt.CHECKPOINT_FORMAT, "model": sd, "model_config": model_cfg.to_dict(),
-                                  "step": step, "val_loss": val_loss, "tokenizer": "bytes+eos256"},
+                                  "step": step, "val_loss": val_loss, "tokenizer": "bytes+eos256",
+                                  "optimize": applied},
                                  out / "best_model.pt")
             except CheckpointError as exc:
                 log(f"ERROR: {exc} (best model not saved)")
