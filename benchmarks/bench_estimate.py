@@ -481,7 +481,7 @@ def planner_check(device, t0, budget):
         ("vbhal-medium s1024 @8GB", ("vbhal", vbhal_config("medium")), 1024, 8 * GB),
         ("gpt2 s1024 @8GB", ("hf", gpt2_config()), 1024, 8 * GB),
         ("llama-0.3B s2048 @12GB", ("hf", llama_config()), 2048, 12 * GB),
-        ("vbhal-large s1024 @6GB", ("vbhal", vbhal_config("large")), 1024, 6 * GB),
+        ("vbhal-large s1024 @10GB", ("vbhal", vbhal_config("large")), 1024, 10 * GB),
     ]
     rows, out = [], []
     for name, model, seq, cap in checks:
@@ -491,7 +491,8 @@ def planner_check(device, t0, budget):
         rec = dict(name=name, cap=cap)
         try:
             t = time.perf_counter()
-            p = plan(model[1], gpu_mem=cap, cpu_mem="64GB", disk="50GB", seq_length=seq, max_batch_size=64)
+            p = plan(model[1], gpu_mem=cap, cpu_mem="64GB", disk="50GB", seq_length=seq, max_batch_size=64,
+                     explain=False)
             rec["plan_seconds"] = time.perf_counter() - t
             rec.update(mode=p.mode, batch=p.batch_size, fits=p.fits, ckpt=p.gradient_checkpointing,
                        pred_reserved=p.estimate.peak_reserved if p.estimate else None)
