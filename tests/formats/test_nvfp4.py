@@ -99,3 +99,15 @@ def test_calibrated_tensor_scale_is_used(device):
     s, d = nv.nvfp4_quantize(w.cpu(), 16, ts.cpu())
     assert torch.equal(qw.scales.view(torch.uint8).cpu(), s.view(torch.uint8))
     assert torch.equal(qw.codes.cpu(), d.view(torch.uint8))
+
+
+def test_exact_ties_with_unit_scales_round_to_even(device):
+    # tensor max 2688 = 448 * 6 -> tensor scale exactly 1; a block with max 6 -> block scale exactly 1,
+    # reciprocal exactly 1: the E2M1 midpoints reach the rounding step unchanged.
+    w = torch.zeros(2, 16)
+    w[0, 0] = 2688.0
+    w[1] = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0, -6.0])
+    qw = _assert_bit_exact(w, device)
+    assert qw.tensor_scale.item() == 1.0 and qw.scales[1, 0].float().item() == 1.0
+    codes = unpack_fp4(qw.codes.cpu())[1].tolist()
+    assert codes == [7, 0, 2, 2, 4, 4, 6, 6, 8, 10, 10, 12, 12, 14, 14, 15]
