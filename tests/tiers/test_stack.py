@@ -160,3 +160,12 @@ def test_from_specs_takes_one_tier_per_level_by_kind(tmp_path):
         st.register(i, torch.full((1024,), float(i)))
     assert [st.level_of(i) for i in range(8)] == [0, 0, 0, 0, 1, 1, 2, 2]
     st.close()
+
+
+def test_measure_bandwidth_fills_tiers_and_table(stack):
+    bw = stack.measure_bandwidth(1 << 20)
+    assert set(bw) == {"0<-1", "1<-0", "1<-2", "2<-1"} and all(v > 0 for v in bw.values())
+    assert all(t.bandwidth_bytes_per_s and t.bandwidth_bytes_per_s > 0 for t in stack.tiers)
+    text = format_tier_stats(stack)
+    assert "0<-1" in text and "GB/s" in text and "used / budget" in text
+    assert list(stack.spill.path.iterdir()) == []  # the probe file is gone

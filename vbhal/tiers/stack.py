@@ -120,6 +120,7 @@ class TierStack:
         self.disk_fault_hook: Callable[[str, object], None] | None = None
         self._entries: dict[Hashable, _Entry] = {}
         self._deferred: list[tuple[Any, HostBlock]] = []
+        self.bandwidth: dict[str, float] = {}
         self._lock = threading.RLock()
         self._clock = 0
         self._pool_exec = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vbhal-tier-prefetch")
@@ -588,6 +589,48 @@ class TierStack:
         e.data = e.block = e.path = None
         e.event = None
         e.level = -1
+
+    def measure_bandwidth(self, nbytes: int = 64 << 20) -> dict[str, float]:
+        """Time copies between adjacent levels with an `nbytes` tensor; fills each tier's
+        ``bandwidth_bytes_per_s`` (bytes/s into that level) and returns {"0<-1": ..., "1<-0": ...}."""
+        out: dict[str, float] = {}
+        t = torch.empty(nbytes, dtype=torch.uint8).random_(0, 255)
+        host = self.pool.alloc(nbytes, torch.uint8)
+        host.tensor.copy_(t)
+        try:
+            for lo in range(len(self.tiers) - 1):
+                up, down = self.tiers[lo], self.tiers[lo + 1]
+                if up.kind == "device" and self._accel:
+                    dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+                    for name, fn in ((f"{lo}<-{lo + 1}", lambda: dev.copy_(host.tensor, non_blocking=True)),
+                                     (f"{lo + 1}<-{lo}", lambda: host.tensor.copy_(dev, non_blocking=True))):
+                        fn()
+                        self._dm.synchronize(self.device)
+                        t0 = time.perf_counter()
+                        for _ in range(3):
+                            fn()
+                        self._dm.synchronize(self.device)
+                        out[name] = 3 * nbytes / (time.perf_counter() - t0)
+                elif down.kind == "disk":
+                    path = self.spill.new_file("bandwidth-probe")
+                    t0 = time.perf_counter()
+                    write_spill(path, "bandwidth-probe", host.tensor)
+                    out[f"{lo + 1}<-{lo}"] = nbytes / (time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    read_spill(path, "bandwidth-probe", (nbytes,), torch.uint8, out=t)
+                    out[f"{lo}<-{lo + 1}"] = nbytes / (time.perf_counter() - t0)
+                    path.unlink()
+                else:  # host memory to host memory (a CPU "device" tier)
+                    t0 = time.perf_counter()
+                    for _ in range(3):
+                        t.copy_(host.tensor)
+                    out[f"{lo}<-{lo + 1}"] = out[f"{lo + 1}<-{lo}"] = 3 * nbytes / (time.perf_counter() - t0)
+                down.bandwidth_bytes_per_s = out[f"{lo + 1}<-{lo}"]  # into each lower level from above
+            self.tiers[0].bandwidth_bytes_per_s = out.get("0<-1")  # into the device from the level below
+        finally:
+            self.pool.free(host)
+        self.bandwidth = out
+        return out
 
     # -------------------------------------------------------------------------------------- housekeeping
     def _check_open(self) -> None:

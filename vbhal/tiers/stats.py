@@ -101,6 +101,17 @@ def format_tier_stats(stack: Any) -> str:
             ]
         )
     title = getattr(stack, "stats_title", "vbhal memory tiers")
+    tiers = getattr(stack, "tiers", None)
+    if tiers:  # capacity and use of each level (a TierStack), and the measured copy bandwidth between levels
+        for row, t in zip(rows, sorted(tiers, key=lambda t: t.level)):
+            row.append(f"{human_bytes(t.used_bytes)} / {human_bytes(t.capacity_bytes)}")
+        text = format_table(
+            ["level", "hits", "misses", "promotions", "demotions", "failed demotions", "bytes in", "bytes out",
+             "stall s", "used / budget"], rows, title=title)
+        bw = getattr(stack, "bandwidth", None)
+        if bw:
+            text += "\nmeasured copy bandwidth (to<-from): " + ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in bw.items())
+        return text
     return format_table(
         ["level", "hits", "misses", "promotions", "demotions", "failed demotions", "bytes in", "bytes out", "stall s"],
         rows,
