@@ -194,3 +194,12 @@ def test_bad_options_get_clear_errors():
     with pytest.raises(QuantizationError, match="nvfp4 only"):
         quantize(w, "mxfp4", tensor_scale=torch.tensor(1.0))
     assert isinstance(QuantizationError("x"), ValueError)
+
+
+def test_to_a_dtype_and_non_contiguous_payloads_are_refused():
+    qw = quantize(random_weight(4, 64, seed=51), "mxfp4")
+    with pytest.raises(QuantizationError, match="dequantize\\(dtype\\)"):
+        qw.to(torch.bfloat16)
+    codes_t = qw.codes.t().contiguous().t()  # same values, column-major
+    with pytest.raises(QuantizationError, match="contiguous"):
+        QuantizedWeight(codes_t, qw.scales, None, "mxfp4", qw.shape)

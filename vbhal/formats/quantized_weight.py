@@ -161,6 +161,11 @@ class QuantizedWeight:
                     f"QuantizedWeight.{key} is {t.dtype} {tuple(t.shape)} but its header ({fmt}, shape {self.shape}) "
                     f"requires {dtype} {shape}; the payload does not belong to this header (re-quantize the weight)"
                 )
+        if not (self.codes.is_contiguous() and self.scales.is_contiguous()):
+            raise QuantizationError(
+                "QuantizedWeight.codes and .scales must be contiguous (kernels read them row-major); "
+                "pass t.contiguous()"
+            )
         if self.scales.device != self.codes.device:
             raise QuantizationError(
                 f"QuantizedWeight.codes is on {self.codes.device} but scales on {self.scales.device}; move it "
@@ -205,6 +210,11 @@ class QuantizedWeight:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> QuantizedWeight:
         """A copy on ``device`` (self if already there). Dtypes never change: the bytes are the format."""
+        if isinstance(device, torch.dtype):
+            raise QuantizationError(
+                f"QuantizedWeight.to() moves between devices only; its dtypes are the format. For a {device} "
+                "weight use .dequantize(dtype)"
+            )
         dev = torch.device(device)
         ts = self.tensor_scale
         return QuantizedWeight(
