@@ -1,7 +1,10 @@
 #!/bin/bash
 # GPU round for the tier stack / offloaded training (budget 300 s; killed with `timeout` after that).
-# 1. correctness in bf16 at a real size (plain vs vbhal), 2. speed 3.5B under an 8 GB cap vs in-GPU,
-# 3. capacity (plain OOM at >= 4.7B, vbhal trains it). Results merge into $RES/offload-<dev>.json.
+# Parts (PARTS below, in order): cuda = stream/pinned tests + offload vs plain (small), check = bf16 at a real
+# size, speed = 3.5B under an 8 GB cap vs in-GPU at 16k/64k tokens, capacity = plain OOM vs vbhal at >= 4.7B,
+# peers = DeepSpeed ZeRO-3 offload / torchao CPUOffloadOptimizer / vbhal on one model, largest = biggest model
+# the host holds. Results merge into $RES/offload-gpu.json; stdout has one table row per run.
+PARTS=${TIERS_PARTS:-"cuda check speed capacity"}
 START=$(date +%s)
 : "${RES:=/tmp/tiers-res}"
 mkdir -p "$RES"
@@ -9,23 +12,38 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 left() { echo $(( 292 - ($(date +%s) - START) )); }
 OUTJ="$RES/offload-gpu.json"
 
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$RES/gpu.txt" 2>&1
-python3 -c "import torch, os; print('torch', torch.__version__, 'cpus', os.cpu_count())" >> "$RES/gpu.txt" 2>&1
-python3 -c "import psutil; print('psutil', psutil.__version__)" >> "$RES/gpu.txt" 2>&1
-free -g >> "$RES/gpu.txt" 2>&1
+{ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  python3 -c "import torch, os; print('torch', torch.__version__, 'cpus', os.cpu_count())"
+  python3 -c "import psutil; print('psutil', psutil.__version__)"
+  free -g; df -h /tmp | tail -1; which g++ nvcc; } > "$RES/gpu.txt" 2>&1
 cat "$RES/gpu.txt"
 
-echo "== cuda tests (streams, events, pinned pool, offload vs plain) =="
-timeout 45 python3 tests/tiers/test_cuda.py 2>&1 | tail -n 40
+run_part() {  # name, max seconds
+  local T=$(( $(left) - 3 )); [ "$T" -gt "$2" ] && T=$2
+  if [ "$T" -lt 20 ]; then echo "== $1 skipped (no time left) =="; return; fi
+  echo "== $1 (limit $T s, $(left) s left) =="
+  case $1 in
+    cuda) timeout "$T" python3 tests/tiers/test_cuda.py 2>&1 | tail -n 40 ;;
+    peers)
+      # DeepSpeed and its deps travel as wheels in .whl/tiers (kept out of the shared /tmp/site).
+      if ls .whl/tiers/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-tiers .whl/tiers/*.whl \
+          > "$RES/wheels-tiers.txt" 2>&1 || echo "wheel install failed (see wheels-tiers.txt)"
+      fi
+      PATH="/tmp/site-tiers/bin:$PATH" PYTHONPATH="$PYTHONPATH:/tmp/site-tiers" timeout "$T" \
+        python3 benchmarks/bench_offload.py peers --steps 2 --out "$OUTJ" 2>&1 | grep -v "^\[" | tail -n 40 ;;
+    *) timeout "$T" python3 benchmarks/bench_offload.py "$1" --steps 3 --out "$OUTJ" 2>&1 | tail -n 30 ;;
+  esac
+}
 
-echo "== check (bf16, real size) =="
-timeout 45 python3 benchmarks/bench_offload.py check --out "$OUTJ" 2>&1 | tail -n 30
-
-echo "== speed (3.5B, 16k and 64k tokens) == left $(left)"
-T=$(( $(left) - 70 )); [ "$T" -gt 130 ] && T=130
-timeout "$T" python3 benchmarks/bench_offload.py speed --steps 3 --out "$OUTJ" 2>&1 | tail -n 30
-
-echo "== capacity (8 GB cap) == left $(left)"
-T=$(( $(left) - 3 ))
-[ "$T" -gt 30 ] && timeout "$T" python3 benchmarks/bench_offload.py capacity --steps 2 --out "$OUTJ" 2>&1 | tail -n 30
+for p in $PARTS; do
+  case $p in
+    cuda) run_part cuda 45 ;;
+    check) run_part check 45 ;;
+    speed) run_part speed 130 ;;
+    capacity) run_part capacity 150 ;;
+    peers) run_part peers 200 ;;
+    largest) run_part largest 200 ;;
+  esac
+done
 echo "total $(( $(date +%s) - START )) s"
