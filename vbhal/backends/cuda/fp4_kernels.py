@@ -397,14 +397,23 @@ def fp4_gemv_w32_kernel(
                     mask=rmask[:, None, None] & bmask[None, :, None], other=0)
         sc = _block_scale(scales_ptr + r2.to(tl.int64) * stride_sn + blks[None, :],
                           rmask[:, None] & bmask[None, :], 1.0, IS_NV)
-        kx = word * 8
-        xm = bmask[:, None]
-        part = tl.zeros((BLOCK_N, NBK, WPB), dtype=tl.float32)
-        for p in tl.static_range(4):
-            x_lo = tl.load(x_row + kx + p, mask=xm & (kx + p < K), other=0.0).to(tl.float32)
-            x_hi = tl.load(x_row + kx + (p + 4), mask=xm & (kx + p + 4 < K), other=0.0).to(tl.float32)
-            lo, hi = _e2m1_pair_word(w, p)
-            part += lo * x_lo[None, :, :] + hi * x_hi[None, :, :]
+        # x for these words, read contiguously (8 elements per word) and split in registers into the
+        # 8 element streams: x8[..., e] -> xs[e], e = 4 * b2 + 2 * b1 + b0 (three binary splits)
+        kx = word[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+        x8 = tl.load(x_row + kx, mask=bmask[:, None, None] & (kx < K), other=0.0).to(tl.float32)
+        e_even, e_odd = tl.split(tl.reshape(x8, (NBK, WPB, 4, 2)))  # b0
+        e00, e10 = tl.split(tl.reshape(e_even, (NBK, WPB, 2, 2)))  # b1 of even: elements 0,4 | 2,6
+        x0, x4 = tl.split(e00)
+        x2, x6 = tl.split(e10)
+        e01, e11 = tl.split(tl.reshape(e_odd, (NBK, WPB, 2, 2)))
+        x1, x5 = tl.split(e01)
+        x3, x7 = tl.split(e11)
+        l0, h0 = _e2m1_pair_word(w, 0)
+        l1, h1 = _e2m1_pair_word(w, 1)
+        l2, h2 = _e2m1_pair_word(w, 2)
+        l3, h3 = _e2m1_pair_word(w, 3)
+        part = (l0 * x0[None] + h0 * x4[None] + l1 * x1[None] + h1 * x5[None]
+                + l2 * x2[None] + h2 * x6[None] + l3 * x3[None] + h3 * x7[None])
         acc += tl.sum(part, axis=2) * sc
     out = tl.sum(acc, axis=1) * (E2M1_F16_UNSCALE * ts)
     if HAS_BIAS:

@@ -67,8 +67,10 @@ def _choose_path(m: int, n: int, k: int, dtype: torch.dtype) -> str:
             raise KernelError(f"VBHAL_FP4_LINEAR_PATH={forced!r}; use one of {PATHS}")
         if not (forced.startswith("mm") and dtype == torch.float32):
             return forced
+    if m <= GEMV_MAX_M:
+        return "gemv_w32"
     if dtype == torch.float32:  # tl.dot on fp32 would be TF32; fp32 takes the FMA GEMV or cuBLAS
-        return "gemv" if m <= GEMV_MAX_M else "dequant"
+        return "dequant"
     if m <= MM_MAX_M:
         return "mm_w32"
     return "dequant"
@@ -98,10 +100,13 @@ def _autotuned(name: str):
         pass
     C = triton.Config
     if name in ("gemv", "gemv_w32"):
+        # Bytes in flight ~ N * NBK * 16 per sweep (every row tile co-resident): NBK large enough to
+        # cover HBM latency; BLOCK_N large enough that each thread reuses its x values across rows.
         configs = [
-            C({"BLOCK_N": 8, "NBK": 8}, num_warps=4, num_stages=3),
-            C({"BLOCK_N": 16, "NBK": 8}, num_warps=4, num_stages=3),
-            C({"BLOCK_N": 4, "NBK": 16}, num_warps=4, num_stages=3),
+            C({"BLOCK_N": 32, "NBK": 8}, num_warps=4, num_stages=3),
+            C({"BLOCK_N": 64, "NBK": 4}, num_warps=4, num_stages=3),
+            C({"BLOCK_N": 16, "NBK": 16}, num_warps=4, num_stages=3),
+            C({"BLOCK_N": 64, "NBK": 8}, num_warps=8, num_stages=3),
         ]
         kern = k4.fp4_gemv_kernel if name == "gemv" else k4.fp4_gemv_w32_kernel
         fn = triton.autotune(configs, key=["M", "N", "K", "BLOCK", "SPLIT_K"], reset_to_zero=["y_ptr"], **kw)(kern)
