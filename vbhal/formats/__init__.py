@@ -1,6 +1,6 @@
 """FP4 formats in plain torch (any device): the reference every FP4 kernel matches bit for bit.
 
-- :mod:`.e2m1` — the E2M1 element codec and nibble packing (OCP MX v1.0, section 5.3.3).
+- :mod:`.e2m1` — the E2M1 element codec and nibble packing (OCP MX v1.0, FP4 element data type).
 - :mod:`.mx` — MXFP4: 32-element blocks, E8M0 scales, FLOOR (spec section 6.3) or RCEIL scale rule.
 - :mod:`.nvfp4` — NVFP4: 16-element blocks, E4M3 scales and an FP32 tensor scale.
 - :mod:`.quantized_weight` — :class:`QuantizedWeight` and :func:`quantize`.

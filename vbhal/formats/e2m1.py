@@ -1,14 +1,15 @@
 """FP4 E2M1 element codec: encode float32 to 4-bit codes, decode, pack two codes per byte.
 
-E2M1 is the FP4 element type of the OCP Microscaling Formats (MX) Specification v1.0, section 5.3.3
-("FP4 (E2M1)"), also used by NVIDIA's NVFP4: 1 sign bit, 2 exponent bits (bias 1), 1 mantissa bit,
+E2M1 is the FP4 element data type of the OCP Microscaling Formats (MX) Specification v1.0 (section 5,
+element data types: "FP4 (E2M1)"), also used by NVIDIA's NVFP4: 1 sign bit, 2 exponent bits (bias 1), 1 mantissa bit,
 no Inf and no NaN. Its 16 codes, with the sign in bit 3, exponent in bits 2..1 and mantissa in bit 0:
 
     code (magnitude) 0    1    2    3    4    5    6    7
     value            0    0.5  1    1.5  2    3    4    6        (codes 8..15: the same, negative)
 
-Conversion rounds to nearest, ties to even (spec section 6.3: "round-to-nearest-even") and saturates
-to +-6 (the spec's conversion to FP4 clamps values beyond the largest normal to it). The sign of a
+Conversion rounds to nearest, ties to even (the rounding of torchao's reference and of Blackwell's
+``cvt.rn`` FP4 conversions) and saturates to +-6 (the spec's conversion, section 6.3, clamps values
+beyond the largest normal to it). The sign of a
 value that rounds to zero is kept (-0.0 -> code 8), as torchao's reference does.
 
 Packing (the layout of ``torch.float4_e2m1fn_x2`` and of Blackwell's packed FP4 operands): element
@@ -31,9 +32,9 @@ __all__ = [
     "unpack_fp4",
 ]
 
-#: Magnitudes of the 8 non-negative E2M1 codes, index = code (OCP MX v1.0, section 5.3.3, table 4).
+#: Magnitudes of the 8 non-negative E2M1 codes, index = code (OCP MX v1.0, FP4 E2M1 element type).
 E2M1_VALUES: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-#: Largest E2M1 magnitude (OCP MX v1.0, section 5.3.3: emax = 2, max normal = 2^2 * 1.5 = 6).
+#: Largest E2M1 magnitude (OCP MX v1.0, FP4 E2M1: emax = 2, max normal = 2^2 * 1.5 = 6).
 E2M1_MAX = 6.0
 #: Exponent of the largest power of two representable in E2M1 (emax_elem of OCP MX v1.0 section 6.3).
 E2M1_MAX_POW2 = 2
