@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import sys
 import time
@@ -442,7 +441,8 @@ def main(argv=None):
                          f"{100 * rec['err_allocated']:+.1f}%", fmt_gib(rec["peak_reserved"]),
                          fmt_gib(rec["pred_reserved"]), f"{100 * rec['err_reserved']:+.1f}%",
                          fmt_gib(acc) + ("" if acc is None else f" ({100 * (acc / rec['peak_allocated'] - 1):+.0f}%)"),
-                         fmt_gib(rec["deepspeed_zero2"]) + f" ({100 * (rec['deepspeed_zero2'] / rec['peak_allocated'] - 1):+.0f}%)",
+                         fmt_gib(rec["deepspeed_zero2"])
+                         + f" ({100 * (rec['deepspeed_zero2'] / rec['peak_allocated'] - 1):+.0f}%)",
                          fmt_gib(rec["deepspeed_zero3"]), rec["pred_breakdown"]["phase"],
                          f"{rec['estimate_seconds']:.2f}"])
     headers = ["config", "meas alloc GiB", "pred alloc", "err", "meas resv", "pred resv", "err",
@@ -466,7 +466,8 @@ def main(argv=None):
     plan_results = []
     if not args.skip_plan:
         plan_results = planner_check(device, t0, args.budget)
-    out = dict(device=name, torch=torch.__version__, workspace_probe=workspace, results=results, summary=summary, planner=plan_results,
+    out = dict(device=name, torch=torch.__version__, workspace_probe=workspace, results=results, summary=summary,
+               planner=plan_results,
                seconds=time.perf_counter() - t0)
     path = Path(args.out) if args.out else Path(__file__).parent / "results" / f"estimate-{dev_slug}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

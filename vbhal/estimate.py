@@ -34,7 +34,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -43,7 +42,7 @@ import re
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -675,7 +674,13 @@ class _StepSemantics(torch.overrides.TorchFunctionMode):
     def _attention(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                    enable_gqa=False):
         before = self.tracker.current
-        if self.attention == "flash":
+        gqa = k.shape[-3] != q.shape[-3]
+        if self.attention == "flash" and gqa and q.dtype == torch.float32 and self.fused_dropout:
+            # CUDA: fp32 rules out flash attention, and the memory-efficient kernel has no GQA:
+            # PyTorch's SDPA falls back to its math path (O(S^2)) -- so do we.
+            self.math_fallbacks = getattr(self, "math_fallbacks", 0) + 1
+            out = _math_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, True)
+        elif self.attention == "flash":
             out = _FlashAttentionSim.apply(q, k, v)
         else:
             out = _math_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, self.fused_dropout)
@@ -947,7 +952,6 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
                 tracker.enter(("B", "post"))
                 loss.backward()
                 del loss
-            bwd_end = tracker.clock
             grad_allocs = [tracker.seen.get(p.grad.untyped_storage()) for p in trainable if p.grad is not None]
             grad_allocs = [a for a in grad_allocs if a is not None]
             grads_bytes = sum(a.nbytes for a in grad_allocs)
@@ -1044,16 +1048,17 @@ def _extrapolate(t2: _Trace, t3: _Trace, n: int, blocks_name: str) -> _Trace | N
     fb = {k: ext(b2.get(k, 0), b3.get(k, 0)) for k in b3}
     # the breakdown must add up to the peak (rounding of the extrapolation aside)
     layers = []
-    for l in t3.layers:  # in the trace's order, block 0 standing for all n blocks
-        if l.name == f"{blocks_name}.0":
-            layers += [LayerActivation(f"{blocks_name}.{i}", l.saved_bytes, l.checkpointed_bytes,
-                                       l.attention_bytes) for i in range(n)]
-        elif not (l.name.startswith(f"{blocks_name}.") and l.name[len(blocks_name) + 1:].isdigit()):
-            layers.append(l)
+    for la in t3.layers:  # in the trace's order, block 0 standing for all n blocks
+        if la.name == f"{blocks_name}.0":
+            layers += [LayerActivation(f"{blocks_name}.{i}", la.saved_bytes, la.checkpointed_bytes,
+                                       la.attention_bytes) for i in range(n)]
+        elif not (la.name.startswith(f"{blocks_name}.") and la.name[len(blocks_name) + 1:].isdigit()):
+            layers.append(la)
     return _Trace(peak_fb=peak, peak_fb_phase="forward" if cls.startswith("F") else "backward", fb_breakdown=fb,
                   step_extra_peak=ext(t2.step_extra_peak, t3.step_extra_peak),
                   after_backward=ext(t2.after_backward, t3.after_backward),
-                  opt_state=ext(t2.opt_state, t3.opt_state), opt_temporaries=ext(t2.opt_temporaries, t3.opt_temporaries),
+                  opt_state=ext(t2.opt_state, t3.opt_state),
+                  opt_temporaries=ext(t2.opt_temporaries, t3.opt_temporaries),
                   grads=ext(t2.grads, t3.grads), saved_total=ext(t2.saved_total, t3.saved_total), layers=layers,
                   attention_saved=ext(t2.attention_saved, t3.attention_saved), n_blocks=n)
 
@@ -1201,9 +1206,9 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
         layers = trace(False, "none", 1).layers
     else:
         layers = tr.layers
-    ckpt_in = {l.name: l.checkpointed_bytes for l in tr.layers}
-    for l in layers:
-        l.checkpointed_bytes = l.checkpointed_bytes if l.checkpointed_bytes is not None else ckpt_in.get(l.name)
+    ckpt_in = {la.name: la.checkpointed_bytes for la in tr.layers}
+    for la in layers:
+        la.checkpointed_bytes = la.checkpointed_bytes if la.checkpointed_bytes is not None else ckpt_in.get(la.name)
 
     # Parameters and buffers, counted once (tied weights share storage), FP4 packed where swapped.
     rnd = (lambda n: (n + _CUDA_ROUND - 1) // _CUDA_ROUND * _CUDA_ROUND) if kind == "cuda" else (lambda n: n)
@@ -1234,7 +1239,8 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
             full = prefix + name
             n_params += extra * p.numel()
             if full in fp4_names:
-                param_bytes += extra * (rnd(_fp4_nbytes(p.shape[0], p.shape[1], fmt)) + (_CUDA_ROUND if kind == "cuda" else 0))
+                param_bytes += extra * (rnd(_fp4_nbytes(p.shape[0], p.shape[1], fmt))
+                                        + (_CUDA_ROUND if kind == "cuda" else 0))
                 continue
             dt = param_dtype if p.is_floating_point() else p.dtype
             param_bytes += extra * rnd(p.numel() * torch.empty((), dtype=dt).element_size())
@@ -1253,10 +1259,10 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
     fb_total = param_bytes + opt_state + tr.peak_fb
     opt_total = param_bytes + tr.after_backward + opt_state + opt_temp
     if opt_total > fb_total:
-        peak_phase, peak = "optimizer", opt_total
+        peak_phase = "optimizer"
         cat = dict(gradients=grads, activations=tr.after_backward - grads, autocast=0, temporaries=opt_temp)
     else:
-        peak_phase, peak = tr.peak_fb_phase, fb_total
+        peak_phase = tr.peak_fb_phase
         cat = dict(gradients=fbk["gradients"], activations=fbk["activations"] + fbk["inputs"],
                    autocast=fbk["autocast"], temporaries=fbk["temporaries"])
     dev = dict(parameters=param_bytes, gradients=cat["gradients"], optimizer_state=opt_state,
@@ -1672,7 +1678,8 @@ def format_estimate(est: MemoryEstimate) -> str:
 
     s = est.setup
     head = (f"{est.model}: {est.num_parameters / 1e6:,.1f}M parameters ({est.num_trainable / 1e6:,.1f}M trainable); "
-            f"batch {s['batch_size']} x seq {s['seq_length']}, {s['precision']}, {s['optimizer']} ({s['optimizer_impl']}), "
+            f"batch {s['batch_size']} x seq {s['seq_length']}, {s['precision']}, "
+            f"{s['optimizer']} ({s['optimizer_impl']}), "
             f"attention {s['attention']}, checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, "
             f"fp4 {s['fp4'] or 'off'}, offload {'on' if s['offload'] else 'off'}, world size {s['world_size']}")
     cats = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "workspace",
@@ -1689,13 +1696,13 @@ def format_estimate(est: MemoryEstimate) -> str:
     layers = est.layers
     lrows = []
     if layers:
-        blocks = [l for l in layers if l.checkpointed_bytes is not None]
-        others = [l for l in layers if l.checkpointed_bytes is None]
+        blocks = [la for la in layers if la.checkpointed_bytes is not None]
+        others = [la for la in layers if la.checkpointed_bytes is None]
         if blocks:
             lrows.append([f"{blocks[0].name} .. {blocks[-1].name} ({len(blocks)}x, each)", _h(blocks[0].saved_bytes),
                           _h(blocks[0].checkpointed_bytes)])
-        for l in others:
-            lrows.append([l.name, _h(l.saved_bytes), "-"])
+        for la in others:
+            lrows.append([la.name, _h(la.saved_bytes), "-"])
     ltable = format_table(["activations per layer", "saved", "checkpointed"], lrows) if lrows else ""
     parts = [head, "", table, "", peak]
     if ltable:

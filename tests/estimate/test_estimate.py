@@ -180,11 +180,11 @@ def test_checkpointing_keeps_block_inputs_only():
     b, s = 2, 32
     plain = E.estimate(cfg, batch_size=b, seq_length=s, precision="fp32", device="cpu")
     ck = E.estimate(cfg, batch_size=b, seq_length=s, precision="fp32", gradient_checkpointing=True, device="cpu")
-    blocks = [l for l in ck.layers if l.checkpointed_bytes is not None]
+    blocks = [la for la in ck.layers if la.checkpointed_bytes is not None]
     assert len(blocks) == cfg.num_layers
-    for l in blocks:  # the fp32 residual stream entering each block
-        assert l.checkpointed_bytes == b * s * cfg.hidden_size * 4
-        assert l.saved_bytes > 4 * l.checkpointed_bytes
+    for la in blocks:  # the fp32 residual stream entering each block
+        assert la.checkpointed_bytes == b * s * cfg.hidden_size * 4
+        assert la.saved_bytes > 4 * la.checkpointed_bytes
     assert ck.activations_total_saved < plain.activations_total_saved
 
 
@@ -379,5 +379,5 @@ def test_many_blocks_are_extrapolated_exactly(kw, monkeypatch):
     for key in ("num_parameters", "num_trainable", "parameters", "gradients", "optimizer_state", "activations",
                 "temporaries", "peak_allocated", "peak_phase", "activations_total_saved"):
         assert getattr(fast, key) == getattr(full, key), key
-    assert [(l.name, l.saved_bytes, l.checkpointed_bytes) for l in fast.layers] == \
-        [(l.name, l.saved_bytes, l.checkpointed_bytes) for l in full.layers]
+    assert [(la.name, la.saved_bytes, la.checkpointed_bytes) for la in fast.layers] == \
+        [(la.name, la.saved_bytes, la.checkpointed_bytes) for la in full.layers]
