@@ -2,7 +2,7 @@
 
 OCP Microscaling Formats (MX) Specification v1.0 (September 2023):
 - section 5 (table 1): MXFP4 = blocks of k = 32 E2M1 elements sharing one E8M0 scale X.
-- section 5.2 (E8M0): an unsigned power-of-two exponent, bias 127, values 2^-127 .. 2^127,
+- the E8M0 scale data type (section 5): an unsigned power-of-two exponent, bias 127, values 2^-127 .. 2^127,
   code 0xFF = NaN, no zero. Stored here as ``torch.float8_e8m0fnu``.
 - section 6.3 (conversion, "the minimally supported" scale rule, our ``"floor"``):
   X = 2^(floor(log2(max_i |V_i|)) - emax_elem), emax_elem = 2 for E2M1; each element is
@@ -11,7 +11,7 @@ OCP Microscaling Formats (MX) Specification v1.0 (September 2023):
 - ``"rceil"``: the rule cuBLAS and Blackwell's ``cvt.rp.satfinite.ue8m0x2.f32`` use (see the cuBLAS
   docs, "1D block quantization"): X = 2^ceil(log2(max_i |V_i| / 6)), so nothing saturates.
 
-Decoding (section 6.1): V_i = X * P_i.
+Decoding (section 5): V_i = X * P_i.
 
 Bit-exact with torchao 0.18's ``to_mx(..., torch.float4_e2m1fn_x2, 32, FLOOR | RCEIL)`` wherever
 torchao follows the spec. Two places where it does not, and we follow the spec/hardware instead (tests
@@ -41,9 +41,9 @@ __all__ = [
 
 #: Elements per shared scale (OCP MX v1.0, section 5, table 1: k = 32 for every concrete MX format).
 MX_BLOCK_SIZE = 32
-#: E8M0 exponent bias (OCP MX v1.0, section 5.2).
+#: E8M0 exponent bias (OCP MX v1.0, E8M0 scale data type).
 E8M0_BIAS = 127
-#: E8M0 code reserved for NaN (OCP MX v1.0, section 5.2).
+#: E8M0 code reserved for NaN (OCP MX v1.0, E8M0 scale data type).
 E8M0_NAN = 0xFF
 #: Scale rules we implement: the spec's FLOOR (section 6.3) and the round-up RCEIL of cuBLAS/Blackwell.
 SCALE_RULES = ("floor", "rceil")

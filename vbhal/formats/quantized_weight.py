@@ -26,7 +26,7 @@ __all__ = ["BLOCK_SIZES", "FORMATS", "SCALE_DTYPES", "QuantizedWeight", "padded_
 FORMATS = ("mxfp4", "nvfp4")
 #: Elements per scale: OCP MX v1.0 section 5 (k = 32) and NVFP4 (16).
 BLOCK_SIZES = {"mxfp4": MX_BLOCK_SIZE, "nvfp4": NVFP4_BLOCK_SIZE}
-#: Storage dtype of the block scales: E8M0 (OCP MX v1.0 section 5.2) and E4M3.
+#: Storage dtype of the block scales: E8M0 (OCP MX v1.0 scale data type) and E4M3.
 SCALE_DTYPES = {"mxfp4": torch.float8_e8m0fnu, "nvfp4": torch.float8_e4m3fn}
 
 _HEADER_VERSION = 1
