@@ -343,3 +343,26 @@ def test_compiled_one_pass_host_step_matches_torch_adamw_closely():
     for n, p in ref.named_parameters():
         torch.testing.assert_close(master[n], p.detach(), rtol=1e-3, atol=1e-5)
     eng.close()
+
+
+class CkptBlock(Block):
+    """A block that checkpoints its MLP itself (user-level torch.utils.checkpoint inside a streamed unit)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def mlp(h):
+            return self.fc2(torch.nn.functional.gelu(self.fc1(h)))
+
+        return x + torch.utils.checkpoint.checkpoint(mlp, self.ln(x), use_reentrant=False)
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_composes_with_user_gradient_checkpointing(checkpoint):
+    torch.manual_seed(14)
+    ref = TinyLM()
+    ref.blocks = nn.ModuleList([CkptBlock(16) for _ in range(4)])
+    off = copy.deepcopy(ref)
+    data = _batches(10)
+    l_ref = _train_plain(ref, data)
+    l_off, eng = _train_offload(off, data, checkpoint=checkpoint)
+    assert l_off == l_ref
+    eng.close()
