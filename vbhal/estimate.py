@@ -1672,8 +1672,13 @@ def _tier_levels(e: MemoryEstimate, caps, kind: str) -> list[TierLevel]:
 
 # ----------------------------------------------------------------------------------------------- formatting
 
-def format_estimate(est: MemoryEstimate) -> str:
-    """A readable report of an estimate: setup, breakdown per tier, peak, per-layer activations."""
+def format_estimate(est: MemoryEstimate, measured: Mapping[str, int] | None = None) -> str:
+    """A readable report of an estimate: setup, breakdown per tier, peak, per-layer activations.
+
+    `measured` (e.g. ``{"peak_allocated": torch.cuda.max_memory_allocated(), "peak_reserved":
+    torch.cuda.max_memory_reserved()}`` after a real step) adds the measured peak beside the
+    prediction, with the error -- what ``vbhal train --estimate-resources`` shows after one step.
+    """
     from vbhal._table import format_table
 
     s = est.setup
@@ -1693,6 +1698,12 @@ def format_estimate(est: MemoryEstimate) -> str:
             f"activations saved in forward {_h(est.activations_total_saved)}; "
             f"autocast weight copies at the peak {_h(est.autocast_copies)}; "
             f"optimizer temporaries {_h(est.optimizer_temporaries)}")
+    if measured:
+        for key in ("peak_allocated", "peak_reserved"):
+            if measured.get(key):
+                pred, real = getattr(est, key), measured[key]
+                peak += (f"\n{key.replace('_', ' ')}: predicted {_h(pred)}, measured {_h(real)} "
+                         f"({100 * (pred / real - 1):+.1f}%)")
     layers = est.layers
     lrows = []
     if layers:

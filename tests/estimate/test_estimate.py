@@ -381,3 +381,9 @@ def test_many_blocks_are_extrapolated_exactly(kw, monkeypatch):
         assert getattr(fast, key) == getattr(full, key), key
     assert [(la.name, la.saved_bytes, la.checkpointed_bytes) for la in fast.layers] == \
         [(la.name, la.saved_bytes, la.checkpointed_bytes) for la in full.layers]
+
+
+def test_format_estimate_with_measured_peak():
+    est = E.estimate("tiny", batch_size=2, seq_length=64)
+    text = E.format_estimate(est, measured={"peak_allocated": est.peak_allocated * 2})
+    assert "peak allocated: predicted" in text and "(-50.0%)" in text
