@@ -109,9 +109,10 @@ def test_custom_op_passes_opcheck(fmt):
 
 
 @pytest.mark.parametrize("fmt", FMTS)
-def test_torch_compile_traces_forward_and_backward(fmt):
-    q = FP4Linear.from_linear(_linear(), fmt)
-    x = torch.randn(2, 7, 96, requires_grad=True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_traces_forward_and_backward(fmt, device):
+    q = FP4Linear.from_linear(_linear(), fmt).to(device)
+    x = torch.randn(2, 7, 96, device=device, requires_grad=True)
     y = q(x)
     y.sum().backward()
     gx, gb = x.grad.clone(), q.bias.grad.clone()
@@ -123,16 +124,19 @@ def test_torch_compile_traces_forward_and_backward(fmt):
     assert torch.equal(yc, y) and torch.equal(x.grad, gx) and torch.equal(q.bias.grad, gb)
 
 
-def test_autocast_gives_bf16_like_nn_linear():
-    lin = _linear()
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_gives_bf16_like_nn_linear(device):
+    lin = _linear().to(device)
     q = FP4Linear.from_linear(lin, "mxfp4")
-    x = torch.randn(4, 96)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = torch.randn(4, 96, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
         y = q(x)
         y_ref = lin(x)
     assert y.dtype == y_ref.dtype == torch.bfloat16
-    expect = F.linear(x.to(torch.bfloat16).float(), q.dequantized_weight(), q.bias).to(torch.bfloat16)
+    expect = F.linear(x.detach().to(torch.bfloat16).float(), q.dequantized_weight(), q.bias).to(torch.bfloat16)
     assert torch.equal(y, expect)
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
 
 
 def test_bf16_activations_and_module_to_dtype_keeps_the_format():
