@@ -8,8 +8,8 @@ START=$(date +%s)
 mkdir -p "$RES"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 echo "== tests (cuda) =="
-timeout 26 python3 -m pytest -q -x -p no:cacheprovider tests/formats tests/nn/test_fp4_linear.py -k cuda 2>&1 \
-  | tail -n 15 | tee "$RES/tests.txt"
+timeout 26 python3 -m pytest -q -p no:cacheprovider --tb=line tests/formats tests/nn/test_fp4_linear.py -k cuda 2>&1 \
+  | tail -n 30 | tee "$RES/tests.txt"
 echo "== bench =="
 timeout $(( 57 - ($(date +%s) - START) )) python3 benchmarks/bench_formats.py --reps 5 --out "$RES/formats-bench.json" 2>&1 \
   | grep -v "Failed to load\|register_constant" | tail -n 45 | tee "$RES/bench.txt"
