@@ -6,8 +6,8 @@ import pytest
 import torch
 
 pytest.importorskip("hypothesis", reason="the property tests need hypothesis (the test extra)")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vbhal.errors import QuantizationError
 from vbhal.formats import quantize
