@@ -95,6 +95,7 @@ class OffloadConfig:
     optimizer_threads: int | None = None  # torch intra-op threads for the host step (None: leave as is)
     state_budget_bytes: int | None = None  # host RAM for fp32 masters + AdamW state; the rest goes to disk (LRU)
     spill_root: str | None = None  # where the disk tier's private directory goes (default: VBHAL_SPILL_DIR / tmp)
+    grad_accum_steps: int = 1  # micro-batches (backward + engine.step() each) per optimizer step
     host_step: str = "torch"  # "torch": torch's fused AdamW (bit-exact with it); "compiled": one fused pass (faster)
     poison: bool = False  # debug: fill each fresh device buffer with NaN before its copy (catches unwritten elements)
 
@@ -127,6 +128,8 @@ class _Unit:
     c_m: torch.Tensor | None = None  # AdamW state of the compiled host step
     c_v: torch.Tensor | None = None
     c_step: int = 0
+    g_acc: torch.Tensor | None = None  # fp32 gradient sum over micro-batches (gradient accumulation)
+    acc_count: int = 0
     shared: list = field(default_factory=list)  # resident (tied) parameters this unit uses
     fw_calls: int = 0  # grad-enabled forward calls this step
     bw_calls: int = 0  # backward calls seen this step
@@ -508,6 +511,7 @@ class OffloadEngine:
         self._to_free: list[_Call] = []
         self._scratch: torch.Tensor | None = None
         self._state_steps = 0
+        self._micro = 0  # micro-batch index within the current optimizer step
         self._compiled_step = None
         self._hp_tensor = torch.zeros(8, dtype=torch.float64)
         self.host_step_note = "torch fused AdamW"
@@ -836,6 +840,11 @@ class OffloadEngine:
                     stacklevel=2,
                 )
             nbytes = 0
+            if unit.pending is not None and not unit.pending.done():
+                # The previous micro-batch's host task still reads the gradient buffer: wait before overwriting it.
+                t0 = time.perf_counter()
+                unit.pending.result()
+                self.stats.add(1, stall_s=time.perf_counter() - t0)
             grads = [g if g is None or g.dtype == unit.dtypes[j] else g.to(unit.dtypes[j]) for j, g in enumerate(grads)]
             done = None
             if self._accel:
@@ -864,26 +873,61 @@ class OffloadEngine:
                         nbytes += g.numel() * g.element_size()
             self.stats.add(0, bytes_out=nbytes)
             self.stats.add(1, bytes_in=nbytes)
-            unit.host_ready.clear()
-            unit.pending = self._worker.submit((self.step_count, unit.idx), self._host_step, unit, done)
+            if self._micro + 1 < self.cfg.grad_accum_steps:  # not the last micro-batch: accumulate only
+                unit.pending = self._worker.submit((self.step_count, unit.idx), self._host_accumulate, unit, done)
+            else:
+                unit.host_ready.clear()
+                unit.pending = self._worker.submit((self.step_count, unit.idx), self._host_step, unit, done)
         if self._learning_events() is not None:
             self._mark_compute(unit, "B", "end")
         if unit.idx not in self._upcoming():
             self._release(unit)
+
+    def _host_accumulate(self, unit: _Unit, done: Any) -> None:
+        """Gradient accumulation (not the last micro-batch): add this micro-batch's gradient to an fp32 sum."""
+        try:
+            if done is not None:
+                done.synchronize()
+            t0 = time.perf_counter()
+            first = unit.g_acc is None
+            if first:
+                unit.g_acc = torch.empty(unit.train_numel, dtype=torch.float32)
+            for j in range(unit.n_train):
+                o, n = unit.m_offsets[j], math.prod(unit.shapes[j])
+                dst = unit.g_acc[o : o + n].view(unit.shapes[j])
+                src = unit.view(unit.grad_host.tensor, j)
+                if unit.acc_count == 0:
+                    dst.copy_(src)
+                else:
+                    dst.add_(src)  # fp32 += working dtype: what .grad accumulation does for an fp32 leaf
+            unit.acc_count += 1
+            self.stats.add(1, busy_s=time.perf_counter() - t0)
+        except BaseException as e:  # noqa: BLE001 - surfaced on the main thread
+            self._worker_error = e
 
     def _host_step(self, unit: _Unit, done: Any) -> None:
         try:
             if done is not None:
                 done.synchronize()  # the worker, not the main thread, waits for the gradient copy
             t0 = time.perf_counter()
-            if self._compiled_step is not None:
+            if self._compiled_step is not None and unit.acc_count == 0:
                 self._host_step_compiled(unit)
                 self.stats.add(1, busy_s=time.perf_counter() - t0)
                 return
             g32 = self._grad_scratch(unit.train_numel)
             for j in range(unit.n_train):  # gradients in their working dtype -> fp32, packed like the master
-                n = math.prod(unit.shapes[j])
-                g32[unit.m_offsets[j] : unit.m_offsets[j] + n].view(unit.shapes[j]).copy_(unit.view(unit.grad_host.tensor, j))
+                o, n = unit.m_offsets[j], math.prod(unit.shapes[j])
+                dst = g32[o : o + n].view(unit.shapes[j])
+                src = unit.view(unit.grad_host.tensor, j)
+                if unit.acc_count:  # earlier micro-batches, summed in fp32 in the same order as .grad would
+                    torch.add(unit.g_acc[o : o + n].view(unit.shapes[j]), src, out=dst)
+                else:
+                    dst.copy_(src)
+            unit.acc_count = 0
+            if self._compiled_step is not None:
+                self._host_step_compiled(unit, grad32=g32)
+                self.stats.add(1, busy_s=time.perf_counter() - t0)
+                return
             with self._state_in_memory(unit):
                 unit.master.grad = g32
                 unit.opt.step()
@@ -897,7 +941,7 @@ class OffloadEngine:
         finally:
             unit.host_ready.set()
 
-    def _host_step_compiled(self, unit: _Unit) -> None:
+    def _host_step_compiled(self, unit: _Unit, grad32: torch.Tensor | None = None) -> None:
         """AdamW in one pass per parameter: read the low-precision gradient, update master, m, v, write the
         working copy — 28 bytes moved per bf16 parameter instead of ~40 for fused AdamW plus two casts."""
         if unit.c_m is None:
@@ -912,7 +956,7 @@ class OffloadEngine:
         hp.copy_(torch.tensor([1 - lr * wd, b1, 1 - b1, b2, 1 - b2, lr / bc1, math.sqrt(bc2), self.cfg.eps], dtype=torch.float64))
         for j in range(unit.n_train):
             o, n = unit.m_offsets[j], math.prod(unit.shapes[j])
-            g = unit.view(unit.grad_host.tensor, j).reshape(-1)
+            g = unit.view(unit.grad_host.tensor, j).reshape(-1) if grad32 is None else grad32[o : o + n]
             w = unit.view(unit.work_host.tensor, j).reshape(-1)
             self._compiled_step(unit.master[o : o + n], unit.c_m[o : o + n], unit.c_v[o : o + n], g, w, hp)
 
@@ -1128,7 +1172,9 @@ class OffloadEngine:
         background; the next forward waits for each unit's step only when it needs that unit.
         """
         self._check_worker()
-        if self.resident_opt is not None:
+        last_micro = self._micro + 1 >= self.cfg.grad_accum_steps
+        self._micro = 0 if last_micro else self._micro + 1
+        if self.resident_opt is not None and last_micro:
             self.resident_opt.step()
             self.resident_opt.zero_grad(set_to_none=True)
         for call in self._to_free:
