@@ -21,8 +21,18 @@ device with the host, except where a unit's optimizer step is genuinely not fini
 stall time).
 
 Arithmetic is the same as ordinary training with ``torch.optim.AdamW(fused=True)``: in fp32 the losses
-match bit for bit (tested over 50 steps on CPU). With a bf16 working copy the matmuls see exactly the
-bf16 weights autocast would make from the fp32 masters.
+match bit for bit (tested over 50 steps on CPU), and so do they with bf16 autocast — the working copy is
+bf16 only for matmul/conv weights (exactly what autocast makes from the fp32 masters), fp32 for norms and
+embeddings. Options that trade that identity for speed say so: ``host_step="compiled"`` (one fused pass
+over master, state, gradient and working copy; equal to fp32 rounding) and ``chunks>1`` (weight gradients
+summed over row chunks).
+
+Also: gradient accumulation (``grad_accum_steps``; fp32 sums on the host), units called several times per
+step (gradients summed before the step), tied weights (kept resident on the device), meta-device models
+materialised straight into host memory (``init_fn``), masters and AdamW state beyond a host budget in
+checksummed disk files (``state_budget_bytes``), saved unit inputs in pinned host memory
+(``offload_activations``). Not supported: gradient clipping by global norm (the steps run before the last
+gradient exists) — clip per unit or not at all.
 
 Example::
 
