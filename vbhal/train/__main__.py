@@ -25,7 +25,7 @@ __all__ = ["main", "build_parser", "config_from_args"]
 
 _EPILOG = """An epoch is one pass over the training split's non-overlapping windows of --seq-length tokens.
 The default corpus is this Python's standard library sources (*.py), byte-level tokens, capped per
-preset (tiny: 256 KiB). Outputs in --output-dir: checkpoints/, best_model.pt, metrics.jsonl,
+preset (tiny: 192 KiB). Outputs in --output-dir: checkpoints/, best_model.pt, metrics.jsonl,
 loss_curve.png, training_<time>.log, tensorboard/ (when tensorboard is installed)."""
 
 
