@@ -16,6 +16,7 @@ Optimizing an optimized model changes nothing more.
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from typing import Any
 
@@ -73,7 +74,7 @@ def optimize(
             log.warning(existing.warnings[-1])
         return model
 
-    selection = _hal.select_device(device if device is not None else cfg.device)
+    selection = _select(device, cfg)
     info = selection.device
     report = OptimizeReport(device=info.name, device_reason=selection.reason, mode=cfg.mode, config=cfg.to_dict())
     report.param_bytes_before = _state_bytes(model)
@@ -121,6 +122,16 @@ def optimize(
     _last = weakref.ref(model)
     log.info("vbhal: %s", report.format(max_rows=10))
     return model
+
+
+def _select(device: str | torch.device | DeviceInfo | None, cfg: OptimizeConfig) -> _hal.Selection:
+    """The `device` argument, else the configured device (whose source decides the reason), else auto."""
+    if device is not None or cfg.device is None:
+        return _hal.select_device(device)  # argument, VBHAL_DEVICE, or probe order
+    if cfg.device == os.environ.get("VBHAL_DEVICE", "").strip():
+        return _hal.select_device(None)  # reported as coming from the environment variable
+    sel = _hal.select_device(cfg.device)
+    return _hal.Selection(sel.device, f"configuration (device={cfg.device!r})")
 
 
 def _state_bytes(model: nn.Module) -> int:

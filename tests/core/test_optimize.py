@@ -25,7 +25,8 @@ def small_gpt():
 
 def hf_gpt2():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    cfg = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: outputs are comparable in train()
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(cfg)
 

@@ -39,7 +39,7 @@ def repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
         for child_name, child in children:
             by_class.setdefault(type(child), []).append((child_name, child))
         for cls, group in by_class.items():
-            if len(group) < 2 or issubclass(cls, (nn.ModuleList, nn.Sequential)):
+            if len(group) < 2 or issubclass(cls, nn.ModuleList):
                 continue
             if not any(True for _ in group[0][1].parameters()):
                 continue
