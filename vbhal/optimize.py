@@ -198,6 +198,11 @@ def print_stats(model: nn.Module | None = None) -> None:
     report = stats(model)
     print(report.format())
     target = model if model is not None else (_last() if _last is not None else None)
+    if report.device.startswith("npu"):
+        from vbhal.backends.npu._runtime import fallback_report
+
+        for line in fallback_report():
+            print(f"npu reference-path fallback: {line}")
     stack = getattr(target, "_vbhal_tier_stack", None)
     if stack is not None:
         from vbhal.tiers import format_tier_stats

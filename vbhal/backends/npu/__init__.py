@@ -38,6 +38,8 @@ _TABLE = KernelTable(
         "attention": "vbhal.backends.npu.attention",
     },
     {
+        "quantize_fp4": "reference codec (vbhal.formats) in torch ops on the NPU",
+        "dequantize_fp4": "reference codec (vbhal.formats) in torch ops on the NPU",
         "fp4_linear": "npu_weight_quant_batchmatmul on exact int8 carriers, else dequantize-then-matmul",
         "attention": "torch_npu.npu_fusion_attention",
     },
