@@ -680,6 +680,10 @@ class _StepSemantics(torch.overrides.TorchFunctionMode):
             # PyTorch's SDPA falls back to its math path (O(S^2)) -- so do we.
             self.math_fallbacks = getattr(self, "math_fallbacks", 0) + 1
             out = _math_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, True)
+        elif self.attention == "flash" and dropout_p > 0 and not self.fused_dropout:
+            # CPU: the flash kernel has no dropout; SDPA takes its math path (O(S^2))
+            self.math_fallbacks = getattr(self, "math_fallbacks", 0) + 1
+            out = _math_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, False)
         elif self.attention == "flash":
             out = _FlashAttentionSim.apply(q, k, v)
         else:
@@ -892,6 +896,14 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
     for t in params.values():
         param_storages.add(id(t.untyped_storage()))
 
+    # The model's own checkpointing (Hugging Face's `gradient_checkpointing` flags, vbhal's
+    # per-block wrapper) would recompute outside our semantics: off for the trace, restored below;
+    # the `gradient_checkpointing` argument decides.
+    own_flags = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
+    own_forwards = {m: m.__dict__.pop("forward") for m in model.modules()
+                    if getattr(m, "_vbhal_checkpointed", False) and "forward" in m.__dict__}
+    for m in own_flags:
+        m.gradient_checkpointing = False
     # Checkpoint the repeated blocks by wrapping their forward (restored below).
     patched: list[tuple[nn.Module, Any]] = []
     if checkpointing and blocks:
@@ -919,7 +931,6 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
             patched.append((b, b.__dict__.get("forward")))
             b.forward = fwd
     was_training = model.training
-    own_ckpt = getattr(model, "gradient_checkpointing", None)
     container = model.get_submodule(blocks_name) if keep_blocks is not None else None
     saved_modules = container._modules if container is not None else None
     from torch.nn.utils.stateless import _reparametrize_module
@@ -930,8 +941,6 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
         if container is not None:
             container._modules = dict(list(saved_modules.items())[:keep_blocks])
         model.train()
-        if isinstance(own_ckpt, bool):
-            model.gradient_checkpointing = False  # we checkpoint ourselves (meta has no RNG to save)
         with tracker:
             args, kwargs = _make_inputs(spec, batch, seq, example_inputs)
             for t in list(args) + list(kwargs.values()):
@@ -991,8 +1000,10 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
             else:
                 b.forward = prev
         model.train(was_training)
-        if isinstance(own_ckpt, bool):
-            model.gradient_checkpointing = own_ckpt
+        for m in own_flags:
+            m.gradient_checkpointing = True
+        for m, fwd_own in own_forwards.items():
+            m.forward = fwd_own
 
     layers = []
     for name, n in saved_by_layer.items():

@@ -387,3 +387,44 @@ def test_format_estimate_with_measured_peak():
     est = E.estimate("tiny", batch_size=2, seq_length=64)
     text = E.format_estimate(est, measured={"peak_allocated": est.peak_allocated * 2})
     assert "peak allocated: predicted" in text and "(-50.0%)" in text
+
+
+def _hf_tiny(kind):
+    transformers = pytest.importorskip("transformers")
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=500, n_positions=128)
+    else:
+        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=500,
+                                       max_position_embeddings=128)
+    return cfg, transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_prediction_matches_a_real_cpu_step_hf(kind, ckpt):
+    """Hugging Face models (their masks, loss and attention code) traced on meta vs a real CPU step."""
+    torch.manual_seed(0)
+    cfg, model = _hf_tiny(kind)
+    model.train()
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    b, s = 4, 128
+    ids, labels = torch.randint(0, 500, (b, s)), torch.randint(0, 500, (b, s))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+
+    def step():
+        loss = model(input_ids=ids, labels=labels, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    resident = sum(t.untyped_storage().nbytes() for t in list(model.parameters()) + list(model.buffers())
+                   + [ids, labels])
+    resident += sum(v.untyped_storage().nbytes() for st in opt.state.values() for v in st.values()
+                    if isinstance(v, torch.Tensor))
+    measured = resident + _profiled_peak(step)
+    est = E.estimate(model, batch_size=b, seq_length=s, precision="fp32", device="cpu",
+                     gradient_checkpointing=ckpt)
+    assert est.peak_allocated == pytest.approx(measured, rel=0.05), (est.peak_allocated, measured)
