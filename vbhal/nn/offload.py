@@ -229,6 +229,7 @@ class _Call:
         "act_event",
         "act_host",
         "autocast",
+        "chunk_rows",
         "done",
         "engine",
         "in_leaves",
@@ -251,6 +252,7 @@ class _Call:
         self.inner = None
         self.inner_in = None
         self.done = False
+        self.chunk_rows: int | None = None
 
 
 def _rebuild(call: _Call, tensors: Iterable[torch.Tensor]) -> tuple[tuple, dict]:
@@ -261,19 +263,28 @@ def _rebuild(call: _Call, tensors: Iterable[torch.Tensor]) -> tuple[tuple, dict]
     return args, kwargs
 
 
-def _split_rows(call: _Call, tensors: tuple[torch.Tensor, ...], chunks: int) -> list[list[torch.Tensor]]:
-    """Split the tensors whose leading size is the batch size into `chunks` pieces along dim 0."""
-    if chunks <= 1:
-        return [list(tensors)]
+def _split_rows(tensors: tuple[torch.Tensor, ...], chunks: int, size: int | None = None) -> tuple[list[list[torch.Tensor]], int | None]:
+    """Split the tensors whose leading size is the batch size into pieces of `size` rows (default: `chunks`
+    pieces) along dim 0; other tensors are passed whole to every piece. Returns (pieces, rows per piece)."""
+    if chunks <= 1 and size is None:
+        return [list(tensors)], None
     batch = next((t.shape[0] for t in tensors if t.dim() >= 1 and t.is_floating_point()), None)
     if batch is None:
         batch = next((t.shape[0] for t in tensors if t.dim() >= 1), None)
-    if batch is None or batch < chunks:
-        return [list(tensors)]
-    size = -(-batch // chunks)
+    if batch is None or (size is None and batch < chunks):
+        return [list(tensors)], None
+    size = size or -(-batch // chunks)
     pieces = [t.split(size) if (t.dim() >= 1 and t.shape[0] == batch) else None for t in tensors]
     n = -(-batch // size)
-    return [[p[i] if p is not None else t for p, t in zip(pieces, tensors)] for i in range(n)]
+    return [[p[i] if p is not None else t for p, t in zip(pieces, tensors)] for i in range(n)], size
+
+
+def _rows_of(part: list[torch.Tensor], whole: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> int:
+    """Rows in this chunk: the leading size of the first tensor that was split."""
+    for p, t in zip(part, whole):
+        if p is not t and p.dim() >= 1:
+            return p.shape[0]
+    return next(t.shape[0] for t in part if t.dim() >= 1)
 
 
 def _detach_like(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -294,21 +305,36 @@ class _UnitFunction(torch.autograd.Function):
         dev_type = eng.device.type
         call.autocast = (torch.is_autocast_enabled(dev_type), torch.get_autocast_dtype(dev_type))
         if eng.cfg.checkpoint:
-            parts = _split_rows(call, tensors, eng.cfg.chunks)
+            parts, call.chunk_rows = _split_rows(tensors, eng.cfg.chunks)
             call.rng = []
-            outs_per = []
             with torch.no_grad():
-                for part in parts:
+                if len(parts) == 1:
                     call.rng.append(eng._get_rng() if eng.cfg.preserve_rng else None)
-                    args, kwargs = _rebuild(call, part)
-                    outs_per.append(call.orig(*args, **kwargs))
-            if len(outs_per) == 1:
-                out = outs_per[0]
-            else:
-                flat = [tree_flatten(o)[0] for o in outs_per]
-                leaves0, spec0 = tree_flatten(outs_per[0])
-                merged = [torch.cat([f[i] for f in flat]) if isinstance(x, torch.Tensor) else x for i, x in enumerate(leaves0)]
-                out = tree_unflatten(merged, spec0)
+                    args, kwargs = _rebuild(call, parts[0])
+                    out = call.orig(*args, **kwargs)
+                else:
+                    # Row chunks: each chunk's outputs are written into full-size outputs allocated once.
+                    full, spec0, start = None, None, 0
+                    batch = sum(_rows_of(part, tensors) for part in parts)
+                    for part in parts:
+                        call.rng.append(eng._get_rng() if eng.cfg.preserve_rng else None)
+                        args, kwargs = _rebuild(call, part)
+                        leaves_c, spec0 = tree_flatten(call.orig(*args, **kwargs))
+                        n = _rows_of(part, tensors)
+                        if full is None:
+                            for x in leaves_c:
+                                if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[0] != n):
+                                    raise TierError(
+                                        f"unit '{unit.name}' returned a tensor of shape {tuple(x.shape)} that is not split "
+                                        f"by rows ({n} rows per chunk): use chunks=1 for this model"
+                                    )
+                            full = [x.new_empty((batch, *x.shape[1:])) if isinstance(x, torch.Tensor) else x for x in leaves_c]
+                        for f, x in zip(full, leaves_c):
+                            if isinstance(x, torch.Tensor):
+                                f[start : start + n].copy_(x)
+                        start += n
+                        del leaves_c
+                    out = tree_unflatten(full, spec0)
             eng._save_inputs(ctx, call, tensors)
         else:
             inner_in = _detach_like(list(tensors))
@@ -337,12 +363,18 @@ class _UnitFunction(torch.autograd.Function):
         params = [p for _, p in unit.params[: unit.n_train]] + unit.shared
         if eng.cfg.checkpoint:
             tensors = eng._load_inputs(ctx, call)
-            parts = _split_rows(call, tuple(tensors), eng.cfg.chunks)
-            gparts = _split_rows(call, tuple(g if g is not None else torch.empty(0) for g in grad_outs), len(parts)) if len(parts) > 1 else [list(grad_outs)]
-            if len(gparts) != len(parts):
-                raise TierError(f"unit '{unit.name}': outputs cannot be split into {len(parts)} row chunks like its inputs; use chunks=1")
+            rows = getattr(call, "chunk_rows", None)
+            parts, _ = _split_rows(tuple(tensors), eng.cfg.chunks, rows) if rows else ([list(tensors)], None)
+            if len(parts) > 1:
+                gparts, _ = _split_rows(tuple(g if g is not None else torch.empty(0) for g in grad_outs), 0, rows)
+                if len(gparts) != len(parts):
+                    raise TierError(f"unit '{unit.name}': output gradients do not split into {len(parts)} row chunks "
+                                    "like its inputs; use chunks=1")
+            else:
+                gparts = [list(grad_outs)]
             enabled, dtype = call.autocast
-            in_grads_per, pgrads = [], None
+            in_grads, pgrads = None, None
+            start = 0
             for ci, (part, gpart) in enumerate(zip(parts, gparts)):
                 inner_in = _detach_like(part)
                 args, kwargs = _rebuild(call, inner_in)
@@ -352,24 +384,33 @@ class _UnitFunction(torch.autograd.Function):
                 outs = [leaves[i] for i in call.out_tensor_pos]
                 gsel = [g if (g is not None and g.numel()) else None for g in gpart] if len(parts) > 1 else list(gpart)
                 ig, pg = _grads(outs, gsel, inner_in, params)
-                in_grads_per.append(ig)
-                if pgrads is None:
-                    pgrads = pg
-                else:  # accumulate over row chunks in fp32, as one big matmul would
-                    pgrads = [a if b is None else (b.float() if a is None else a.float() + b.float()) for a, b in zip(pgrads, pg)]
                 del out, outs, leaves
-            if len(parts) == 1:
-                in_grads = in_grads_per[0]
-            else:
-                in_grads = []
-                for i in range(len(tensors)):
-                    gs = [ig[i] for ig in in_grads_per]
-                    if all(g is None for g in gs):
-                        in_grads.append(None)
-                    elif parts[0][i] is tensors[i]:  # not split: gradients add up
-                        in_grads.append(sum(g for g in gs if g is not None))
+                if len(parts) == 1:
+                    in_grads, pgrads = ig, pg
+                    break
+                n = _rows_of(part, tensors)
+                if pgrads is None:  # accumulate over row chunks in fp32 (in place), as one big matmul would
+                    pgrads = [None if g is None else g.float() for g in pg]
+                else:
+                    for k, g in enumerate(pg):
+                        if g is not None:
+                            if pgrads[k] is None:
+                                pgrads[k] = g.float()
+                            else:
+                                pgrads[k].add_(g)
+                if in_grads is None:
+                    in_grads = [None] * len(tensors)
+                for i, g in enumerate(ig):
+                    if g is None:
+                        continue
+                    if part[i] is tensors[i]:  # not split: gradients add up
+                        in_grads[i] = g if in_grads[i] is None else in_grads[i] + g
                     else:
-                        in_grads.append(torch.cat([g if g is not None else torch.zeros_like(p[i]) for g, p in zip(gs, parts)]))
+                        if in_grads[i] is None:
+                            in_grads[i] = torch.zeros_like(tensors[i])
+                        in_grads[i][start : start + n].copy_(g)
+                start += n
+                del ig, pg
         else:
             in_grads, pgrads = _grads(call.inner, list(grad_outs), call.inner_in, params)
         call.inner = call.inner_in = None
