@@ -80,16 +80,19 @@ def _block_scale(s_ptrs, mask, ts, IS_NV: tl.constexpr):
 def _e2m1_encode(v):
     """float32 (already divided by the block scale) -> E2M1 code (int32, 0..15).
 
-    Round-to-nearest-even with saturation at 6, sign kept on zero (vbhal.formats.e2m1): the magnitude
-    code is the number of decision boundaries below |v|; ties at 0.25, 1.25, 2.5, 5 go down (to the
-    even code), ties at 0.75, 1.75, 3.5 go up (to the even code), hence the mix of > and >=.
+    Round-to-nearest-even with saturation at 6, sign kept on zero (vbhal.formats.e2m1), on the bits:
+    - |v| >= 1 (E2M1 normals): RNE of the float32 to one mantissa bit (add 0x1FFFFF plus the kept
+      bit, carry into the exponent), then code = (biased exponent << 1 | mantissa bit) - 252;
+    - |v| < 1 (E2M1 subnormals 0, 0.5 and the round-up to 1): adding 2^22 (whose ulp is 0.5) rounds
+      |v| to a multiple of 0.5, ties to even, in one float add; the low bits are then 2|v| = the code.
+    Clamping |v| to 6 first makes every larger value (and 5 < |v| < 6) round to 6 = code 7.
     """
-    a = tl.abs(v)
-    code = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
-            + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
-            + (a > 5.0).to(tl.int32))
     sign = (v.to(tl.int32, bitcast=True) >> 28) & 0x8
-    return code | sign
+    a = tl.minimum(tl.abs(v), _E2M1_MAX)
+    ab = a.to(tl.int32, bitcast=True)
+    normal = ((ab + 0x1FFFFF + ((ab >> 22) & 1)) >> 22) - 252
+    sub = (a + 4194304.0).to(tl.int32, bitcast=True) - 0x4A800000  # 0x4A800000 = bits of 2^22
+    return tl.where(a < 1.0, sub, normal) | sign
 
 
 # ---------------------------------------------------------------------------------------------------
