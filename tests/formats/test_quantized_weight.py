@@ -203,3 +203,17 @@ def test_to_a_dtype_and_non_contiguous_payloads_are_refused():
     codes_t = qw.codes.t().contiguous().t()  # same values, column-major
     with pytest.raises(QuantizationError, match="contiguous"):
         QuantizedWeight(codes_t, qw.scales, None, "mxfp4", qw.shape)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to compare with CPU")
+@pytest.mark.parametrize("fmt, rule", [("mxfp4", "floor"), ("mxfp4", "rceil"), ("nvfp4", "floor")])
+def test_cuda_bytes_equal_cpu_bytes(fmt, rule):
+    """Device-independent codecs: no division takes CUDA's multiply-by-reciprocal scalar path."""
+    for seed, (n, k) in enumerate([(512, 4096), (300, 1000), (64, 16384)]):
+        w = random_weight(n, k, torch.bfloat16, seed=70 + seed)
+        a, b = quantize(w, fmt, scale_rule=rule), quantize(w.cuda(), fmt, scale_rule=rule)
+        assert torch.equal(a.codes, b.codes.cpu())
+        assert torch.equal(a.scales.view(torch.uint8), b.scales.view(torch.uint8).cpu())
+        if fmt == "nvfp4":
+            assert torch.equal(a.tensor_scale, b.tensor_scale.cpu())
+        assert torch.equal(a.dequantize(torch.bfloat16), b.dequantize(torch.bfloat16).cpu())

@@ -29,6 +29,7 @@ __all__ = [
     "decode_packed_fp4",
     "encode_e2m1",
     "pack_fp4",
+    "true_divide",
     "unpack_fp4",
 ]
 
@@ -115,6 +116,16 @@ def _lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         lut = torch.stack((vals[b & 0xF], vals[b >> 4]), dim=1)
         lut = _LUT_CACHE[key] = lut.to(device=device, dtype=dtype)
     return lut
+
+
+def true_divide(t: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``t / divisor`` correctly rounded on every device.
+
+    PyTorch's CUDA kernel for ``tensor / python_scalar`` (a CPU scalar) multiplies by the reciprocal
+    instead, which is off by one ulp for some inputs: the codecs would then give different bytes on
+    CPU and GPU. Dividing by a 0-dim tensor on ``t``'s device takes the IEEE division path everywhere.
+    """
+    return t / torch.full((), divisor, dtype=t.dtype, device=t.device)
 
 
 def pack_fp4(codes: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .e2m1 import E2M1_MAX, E2M1_MAX_POW2, decode_packed_fp4, encode_e2m1, pack_fp4
+from .e2m1 import E2M1_MAX, E2M1_MAX_POW2, decode_packed_fp4, encode_e2m1, pack_fp4, true_divide
 
 __all__ = [
     "E8M0_BIAS",
@@ -87,7 +87,7 @@ def _rceil_scale_codes(amax: torch.Tensor) -> torch.Tensor:
     # d = amax / 6 rounded to float32 (as cuBLAS does), then rounded UP to a power of two, read off
     # d's bits: exponent field + 1 when any mantissa bit is set. Subnormal d (exponent field 0):
     # d <= 2^-127 -> code 0 (2^-127), else code 1 (2^-126). amax <= float32 max keeps code <= 253.
-    d = amax / E2M1_MAX
+    d = true_divide(amax, E2M1_MAX)
     e = _float32_exponent_field(d)
     mant = d.view(torch.int32) & _F32_MANT_MASK
     normal = e + (mant != 0).to(torch.int32)

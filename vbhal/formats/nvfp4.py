@@ -13,6 +13,11 @@ Quantization (two-level, torchao ``nvfp4_quantize`` with ``per_tensor_scale``):
 Decoding: V_i = P_i * (tensor_scale * s_b), the per-block product formed first in float32 (the order of
 torchao's ``NVFP4Tensor.dequantize``; a fused kernel forms the per-block scale once as well).
 
+Every division is IEEE-correct on every device (see :func:`vbhal.formats.e2m1.true_divide`), so the
+bytes are the same on CPU and GPU and equal torchao's on CPU. (torchao on CUDA divides by Python
+scalars through PyTorch's multiply-by-reciprocal fast path: its CUDA bytes can differ from its own
+CPU bytes by a rounding of the tensor or block scale.)
+
 Edge rule (ours, documented): tensor_scale is at least 2^-121 (:data:`NVFP4_MIN_TENSOR_SCALE`). Below it
 (a weight whose largest magnitude is under ~1e-33, or all zeros) torchao's reciprocal
 (1 / tensor_scale) / 2^-6 overflows to inf and it produces NaN codes; with the floor it stays finite
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .e2m1 import E2M1_MAX, decode_packed_fp4, encode_e2m1, pack_fp4
+from .e2m1 import E2M1_MAX, decode_packed_fp4, encode_e2m1, pack_fp4, true_divide
 
 __all__ = [
     "E4M3_MAX",
@@ -53,7 +58,7 @@ def nvfp4_tensor_scale(w: torch.Tensor) -> torch.Tensor:
 
 def nvfp4_tensor_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """amax / (448 * 6) in float32 (torchao's ``per_tensor_amax_to_scale``), floored at 2^-121."""
-    ts = amax.to(torch.float32) / (E4M3_MAX * E2M1_MAX)
+    ts = true_divide(amax.to(torch.float32), E4M3_MAX * E2M1_MAX)
     return torch.clamp(ts, min=NVFP4_MIN_TENSOR_SCALE)
 
 
@@ -73,7 +78,7 @@ def nvfp4_quantize_padded(
         tensor_scale = torch.clamp(tensor_scale.to(device=w.device, dtype=torch.float32).reshape(()),
                                    min=NVFP4_MIN_TENSOR_SCALE)
     blocks = w.reshape(n, kp // NVFP4_BLOCK_SIZE, NVFP4_BLOCK_SIZE)
-    block_scale = blocks.abs().amax(dim=-1) / E2M1_MAX
+    block_scale = true_divide(blocks.abs().amax(dim=-1), E2M1_MAX)
     scales = torch.clamp(block_scale / tensor_scale, min=E4M3_MIN_SCALE, max=E4M3_MAX).to(torch.float8_e4m3fn)
     recip = (1.0 / tensor_scale) / scales.to(torch.float32)
     scaled = torch.clamp(blocks * recip.unsqueeze(-1), -E2M1_MAX, E2M1_MAX)
