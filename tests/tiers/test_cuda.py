@@ -100,23 +100,37 @@ class _Net(nn.Module):
         return self.head(x).float().pow(2).mean()
 
 
+def _plain_with_host_adamw(base: nn.Module, xs: list, lr: float) -> list[float]:
+    """Ordinary GPU training (fp32 params, bf16 autocast) whose AdamW step runs on CPU copies with torch's fused
+    CPU kernel: the same arithmetic as the offload engine, so the losses must agree exactly."""
+    plain = copy.deepcopy(base).cuda()
+    params = list(plain.parameters())
+    masters = [p.detach().cpu().clone().requires_grad_(True) for p in params]
+    opt = torch.optim.AdamW(masters, lr=lr, fused=True)
+    losses = []
+    for x in xs:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = plain(x)
+        loss.backward()
+        for m, p in zip(masters, params):
+            m.grad = p.grad.cpu()
+            p.grad = None
+        opt.step()
+        with torch.no_grad():
+            for m, p in zip(masters, params):
+                p.copy_(m)
+        losses.append(loss.item())
+    return losses
+
+
 @_parametrize("mode", [dict(), dict(checkpoint=False), dict(offload_activations=True, chunks=2)])
 def test_cuda_offload_bf16_autocast_matches_plain(mode):
     from vbhal.nn.offload import apply_offload
 
     torch.manual_seed(0)
     base = _Net()
-    plain = copy.deepcopy(base).cuda()
-    opt = torch.optim.AdamW(plain.parameters(), lr=1e-3, fused=True)
     xs = [torch.randn(64, 256, device="cuda") for _ in range(8)]
-    lp = []
-    for x in xs:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = plain(x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        lp.append(loss.item())
+    lp = _plain_with_host_adamw(base, xs, 1e-3)
     off = copy.deepcopy(base)
     eng = apply_offload(off, device="cuda", lr=1e-3, work_dtype=torch.bfloat16, poison=True, **mode)
     lo = []
@@ -126,11 +140,11 @@ def test_cuda_offload_bf16_autocast_matches_plain(mode):
         loss.backward()
         eng.step()
         lo.append(loss.item())
-    tol = 2e-2 if mode.get("chunks", 1) > 1 else 1e-5
-    torch.testing.assert_close(torch.tensor(lo), torch.tensor(lp), rtol=tol, atol=tol)
-    m = eng.master_state_dict()
-    for k, v in plain.named_parameters():
-        torch.testing.assert_close(m[k], v.detach().cpu(), rtol=tol, atol=tol * 0.1)
+    if mode.get("chunks", 1) > 1:
+        # two row chunks: the weight gradient is two bf16 matmuls summed in fp32 instead of one
+        torch.testing.assert_close(torch.tensor(lo), torch.tensor(lp), rtol=2e-2, atol=1e-3)
+    else:
+        assert lo == lp, (lo, lp)
     assert eng.pool.pinned_bytes > 0
     eng.close()
 

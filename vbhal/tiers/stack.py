@@ -314,7 +314,10 @@ class TierStack:
             pending = e.moving
         t0 = time.perf_counter()
         if pending is not None:
-            pending.result()  # a prefetch already under way
+            try:
+                pending.result()  # a prefetch already under way
+            except TierError:
+                pass  # the prefetch could not make room then; the promotion below tries again (and raises if it must)
         with self._lock:
             if e.level == 0 and e.moving is None:
                 self.stats.add(0, hits=1)
@@ -473,10 +476,9 @@ class TierStack:
         if tier.kind == "disk":
             return  # the disk checks its quota and free space when it writes
         while tier.used_bytes + nbytes > tier.capacity_bytes:
-            victims = [
-                x for x in self._entries.values()
-                if x.level == level and not x.pinned and x is not exclude and x.moving is None
-            ]
+            # Every move runs under the lock, so a tensor with a queued prefetch is not in flight: it may be
+            # demoted (its prefetch then promotes it from wherever it is). Device copies carry their events.
+            victims = [x for x in self._entries.values() if x.level == level and not x.pinned and x is not exclude]
             if not victims:
                 if level == 0 or tier.hard_limit_bytes is None or tier.used_bytes + nbytes > tier.hard_limit_bytes:
                     raise TierError(
