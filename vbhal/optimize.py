@@ -95,8 +95,8 @@ def optimize(
         from vbhal.nn.fp4_linear import swap_linears
 
         swap_linears(model, fmt=cfg.fp4_format, kernel_quantize=kernel("quantize_fp4"),
-                     kernel_linear=kernel("fp4_linear"), include=cfg.fp4_include, exclude=cfg.fp4_exclude,
-                     report=report, scale_rule=cfg.fp4_scale_rule)
+                     kernel_linear=kernel("fp4_linear"), kernel_dequantize=kernel("dequantize_fp4"),
+                     include=cfg.fp4_include, exclude=cfg.fp4_exclude, report=report, scale_rule=cfg.fp4_scale_rule)
     if cfg.attention:
         from vbhal.nn.attention import swap_attention
 

@@ -389,3 +389,22 @@ def test_a_quantize_kernel_without_name_still_names_the_layer_on_nan():
     with pytest.raises(QuantizationError, match="'x.y'"):
         FP4Linear.from_linear(lin, "mxfp4", name="x.y",
                               kernels={"quantize_fp4": lambda w, fmt, *, scale_rule: quantize(w, fmt)})
+
+
+def test_swap_handles_transformers_conv1d_exactly():
+    """GPT-2's Conv1D stores W as (in, out): the swap quantizes W^T and computes the same function."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    from vbhal.formats import quantize
+    from vbhal.nn.fp4_linear import swap_linears
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(Conv1D(96, 64))  # nf=96 outputs, nx=64 inputs
+    x = torch.randn(5, 64)
+    w_t = model[0].weight.detach().t().contiguous()
+    names = swap_linears(model, fmt="mxfp4")
+    assert names == ["0"]
+    want = torch.nn.functional.linear(x, quantize(w_t, "mxfp4").dequantize(), model[0].bias)
+    torch.testing.assert_close(model(x), want, rtol=0, atol=1e-5)
+    assert transformers is not None

@@ -471,9 +471,11 @@ def swap_linears(
             report.add(kind, name, detail)
 
     swapped: list[str] = []
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_hf_conv1d(m)]
     for name, lin in targets:
-        if type(lin) is not nn.Linear:
+        if _is_hf_conv1d(lin):
+            lin = _conv1d_as_linear(lin)
+        elif type(lin) is not nn.Linear:
             # e.g. MultiheadAttention's out_proj (read through .weight by F.multi_head_attention_forward)
             # or an adapter-wrapped Linear: its forward is not plain x @ W^T + b.
             note("skip", name, f"{type(lin).__name__} is a subclass of nn.Linear; not swapped")
@@ -502,6 +504,22 @@ def swap_linears(
         note("fp4", name, f"{fmt} ({q.out_features}, {q.in_features}) rel_err={q.quant_error:.4f} "
                           f"bytes {before} -> {q.qweight.nbytes}")
     return swapped
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and relatives): a linear layer that stores its weight as (in, out)."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf")
+
+
+def _conv1d_as_linear(conv: nn.Module) -> nn.Linear:
+    """An nn.Linear computing the same function as a transformers Conv1D (y = x @ W + b, W of shape (in, out))."""
+    in_features, out_features = conv.weight.shape
+    lin = nn.Linear(in_features, out_features, bias=conv.bias is not None, device="meta")
+    lin.weight = nn.Parameter(conv.weight.detach().t().contiguous(), requires_grad=conv.weight.requires_grad)
+    if conv.bias is not None:
+        lin.bias = conv.bias
+    return lin
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
