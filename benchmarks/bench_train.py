@@ -6,6 +6,7 @@ Peers (all train the same `GPT` preset with bf16 autocast on GPU, fp32 on CPU, s
                        AdamW, grad clipping, batches already on the device (no data loader: favours it);
 * ``vbhal-train``    — `vbhal.train.loop.run` (the CLI's loop: data loader, scheduler, one host sync per
                        step for the NaN guard, logging) with ``--compile``, SDPA attention;
+* ``vbhal-train-cudnn`` — the same with ``--sdpa-backend cudnn`` (PyTorch's cuDNN attention tried first);
 * ``vbhal-train-fa`` — the same with ``--use-flash-attn`` (vbhal.optimize binds vbhal's attention kernel).
 
 Tokens/s are taken over the steady-state steps (after `--warmup` steps that include compilation); MFU
@@ -93,14 +94,14 @@ def bench_pytorch(model_cfg: GPTConfig, batch: int, steps: int, warmup: int, dev
 
 
 def bench_vbhal(preset: str, model_cfg: GPTConfig, batch: int, steps: int, warmup: int, device, compile_: bool,
-                precision: str, flash: bool, log_interval: int) -> dict:
+                precision: str, flash: bool, log_interval: int, sdpa_backend: str = "auto") -> dict:
     out_dir = tempfile.mkdtemp(prefix="bench_train_")
     cfg = TrainConfig(config=preset, hidden_size=model_cfg.hidden_size, num_layers=model_cfg.num_layers,
                       num_heads=model_cfg.num_heads, seq_length=model_cfg.seq_length, batch_size=batch,
                       max_steps=warmup + steps, warmup_steps=min(10, warmup), compile=compile_,
                       mixed_precision=precision, output_dir=out_dir, progress=False, tensorboard=False,
                       log_interval=log_interval, val_batches=0, save_steps=0, use_flash_attn=True if flash else None,
-                      device=str(device), max_corpus_bytes=8 << 20, keep_checkpoints=1)
+                      device=str(device), max_corpus_bytes=8 << 20, keep_checkpoints=1, sdpa_backend=sdpa_backend)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--peers", default="pytorch,vbhal-train,vbhal-train-fa")
+    ap.add_argument("--peers", default="pytorch,vbhal-train,vbhal-train-cudnn,vbhal-train-fa")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
@@ -148,14 +149,33 @@ def main(argv=None) -> int:
     with torch.device("meta"):
         flops_tok = GPT(model_cfg).flops_per_token()
     results = {}
+
+    def write_json() -> Path:
+        payload = {
+            "benchmark": "train", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "preset": args.preset, "model": model_cfg.to_dict(), "batch_size": batch,
+            "steps": args.steps, "warmup": args.warmup, "precision": precision, "compile": compile_,
+            "flops_per_token": flops_tok, "peak_flops": peak, "results": results,
+            "notes": "tokens/s over steady-state steps after warmup (compilation); MFU = flops_per_token * "
+                     "tokens/s / peak (PaLM formula, dense bf16 peak); pytorch peer: batches pre-loaded on "
+                     "the device, no per-step host sync",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        p = out_dir / f"train-{device_slug(device)}.json"
+        p.write_text(json.dumps(payload, indent=2))
+        return p
+
     for peer in [p.strip() for p in args.peers.split(",") if p.strip()]:
         t0 = time.perf_counter()
         try:
             if peer == "pytorch":
                 r = bench_pytorch(model_cfg, batch, args.steps, args.warmup, device, compile_, precision)
-            elif peer in ("vbhal-train", "vbhal-train-fa"):
+            elif peer in ("vbhal-train", "vbhal-train-fa", "vbhal-train-cudnn"):
                 r = bench_vbhal(args.preset, model_cfg, batch, args.steps, args.warmup, device, compile_, precision,
-                                flash=peer.endswith("-fa"), log_interval=10)
+                                flash=peer.endswith("-fa"), log_interval=10,
+                                sdpa_backend="cudnn" if peer.endswith("-cudnn") else "auto")
             else:
                 raise ValueError(f"unknown peer {peer}")
             r["mfu"] = flops_tok * r["tokens_per_s"] / peak if peak else None
@@ -166,6 +186,7 @@ def main(argv=None) -> int:
         r["seconds"] = time.perf_counter() - t0
         results[peer] = r
         print(f"[{peer}] {r.get('status')} in {r['seconds']:.1f}s", flush=True)
+        path = write_json()   # after every peer, so a time limit keeps what was measured
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -187,17 +208,7 @@ def main(argv=None) -> int:
         mem = f"{r['peak_mem_gib']:.1f}" if "peak_mem_gib" in r else "-"
         print(f"{peer:<16} {r['tokens_per_s']:>12,.0f} {r['step_ms']:>9.1f} {mfu:>7} {rel:>10} {mem:>9} "
               f"{r['first_losses'][0]:>8.3f}")
-    payload = {
-        "benchmark": "train", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "preset": args.preset, "model": model_cfg.to_dict(), "batch_size": batch,
-        "steps": args.steps, "warmup": args.warmup, "precision": precision, "compile": compile_,
-        "flops_per_token": flops_tok, "peak_flops": peak, "results": results,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"train-{device_slug(device)}.json"
-    path.write_text(json.dumps(payload, indent=2))
+    path = write_json()
     print(f"\nwrote {path}")
     return 0 if all(r.get("status") == "ok" for r in results.values()) else 1
 

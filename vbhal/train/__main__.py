@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(g, "--gradient-checkpointing", "recompute block activations in backward")
     _bool_flag(g, "--compile", "torch.compile the model")
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--sdpa-backend", choices=("auto", "cudnn", "flash", "efficient", "math"), default=None,
+                   help="PyTorch SDPA backend to try first on CUDA (default: torch's own order)")
     g = p.add_argument_group("vbhal features (through vbhal.optimize)")
     _bool_flag(g, "--use-fp4", "FP4 weights (frozen) for the Linear layers")
     g.add_argument("--fp4-format", choices=("mxfp4", "nvfp4"), default=None)

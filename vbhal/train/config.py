@@ -46,6 +46,7 @@ _CHOICES = {
     "lr_scaling": ("linear", "sqrt", "none"),
     "mode": (None, "full", "speed", "memory", "balanced"),
     "fp4_format": ("mxfp4", "nvfp4"),
+    "sdpa_backend": ("auto", "cudnn", "flash", "efficient", "math"),
 }
 
 
@@ -85,6 +86,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile: bool = False
     deferred_sync: bool | None = None        # fused AdamW + on-device NaN guard; None: on for CUDA
+    sdpa_backend: str = "auto"               # PyTorch SDPA backend tried first on CUDA (auto: torch's order)
     seed: int = 1337
     # vbhal features
     use_fp4: bool | None = None              # None: leave it to --mode / the core's defaults

@@ -226,6 +226,21 @@ def _apply_vbhal_features(model: nn.Module, cfg: TrainConfig, device: torch.devi
     return model, applied
 
 
+def _sdpa_backend_context(name: str, device: torch.device):
+    """Prefer one SDPA backend (then the others) for the whole run; inside torch.compile the choice is
+    made while tracing, so it must be set around the run rather than per call."""
+    if name == "auto" or device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    order = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    backends = [order[name]] + [b for k, b in order.items() if k != name]
+    try:
+        return sdpa_kernel(backends, set_priority=True)
+    except TypeError:  # torch without priority support: allow only the chosen one (+ math fallback)
+        return sdpa_kernel([order[name], SDPBackend.MATH])
+
+
 def _refuse_offload(mode: str | None, overrides: dict | None) -> None:
     """The offload engine runs its own AdamW on the host during backward (vbhal.nn.offload), which this
     loop's optimizer, clipping, accumulation and checkpoints do not drive yet: refuse it up front."""
@@ -430,8 +445,12 @@ def _run(cfg: TrainConfig, model_cfg: GPTConfig, info: D.DistInfo, device: torch
         D.barrier(info)
         if thread_note:
             log(thread_note)
-        return _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, sampler,
-                      steps_per_epoch, total_steps, state, out, log, t_start, plan_overrides)
+        if cfg.sdpa_backend != "auto":
+            log(f"SDPA backend priority: {cfg.sdpa_backend} first" + ("" if device.type == "cuda" else
+                " (ignored: not a CUDA device)"))
+        with _sdpa_backend_context(cfg.sdpa_backend, device):
+            return _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, sampler,
+                          steps_per_epoch, total_steps, state, out, log, t_start, plan_overrides)
     finally:
         log.close()
 
