@@ -101,7 +101,11 @@ def optimize(
         from vbhal.nn.attention import swap_attention
 
         swap_attention(model, kernel=kernel("attention"), report=report)
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing and cfg.offload:
+        # The offload engine recomputes each streamed unit in its backward (checkpointing at unit granularity,
+        # with the unit's weights on the device); a second, model-level checkpoint would recompute outside it.
+        report.add("checkpoint", "", "done by the offload engine: each streamed unit is recomputed in backward")
+    elif cfg.gradient_checkpointing:
         _apply_checkpointing(model, report)
     if cfg.mixed_precision != "none":
         dtype = _ckpt.autocast_dtype(cfg.mixed_precision, info.device.type, bool(info.capabilities.get("bf16", True)))
