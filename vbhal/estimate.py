@@ -509,13 +509,21 @@ _AUTOCAST_FP32 = frozenset({
     "norm", "cross_entropy", "normalize", "softmin"})
 
 
+def _bshd(like: torch.Tensor, last: int | None = None) -> torch.Tensor:
+    """A (B, H, S, D) tensor laid out as (B, S, H, D), as the flash / memory-efficient kernels
+    allocate their outputs and gradients: transposing it back to (B, S, H*D) is then free."""
+    *lead, h, s_, d = like.shape
+    d = d if last is None else last
+    return torch.empty(*lead, s_, h, d, dtype=like.dtype, device=like.device).transpose(-3, -2)
+
+
 class _FlashAttentionSim(torch.autograd.Function):
     """What a flash / memory-efficient attention kernel keeps: q, k, v, the output and the
     log-sum-exp (B, H, S) in fp32 -- O(S) -- and, in backward, an fp32 dq accumulator (FA2)."""
 
     @staticmethod
     def forward(ctx, q, k, v):
-        out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+        out = _bshd(q, v.shape[-1])
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         ctx.save_for_backward(q, k, v, out, lse)
         return out
@@ -525,28 +533,38 @@ class _FlashAttentionSim(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dq_accum = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # noqa: F841 (FA2 workspace)
         softmax_d = torch.empty(lse.shape, dtype=torch.float32, device=q.device)  # noqa: F841
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq, dk, dv = _bshd(q), _bshd(k), _bshd(v)
         del dq_accum, softmax_d
         return dq, dk, dv
 
 
 def _math_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
                     fused_dropout=True):
-    """SDPA's math path (aten _scaled_dot_product_attention_math): the (B, H, S, S) scores are saved."""
+    """SDPA's math path as aten's _scaled_dot_product_attention_math runs it: fp16/bf16 inputs are
+    computed in fp32 (PyTorch >= 2.5), the mask is added in place, and the (B, H, S, S) fp32 scores
+    are saved for backward -- O(S^2)."""
+    dt = q.dtype
+    if dt in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
     if k.shape[-3] != q.shape[-3]:
         rep = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
     s = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
     attn = (q * s) @ (k * s).transpose(-2, -1)
     if is_causal:
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        attn = attn.masked_fill(~mask, float("-inf"))
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        attn.add_(torch.where(keep.logical_not(), float("-inf"), torch.zeros((), device=q.device)))
     if attn_mask is not None:
-        attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.where(attn_mask.logical_not(), float("-inf"), torch.zeros((), device=q.device))
+        attn.add_(attn_mask)
     attn = torch.softmax(attn, dim=-1)
     if dropout_p > 0:
         attn = _FusedDropoutSim.apply(attn, dropout_p) if fused_dropout else F.dropout(attn, dropout_p)
-    return attn @ v
+    out = (attn @ v).to(dt)
+    weights = attn.to(dt)  # aten returns the weights too (SDPA drops them): a transient copy
+    del weights
+    return out
 
 
 class _FusedDropoutSim(torch.autograd.Function):
