@@ -33,13 +33,14 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert lr_at(60, **dict(f, schedule="constant")) == 1.0
 
 
-@pytest.mark.parametrize("deferred", [False, True], ids=["sync-every-step", "deferred-sync"])
-def test_resume_is_bit_exact_across_epoch_boundaries(tmp_path, deferred):
+@pytest.mark.parametrize("deferred, workers", [(False, 0), (True, 0), (False, 1)],
+                         ids=["sync-every-step", "deferred-sync", "loader-worker"])
+def test_resume_is_bit_exact_across_epoch_boundaries(tmp_path, deferred, workers):
     # dropout > 0 makes the RNG state matter; accumulation 2; ~8 steps per epoch so 20 steps cross two
     # epoch ends and the stop at 10 is mid-epoch
     corpus_dir = write_corpus(tmp_path / "small", n_docs=40, words=12)
     kw = dict(max_steps=20, dropout=0.1, gradient_accumulation_steps=2, save_steps=0, val_interval=5,
-              deferred_sync=deferred)
+              deferred_sync=deferred, num_workers=workers)
     straight = run(micro_config(tmp_path / "a", corpus_dir, **kw))
     assert straight.step == 20 and straight.epoch >= 2
     first = run(micro_config(tmp_path / "b", corpus_dir, stop_after_steps=10, **kw))

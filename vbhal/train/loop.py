@@ -461,7 +461,9 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
     result = TrainResult(output_dir=out)
     ckdir = out / "checkpoints"
     metrics_path = out / "metrics.jsonl"
-    log(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    why = ("" if cfg.device != "auto" else
+           " (auto: CUDA found)" if device.type == "cuda" else " (auto: no CUDA device found)")
+    log(f"device: {device}{why}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
         + f", precision: {precision}, ranks: {info.world_size} ({cfg.strategy if info.enabled else 'single process'})")
     log(f"data: {corpus.source} -> {corpus.num_train_tokens:,} train / {corpus.num_val_tokens:,} validation "
         f"tokens ({corpus.num_documents} documents); epoch = {len(train_set)} windows of {model_cfg.seq_length} "
@@ -624,7 +626,7 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
 
     # ---- the loop ------------------------------------------------------------------------------
     try:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=step, disable=not (info.is_main and cfg.progress),
                    unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
     except ImportError:  # pragma: no cover
@@ -640,6 +642,7 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
     window_t, window_steps, window_loss = time.time(), 0, 0.0
     last_tps = None
     step_norm = float("nan")
+    logged_memory = False
     # Deferred sync (default on CUDA): the NaN guard runs on the device. The fused AdamW kernel takes a
     # `found_inf` flag (GradScaler's own mechanism) and skips the whole update when it is set; the flag
     # is sticky, so from the first non-finite step on no update lands. The host reads losses only at
@@ -763,6 +766,12 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
                     if mfu is not None:
                         rec["mfu"] = mfu
                         result.mfu = mfu
+                    if device.type == "cuda":
+                        rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                        if not logged_memory:
+                            log(f"peak GPU memory after {step} step(s): {rec['peak_mem_gib']:.2f} GiB allocated, "
+                                f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved")
+                            logged_memory = True
                     emit(rec)
                     if bar is not None:
                         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}",
