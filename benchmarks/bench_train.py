@@ -101,7 +101,8 @@ def bench_vbhal(preset: str, model_cfg: GPTConfig, batch: int, steps: int, warmu
                       max_steps=warmup + steps, warmup_steps=min(10, warmup), compile=compile_,
                       mixed_precision=precision, output_dir=out_dir, progress=False, tensorboard=False,
                       log_interval=log_interval, val_batches=0, save_steps=0, use_flash_attn=True if flash else None,
-                      device=str(device), max_corpus_bytes=8 << 20, keep_checkpoints=1, sdpa_backend=sdpa_backend)
+                      device=str(device), max_corpus_bytes=8 << 20, keep_checkpoints=1, sdpa_backend=sdpa_backend,
+                      checkpoints=False)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()

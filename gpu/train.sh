@@ -15,7 +15,7 @@ el() { echo "[train.sh] +$(( $(date +%s) - T0 ))s $*"; }
 left() { echo $(( BUDGET - 4 - ($(date +%s) - T0) )); }
 
 el "benchmark"
-timeout --kill-after=2 70 python3 benchmarks/bench_train.py --preset "${TRAIN_PRESET:-medium}" --steps 30 --warmup 10 ${TRAIN_BENCH_ARGS:-} \
+timeout --kill-after=2 76 python3 benchmarks/bench_train.py --preset "${TRAIN_PRESET:-medium}" --steps 30 --warmup 10 ${TRAIN_BENCH_ARGS:-} \
   --peers pytorch,vbhal-train,vbhal-train-cudnn --out "$RES" 2>&1 \
   | grep -v "^saved checkpoint\|TensorFloat\|attn_fn -> \|UserWarning\|warn_once\|This call originates\|^ *File \|^\s*$\|device_name=\|table = load" \
   | tail -n 30
@@ -31,7 +31,7 @@ for f in glob.glob(sys.argv[1] + "/train-*.json"):
         rel = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
         print(f"  {k:<18} {r['tokens_per_s']:>10,.0f} tok/s  MFU {mfu:>6}  {rel} vs pytorch")
 PY
-T=$(left); [ "$T" -gt 24 ] && T=24
+T=$(left); [ "$T" -gt 20 ] && T=20
 if [ "$T" -gt 8 ]; then
   el "bf16 correctness tests (timeout ${T}s)"
   timeout --kill-after=2 "$T" python3 -m pytest -q -x -p no:cacheprovider -W ignore tests/train/test_gpu.py 2>&1 | tail -n 8

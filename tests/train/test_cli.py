@@ -93,6 +93,13 @@ def test_train_then_generate(tmp_path, corpus_dir, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_no_checkpoints_writes_none(tmp_path, corpus_dir):
+    out = tmp_path / "out"
+    assert main(MICRO + ["--data", corpus_dir, "--output-dir", str(out), "--max-steps", "3", "--no-checkpoints",
+                         "--save-steps", "1"]) == 0
+    assert not (out / "checkpoints").exists() and (out / "metrics.jsonl").is_file()
+
+
 def test_estimate_resources_prints_the_estimate_and_exits(tmp_path, capsys):
     assert main(["--config", "tiny", "--estimate-resources", "--device", "cpu", "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-batches", type=int, default=None)
     g.add_argument("--save-steps", type=int, default=None, help="steps between checkpoints (default: each epoch)")
     g.add_argument("--keep-checkpoints", type=int, default=None)
+    _bool_flag(g, "--checkpoints", "write training checkpoints (default on; --no-checkpoints for benchmarks)")
     g.add_argument("--resume", default=None, metavar="PATH", help="checkpoint file, or an --output-dir to continue")
     g.add_argument("--stop-after-steps", type=int, default=None,
                    help="save and stop after this many steps of this job (the schedule keeps its length)")

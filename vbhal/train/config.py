@@ -103,6 +103,7 @@ class TrainConfig:
     val_batches: int = 20                    # 0: no validation (and no best_model.pt)
     save_steps: int | None = None            # None: at the end of every epoch; 0: only at the end
     keep_checkpoints: int = 3
+    checkpoints: bool = True                 # False: write no training checkpoints at all (benchmarks)
     resume: str | None = None
     stop_after_steps: int | None = None      # stop (with a checkpoint) after this many steps of this job
     progress: bool = True

@@ -567,6 +567,9 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
 
     def save(reason: str) -> Path | None:
         nonlocal best_val
+        if not cfg.checkpoints:
+            log(f"checkpoint at step {step} ({reason}) not written: --no-checkpoints", console=reason != "periodic")
+            return None
         path = ckpt.checkpoint_path(ckdir, step)
         rng_all = D.gather_objects(ckpt.capture_rng_state(), info)
         payload = {
