@@ -97,6 +97,19 @@ def test_vbhal_attention_swap_matches_sdpa_bf16(medium):
     assert cos > 0.995, cos
 
 
+def test_cudnn_attention_bf16_matches_fp32(medium):
+    """The path `vbhal train --sdpa-backend cudnn` prefers (late in the file: a cuDNN failure must not
+    poison the CUDA context of the model checks before it)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    model, x, y = medium
+    try:
+        _bf16_matches_fp32(model, x, y, sdpa_kernel([SDPBackend.CUDNN_ATTENTION]))
+    except RuntimeError as exc:
+        if "kernel" in str(exc).lower():
+            pytest.skip(f"cuDNN attention not available here: {exc}")
+        raise
+
+
 def test_short_cuda_run_learns_and_resumes(tmp_path):
     from vbhal.train.config import TrainConfig
     from vbhal.train.loop import run
@@ -115,16 +128,3 @@ def test_short_cuda_run_learns_and_resumes(tmp_path):
     r2 = run(TrainConfig(**b, resume=str(tmp_path / "b")))
     assert r1.step == 20 and r2.step == 40
     torch.testing.assert_close(torch.tensor(r1.losses + r2.losses), torch.tensor(res.losses), rtol=2e-2, atol=2e-2)
-
-
-def test_cudnn_attention_bf16_matches_fp32(medium):
-    """The path `vbhal train --sdpa-backend cudnn` prefers (last in the file: a cuDNN failure must not
-    poison the CUDA context of the other tests)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    model, x, y = medium
-    try:
-        _bf16_matches_fp32(model, x, y, sdpa_kernel([SDPBackend.CUDNN_ATTENTION]))
-    except RuntimeError as exc:
-        if "kernel" in str(exc).lower():
-            pytest.skip(f"cuDNN attention not available here: {exc}")
-        raise
