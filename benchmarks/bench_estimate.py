@@ -232,7 +232,7 @@ def clean(device):
     torch.cuda.reset_peak_memory_stats(device)
 
 
-def measure(c, device, steps=3):
+def measure(c, device, steps=2):
     clean(device)
     base_a, base_r = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
     model = build_real(c, device)
@@ -271,7 +271,8 @@ def fits_real(c, device, cap_bytes, steps=2):
     """True when `steps` training steps run under a per-process cap of `cap_bytes`."""
     clean(device)
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total), device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total), index)
     model = opt = None
     try:
         model = build_real(c, device)
@@ -284,7 +285,7 @@ def fits_real(c, device, cap_bytes, steps=2):
         del model, opt
         gc.collect()
         torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
     clean(device)
     return ok
 
@@ -406,12 +407,18 @@ def main(argv=None):
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
     dev_slug = name.replace("NVIDIA ", "").replace(" ", "-").lower()
-    print(f"device: {name}; torch {torch.__version__}")
+    versions = {"torch": torch.__version__}
+    for mod in ("transformers", "accelerate"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            versions[mod] = None
+    print(f"device: {name}; " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     rows, results = [], []
     workspace = probe_workspace(device)
     print(f"framework workspace after a bf16 matmul fwd+bwd: {workspace / 2**20:.2f} MiB")
     for c in configs(args.quick):
-        if time.perf_counter() - t0 > args.budget * 0.7:
+        if time.perf_counter() - t0 > args.budget * 0.55:
             print(f"budget: skipping {c['name']}")
             continue
         rec = dict(name=c["name"])
@@ -445,7 +452,7 @@ def main(argv=None):
                          + f" ({100 * (rec['deepspeed_zero2'] / rec['peak_allocated'] - 1):+.0f}%)",
                          fmt_gib(rec["deepspeed_zero3"]), rec["pred_breakdown"]["phase"],
                          f"{rec['estimate_seconds']:.2f}"])
-    headers = ["config", "meas alloc GiB", "pred alloc", "err", "meas resv", "pred resv", "err",
+    headers = ["config", "meas alloc GiB", "pred alloc", "err", "meas resv", "pred resv*", "err",
                "accelerate (Adam)", "DS zero2*", "DS zero3*", "peak in", "est s"]
     try:
         from vbhal._table import format_table
@@ -453,8 +460,9 @@ def main(argv=None):
     except ImportError:  # pragma: no cover
         for r in rows:
             print(r)
-    print("* DeepSpeed formulas re-implemented (deepspeed not installed): model states only, no activations;"
-          " accelerate: max(model, grads, optimizer, step), model states only")
+    print("* reserved without a cap: empirical factor. DS: DeepSpeed formulas re-implemented (deepspeed not "
+          "installed), model states only, no activations; accelerate: max(model, grads, optimizer, step), "
+          "model states only")
     errs = [abs(r["err_allocated"]) for r in results if "err_allocated" in r]
     summary = {}
     if errs:
@@ -466,7 +474,7 @@ def main(argv=None):
     plan_results = []
     if not args.skip_plan:
         plan_results = planner_check(device, t0, args.budget)
-    out = dict(device=name, torch=torch.__version__, workspace_probe=workspace, results=results, summary=summary,
+    out = dict(device=name, versions=versions, workspace_probe=workspace, results=results, summary=summary,
                planner=plan_results,
                seconds=time.perf_counter() - t0)
     path = Path(args.out) if args.out else Path(__file__).parent / "results" / f"estimate-{dev_slug}.json"
@@ -483,10 +491,12 @@ def planner_check(device, t0, budget):
         ("gpt2 s1024 @8GB", ("hf", gpt2_config()), 1024, 8 * GB),
         ("llama-0.3B s2048 @12GB", ("hf", llama_config()), 2048, 12 * GB),
         ("vbhal-large s1024 @10GB", ("vbhal", vbhal_config("large")), 1024, 10 * GB),
+        ("gpt2 s1024 @16GB", ("hf", gpt2_config()), 1024, 16 * GB),
+        ("llama-0.3B s1024 @8GB", ("hf", llama_config()), 1024, 8 * GB),
     ]
     rows, out = [], []
     for name, model, seq, cap in checks:
-        if time.perf_counter() - t0 > budget * 0.92:
+        if time.perf_counter() - t0 > budget - 9:
             print(f"budget: skipping planner check {name}")
             continue
         rec = dict(name=name, cap=cap)
@@ -496,7 +506,8 @@ def planner_check(device, t0, budget):
                      explain=False)
             rec["plan_seconds"] = time.perf_counter() - t
             rec.update(mode=p.mode, batch=p.batch_size, fits=p.fits, ckpt=p.gradient_checkpointing,
-                       pred_reserved=p.estimate.peak_reserved if p.estimate else None)
+                       pred_need=p.estimate.device_need if p.estimate else None,
+                       pred_allocated=p.estimate.peak_allocated if p.estimate else None)
             if p.fits and not p.offload:
                 base = dict(name=name, model=model, seq=seq, precision="bf16-mixed", ckpt=p.gradient_checkpointing,
                             fp4=p.fp4_format if p.fp4 else None)
@@ -507,12 +518,14 @@ def planner_check(device, t0, budget):
             rec["error"] = f"{type(e).__name__}: {e}"[:400]
             print(f"{name}: {rec['error']}")
         out.append(rec)
-        rows.append([name, rec.get("mode"), rec.get("batch"), rec.get("ckpt"), fmt_gib(rec.get("pred_reserved")),
+        rows.append([name, rec.get("mode"), rec.get("batch"), rec.get("ckpt"), fmt_gib(rec.get("pred_need")),
                      rec.get("ok_at_b"), rec.get("ok_at_b_plus_1"), rec.get("pass"),
                      f"{rec.get('plan_seconds', 0):.1f}"])
     from vbhal._table import format_table
-    print(format_table(["planner check", "mode", "batch", "ckpt", "pred resv GiB", "b trains", "b+1 trains",
+    print(format_table(["planner check", "mode", "batch", "ckpt", "pred need GiB", "b trains", "b+1 trains",
                         "pass", "plan s"], rows))
+    done = [r for r in out if "pass" in r]
+    print(f"planner: {sum(r['pass'] for r in done)}/{len(done)} checks pass (b trains, b+1 runs out of memory)")
     return out
 
 

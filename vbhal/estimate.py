@@ -93,10 +93,17 @@ _CUBLAS_HANDLES_IN_TRAINING = 2
 #: The CUDA caching allocator rounds every block to 512 bytes (c10/cuda/CUDACachingAllocator.cpp,
 #: kMinBlockSize), and max_memory_allocated counts the rounded sizes.
 _CUDA_ROUND = 512
-#: reserved / allocated at the peak: the caching allocator keeps freed blocks cached and splits
-#: 2 MiB / 20 MiB segments; measured on an H100 (benchmarks/bench_estimate.py) -- see _RESERVED_*.
-_RESERVED_FACTOR = 1.08
-_RESERVED_SLACK = 64 * 2**20
+#: What the CUDA caching allocator needs beyond the live bytes when memory is short: before it
+#: reports OOM it releases every cached free segment and retries, so only the free space inside
+#: partly used segments (block splitting, 2 MiB / 20 MiB segments of small and mid-size blocks) is
+#: lost. Used for "fits" (planner, tier capacity).
+_PRESSURE_MARGIN = 0.03
+_PRESSURE_SLACK = 64 * 2**20
+#: max_memory_reserved / max_memory_allocated without a cap (cached blocks kept), measured on an
+#: H100 over 15 configurations (benchmarks/results/estimate-*.json): median 1.05; about 1.3 with
+#: gradient checkpointing, whose recomputation allocates in a different order each block.
+_RESERVED_FACTOR = 1.05
+_RESERVED_FACTOR_CKPT = 1.30
 #: Offload (mode "memory"): working copies of this many repeated blocks stay on the device
 #: (the one computing and the one being prefetched), DESIGN.md "Memory tiers".
 _OFFLOAD_RESIDENT_BLOCKS = 2
@@ -193,8 +200,10 @@ class MemoryEstimate:
     """The memory of one training step, per category, per tier and at the peak.
 
     All sizes are bytes on the device unless the attribute says otherwise. `peak_allocated` is what
-    ``torch.cuda.max_memory_allocated()`` reports after a few steps; `peak_reserved` adds the caching
-    allocator's overhead (what must fit under the device's capacity).
+    ``torch.cuda.max_memory_allocated()`` reports after a few steps. `peak_reserved` is what
+    ``max_memory_reserved()`` shows when memory is plentiful (the caching allocator keeps freed
+    blocks; an empirical factor). What must fit under a device's capacity is the device tier's
+    total: the peak plus the allocator's margin when memory is short (`allocator_overhead`).
     """
 
     model: str
@@ -220,7 +229,13 @@ class MemoryEstimate:
 
     @property
     def allocator_overhead(self) -> int:
-        return self.peak_reserved - self.peak_allocated
+        """Margin the caching allocator needs beyond the peak when memory is short."""
+        return self.tiers[0].allocator_overhead if self.tiers else 0
+
+    @property
+    def device_need(self) -> int:
+        """Bytes the device (or, on CPU, the host) must offer for this step: peak + margin."""
+        return self.tiers[0].total if self.tiers else self.peak_allocated
 
     def tier(self, name: str) -> TierUsage:
         for t in self.tiers:
@@ -1344,8 +1359,13 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
             notes.append("offload: host capacity exceeded; AdamW state and fp32 masters spill to disk")
 
     peak_alloc = sum(dev.values()) + workspace
-    reserved = int(peak_alloc * _RESERVED_FACTOR) + _RESERVED_SLACK if kind == "cuda" else peak_alloc
-    device_t = TierUsage("device", 0, workspace=workspace, allocator_overhead=reserved - peak_alloc,
+    if kind == "cuda":
+        ckpt_like = gradient_checkpointing or offload
+        reserved = int(peak_alloc * (_RESERVED_FACTOR_CKPT if ckpt_like else _RESERVED_FACTOR))
+        pressure = int(peak_alloc * _PRESSURE_MARGIN) + _PRESSURE_SLACK
+    else:
+        reserved, pressure = peak_alloc, 0
+    device_t = TierUsage("device", 0, workspace=workspace, allocator_overhead=pressure,
                          capacity=caps["device"], **dev)
     if kind == "cpu":
         # On a CPU run the "device" is host memory: one tier.
@@ -1495,8 +1515,9 @@ def _detect_budgets(gpu_mem, cpu_mem, disk, device: str) -> dict[str, int | None
         if not torch.cuda.is_available():
             raise EstimateError("no CUDA device detected to plan for; pass gpu_mem (e.g. gpu_mem='8GB' or "
                                 "--gpu-mem 8GB), or device='cpu'")
-        free, total = torch.cuda.mem_get_info()
-        caps["device"] = total
+        # what this process can still get: free device memory plus what its allocator already holds
+        free, _total = torch.cuda.mem_get_info()
+        caps["device"] = free + torch.cuda.memory_reserved()
     if caps["host"] is None:
         caps["host"] = _sysinfo.host_memory_available()
     if caps["disk"] is None:
@@ -1505,13 +1526,13 @@ def _detect_budgets(gpu_mem, cpu_mem, disk, device: str) -> dict[str, int | None
 
 
 def _need(est: MemoryEstimate, kind: str) -> int:
-    """What must fit in the device tier: reserved memory on CUDA, the peak on CPU."""
-    return est.peak_reserved if kind == "cuda" else est.peak_allocated
+    """What must fit in the device tier: the peak plus the allocator's margin under pressure."""
+    return est.tiers[0].total
 
 
 def _fits(est: MemoryEstimate, caps: Mapping[str, int | None], kind: str) -> bool:
     if kind == "cuda":
-        if caps["device"] is not None and est.peak_reserved > caps["device"]:
+        if caps["device"] is not None and _need(est, kind) > caps["device"]:
             return False
         host = est.tier("host")
     else:
@@ -1723,7 +1744,8 @@ def format_estimate(est: MemoryEstimate, measured: Mapping[str, int] | None = No
     rows.append(["capacity"] + [_h(t.capacity) if t.capacity is not None else "-" for t in est.tiers])
     rows.append(["fits"] + ["-" if t.fits is None else ("yes" if t.fits else "NO") for t in est.tiers])
     table = format_table(["at the peak"] + [t.name for t in est.tiers], rows)
-    peak = (f"peak allocated {_h(est.peak_allocated)} (in {est.peak_phase}); reserved {_h(est.peak_reserved)}; "
+    peak = (f"peak allocated {_h(est.peak_allocated)} (in {est.peak_phase}); needs {_h(est.device_need)} under a "
+            f"cap; reserved without one ~{_h(est.peak_reserved)}; "
             f"activations saved in forward {_h(est.activations_total_saved)}; "
             f"autocast weight copies at the peak {_h(est.autocast_copies)}; "
             f"optimizer temporaries {_h(est.optimizer_temporaries)}")

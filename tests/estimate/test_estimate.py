@@ -212,7 +212,8 @@ def test_per_tier_totals_and_capacities():
     est = E.estimate("tiny", batch_size=2, seq_length=64, gpu_mem="1GB", cpu_mem="2GB", disk="3GB")
     dev, host, disk = est.tiers
     assert (dev.name, host.name, disk.name) == ("device", "host", "disk")
-    assert dev.total == est.peak_reserved and dev.capacity == 10**9 and dev.fits
+    assert dev.total == est.device_need == est.peak_allocated + est.allocator_overhead
+    assert dev.capacity == 10**9 and dev.fits
     assert host.total == 0  # nothing offloaded
 
 
