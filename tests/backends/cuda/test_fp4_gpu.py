@@ -55,16 +55,19 @@ def test_gpu_quantize_dequantize_bit_exact(fmt, rule, dtype):
         assert _same_bytes(dequantize_fp4(ref, out), ref.dequantize(out)), out
 
 
-MM_CONFIGS = {  # one small-M and one large-M tile, fixed (the autotuned choice is checked by "auto")
-    "mm16": {"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 4, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
-    "mm128": {"BLOCK_M": 128, "BLOCK_N": 128, "NBK": 2, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+MM_CONFIGS = {  # fixed tiles (the autotuned choice is checked by "auto"): (path, config)
+    "mm16": ("mm_w32", {"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 4, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}),
+    "t16": ("mm_t", {"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 4, "GROUP_M": 8, "SPLIT_K": 4, "num_warps": 4,
+                     "num_stages": 4}),
+    "t128": ("mm_t", {"BLOCK_M": 128, "BLOCK_N": 128, "NBK": 2, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": 8,
+                      "num_stages": 3}),
 }
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 @pytest.mark.parametrize("path,dtype", [("auto", torch.bfloat16), ("gemv", torch.bfloat16), ("gemv_w32", torch.bfloat16),
-                                        ("gemv_w32", torch.float16), ("mm16", torch.bfloat16), ("mm128", torch.bfloat16),
-                                        ("mm16", torch.float16), ("dequant", torch.bfloat16),
+                                        ("gemv_w32", torch.float16), ("mm16", torch.bfloat16), ("t16", torch.bfloat16),
+                                        ("t128", torch.bfloat16), ("t16", torch.float16), ("dequant", torch.bfloat16),
                                         ("dequant_pipelined", torch.bfloat16)])
 def test_gpu_linear_paths(fmt, path, dtype):
     import vbhal.formats as VF
@@ -77,10 +80,10 @@ def test_gpu_linear_paths(fmt, path, dtype):
     wd = VF.dequantize(qw, torch.float32)
     bias = torch.randn(n, device="cuda", generator=g).to(dtype)
     codes, scales, ts, fid = L.qw_operands(qw)
-    cfg = MM_CONFIGS.get(path)
+    kpath, cfg = MM_CONFIGS.get(path, (path, None))
     for m in (1, 3, 16, 300, 1024):
         x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
-        y = L._linear_2d(x, codes, scales, ts, bias, fid, n, k, "mm_w32" if cfg else path, config=cfg)
+        y = L._linear_2d(x, codes, scales, ts, bias, fid, n, k, kpath, config=cfg)
         ref = torch.nn.functional.linear(x.float(), wd, bias.float())
         assert y.dtype == dtype and not torch.isnan(y).any()
         assert _rel(y, ref) < REL_TOL[dtype], (m, _rel(y, ref))

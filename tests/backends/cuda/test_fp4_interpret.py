@@ -201,6 +201,7 @@ def _check_linear(y, x, qw, bias):
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 @pytest.mark.parametrize("path,dtype", [("gemv", torch.float32), ("gemv", torch.float16), ("gemv_w32", torch.float32),
                                         ("gemv_w32", torch.float16), ("mm", torch.float16), ("mm_w32", torch.float16),
+                                        ("mm_t", torch.float16),
                                         ("dequant", torch.float32), ("dequant", torch.float16)])
 @pytest.mark.parametrize("m", [1, 3, 19])
 def test_linear_paths_match_reference(fmt, path, dtype, m):
@@ -249,6 +250,10 @@ def test_linear_mm_multi_tile_config():
     cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 1, "GROUP_M": 2}
     for path in ("mm", "mm_w32"):
         y = L._linear_2d(x, codes, scales, ts, None, fid, n, k, path, config=cfg)
+        _check_linear(y, x, qw, None)
+    # swap-AB kernel: direct tiles, and split-K into the float32 workspace
+    for split in (1, 3):
+        y = L._linear_2d(x, codes, scales, ts, None, fid, n, k, "mm_t", config={**cfg, "SPLIT_K": split})
         _check_linear(y, x, qw, None)
 
 

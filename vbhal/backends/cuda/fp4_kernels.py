@@ -530,3 +530,75 @@ def fp4_mm_w32_kernel(
         tl.atomic_add(y_ptrs, acc, mask=omask)
     else:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def fp4_mm_t_kernel(
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr,
+    M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym, M_BUCKET,
+    IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBK: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """"Swap-AB" tensor-core kernel: y^T tile (BLOCK_N x BLOCK_M) = W tile @ x^T tile.
+
+    The decoded weight tile is the dot's FIRST operand (it may stay in registers: Hopper's wgmma
+    reads A from registers, B from shared memory), the activations the second; so the weight rows
+    fill the 64/128-row MMA dimension and a small M (the batch) only has to fill the 8..256-column
+    one. Each weight element is decoded once per BLOCK_M activation rows. codes_ptr: int32 view.
+    With SPLIT_K > 1, y is a float32 workspace (zeroed) and partial tiles are atomically added.
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    WPB: tl.constexpr = BLOCK // 8
+    BK: tl.constexpr = NBK * BLOCK
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_m
+    gid = pid // group
+    first_n = gid * GROUP_M
+    gsize = tl.minimum(num_n - first_n, GROUP_M)
+    pid_n = first_n + ((pid % group) % gsize)
+    pid_m = (pid % group) // gsize
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < M
+    rmask = rows < N
+    r3 = rows[:, None, None]
+    r2 = rows[:, None]
+    bb = tl.arange(0, NBK)
+    ww = tl.arange(0, WPB)
+    kk = tl.arange(0, BK)
+    if IS_NV:
+        ts = tl.load(ts_ptr)
+    else:
+        ts = 1.0
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    blocks_per_split = tl.cdiv(tl.cdiv(NUM_BLOCKS, SPLIT_K), NBK) * NBK
+    blk_lo = pid_k * blocks_per_split
+    blk_hi = tl.minimum(blk_lo + blocks_per_split, NUM_BLOCKS)
+    x_cols = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm
+    for blk0 in range(blk_lo, blk_hi, NBK):
+        blks = blk0 + bb
+        bmask = blks < blk_hi
+        word = blks[:, None] * WPB + ww[None, :]
+        w = tl.load(codes_ptr + r3.to(tl.int64) * stride_cn + word[None, :, :],
+                    mask=rmask[:, None, None] & bmask[None, :, None], other=0)
+        sb = tl.load(scales_ptr + r2.to(tl.int64) * stride_sn + blks[None, :], mask=rmask[:, None] & bmask[None, :],
+                     other=0)
+        wt = _e2m1_word_tile(w, _scale_f32_x2p14(sb, IS_NV), x_ptr.dtype.element_ty, BLOCK_N, BK)
+        k1 = blk0 * BLOCK + kk
+        xt = tl.load(x_cols + k1[:, None], mask=mmask[None, :] & (k1[:, None] < blk_hi * BLOCK) & (k1[:, None] < K),
+                     other=0.0)
+        acc = tl.dot(wt, xt, acc)
+    acc = acc * ts
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + rows[:, None]
+    omask = mmask[None, :] & rmask[:, None]
+    if SPLIT_K > 1:
+        tl.atomic_add(y_ptrs, acc, mask=omask)
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=omask)

@@ -41,7 +41,7 @@ if importlib.util.find_spec("triton") is None:  # the KernelTable reports this a
 __all__ = ["fp4_linear", "native_fp4_linear", "KERNELS", "PATHS"]
 
 #: Paths of the fused linear; "auto" picks by shape (``_choose_path``). VBHAL_FP4_LINEAR_PATH overrides.
-PATHS = ("auto", "gemv", "gemv_w32", "mm", "mm_w32", "dequant", "dequant_pipelined")
+PATHS = ("auto", "gemv", "gemv_w32", "mm", "mm_w32", "mm_t", "dequant", "dequant_pipelined")
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # Shape thresholds for "auto", measured on the H100 (benchmarks/bench_fp4_linear.py; see its JSON).
@@ -60,20 +60,72 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def _choose_path(m: int, n: int, k: int, dtype: torch.dtype) -> str:
-    forced = os.environ.get("VBHAL_FP4_LINEAR_PATH", "auto")
-    if forced != "auto":
-        if forced not in PATHS:
-            raise KernelError(f"VBHAL_FP4_LINEAR_PATH={forced!r}; use one of {PATHS}")
-        if not (forced.startswith("mm") and dtype == torch.float32):
-            return forced
+def _static_path(m: int, dtype: torch.dtype) -> str:
+    """The path when none can be measured (CPU interpreter, CUDA-graph capture): by shape only."""
     if m <= GEMV_MAX_M:
         return "gemv_w32"
     if dtype == torch.float32:  # tl.dot on fp32 would be TF32; fp32 takes the FMA GEMV or cuBLAS
         return "dequant"
-    if m <= MM_MAX_M:
-        return "mm_w32"
-    return "dequant"
+    return "mm_t" if m <= MM_MAX_M else "dequant"
+
+
+def _candidates(m: int, dtype: torch.dtype) -> tuple[str, ...]:
+    """Paths worth timing for M activation rows (the rest lose by construction: see the module doc)."""
+    if dtype == torch.float32:
+        return ("gemv_w32", "gemv") if m <= GEMV_MAX_M else ("dequant",)
+    if m <= GEMV_MAX_M:
+        return ("gemv_w32", "mm_t")
+    if m <= MM_T_SMALL_M:
+        return ("mm_t",)
+    return ("mm_t", "dequant", "dequant_pipelined")
+
+
+#: (M bucket, N, K, format id, dtype, has bias, device) -> the path measured fastest there.
+PATH_CHOICES: dict[tuple, str] = {}
+_PATH_FAILURES: dict[tuple, str] = {}
+
+
+def _choose_path(x2, codes, scales, ts, bias, fmt_id, n, k) -> str:
+    """The fastest path for this shape, measured once per (M bucket, N, K, format, dtype) and cached.
+
+    Each candidate runs twice (compiling and autotuning its kernels), then is timed with CUDA events;
+    a candidate that fails to compile is skipped (and remembered). VBHAL_FP4_LINEAR_PATH forces one.
+    """
+    m = x2.shape[0]
+    forced = os.environ.get("VBHAL_FP4_LINEAR_PATH", "auto")
+    if forced != "auto":
+        if forced not in PATHS:
+            raise KernelError(f"VBHAL_FP4_LINEAR_PATH={forced!r}; use one of {PATHS}")
+        if not (forced.startswith("mm") and x2.dtype == torch.float32):
+            return forced
+    cands = _candidates(m, x2.dtype)
+    if len(cands) == 1:
+        return cands[0]
+    if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return _static_path(m, x2.dtype)
+    key = (_m_bucket(m), n, k, fmt_id, x2.dtype, bias is not None, x2.device)
+    path = PATH_CHOICES.get(key)
+    if path is not None:
+        return path
+    times = {}
+    for cand in cands:
+        try:
+            for _ in range(2):
+                _run_path(cand, x2, codes, scales, ts, bias, fmt_id, n, k)
+            torch.cuda.synchronize(x2.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                _run_path(cand, x2, codes, scales, ts, bias, fmt_id, n, k)
+            end.record()
+            end.synchronize()
+            times[cand] = start.elapsed_time(end)
+        except Exception as e:  # noqa: BLE001 - a path that cannot compile here is skipped, not fatal
+            _PATH_FAILURES[key + (cand,)] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}"
+    if not times:
+        raise KernelError(f"fp4_linear: no kernel path works for M={m}, N={n}, K={k}: {_PATH_FAILURES}")
+    path = PATH_CHOICES[key] = min(times, key=times.get)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -104,12 +156,32 @@ def _autotuned(name: str):
         # cover HBM latency; BLOCK_N large enough that each thread reuses its x values across rows.
         configs = [
             C({"BLOCK_N": 32, "NBK": 8}, num_warps=4, num_stages=3),
-            C({"BLOCK_N": 64, "NBK": 4}, num_warps=4, num_stages=3),
             C({"BLOCK_N": 16, "NBK": 16}, num_warps=4, num_stages=3),
             C({"BLOCK_N": 64, "NBK": 8}, num_warps=8, num_stages=3),
         ]
         kern = k4.fp4_gemv_kernel if name == "gemv" else k4.fp4_gemv_w32_kernel
         fn = triton.autotune(configs, key=["M", "N", "K", "BLOCK", "SPLIT_K"], reset_to_zero=["y_ptr"], **kw)(kern)
+    elif name.startswith("mm_t"):
+        nv = 2 if name.endswith("nv") else 1  # NBK counts blocks: nvfp4's are half as long
+        if "small" in name:
+            # y is a float32 workspace here (atomics when SPLIT_K > 1): split K so that the few row tiles
+            # of a small batch still fill every SM
+            configs = [
+                C({"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 4 * nv, "GROUP_M": 8, "SPLIT_K": 2}, num_warps=4, num_stages=4),
+                C({"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 4 * nv, "GROUP_M": 8, "SPLIT_K": 4}, num_warps=4, num_stages=4),
+                C({"BLOCK_M": 16, "BLOCK_N": 128, "NBK": 2 * nv, "GROUP_M": 8, "SPLIT_K": 4}, num_warps=4, num_stages=4),
+                C({"BLOCK_M": 16, "BLOCK_N": 128, "NBK": 4 * nv, "GROUP_M": 8, "SPLIT_K": 8}, num_warps=4, num_stages=3),
+                C({"BLOCK_M": 32, "BLOCK_N": 128, "NBK": 2 * nv, "GROUP_M": 8, "SPLIT_K": 4}, num_warps=4, num_stages=4),
+                C({"BLOCK_M": 64, "BLOCK_N": 128, "NBK": 2 * nv, "GROUP_M": 8, "SPLIT_K": 2}, num_warps=4, num_stages=3),
+            ]
+        else:
+            configs = [
+                C({"BLOCK_M": 128, "BLOCK_N": 128, "NBK": 2 * nv, "GROUP_M": 8, "SPLIT_K": 1}, num_warps=8, num_stages=3),
+                C({"BLOCK_M": 256, "BLOCK_N": 128, "NBK": 2 * nv, "GROUP_M": 8, "SPLIT_K": 1}, num_warps=8, num_stages=3),
+                C({"BLOCK_M": 128, "BLOCK_N": 256, "NBK": 2 * nv, "GROUP_M": 8, "SPLIT_K": 1}, num_warps=8, num_stages=3),
+            ]
+        fn = triton.autotune(configs, key=["M_BUCKET", "N", "K", "BLOCK"], reset_to_zero=["y_ptr"],
+                             prune_configs_by={"early_config_prune": _prune_mm}, **kw)(k4.fp4_mm_t_kernel)
     elif name.startswith("mm"):
         kern = k4.fp4_mm_kernel if name.startswith("mm_u8") else k4.fp4_mm_w32_kernel
         if name.endswith("small"):
@@ -117,13 +189,10 @@ def _autotuned(name: str):
                 C({"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 4, "GROUP_M": 8}, num_warps=4, num_stages=4),
                 C({"BLOCK_M": 16, "BLOCK_N": 128, "NBK": 2, "GROUP_M": 8}, num_warps=4, num_stages=4),
                 C({"BLOCK_M": 32, "BLOCK_N": 64, "NBK": 4, "GROUP_M": 8}, num_warps=4, num_stages=4),
-                C({"BLOCK_M": 64, "BLOCK_N": 128, "NBK": 2, "GROUP_M": 8}, num_warps=4, num_stages=4),
             ]
-        else:
+        else:  # BLOCK_M >= 64 selects wgmma, which triton 3.6 cannot compile for this operand (R1)
             configs = [
-                C({"BLOCK_M": 128, "BLOCK_N": 128, "NBK": 2, "GROUP_M": 8}, num_warps=8, num_stages=4),
-                C({"BLOCK_M": 128, "BLOCK_N": 256, "NBK": 2, "GROUP_M": 8}, num_warps=8, num_stages=3),
-                C({"BLOCK_M": 64, "BLOCK_N": 256, "NBK": 2, "GROUP_M": 8}, num_warps=8, num_stages=4),
+                C({"BLOCK_M": 32, "BLOCK_N": 64, "NBK": 4, "GROUP_M": 8}, num_warps=4, num_stages=4),
             ]
         fn = triton.autotune(configs, key=["M_BUCKET", "N", "K", "BLOCK", "SPLIT_K"], reset_to_zero=["y_ptr"],
                              prune_configs_by={"early_config_prune": _prune_mm}, **kw)(kern)
@@ -134,9 +203,12 @@ def _autotuned(name: str):
 
 
 def _prune_mm(configs, named_args, **kwargs):
-    """Drop configs whose BLOCK_M is far above M (wasted tensor-core rows) -- keep at least one."""
+    """Drop configs whose BLOCK_M is above M rounded up to a power of two (wasted MMA columns) and
+    split-K configs whose K share would be under 4 steps -- keep at least one."""
     m = named_args["M"]
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, triton_cdiv(m, 16) * 16)]
+    nblocks = named_args["NUM_BLOCKS"]
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, _m_bucket(m))
+            and nblocks // (c.kwargs.get("SPLIT_K", 1) * c.kwargs["NBK"]) >= 4]
     return keep or configs[:1]
 
 
@@ -208,6 +280,44 @@ def _launch_mm(x2, codes, scales, ts, bias, fmt, n, k, out_dtype, config: dict |
     return y
 
 
+#: Largest M for the split-K (float32 workspace) tiles of the swap-AB kernel; above it, direct tiles.
+MM_T_SMALL_M = 64
+
+
+def _launch_mm_t(x2, codes, scales, ts, bias, fmt, n, k, out_dtype, config: dict | None = None):
+    """Swap-AB tensor-core path (fp4_mm_t_kernel). Small M: float32 workspace, split-K by autotuning."""
+    m = x2.shape[0]
+    codes = codes.view(torch.int32)
+    block = BLOCK_SIZES[fmt]
+    nblocks = scales.shape[1]
+    small = m <= MM_T_SMALL_M
+    cfg = dict(config) if config is not None else None
+    if cfg is None and (is_interpreter() or x2.device.type != "cuda"):
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 2, "GROUP_M": 2, "SPLIT_K": 2 if small else 1}
+    split = cfg.get("SPLIT_K", 1) if cfg is not None else None
+    use_ws = small or (split is not None and split > 1)
+    y = torch.zeros((m, n), dtype=torch.float32, device=x2.device) if use_ws else \
+        _q.new_output((m, n), out_dtype, x2.device)
+    args = (x2, codes, scales, ts, bias if bias is not None else x2, y,
+            m, n, k, nblocks, x2.stride(0), codes.stride(0), scales.stride(0), y.stride(0), _m_bucket(m))
+    consts = dict(IS_NV=fmt == "nvfp4", HAS_BIAS=bias is not None, BLOCK=block)
+    k4 = kernels_module()
+    if cfg is not None:
+        warps = cfg.pop("num_warps", 4)
+        stages = cfg.pop("num_stages", 3)
+        grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"]), cfg.get("SPLIT_K", 1))
+        if is_interpreter() or x2.device.type != "cuda":
+            k4.fp4_mm_t_kernel[grid](*args, **cfg, **consts)
+        else:
+            k4.fp4_mm_t_kernel[grid](*args, **cfg, **consts, num_warps=warps, num_stages=stages)
+    else:
+        name = "mm_t_" + ("small" if small else "large") + ("_nv" if fmt == "nvfp4" else "")
+        grid = lambda meta: (triton_cdiv(m, meta["BLOCK_M"]) * triton_cdiv(n, meta["BLOCK_N"]),  # noqa: E731
+                             meta["SPLIT_K"])
+        _autotuned(name)[grid](*args, **consts)
+    return y.to(out_dtype) if use_ws else y
+
+
 def _launch_dequant(x2, codes, scales, ts, bias, fmt_id, n, k, out_dtype):
     w = torch.ops.vbhal.dequantize_fp4_cuda(codes, scales, ts, fmt_id, k, x2.dtype)
     return torch.nn.functional.linear(x2, w, bias).to(out_dtype)
@@ -264,21 +374,26 @@ def _launch_dequant_pipelined(x2, codes, scales, ts, bias, fmt_id, n, k, chunk_r
     return y
 
 
-def _linear_2d(x2, codes, scales, ts, bias, fmt_id, n, k, path="auto", *, split_k=None, config=None):
-    """y (M, N) from x (M, K) and the weight operands, by ``path`` (``PATHS``); split_k/config: tests."""
+def _run_path(path, x2, codes, scales, ts, bias, fmt_id, n, k, *, split_k=None, config=None):
     fmt = FORMATS[fmt_id]
-    m = x2.shape[0]
-    if path == "auto":
-        path = _choose_path(m, n, k, x2.dtype)
     if path in ("gemv", "gemv_w32"):
         return _launch_gemv(x2, codes, scales, ts, bias, fmt, n, k, x2.dtype, split=split_k, words=path == "gemv_w32")
     if path in ("mm", "mm_w32"):
         return _launch_mm(x2, codes, scales, ts, bias, fmt, n, k, x2.dtype, config=config, words=path == "mm_w32")
+    if path == "mm_t":
+        return _launch_mm_t(x2, codes, scales, ts, bias, fmt, n, k, x2.dtype, config=config)
     if path == "dequant":
         return _launch_dequant(x2, codes, scales, ts, bias, fmt_id, n, k, x2.dtype)
     if path == "dequant_pipelined":
         return _launch_dequant_pipelined(x2, codes, scales, ts, bias, fmt_id, n, k)
     raise KernelError(f"unknown fp4_linear path {path!r}; use one of {PATHS}")
+
+
+def _linear_2d(x2, codes, scales, ts, bias, fmt_id, n, k, path="auto", *, split_k=None, config=None):
+    """y (M, N) from x (M, K) and the weight operands, by ``path`` (``PATHS``); split_k/config: tests."""
+    if path == "auto":
+        path = _choose_path(x2, codes, scales, ts, bias, fmt_id, n, k)
+    return _run_path(path, x2, codes, scales, ts, bias, fmt_id, n, k, split_k=split_k, config=config)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 
 from vbhal.errors import QuantizationError
 from vbhal.formats import BLOCK_SIZES, FORMATS, SCALE_DTYPES, SCALE_RULES, QuantizedWeight, padded_k
-from vbhal.formats.nvfp4 import E2M1_MAX, E4M3_MAX, NVFP4_MIN_TENSOR_SCALE
+from vbhal.formats.nvfp4 import NVFP4_MIN_TENSOR_SCALE, nvfp4_tensor_scale_from_amax
 
 __all__ = ["quantize_fp4", "dequantize_fp4", "is_interpreter", "kernels_module", "new_output"]
 
@@ -124,9 +124,10 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def nvfp4_tensor_scale_gpu(w: torch.Tensor) -> torch.Tensor:
     """amax(|w|) / (448 * 6), floored at 2^-121: vbhal.formats.nvfp4.nvfp4_tensor_scale without the
-    |w| temporary (the inf-norm is the same max of |w|, exact in any float dtype)."""
+    |w| temporary (the inf-norm is the same max of |w|, exact in any float dtype); the division is the
+    reference's own (IEEE-correct on the GPU, unlike tensor / python-scalar there)."""
     amax = torch.linalg.vector_norm(w, ord=float("inf")).to(torch.float32)
-    return torch.clamp(amax / (E4M3_MAX * E2M1_MAX), min=NVFP4_MIN_TENSOR_SCALE)
+    return nvfp4_tensor_scale_from_amax(amax)
 
 
 def quantize_fp4(w: torch.Tensor, fmt: str = "mxfp4", *, scale_rule: str = "floor",
