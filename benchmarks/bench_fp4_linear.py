@@ -170,9 +170,16 @@ def main() -> int:
             deq = dequantize_fp4(qw, torch.float32)
             errs_w[f"vbhal_{fmt}"] = _rel(deq, w)
             peers[f"vbhal_{fmt}"] = lambda x, b, qw=qw: L.fp4_linear(x, qw, b)
+            ref_q = VF.quantize(w, fmt)
+            out.setdefault("dequantize_bit_exact", {})[f"{fmt} {k}x{n}"] = all(
+                torch.equal(dequantize_fp4(ref_q, dt).view(torch.uint8) if dt != torch.float32
+                            else dequantize_fp4(ref_q, dt).view(torch.int32),
+                            ref_q.dequantize(dt).view(torch.uint8) if dt != torch.float32
+                            else ref_q.dequantize(dt).view(torch.int32))
+                for dt in (torch.bfloat16, torch.float16, torch.float32))
             if args.variants and fmt == "mxfp4":
                 ops = qw_operands(qw)
-                for path in ("gemv", "gemv_w32", "mm", "mm_w32", "dequant", "dequant_pipelined"):
+                for path in ("gemv", "gemv_w32", "mm_w32", "mm_t", "dequant", "dequant_pipelined"):
                     peers[f"vbhal_{fmt}_{path}"] = (
                         lambda x, b, ops=ops, path=path: L._linear_2d(x, ops[0], ops[1], ops[2], b, ops[3], n, k, path))
         wbytes = {f: qws[f].nbytes for f in qws}
@@ -187,6 +194,8 @@ def main() -> int:
                 if pname.endswith(("_gemv", "_gemv_w32")) and m > 16:
                     continue  # one program column per activation row: only meant for tiny M
                 if pname.endswith("_pipelined") and m < 256:
+                    continue
+                if pname.endswith("_mm_w32") and m > 64:
                     continue
                 try:
                     y = fn(x, bias)
@@ -208,6 +217,7 @@ def main() -> int:
                   "flops_floor_us_bf16_peak": 2 * m * n * k / (BF16_PEAK_TFLOPS_H100 * 1e12) * 1e6}
             out["floors"].append(fl)
             _print_row(row, fl)
+            out["auto_path_choices"] = _choices(L)
             _write(out, args.out, slug)  # after every row: a run cut short still leaves its numbers
         out.setdefault("weight_rel_err", {})[f"{k}x{n}"] = errs_w
 
@@ -241,8 +251,19 @@ def main() -> int:
         print("weight rel err:", {a: round(b, 5) for a, b in errs_w.items()})
 
     _summary(out)
+    out["auto_path_choices"] = _choices(L)
+    out["path_failures"] = {str(key[:4] + key[-1:]): why for key, why in L._PATH_FAILURES.items()}
+    print("auto path choices:", out["auto_path_choices"])
+    if out["path_failures"]:
+        print("paths that failed to compile/run (skipped):", out["path_failures"])
+    print("dequantize bit-exact:", out.get("dequantize_bit_exact"))
     print("wrote", _write(out, args.out, slug))
     return 0
+
+
+def _choices(L):
+    """Which path vbhal's automatic choice measured fastest, per (M bucket, N, K, format)."""
+    return {f"M<={key[0]} N={key[1]} K={key[2]} {('mxfp4', 'nvfp4')[key[3]]}": p for key, p in L.PATH_CHOICES.items()}
 
 
 def _write(out, folder, slug):

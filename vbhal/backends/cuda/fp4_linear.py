@@ -74,7 +74,7 @@ def _candidates(m: int, dtype: torch.dtype) -> tuple[str, ...]:
     if dtype == torch.float32:
         return ("gemv_w32", "gemv") if m <= GEMV_MAX_M else ("dequant",)
     if m <= GEMV_MAX_M:
-        return ("gemv_w32", "mm_t")
+        return ("gemv_w32", "gemv", "mm_t")
     if m <= MM_T_SMALL_M:
         return ("mm_t",)
     return ("mm_t", "dequant", "dequant_pipelined")
