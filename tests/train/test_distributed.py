@@ -72,3 +72,10 @@ def test_fsdp2_trains_saves_sharded_and_resumes(tmp_path, corpus_dir):
     assert best["step"] == ref["step"] == single.step
     for k, v in ref["model"].items():
         torch.testing.assert_close(best["model"][k], v, rtol=0, atol=1e-4, msg=k)  # Adam amplifies rounding on ~0 grads
+
+
+def test_bad_resume_path_fails_on_every_rank_without_hanging(tmp_path, corpus_dir):
+    proc = _torchrun(["--data", corpus_dir, "--output-dir", str(tmp_path / "o"), "--nproc", "2",
+                      "--resume", str(tmp_path / "nothing")], timeout=60)
+    assert proc.returncode != 0
+    assert proc.stderr.count("vbhal train: error: --resume") == 2, proc.stderr[-3000:]

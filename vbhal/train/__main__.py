@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--nproc is for launching; this process already runs under torchrun.")
             checked = cfg.with_preset_defaults()
             checked.check()   # bad input fails here, not N times in the ranks
+            from vbhal.train.data import load_corpus
+            load_corpus(checked.data, max_bytes=checked.max_corpus_bytes)   # checks --data, warms the cache
             from vbhal.train.distributed import launch_torchrun
             child = []
             skip = False

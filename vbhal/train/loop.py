@@ -36,7 +36,8 @@ import torch.nn as nn
 
 from vbhal.train import checkpoint as ckpt
 from vbhal.train import distributed as D
-from vbhal.train._errors import (CheckpointError, ConfigError, DataError, FeatureUnavailableError)
+from vbhal.train._errors import (CheckpointError, ConfigError, DataError, FeatureUnavailableError,
+                                 ResumeError)
 from vbhal.train.config import TrainConfig
 from vbhal.train.data import (TokenWindows, ResumableSampler, load_corpus, loader_settings,
                               make_loader)
@@ -367,6 +368,26 @@ def _size_cpu_threads(info: D.DistInfo) -> str | None:
     return None
 
 
+def _agreed(fn, info: D.DistInfo, first_rank_only: bool = False):
+    """Run fn (on rank 0 only when `first_rank_only`) and make every rank raise the same error if it
+    fails, instead of leaving the others waiting in a collective."""
+    value, error = None, None
+    if info.is_main or not first_rank_only:
+        try:
+            value = fn()
+        except (ConfigError, CheckpointError) as exc:   # DataError/ResumeError are subclasses
+            error = exc
+    errors = D.gather_objects(None if error is None else (type(error).__name__, str(error)), info)
+    first = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise error
+    if first is not None:
+        kind = {"DataError": DataError, "ResumeError": ResumeError, "CheckpointError": CheckpointError}.get(
+            first[0], ConfigError)
+        raise kind(first[1])
+    return value
+
+
 def _run(cfg: TrainConfig, model_cfg: GPTConfig, info: D.DistInfo, device: torch.device, overwrite: bool,
          t_start: float) -> TrainResult:
     precision = _precision(cfg, device)
@@ -399,16 +420,19 @@ def _run(cfg: TrainConfig, model_cfg: GPTConfig, info: D.DistInfo, device: torch
     def _load():
         return load_corpus(cfg.data, max_bytes=cfg.max_corpus_bytes)
 
-    if info.is_main:
-        corpus = _load()
-    D.barrier(info)
+    corpus = _agreed(_load, info, first_rank_only=True)
     if not info.is_main:
         corpus = _load()
     train_set = TokenWindows(corpus.train, model_cfg.seq_length, "train")
-    if model_cfg.vocab_size <= int(max(corpus.train.max(initial=0), corpus.val.max(initial=0))):
-        raise DataError(f"the data holds token id {int(max(corpus.train.max(initial=0), corpus.val.max(initial=0)))}"
-                        f" but --vocab-size is {model_cfg.vocab_size}; raise --vocab-size.")
-    val_set = TokenWindows(corpus.val, model_cfg.seq_length, "validation")
+    top = int(max(corpus.train.max(initial=0), corpus.val.max(initial=0)))
+    if model_cfg.vocab_size <= top:
+        raise DataError(f"the data holds token id {top} but --vocab-size is {model_cfg.vocab_size}; "
+                        f"raise --vocab-size.")
+    # validation split (needed only when validating: --val-batches 0 turns it off)
+    val_set = TokenWindows(corpus.val, model_cfg.seq_length, "validation") if cfg.val_batches else None
+    if val_set is not None and len(val_set) < info.world_size:
+        raise DataError(f"the validation split has {len(val_set)} windows, fewer than the {info.world_size} "
+                        f"ranks; give more data, a shorter --seq-length, or --val-batches 0.")
     sampler = ResumableSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                seed=cfg.seed)
     micro_per_epoch = len(sampler) // cfg.batch_size
@@ -433,9 +457,7 @@ def _run(cfg: TrainConfig, model_cfg: GPTConfig, info: D.DistInfo, device: torch
     log = _RunLog(info, log_path)
     try:
         if resuming:
-            found = None
-            if info.is_main:
-                found = ckpt.find_resumable(cfg.resume, log=log)
+            found = _agreed(lambda: ckpt.find_resumable(cfg.resume, log=log), info, first_rank_only=True)
             found_path = D.broadcast_object(str(found[0]) if found else None, info)
             state = found[1] if found else ckpt.load_checkpoint(Path(found_path))
             ckpt.require_same_model(state["model_config"], model_cfg.to_dict(), Path(found_path))
@@ -515,13 +537,12 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
 
     settings = loader_settings(device, cfg.num_workers, info.local_world_size)
     loader = make_loader(train_set, cfg.batch_size, sampler, **settings)
-    val_bs = max(1, min(cfg.batch_size, len(val_set) // info.world_size))
-    if cfg.val_batches and len(val_set) < info.world_size:
-        raise DataError(f"the validation split has {len(val_set)} windows, fewer than the {info.world_size} "
-                        f"ranks; give more data or a shorter --seq-length.")
-    val_sampler = ResumableSampler(val_set, num_replicas=info.world_size, rank=info.rank, shuffle=False)
-    val_loader = make_loader(val_set, val_bs, val_sampler, num_workers=0,
-                             pin_memory=settings["pin_memory"])
+    val_loader = None
+    if val_set is not None:
+        val_bs = max(1, min(cfg.batch_size, len(val_set) // info.world_size))
+        val_sampler = ResumableSampler(val_set, num_replicas=info.world_size, rank=info.rank, shuffle=False)
+        val_loader = make_loader(val_set, val_bs, val_sampler, num_workers=0,
+                                 pin_memory=settings["pin_memory"])
 
     # ---- outputs ------------------------------------------------------------------------------
     metrics_fh = None
