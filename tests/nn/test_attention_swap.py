@@ -245,3 +245,28 @@ def test_transformer_encoder_layer_swapped_matches():
     out_ref = ref(x, src_mask=mask, is_causal=True)
     _assert_same(out, out_ref)
     assert k.calls == 1
+
+
+def test_hf_llama_under_autocast_bf16_matches_sdpa():
+    """Llama hands q/k in float32 (RoPE) and v in bf16 under autocast: cast like SDPA, not an error."""
+    ref, model = _hf_pair("llama")
+    k = CountingKernel()
+    swap_attention(model, kernel=k, report=OptimizeReport())
+    ids = torch.randint(0, 101, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids).logits
+        out_ref = ref(input_ids=ids).logits
+    assert k.calls == 2
+    assert (out.float() - out_ref.float()).abs().max() <= 5e-2 * out_ref.float().abs().max()
+
+
+def test_kernels_cast_mixed_dtypes_under_autocast_and_reject_them_outside():
+    from vbhal.backends.cpu.attention import AttentionInputError
+
+    q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    v = torch.randn(1, 2, 5, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cpu_attention(q, k, v, causal=True)
+    assert out.dtype == torch.bfloat16
+    with pytest.raises(AttentionInputError, match="dtypes differ"):
+        cpu_attention(q, k, v)

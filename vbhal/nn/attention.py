@@ -23,6 +23,9 @@ resolved once by ``vbhal.optimize`` for the chosen device) into each, in place:
     counted in ``fallback_calls``; modules built with ``add_bias_kv`` or ``add_zero_attn`` are left
     as they are and reported.
 
+Under ``torch.autocast`` the kernels (and the HuggingFace adapter) cast q/k/v to the autocast
+dtype first, as SDPA does, so mixed-dtype inputs (fp32 q/k after RoPE, bf16 v) work.
+
 The return value is the number of attention modules now running through the kernel; every swap and
 every module left alone is added to ``report`` (kinds ``"attention"`` and ``"skip"``).
 """
@@ -35,6 +38,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vbhal.backends.cpu.attention import autocast_inputs
 
 __all__ = ["swap_attention", "VbhalMultiheadAttention", "hf_attention_forward", "HF_IMPLEMENTATION"]
 
@@ -92,6 +97,9 @@ def hf_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tens
         key, value = key[:, :, :q_len], value[:, :, :q_len]
     if attention_mask is not None and attention_mask.dim() == 4:
         attention_mask = attention_mask[..., : key.shape[2]]
+    # Under autocast (vbhal's mixed precision) Llama-family models hand over q/k in float32 (RoPE)
+    # and v in bf16; SDPA casts them to the autocast dtype, and so do we, whichever backend's kernel.
+    query, key, value, attention_mask = autocast_inputs(query, key, value, attention_mask)
     out = kernel(query, key, value, causal=causal, scale=scaling, attn_mask=attention_mask)
     return out.transpose(1, 2).contiguous(), None
 

@@ -149,3 +149,20 @@ def test_bad_offsets_and_masks_raise_clear_errors():
         attention(q, q, q, attn_mask=torch.ones(4, 4, dtype=torch.int64))
     with pytest.raises(AttentionInputError, match="different devices|dtypes differ"):
         attention(q, q.double(), q)
+
+
+def test_offsets_are_rechecked_for_a_new_tensor_and_after_in_place_changes():
+    p = torch.randn(10, 2, 8)
+    good = torch.tensor([0, 4, 10], dtype=torch.int32)
+    attention(p, p, p, cu_seqlens=good)
+    good[1] = 12  # in place: now decreasing
+    with pytest.raises(AttentionInputError, match="strictly increasing"):
+        attention(p, p, p, cu_seqlens=good)
+    for _ in range(20):  # fresh tensors, often at a reused address, each validated on its own
+        ok = torch.tensor([0, 4, 10], dtype=torch.int32)
+        attention(p, p, p, cu_seqlens=ok)
+        del ok
+        bad = torch.tensor([0, 7, 5], dtype=torch.int32)
+        with pytest.raises(AttentionInputError):
+            attention(p, p, p, cu_seqlens=bad)
+        del bad

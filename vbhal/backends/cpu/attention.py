@@ -21,11 +21,13 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from vbhal.errors import KernelError
 
 __all__ = [
     "AttentionInputError",
+    "autocast_inputs",
     "BLOCKWISE_MIN_SEQ",
     "QUERY_BLOCK",
     "KERNELS",
@@ -48,15 +50,17 @@ class AttentionInputError(KernelError, ValueError):
 # validation (shared by all backends)
 # --------------------------------------------------------------------------------------------------
 
-# cu_seqlens checks need its values on the host; models pass the same offsets to every layer, so the
-# last one checked is remembered (keyed by storage, version and length) to sync once per step.
-_checked_offsets: dict[tuple, int] = {}
+# cu_seqlens checks need its values on the host; models pass the same offsets tensor to every layer,
+# so results are remembered per tensor object (weakly: a freed tensor drops its entry, and a new tensor
+# at a reused address is never mistaken for it) and per in-place version, to sync once per step.
+_checked_offsets = WeakTensorKeyDictionary()
 
 
 def _check_offsets(cu_seqlens: torch.Tensor, total: int, max_seqlen: Optional[int]) -> int:
-    key = (cu_seqlens.device, cu_seqlens.data_ptr(), cu_seqlens._version, cu_seqlens.numel(), total)
-    if key in _checked_offsets:
-        actual = _checked_offsets[key]
+    key = (cu_seqlens._version, total)
+    hit = _checked_offsets.get(cu_seqlens)
+    if hit is not None and hit[0] == key:
+        actual = hit[1]
     else:
         offs = cu_seqlens.tolist()
         if offs[0] != 0:
@@ -71,12 +75,28 @@ def _check_offsets(cu_seqlens: torch.Tensor, total: int, max_seqlen: Optional[in
             raise AttentionInputError(f"cu_seqlens must be strictly increasing; documents {bad[:5]} have length "
                                       f"{[lengths[i] for i in bad[:5]]}. Drop empty documents before packing.")
         actual = max(lengths)
-        _checked_offsets.clear()
-        _checked_offsets[key] = actual
+        _checked_offsets[cu_seqlens] = (key, actual)
     if max_seqlen is not None and max_seqlen < actual:
         raise AttentionInputError(f"max_seqlen={max_seqlen} is smaller than the longest document ({actual}); "
                                   "pass the true maximum or None to have it computed.")
     return actual if max_seqlen is None else max_seqlen
+
+
+def autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None):
+    """Under ``torch.autocast``, cast q/k/v (and a float mask) to the autocast dtype, as SDPA does.
+
+    SDPA is on autocast's lower-precision list, so models hand it mixed dtypes (HF Llama: q/k in
+    float32 after RoPE, v in bf16) and rely on that cast. Outside autocast nothing changes and the
+    dtype checks of ``validate_attention_inputs`` apply.
+    """
+    dev = q.device.type
+    if not torch.is_autocast_enabled(dev):
+        return q, k, v, attn_mask
+    dt = torch.get_autocast_dtype(dev)
+    q, k, v = (t.to(dt) if t.is_floating_point() and t.dtype != dt else t for t in (q, k, v))
+    if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != dt:
+        attn_mask = attn_mask.to(dt)
+    return q, k, v, attn_mask
 
 
 def validate_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -245,6 +265,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         o = attention(q, k, v, causal=True)                      # q (B, Hq, S, D), k/v (B, Hkv, S, D)
         o = attention(q, k, v, causal=True, cu_seqlens=cu)        # packed q (T, Hq, D), cu int32
     """
+    q, k, v, attn_mask = autocast_inputs(q, k, v, attn_mask)
     validate_attention_inputs(q, k, v, attn_mask=attn_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     if cu_seqlens is not None:
         outs = []

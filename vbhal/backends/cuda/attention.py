@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vbhal.backends.cpu.attention import AttentionInputError, validate_attention_inputs
+from vbhal.backends.cpu.attention import AttentionInputError, autocast_inputs, validate_attention_inputs
 
 __all__ = ["flash_attention", "KERNELS", "SUPPORTED_HEAD_DIMS", "supports"]
 
@@ -494,9 +494,14 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU,
 # --------------------------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim, for sm_90 (H100). Measured
-# choices live here (see benchmarks/tune_attention.py); VBHAL_ATTN_CONFIG="fwd=128,64,8,3;..." overrides
+# choices live here (see benchmarks/tune_attention.py; round 1 kept dK/dV 64x128 and dQ 128x64, and
+# found the TMA forward and the atomic-dQ backward slower, so both stay off); VBHAL_ATTN_CONFIG="fwd=128,64,8,3;..." overrides
 # for tuning runs. Other GPUs get the same blocks with fewer stages (less shared memory).
-_GPU_CONFIGS: dict[tuple[str, int], tuple[int, int, int, int]] = {
+_GPU_CONFIGS: dict[tuple, tuple[int, int, int, int]] = {
+    # H100 sweep, round 1 (bf16, S=8k, 16k tokens): causal hd128 forward 404 TFLOP/s with 128x128
+    # blocks vs 393 with 128x64; non-causal prefers 128x64 (478 vs 465). Keys (kernel, hd, causal)
+    # win over (kernel, hd).
+    ("fwd", 128, True): (128, 128, 8, 3),
     ("fwd", 16): (128, 64, 4, 3),
     ("fwd", 32): (128, 64, 4, 3),
     ("fwd", 64): (128, 64, 4, 3),
@@ -545,7 +550,7 @@ def _atomic_dq() -> bool:
     return ATOMIC_DQ_DEFAULT if flag is None else flag == "1"
 
 
-def _config(kernel: str, head_dim: int) -> tuple[int, int, int, int]:
+def _config(kernel: str, head_dim: int, causal: Optional[bool] = None) -> tuple[int, int, int, int]:
     override = os.environ.get("VBHAL_ATTN_CONFIG", "")
     for part in filter(None, override.split(";")):
         name, _, values = part.partition("=")
@@ -554,7 +559,7 @@ def _config(kernel: str, head_dim: int) -> tuple[int, int, int, int]:
             return bm, bn, w, s
     if _interpreting():
         return _INTERPRET_CONFIG
-    return _GPU_CONFIGS[(kernel, head_dim)]
+    return _GPU_CONFIGS.get((kernel, head_dim, causal)) or _GPU_CONFIGS[(kernel, head_dim)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -598,7 +603,7 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale):
     lse_shape, (slb, slh) = _lse_layout(q, varlen)
     lse = _empty(lse_shape, q, torch.float32)
     if not varlen and _use_tma(q, k, v):
-        bm, bn, warps, stages = _config("fwd_tma", d)
+        bm, bn, warps, stages = _config("fwd_tma", d, causal)
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         def desc(t, rows, block):
@@ -611,7 +616,7 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale):
             HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, num_warps=warps, num_stages=stages,
         )
         return out, lse
-    bm, bn, warps, stages = _config("fwd", d)
+    bm, bn, warps, stages = _config("fwd", d, causal)
     grid = (triton.cdiv(seq_grid, bm), batch * hq)
     cu = cu_seqlens if varlen else q  # unused pointer when dense
     _fwd_kernel[grid](
@@ -736,6 +741,35 @@ def _backward_rule(ctx, grad_out, grad_lse):
 _flash_attn_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
+class _FlashFunction(torch.autograd.Function):
+    """The same forward/backward as the custom op, for eager mode.
+
+    A Python ``torch.library.custom_op`` costs tens of microseconds of host time per call (schema
+    handling, dispatch through Python); an ``autograd.Function`` a fraction of that. Eager calls take
+    this path, traced calls (``torch.compile``) the custom op, which compile needs.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale):
+        out, lse = _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = _backward(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def _flash(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale: float) -> torch.Tensor:
+    """Run the kernel on already-validated inputs (custom op when tracing, autograd.Function in eager)."""
+    if torch.compiler.is_compiling():
+        return _flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale)[0]
+    return _FlashFunction.apply(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+
+
 # --------------------------------------------------------------------------------------------------
 # public entry point
 # --------------------------------------------------------------------------------------------------
@@ -768,6 +802,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     inputs this kernel cannot take (an explicit ``attn_mask``, an unsupported head dim): use the
     dispatcher (``attention_dispatch.attention``), which falls back to SDPA for those.
     """
+    q, k, v, attn_mask = autocast_inputs(q, k, v, attn_mask)
     max_seqlen = validate_attention_inputs(q, k, v, attn_mask=attn_mask, cu_seqlens=cu_seqlens,
                                            max_seqlen=max_seqlen)
     reason = supports(q, k, attn_mask=attn_mask)
@@ -780,8 +815,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         scale = 1.0 / math.sqrt(q.shape[-1])
     if cu_seqlens is not None and cu_seqlens.dtype != torch.int32:
         cu_seqlens = cu_seqlens.to(torch.int32)
-    out, _ = _flash_attn_fwd(q, k, v, cu_seqlens, int(max_seqlen or 0), bool(causal), float(scale))
-    return out
+    return _flash(q, k, v, cu_seqlens, int(max_seqlen or 0), bool(causal), float(scale))
 
 
 KERNELS = {"flash_attention": flash_attention}
