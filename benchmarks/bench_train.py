@@ -124,6 +124,16 @@ def bench_vbhal(preset: str, model_cfg: GPTConfig, batch: int, steps: int, warmu
     return out
 
 
+def _check_cudnn_attention(cfg: GPTConfig, batch: int, device) -> None:
+    """Raise (so the peer is reported as unavailable) when cuDNN attention cannot run these shapes."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q = torch.randn(batch, cfg.num_heads, cfg.seq_length, cfg.head_dim, device=device, dtype=torch.bfloat16,
+                    requires_grad=True)
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    torch.cuda.synchronize(device)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="medium")
@@ -170,7 +180,12 @@ def main(argv=None) -> int:
 
     for peer in [p.strip() for p in args.peers.split(",") if p.strip()]:
         t0 = time.perf_counter()
+        # A fresh Dynamo cache per peer: a compiled GPT graph can be reused across model instances, and the
+        # SDPA backend choice is baked in at trace time, so the cuDNN peer must be traced anew.
+        torch._dynamo.reset()
         try:
+            if peer.endswith("-cudnn") and device.type == "cuda":
+                _check_cudnn_attention(model_cfg, batch, device)
             if peer == "pytorch":
                 r = bench_pytorch(model_cfg, batch, args.steps, args.warmup, device, compile_, precision)
             elif peer in ("vbhal-train", "vbhal-train-fa", "vbhal-train-cudnn"):
