@@ -15,7 +15,7 @@ el() { echo "[train.sh] +$(( $(date +%s) - T0 ))s $*"; }
 left() { echo $(( BUDGET - 4 - ($(date +%s) - T0) )); }
 
 el "benchmark"
-timeout --kill-after=2 76 python3 benchmarks/bench_train.py --preset "${TRAIN_PRESET:-medium}" --steps 30 --warmup 10 ${TRAIN_BENCH_ARGS:-} \
+timeout --kill-after=2 82 python3 benchmarks/bench_train.py --preset "${TRAIN_PRESET:-medium}" --steps 30 --warmup 10 ${TRAIN_BENCH_ARGS:-} \
   --peers pytorch,vbhal-train,vbhal-train-cudnn --out "$RES" 2>&1 \
   | grep -v "^saved checkpoint\|TensorFloat\|attn_fn -> \|UserWarning\|warn_once\|This call originates\|^ *File \|^\s*$\|device_name=\|table = load" \
   | tail -n 30
