@@ -348,7 +348,13 @@ def _build_hf(cfg, attention: str) -> tuple[nn.Module, int | None]:
         n = None
     try:
         with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(build, attn_implementation=impl)
+            try:
+                model = transformers.AutoModelForCausalLM.from_config(build, attn_implementation=impl)
+            except ValueError:
+                if impl != "sdpa":
+                    raise
+                # an architecture without an SDPA path: its own (eager) attention is what runs
+                model = transformers.AutoModelForCausalLM.from_config(build, attn_implementation="eager")
     except Exception as e:
         raise EstimateError(f"cannot build a causal LM from the Hugging Face config "
                             f"({type(cfg).__name__}): {e}") from None
@@ -922,8 +928,11 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
             saved_by_layer[layer] = saved_by_layer.get(layer, 0) + (a.nbytes if a else st.nbytes())
         return t
 
-    handles = [nn.modules.module.register_module_forward_pre_hook(pre_hook),
-               nn.modules.module.register_module_forward_hook(post_hook)]
+    # hooks on the blocks and the top-level children only (no global hooks: other models running
+    # in this process are not disturbed)
+    hooked = {id(m): m for m in list(blocks) + [m for _, m in model.named_children()]}
+    handles = [h for m in hooked.values()
+               for h in (m.register_forward_pre_hook(pre_hook), m.register_forward_hook(post_hook))]
     for t in by_id.values():
         param_storages.add(id(t.untyped_storage()))
     for t in params.values():
