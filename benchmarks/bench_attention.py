@@ -67,7 +67,7 @@ def _strict_sdpa(provider: str):
     return run
 
 
-def _time(fn, min_ms: float = 40.0, max_reps: int = 20) -> float:
+def _time(fn, min_ms: float = 60.0, max_reps: int = 30) -> float:
     """Median milliseconds of fn() with CUDA events; about ``min_ms`` of measuring."""
     fn()
     torch.cuda.synchronize()
