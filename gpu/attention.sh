@@ -25,3 +25,11 @@ timeout $(( B + 22 )) python3 -W ignore benchmarks/bench_attention.py --budget "
 echo "== dispatcher table from this run =="
 python3 benchmarks/make_attention_table.py "$RES/attention-bench.json" --out "$RES/attention_table.json" 2>&1 | tail -n 5
 echo "total $(( $(date +%s) - START )) s"
+
+T=$(( $(left) - 5 ))
+if [ "$T" -gt 25 ]; then
+  echo "== hd64 config sweep (data for the next tuning pass; not used by this run) =="
+  timeout "$T" python3 -W ignore benchmarks/tune_attention.py --head-dims 64 --causal 1 --kernels fwd,dkdv,dq \
+    --max-per-kernel 3 --budget $(( T - 8 )) --out "$RES/tune_hd64.json" 2>&1 | grep -v Warning | tail -n 12
+fi
+echo "end $(( $(date +%s) - START )) s"
