@@ -15,12 +15,18 @@ table we keep SDPA's default except where SDPA cannot do the job.
 
 Rules that hold whatever the table says:
 - packed variable-length input (``cu_seqlens``): ours (SDPA has no packed mode);
-- grouped-query attention (Hq != Hkv): ours, unless the table measured this case (SDPA's fused
-  backends expand K/V to Hq heads);
+- grouped-query attention (Hq != Hkv): the table's GQA entries, else its dense entries for that
+  dtype/head dim/causality, else ours (older torch builds expand K/V for GQA);
 - an explicit ``attn_mask``, or a head dim / dtype our kernel does not take: SDPA's default;
 - tensors not on a CUDA device: the CPU backend.
 The choice is made on the host from shapes only (no device sync), so it is cheap per call and
 ``torch.compile`` traces straight through it.
+
+What the H100 table says (torch 2.11 + cuDNN, bf16, round-1 measurements in
+``benchmarks/results/attention-nvidia-h100-80gb-hbm3.json``): SDPA's default (cuDNN) is fastest for
+every dense shape of the grid, GQA included (torch 2.11 runs ``enable_gqa`` in cuDNN/flash without
+expanding K/V), so dense calls stay on SDPA; vbhal's kernel serves packed variable-length batches
+(1.55x one-SDPA-call-per-document there) and whatever the table does not cover on other GPUs.
 """
 
 from __future__ import annotations
