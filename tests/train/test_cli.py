@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from vbhal.train.__main__ import build_parser, config_from_args, main
 from vbhal.train._errors import ConfigError
@@ -111,3 +112,24 @@ def test_python_dash_m_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "vbhal.train", "--help"], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
     assert r.returncode == 0 and "--gradient-accumulation-steps" in r.stdout and "epoch is one pass" in r.stdout
+
+
+def test_use_fp4_trains_frozen_fp4_weights_and_generate_reloads_them(tmp_path, corpus_dir, capsys):
+    out = tmp_path / "out"
+    assert main(MICRO + ["--data", corpus_dir, "--output-dir", str(out), "--max-steps", "3", "--use-fp4"]) == 0
+    err = capsys.readouterr().err
+    assert "after vbhal.optimize" in err and "FP4 weights are frozen" in err
+    from vbhal.train import checkpoint as C
+    best = C.load_checkpoint(out / "best_model.pt")
+    assert best["optimize"]["fp4"] is True
+    assert best["model"]["blocks.0.attn.qkv.codes"].dtype == torch.uint8           # FP4 codes, 2 per byte
+    assert "blocks.0.attn.qkv.weight" not in best["model"] and "lm_head.weight" in best["model"]
+    assert generate_main(["--checkpoint", str(out / "best_model.pt"), "--prompt", "a", "--max-new-tokens", "5",
+                          "--temperature", "0", "--device", "cpu"]) == 0
+
+
+def test_vgpu_auto_applies_the_planners_batch_split(tmp_path, corpus_dir, capsys):
+    out = tmp_path / "out"
+    assert main(MICRO + ["--data", corpus_dir, "--output-dir", str(out), "--max-steps", "2", "--vgpu-auto"]) == 0
+    err = capsys.readouterr().err
+    assert "plan:" in err and "global batch 4" in err
