@@ -167,7 +167,9 @@ class EmuFP4Linear(nn.Module):
 def swap_fp4_emulated(model, fmt):
     from vbhal.estimate import _fp4_linears
 
-    for name, lin in _fp4_linears(model):
+    for name, lin in _fp4_linears(model, fmt):
+        if type(lin) is not nn.Linear:
+            continue  # (transformers Conv1D: not emulated here)
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         setattr(parent, name.rsplit(".", 1)[-1], EmuFP4Linear(lin, fmt))
 

@@ -694,6 +694,13 @@ class _StepSemantics(torch.overrides.TorchFunctionMode):
                     x = self._cast(x, self.autocast)
                     bias = self._cast(bias, self.autocast)
                 return _FP4LinearSim.apply(x, bias, n, k, self.fp4_dequant_temp)
+        if name == "addmm" and self.fp4 and len(args) >= 3 and id(args[2]) in self.fp4:
+            # transformers Conv1D: addmm(bias, x2d, W) with W stored (in, out)
+            n, k = self.fp4[id(args[2])]
+            x, bias = args[1], args[0]
+            if self.autocast is not None:
+                x, bias = self._cast(x, self.autocast), self._cast(bias, self.autocast)
+            return _FP4LinearSim.apply(x, bias, n, k, self.fp4_dequant_temp)
         if self.autocast is not None:
             if name in _AUTOCAST_LOW:
                 args, kwargs = self._cast_all(args, kwargs, self.autocast)
@@ -745,14 +752,47 @@ def _find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
     return best_name, best
 
 
-_SENSITIVE = re.compile(r"(^|\.)(lm_head|head|output|score|classifier|router|gate|wte|wpe|embed\w*)$")
+try:  # the FP4 swap's own rules, so the estimate quantizes exactly the layers optimize() does
+    from vbhal.nn.fp4_linear import DEFAULT_KEEP_NAMES as _KEEP_NAMES, ROUTER_MAX_OUT_FEATURES as _ROUTER_MAX
+except ImportError:  # pragma: no cover - FP4Linear is part of vbhal
+    _KEEP_NAMES, _ROUTER_MAX = ("lm_head", "head", "classifier"), 512
 
 
-def _fp4_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """Linear layers the FP4 swap replaces: all but the sensitive ones (output head, routers),
-    which vbhal keeps in high precision by default (DESIGN.md, "FP4 quality surprises")."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not _SENSITIVE.search(n)]
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers") and hasattr(m, "nf")
+
+
+def _linear_nk(m: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of an nn.Linear or a transformers Conv1D (weight stored (in, out))."""
+    w = m.weight
+    return (w.shape[1], w.shape[0]) if _is_hf_conv1d(m) else (w.shape[0], w.shape[1])
+
+
+def _fp4_linears(model: nn.Module, fmt: str = "mxfp4") -> list[tuple[str, nn.Module]]:
+    """The layers `vbhal.nn.fp4_linear.swap_linears` quantizes by default: plain nn.Linear (and
+    transformers Conv1D) except output heads, embeddings, tied weights, MoE routers/gates and layers
+    narrower than one block -- kept in high precision (DESIGN.md, "FP4 quality surprises")."""
+    owners: dict[int, int] = {}
+    for mod in model.modules():
+        for p in mod.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    out = []
+    for name, m in model.named_modules():
+        if not (type(m) is nn.Linear or _is_hf_conv1d(m)) or not name:
+            continue
+        parts = name.split(".")
+        last = parts[-1]
+        n, k = _linear_nk(m)
+        if any(p in _KEEP_NAMES for p in parts) or last == "output" or any("embed" in p for p in parts):
+            continue
+        if owners.get(id(m.weight), 0) > 1:
+            continue
+        if (last in ("router", "gate") or last.endswith(("_router", "_gate"))) and n <= _ROUTER_MAX:
+            continue
+        if k < _FP4_BLOCK[fmt]:
+            continue
+        out.append((name, m))
+    return out
 
 
 def _fp4_nbytes(n: int, k: int, fmt: str) -> int:
@@ -846,8 +886,8 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
     block_index = {id(b): i for i, b in enumerate(blocks)}
 
     # Meta stand-ins for every parameter and buffer (the user's module is never modified).
-    fp4_mods = {id(m): (n, m) for n, m in _fp4_linears(model)} if fp4 else {}
-    fp4_weight_names = {f"{n}.weight" for n, _ in fp4_mods.values()}
+    fp4_shapes = {f"{n}.weight": _linear_nk(m) for n, m in _fp4_linears(model, fp4)} if fp4 else {}
+    fp4_weight_names = set(fp4_shapes)
     params: dict[str, torch.Tensor] = {}
     by_id: dict[int, torch.Tensor] = {}
     fp4_ids: dict[int, tuple[int, int]] = {}
@@ -861,7 +901,7 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
         dt = param_dtype if p.is_floating_point() else p.dtype
         mp = torch.empty(p.shape, dtype=dt, device="meta", requires_grad=not frozen)
         if name in fp4_weight_names:
-            fp4_ids[id(mp)] = (p.shape[0], p.shape[1])
+            fp4_ids[id(mp)] = fp4_shapes[name]
         by_id[id(p)] = mp
         params[name] = mp
     for name, b in model.named_buffers(remove_duplicate=False):
@@ -1265,7 +1305,7 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
 
     # Parameters and buffers, counted once (tied weights share storage), FP4 packed where swapped.
     rnd = (lambda n: (n + _CUDA_ROUND - 1) // _CUDA_ROUND * _CUDA_ROUND) if kind == "cuda" else (lambda n: n)
-    fp4_names = {f"{n}.weight" for n, _ in _fp4_linears(spec.module)} if fmt else set()
+    fp4_names = {f"{n}.weight": _linear_nk(m) for n, m in _fp4_linears(spec.module, fmt)} if fmt else {}
     seen: set[int] = set()
     n_params = n_train = param_bytes = 0
     for name, p in spec.module.named_parameters():
@@ -1274,7 +1314,7 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
         seen.add(id(p))
         n_params += p.numel()
         if name in fp4_names:
-            param_bytes += rnd(_fp4_nbytes(p.shape[0], p.shape[1], fmt))
+            param_bytes += rnd(_fp4_nbytes(*fp4_names[name], fmt))
             # two allocations (codes, scales) in QuantizedWeight
             param_bytes += _CUDA_ROUND if kind == "cuda" else 0
             continue
@@ -1292,7 +1332,7 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
             full = prefix + name
             n_params += extra * p.numel()
             if full in fp4_names:
-                param_bytes += extra * (rnd(_fp4_nbytes(p.shape[0], p.shape[1], fmt))
+                param_bytes += extra * (rnd(_fp4_nbytes(*fp4_names[full], fmt))
                                         + (_CUDA_ROUND if kind == "cuda" else 0))
                 continue
             dt = param_dtype if p.is_floating_point() else p.dtype
@@ -1432,15 +1472,6 @@ def _block_param_bytes(blocks: list[nn.Module], dtype: torch.dtype, trainable_on
         return 0
     size = torch.empty((), dtype=dtype).element_size()
     return sum(p.numel() for p in blocks[0].parameters() if p.requires_grad or not trainable_only) * size
-
-
-def _block_grad_bytes_fp4(blocks: list[nn.Module], dtype: torch.dtype) -> int:
-    """Gradient bytes of one block when its linear weights are FP4 (frozen)."""
-    if not blocks:
-        return 0
-    frozen = {id(m.weight) for n, m in _fp4_linears(blocks[0])}
-    size = torch.empty((), dtype=dtype).element_size()
-    return sum(p.numel() for p in blocks[0].parameters() if p.requires_grad and id(p) not in frozen) * size
 
 
 def _h(n: int | float | None) -> str:

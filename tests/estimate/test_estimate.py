@@ -429,3 +429,21 @@ def test_prediction_matches_a_real_cpu_step_hf(kind, ckpt):
     est = E.estimate(model, batch_size=b, seq_length=s, precision="fp32", device="cpu",
                      gradient_checkpointing=ckpt)
     assert est.peak_allocated == pytest.approx(measured, rel=0.05), (est.peak_allocated, measured)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_fp4_weight_bytes_match_swap_linears(kind, fmt):
+    """The layers the estimate quantizes, and their bytes, are what vbhal's FP4 swap really does
+    (GPT-2's Conv1D included)."""
+    from vbhal.nn.fp4_linear import swap_linears
+
+    cfg, model = _hf_tiny(kind)
+    est = E.estimate(model, batch_size=1, seq_length=16, fp4=fmt, device="cpu")
+    expected = sorted(n for n, _ in E._fp4_linears(model, fmt))
+    swapped = sorted(swap_linears(model, fmt=fmt))
+    assert swapped == expected
+    real = sum(t.untyped_storage().nbytes() for t in {id(p): p for p in model.parameters()}.values())
+    real += sum(b.untyped_storage().nbytes() for b in model.buffers())
+    assert est.parameters == real
+    assert est.num_trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
