@@ -26,20 +26,26 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-from torch import nn
+# Fewer fragmentation OOMs under the 8 GB cap, for every peer alike (must be set before CUDA initialises).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 GB = 1e9
+_SAVE = None  # set by main(): save(part, partial_result) writes the JSON after every row
 CAP_BYTES = 8 * 10**9  # "GPU capped at 8 GB"
 D_MODEL = 4096
 D_FFN = 4 * D_MODEL
+DEV = "cuda"  # --smoke runs every code path on CPU with tiny sizes (no timings worth reading)
 
 
 class MLPBlock(nn.Module):
     """x + W2 gelu(W1 x): 2 * d * 4d parameters (134M at d=4096); rows (tokens) are independent."""
 
-    def __init__(self, d: int = D_MODEL, ffn: int = D_FFN) -> None:
+    def __init__(self, d: int | None = None, ffn: int | None = None) -> None:
         super().__init__()
+        d, ffn = d or D_MODEL, ffn or D_FFN
         self.fc1 = nn.Linear(d, ffn, bias=False)
         self.fc2 = nn.Linear(ffn, d, bias=False)
 
@@ -47,7 +53,8 @@ class MLPBlock(nn.Module):
         return x + self.fc2(torch.nn.functional.gelu(self.fc1(x)))
 
 
-def make_model(n_blocks: int, device: str | torch.device, d: int = D_MODEL, ffn: int = D_FFN) -> nn.Sequential:
+def make_model(n_blocks: int, device: str | torch.device, d: int | None = None, ffn: int | None = None) -> nn.Sequential:
+    d, ffn = d or D_MODEL, ffn or D_FFN
     with torch.device(device):
         m = nn.Sequential(*[MLPBlock(d, ffn) for _ in range(n_blocks)])
     if str(device) != "meta":
@@ -65,9 +72,11 @@ def _std(name: str, d: int, ffn: int) -> float:
 _TILE: torch.Tensor | None = None
 
 
-def fast_host_init(d: int = D_MODEL, ffn: int = D_FFN):
+def fast_host_init(d: int | None = None, ffn: int | None = None):
     """init_fn for apply_offload: fills fp32 host masters with a tiled random pattern at memcpy speed
     (drawing billions of normals on the host would take minutes; timing does not depend on the values)."""
+
+    d, ffn = d or D_MODEL, ffn or D_FFN
 
     def init(name: str, t: torch.Tensor) -> None:
         global _TILE
@@ -83,7 +92,8 @@ def fast_host_init(d: int = D_MODEL, ffn: int = D_FFN):
     return init
 
 
-def params_of(n_blocks: int, d: int = D_MODEL, ffn: int = D_FFN) -> int:
+def params_of(n_blocks: int, d: int | None = None, ffn: int | None = None) -> int:
+    d, ffn = d or D_MODEL, ffn or D_FFN
     return n_blocks * 2 * d * ffn
 
 
@@ -110,7 +120,7 @@ def plain_step_fn(model: nn.Module, ckpt: bool, micro: int = 1):
     def step(x: torch.Tensor) -> float:
         total = 0.0
         for xs in x.chunk(micro):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(DEV, dtype=torch.bfloat16):
                 h = xs
                 for b in model:
                     h = torch.utils.checkpoint.checkpoint(b, h, use_reentrant=False) if ckpt else b(h)
@@ -143,8 +153,8 @@ def run_plain(n_blocks: int, tokens: int, cap: int | None, warmup=2, steps=3, ck
     res = {"peer": "pytorch (in GPU)", "params": params_of(n_blocks), "tokens": tokens, "cap_bytes": cap}
     model = None
     try:
-        model = make_model(n_blocks, "cuda")
-        x = torch.randn(tokens, D_MODEL, device="cuda", dtype=torch.bfloat16)
+        model = make_model(n_blocks, DEV)
+        x = torch.randn(tokens, D_MODEL, device=DEV, dtype=torch.bfloat16)
         micro = 1
         while True:
             try:
@@ -173,7 +183,7 @@ def build_vbhal(n_blocks: int, tokens: int, *, threads: int | None = None, **cfg
     t0 = time.perf_counter()
     eng = apply_offload(
         model,
-        device="cuda",
+        device=DEV,
         lr=1e-4,
         work_dtype=torch.bfloat16,
         checkpoint=True,
@@ -187,7 +197,7 @@ def build_vbhal(n_blocks: int, tokens: int, *, threads: int | None = None, **cfg
 
 def vbhal_step_fn(model, eng):
     def step(x: torch.Tensor) -> float:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEV, dtype=torch.bfloat16):
             loss = model(x).float().pow(2).mean()
         loss.backward()
         eng.step()
@@ -199,11 +209,11 @@ def vbhal_step_fn(model, eng):
 def run_vbhal(model, eng, tokens: int, cap: int | None, warmup=2, steps=3, chunk_tokens=16384) -> dict:
     reset_gpu()
     set_cap(cap)
-    eng.cfg.chunks = max(1, tokens // chunk_tokens)
+    eng.cfg.chunks = max(1, tokens // chunk_tokens) if tokens > 16384 else 1
     res = {"peer": "vbhal offload", "params": sum(u.train_numel for u in eng.units), "tokens": tokens, "cap_bytes": cap,
            "chunks": eng.cfg.chunks}
     try:
-        x = torch.randn(tokens, D_MODEL, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(tokens, D_MODEL, device=DEV, dtype=torch.bfloat16)
         step = vbhal_step_fn(model, eng)
         for _ in range(warmup):
             step(x)
@@ -235,52 +245,90 @@ def run_vbhal(model, eng, tokens: int, cap: int | None, warmup=2, steps=3, chunk
 
 # ------------------------------------------------------------------------------------------------ parts
 def part_check(args) -> dict:
-    """bf16 at a real size: losses and weights of plain vs vbhal over a few steps."""
+    """bf16 at a real size, same seed and data: vbhal vs (a) plain GPU training whose AdamW runs on CPU copies with
+    torch's fused CPU kernel (the same arithmetic: expected equal), (b) plain GPU training with CUDA fused AdamW
+    (a different AdamW implementation: within a tolerance), (c) vbhal with 2 row chunks + activation offload."""
     import copy
 
     from vbhal.nn.offload import apply_offload
 
     torch.manual_seed(0)
-    d, ffn, n, tokens, steps = 2048, 8192, 6, 8192, 5
+    d, ffn, n, tokens, steps, lr = 2048, 8192, 6, 8192, 6, 1e-4
+    if DEV == "cpu":  # --smoke
+        d, ffn, tokens = 64, 256, 64
     base = make_model(n, "cpu", d, ffn)
-    plain = copy.deepcopy(base).cuda()
-    opt = torch.optim.AdamW(plain.parameters(), lr=1e-3, fused=True)
-    xs = [torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16) for _ in range(steps)]
-    lp = []
-    for x in xs:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = plain(x).float().pow(2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        lp.append(loss.item())
-    result = {"plain_losses": lp}
-    ok_all = True
-    # (a) same arithmetic as plain (one row chunk, activations kept): expected equal up to cuBLAS determinism.
-    # (b) 2 row chunks + activations offloaded: weight-gradient sums are split in two, so a tolerance.
-    for tag, kw, tol in (("exact", dict(chunks=1), 1e-6), ("chunked", dict(chunks=2, offload_activations=True), 2e-2)):
+    xs = [torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16) for _ in range(steps)]
+    ys = [torch.randn(tokens, d, device=DEV, dtype=torch.bfloat16) for _ in range(steps)]
+
+    def loss_of(model, x, y):
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            return (model(x).float() - y.float()).pow(2).mean()
+
+    def plain_run(host_adam: bool) -> list[float]:
+        plain = copy.deepcopy(base).to(DEV)
+        params = list(plain.parameters())
+        if host_adam:
+            masters = [p.detach().cpu().clone().requires_grad_(True) for p in params]
+            opt = torch.optim.AdamW(masters, lr=lr, fused=True)
+        else:
+            opt = torch.optim.AdamW(params, lr=lr, fused=True)
+        out = []
+        for x, y in zip(xs, ys):
+            loss = loss_of(plain, x, y)
+            loss.backward()
+            if host_adam:
+                for m, p in zip(masters, params):
+                    m.grad = p.grad.cpu()
+                    p.grad = None
+                opt.step()
+                with torch.no_grad():
+                    for m, p in zip(masters, params):
+                        p.copy_(m)
+            else:
+                opt.step()
+                opt.zero_grad()
+            out.append(loss.item())
+        return out
+
+    def vbhal_run(**kw) -> list[float]:
         off = copy.deepcopy(base)
-        eng = apply_offload(off, device="cuda", lr=1e-3, work_dtype=torch.bfloat16, poison=True, **kw)
-        lo = []
-        for x in xs:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = off(x).float().pow(2).mean()
+        eng = apply_offload(off, device=DEV, lr=lr, work_dtype=torch.bfloat16, poison=True, **kw)
+        out = []
+        for x, y in zip(xs, ys):
+            loss = loss_of(off, x, y)
             loss.backward()
             eng.step()
-            lo.append(loss.item())
-        master = eng.master_state_dict()
-        wdiff = max((master[k] - v.detach().cpu().float()).abs().max().item() for k, v in plain.named_parameters())
-        ldiff = max(abs(a - b) / abs(b) for a, b in zip(lo, lp))
-        ok = all(math.isfinite(v) for v in lo) and ldiff <= tol and wdiff <= max(tol, 1e-6) * 10
-        ok_all &= ok
-        print(f"check[{tag}]: vbhal losses {[round(v, 6) for v in lo]}")
-        print(f"check[{tag}]: max rel loss diff {ldiff:.2e}, max |w_vbhal - w_plain| {wdiff:.2e} -> {'PASS' if ok else 'FAIL'}")
-        result[tag] = {"vbhal_losses": lo, "max_rel_loss_diff": ldiff, "max_weight_diff": wdiff, "pass": ok, **kw}
+            out.append(loss.item())
         eng.close()
-        del off, eng
-    print(f"check: plain losses {[round(v, 6) for v in lp]}")
-    return {**result, "pass": ok_all,
-            "model": f"{n} MLP blocks d={d} ffn={ffn}, {tokens} tokens, bf16 autocast, 2 row chunks, activations offloaded"}
+        return out
+
+    ref_host, ref_cuda = plain_run(True), plain_run(False)
+    exact = vbhal_run(chunks=1)
+    chunked = vbhal_run(chunks=2, offload_activations=True)
+
+    def rel(a, b):
+        return max(abs(u - v) / abs(v) for u, v in zip(a, b))
+
+    res = {
+        "model": f"{n} MLP blocks d={d} ffn={ffn}, {tokens} tokens, bf16 autocast, MSE loss, lr {lr}, {steps} steps",
+        "plain_host_adamw_losses": ref_host, "plain_cuda_adamw_losses": ref_cuda,
+        "vbhal_losses": exact, "vbhal_chunked_losses": chunked,
+        "vbhal_equals_plain_same_arithmetic": exact == ref_host,
+        "max_rel_diff_vs_plain_host_adamw": rel(exact, ref_host),
+        "max_rel_diff_vs_plain_cuda_adamw": rel(exact, ref_cuda),
+        "max_rel_diff_chunked_vs_plain": rel(chunked, ref_host),
+    }
+    res["pass"] = (res["max_rel_diff_vs_plain_host_adamw"] <= 1e-6 and res["max_rel_diff_vs_plain_cuda_adamw"] <= 1e-2
+                   and res["max_rel_diff_chunked_vs_plain"] <= 1e-2 and all(math.isfinite(v) for v in exact + chunked))
+    print(f"check: plain (host AdamW)  {[round(v, 6) for v in ref_host]}")
+    print(f"check: plain (CUDA AdamW)  {[round(v, 6) for v in ref_cuda]}")
+    print(f"check: vbhal               {[round(v, 6) for v in exact]}  bitwise equal to plain(host AdamW): "
+          f"{res['vbhal_equals_plain_same_arithmetic']}")
+    print(f"check: vbhal 2 row chunks  {[round(v, 6) for v in chunked]}")
+    print(f"check: max rel diff vs plain host-AdamW {res['max_rel_diff_vs_plain_host_adamw']:.2e}, vs CUDA-AdamW "
+          f"{res['max_rel_diff_vs_plain_cuda_adamw']:.2e}, chunked {res['max_rel_diff_chunked_vs_plain']:.2e} -> "
+          f"{'PASS' if res['pass'] else 'FAIL'}")
+    return res
 
 
 def part_speed(args) -> dict:
@@ -290,12 +338,14 @@ def part_speed(args) -> dict:
     for tokens in token_list:
         rows.append(run_plain(n, tokens, None, warmup=1, steps=args.steps))
         print(_row(rows[-1]), flush=True)
+        _SAVE("speed", {"rows": rows})
     model, eng, t_build = build_vbhal(n, token_list[0], offload_activations=True)
-    print(f"vbhal engine built in {t_build:.1f} s ({eng.pool.describe()})", flush=True)
+    print(f"vbhal engine built in {t_build:.1f} s ({eng.pool.describe()}; host step: {eng.host_step_note})", flush=True)
     for tokens in token_list:
-        rows.append(run_vbhal(model, eng, tokens, CAP_BYTES, warmup=2, steps=args.steps))
+        rows.append(run_vbhal(model, eng, tokens, CAP_BYTES, warmup=2, steps=args.steps, chunk_tokens=args.chunk_tokens))
         rows[-1]["build_s"] = t_build
         print(_row(rows[-1]), flush=True)
+        _SAVE("speed", {"rows": rows})
     for r in rows:
         if r["peer"].startswith("vbhal"):
             base = next((b for b in rows if b["peer"].startswith("pytorch") and b["tokens"] == r["tokens"] and b.get("status") == "ok"), None)
@@ -306,33 +356,44 @@ def part_speed(args) -> dict:
 
 
 def part_capacity(args) -> dict:
-    rows = [run_plain(3, args.cap_tokens, CAP_BYTES, warmup=1, steps=2)]
-    print(_row(rows[-1]), flush=True)
-    n_big = args.blocks or 36
+    """Under the 8 GB cap: the largest plain PyTorch AdamW model (1, 2, 3 blocks), plain OOM at the vbhal size,
+    then vbhal at the largest model this host's RAM holds (>= 4.7B) — also the machine's largest trainable model."""
+    rows = []
+    for nb in (1, 2, 3):
+        rows.append(run_plain(nb, args.cap_tokens, CAP_BYTES, warmup=1, steps=2))
+        print(_row(rows[-1]), flush=True)
+        _SAVE("capacity", {"rows": rows})
+        if rows[-1].get("status") != "ok":
+            break
+    fits = [r["params"] for r in rows if r.get("status") == "ok"]
+    n_big = args.blocks or _largest_blocks()
     rows.append(run_plain(n_big, args.cap_tokens, CAP_BYTES, warmup=0, steps=1))
     print(_row(rows[-1]), flush=True)
+    _SAVE("capacity", {"rows": rows})
     model, eng, t_build = build_vbhal(n_big, args.cap_tokens, offload_activations=True)
     rows.append(run_vbhal(model, eng, args.cap_tokens, CAP_BYTES, warmup=1, steps=args.steps))
     rows[-1]["build_s"] = t_build
+    rows[-1]["host_step"] = eng.host_step_note
     print(_row(rows[-1]), flush=True)
+    res = {"rows": rows, "largest_plain_params": max(fits) if fits else None,
+           "vbhal_params": rows[-1]["params"] if rows[-1].get("status") == "ok" else None}
+    if res["largest_plain_params"] and res["vbhal_params"]:
+        res["ratio"] = res["vbhal_params"] / res["largest_plain_params"]
     eng.close()
-    return {"rows": rows}
+    return res
+
+
+def _largest_blocks() -> int:
+    """Blocks of 134M params whose host state (fp32 master + AdamW m, v + pinned bf16 weights and grads + pinned
+    activations) fits 85% of the RAM available now."""
+    from vbhal._sysinfo import host_memory_available
+
+    per_block = params_of(1) * 16 + 16384 * D_MODEL * 2  # bytes
+    return max(36, int(host_memory_available() * 0.85 // per_block))
 
 
 def part_largest(args) -> dict:
-    from vbhal._sysinfo import host_memory_available
-
-    avail = host_memory_available()
-    per_param = 4 + 8 + 2 + 2 + 0.5  # master, AdamW m+v, pinned working copy and gradient, slack
-    n = args.blocks or int(avail * 0.85 / per_param // params_of(1))
-    print(f"largest: host available {avail / GB:.1f} GB -> {n} blocks = {params_of(n) / 1e9:.2f}B params", flush=True)
-    model, eng, t_build = build_vbhal(n, args.cap_tokens, offload_activations=True)
-    row = run_vbhal(model, eng, args.cap_tokens, None, warmup=1, steps=max(1, args.steps - 1))
-    row["build_s"] = t_build
-    row["host_available_bytes"] = avail
-    print(_row(row), flush=True)
-    eng.close()
-    return {"rows": [row]}
+    return part_capacity(args)
 
 
 def part_peers(args) -> dict:
@@ -344,6 +405,7 @@ def part_peers(args) -> dict:
     rows.append(run_vbhal(model, eng, tokens, CAP_BYTES, warmup=2, steps=args.steps))
     rows[-1]["build_s"] = t_build
     print(_row(rows[-1]), flush=True)
+    _SAVE("peers", {"rows": rows})
     eng.close()
     del model, eng
     gc.collect()
@@ -356,6 +418,7 @@ def part_peers(args) -> dict:
         except ImportError as e:
             rows.append({"peer": "torchao CPUOffloadOptimizer", "status": "unavailable", "error": f"import failed: {e}"})
         print(_row(rows[-1]), flush=True)
+        _SAVE("peers", {"rows": rows})
     rows.append(run_deepspeed(n, tokens, CAP_BYTES, steps=args.steps))
     print(_row(rows[-1]), flush=True)
     base = rows[0]
@@ -373,9 +436,9 @@ def run_torchao(n: int, tokens: int, cap: int | None, steps: int = 3) -> dict:
     res = {"peer": "torchao CPUOffloadOptimizer", "params": params_of(n), "tokens": tokens, "cap_bytes": cap}
     model = None
     try:
-        model = make_model(n, "cuda").to(torch.bfloat16)
+        model = make_model(n, DEV).to(torch.bfloat16)
         opt = CPUOffloadOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-4, fused=True)
-        x = torch.randn(tokens, D_MODEL, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(tokens, D_MODEL, device=DEV, dtype=torch.bfloat16)
 
         def step(x):
             h = x
@@ -438,14 +501,14 @@ def run_deepspeed(n: int, tokens: int, cap: int | None, steps: int = 3) -> dict:
         }
         t0 = time.perf_counter()
         with deepspeed.zero.Init(config_dict_or_path=cfg, remote_device="cpu", pin_memory=True):
-            model = make_model(n, "cuda")
+            model = make_model(n, DEV)
         optimizer = None
         if not cpu_adam:
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
             cfg.pop("optimizer")
         engine, _, _, _ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters(), optimizer=optimizer)
         res["init_s"] = time.perf_counter() - t0
-        x = torch.randn(tokens, D_MODEL, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(tokens, D_MODEL, device=DEV, dtype=torch.bfloat16)
 
         def step(x):
             h = x
@@ -483,6 +546,24 @@ def _row(r: dict) -> str:
             f"peakGPU={f('peak_gpu_bytes', '.3e')} {r.get('error', '')}")
 
 
+def _smoke_mode() -> None:
+    """CPU stand-ins for the CUDA calls and toy sizes, so the whole script can be exercised without a GPU."""
+    global DEV, D_MODEL, D_FFN, CAP_BYTES
+    DEV, D_MODEL, D_FFN, CAP_BYTES = "cpu", 64, 256, 10**9
+    cuda = torch.cuda
+    cuda.synchronize = lambda *a, **k: None
+    cuda.empty_cache = lambda: None
+    cuda.reset_peak_memory_stats = lambda *a: None
+    cuda.max_memory_allocated = lambda *a: 0
+    cuda.set_per_process_memory_fraction = lambda *a, **k: None
+    cuda.get_device_name = lambda *a: "cpu-smoke"
+
+    class _Props:
+        total_memory = 80 * 10**9
+
+    cuda.get_device_properties = lambda *a: _Props()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("parts", nargs="+", choices=["check", "speed", "capacity", "largest", "peers"])
@@ -490,9 +571,13 @@ def main() -> int:
     ap.add_argument("--cap-tokens", type=int, default=16384)
     ap.add_argument("--blocks", type=int, default=None)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--chunk-tokens", type=int, default=8192)
+    ap.add_argument("--smoke", action="store_true", help="run every code path on CPU at toy sizes (a test of this script)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    if args.smoke:
+        _smoke_mode()
+    elif not torch.cuda.is_available():
         print("bench_offload needs a CUDA GPU (it measures host<->device streaming); nothing to do here")
         return 0
     dev = torch.cuda.get_device_name(0)
@@ -503,6 +588,14 @@ def main() -> int:
     data["torch"] = torch.__version__
     data["cpu_count"] = os.cpu_count()
     rc = 0
+
+    def save(part: str, partial: dict) -> None:
+        data[part] = dict(partial, partial=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=1, default=str))
+
+    global _SAVE
+    _SAVE = save
     for part in args.parts:
         print(f"== {part} ==", flush=True)
         t0 = time.perf_counter()
