@@ -27,9 +27,12 @@ budget per tier, and returns a `Plan` that `optimize(..., tiers="auto")` and
 Example::
 
     import vbhal
+    from vbhal.estimate import format_estimate, format_plan
+
     est = vbhal.estimate("medium", batch_size=16, seq_length=1024)
-    print(vbhal.estimate_mod.format_estimate(est))     # or: vbhal estimate --config medium ...
-    plan = vbhal.estimate_mod.plan("medium", gpu_mem="8GB", global_batch=64)
+    print(format_estimate(est))                  # or: vbhal estimate --config medium ...
+    p = vbhal.plan("medium", gpu_mem="8GB", seq_length=1024, global_batch=64)
+    print(format_plan(p)); overrides = p.to_optimize_overrides()
 """
 
 from __future__ import annotations
@@ -1255,6 +1258,7 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
         raise EstimateError(f"optimizer_impl must be 'foreach', 'fused' or 'for-loop', got {optimizer_impl!r}")
     if attention not in ATTENTIONS:
         raise EstimateError(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTIONS)}")
+    distributed = {"fsdp2": "fsdp", "none": "ddp", "single": "ddp", "auto": "ddp"}.get(str(distributed), distributed)
     if distributed not in ("ddp", "fsdp"):
         raise EstimateError(f"distributed must be 'ddp' or 'fsdp', got {distributed!r}")
     fmt = None
