@@ -1238,6 +1238,12 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
 
     Returns a `MemoryEstimate`. Raises `EstimateError` for input it cannot work with.
 
+    A module you pass is borrowed for the trace: its parameters and buffers are swapped for meta
+    stand-ins (nothing is copied or allocated) and put back, its train/eval mode and checkpointing
+    flags restored; do not run it in another thread meanwhile. The step traced is the usual one:
+    forward and loss under autocast, ``loss.backward()``, ``optimizer.step()``,
+    ``zero_grad(set_to_none=True)``, in steady state (optimizer state exists from the previous step).
+
     Example::
 
         est = estimate("medium", batch_size=8, seq_length=1024, gradient_checkpointing=True)
