@@ -1,15 +1,15 @@
 #!/bin/bash
-# GPU round for the tier stack / offloaded training (budget 300 s; killed with `timeout` after that).
+# GPU round for the tier stack / offloaded training (budget 200 s; killed with `timeout` after that).
 # Parts (PARTS below, in order): cuda = stream/pinned tests + offload vs plain (small), check = bf16 at a real
 # size, speed = 3.5B under an 8 GB cap vs in-GPU at 16k/64k tokens, capacity = plain OOM vs vbhal at >= 4.7B,
 # peers = DeepSpeed ZeRO-3 offload / torchao CPUOffloadOptimizer / vbhal on one model, largest = biggest model
 # the host holds. Results merge into $RES/offload-gpu.json; stdout has one table row per run.
-PARTS=${TIERS_PARTS:-"cuda check speed capacity"}
+PARTS=${TIERS_PARTS:-"check speed capacity cuda peers"}
 START=$(date +%s)
 : "${RES:=/tmp/tiers-res}"
 mkdir -p "$RES"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-left() { echo $(( 292 - ($(date +%s) - START) )); }
+left() { echo $(( 194 - ($(date +%s) - START) )); }
 OUTJ="$RES/offload-gpu.json"
 
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -32,18 +32,18 @@ run_part() {  # name, max seconds
       fi
       PATH="/tmp/site-tiers/bin:$PATH" PYTHONPATH="$PYTHONPATH:/tmp/site-tiers" timeout "$T" \
         python3 benchmarks/bench_offload.py peers --steps 2 --out "$OUTJ" 2>&1 | grep -v "^\[" | tail -n 40 ;;
-    *) timeout "$T" python3 benchmarks/bench_offload.py "$1" --steps 3 --out "$OUTJ" 2>&1 | tail -n 30 ;;
+    *) timeout "$T" python3 benchmarks/bench_offload.py "$1" --steps 3 --out "$OUTJ" 2>&1 | grep -v "^\[\|Warning\|warn(" | tail -n 30 ;;
   esac
 }
 
 for p in $PARTS; do
   case $p in
-    cuda) run_part cuda 45 ;;
-    check) run_part check 45 ;;
-    speed) run_part speed 130 ;;
-    capacity) run_part capacity 150 ;;
-    peers) run_part peers 200 ;;
-    largest) run_part largest 200 ;;
+    cuda) run_part cuda 25 ;;
+    check) run_part check 35 ;;
+    speed) run_part speed 75 ;;
+    capacity) run_part capacity 70 ;;
+    peers) run_part peers 120 ;;
+    largest) run_part largest 70 ;;
   esac
 done
 echo "total $(( $(date +%s) - START )) s"
