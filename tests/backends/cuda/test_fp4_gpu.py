@@ -66,7 +66,8 @@ MM_CONFIGS = {  # fixed tiles (the autotuned choice is checked by "auto"): (path
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 @pytest.mark.parametrize("path,dtype", [("auto", torch.bfloat16), ("gemv", torch.bfloat16), ("gemv_w32", torch.bfloat16),
-                                        ("gemv_w32", torch.float16), ("mm16", torch.bfloat16), ("t16", torch.bfloat16),
+                                        ("gemv_w32", torch.float16), ("gemv_pf", torch.bfloat16), ("mm16", torch.bfloat16),
+                                        ("t16", torch.bfloat16),
                                         ("t128", torch.bfloat16), ("t16", torch.float16), ("dequant", torch.bfloat16),
                                         ("dequant_pipelined", torch.bfloat16)])
 def test_gpu_linear_paths(fmt, path, dtype):
@@ -101,7 +102,7 @@ def test_gpu_linear_split_k_and_fp32(fmt):
     for dtype in (torch.bfloat16, torch.float32):
         x = torch.randn(2, k, device="cuda").to(dtype)
         for split in (1, 4):
-            for path in ("gemv", "gemv_w32"):
+            for path in ("gemv", "gemv_w32", "gemv_pf"):
                 y = L._linear_2d(x, codes, scales, ts, None, fid, n, k, path, split_k=split)
                 assert _rel(y, x.float() @ wd.t()) < REL_TOL[dtype], (dtype, split, path)
 

@@ -200,7 +200,8 @@ def _check_linear(y, x, qw, bias):
 @kernel
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 @pytest.mark.parametrize("path,dtype", [("gemv", torch.float32), ("gemv", torch.float16), ("gemv_w32", torch.float32),
-                                        ("gemv_w32", torch.float16), ("mm", torch.float16), ("mm_w32", torch.float16),
+                                        ("gemv_w32", torch.float16), ("gemv_pf", torch.float16), ("mm", torch.float16),
+                                        ("mm_w32", torch.float16),
                                         ("mm_t", torch.float16),
                                         ("dequant", torch.float32), ("dequant", torch.float16)])
 @pytest.mark.parametrize("m", [1, 3, 19])
@@ -232,7 +233,7 @@ def test_linear_gemv_split_k(fmt):
     bias = torch.randn(n, dtype=torch.float16)
     codes, scales, ts, fid = _operands(qw)
     for split in (2, 3):
-        for path in ("gemv", "gemv_w32"):
+        for path in ("gemv", "gemv_w32", "gemv_pf"):
             y = L._linear_2d(x, codes, scales, ts, bias, fid, n, k, path, split_k=split)
             _check_linear(y, x, qw, bias)
 

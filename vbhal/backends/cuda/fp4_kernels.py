@@ -370,8 +370,9 @@ def fp4_gemv_w32_kernel(
 ):
     """fp4_gemv_kernel with the codes read as int32 words (codes_ptr: int32 view, stride in words).
 
-    A block of BLOCK codes is WPB = BLOCK / 8 words; the tile is [BLOCK_N, NBK, WPB] words. x is read
-    as 8 strided streams (element P of every word) that stay in L1/L2 across the row tiles.
+    A block of BLOCK codes is WPB = BLOCK / 8 words; the tile is [BLOCK_N, NBK, WPB] words, decoded
+    two codes per bit operation (_e2m1_pair_word). x is read contiguously, 8 elements per word, and
+    split in registers into the 8 element streams.
     """
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -418,6 +419,85 @@ def fp4_gemv_w32_kernel(
         part = (l0 * x0[None] + h0 * x4[None] + l1 * x1[None] + h1 * x5[None]
                 + l2 * x2[None] + h2 * x6[None] + l3 * x3[None] + h3 * x7[None])
         acc += tl.sum(part, axis=2) * sc
+    out = tl.sum(acc, axis=1) * (E2M1_F16_UNSCALE * ts)
+    if HAS_BIAS:
+        if pid_k == 0:
+            out += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    y_ptrs = y_ptr + m.to(tl.int64) * stride_ym + rows
+    if SPLIT_K > 1:
+        tl.atomic_add(y_ptrs, out, mask=rmask)
+    else:
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _gemv_w32_tile(codes_ptr, scales_ptr, x_row, r3, r2, rmask, blk0, blk_hi, K, stride_cn, stride_sn,
+                   NBK: tl.constexpr, WPB: tl.constexpr):
+    """Load one GEMV step: code words [BN, NBK, WPB], scale bytes [BN, NBK], x [NBK, WPB, 8]."""
+    blks = blk0 + tl.arange(0, NBK)
+    bmask = blks < blk_hi
+    word = blks[:, None] * WPB + tl.arange(0, WPB)[None, :]  # [NBK, WPB] word index along the row
+    w = tl.load(codes_ptr + r3.to(tl.int64) * stride_cn + word[None, :, :],
+                mask=rmask[:, None, None] & bmask[None, :, None], other=0)
+    sb = tl.load(scales_ptr + r2.to(tl.int64) * stride_sn + blks[None, :], mask=rmask[:, None] & bmask[None, :],
+                 other=0)
+    kx = word[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    x8 = tl.load(x_row + kx, mask=bmask[:, None, None] & (kx < K), other=0.0)
+    return w, sb, x8
+
+
+@triton.jit
+def fp4_gemv_pf_kernel(
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr,
+    M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym,
+    IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr, NBK: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """fp4_gemv_w32_kernel with the next step's loads issued before this step's arithmetic (register
+    double buffering), so each warp keeps two steps of HBM reads in flight."""
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    WPB: tl.constexpr = BLOCK // 8
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    r3 = rows[:, None, None]
+    r2 = rows[:, None]
+    if IS_NV:
+        ts = tl.load(ts_ptr)
+    else:
+        ts = 1.0
+    acc = tl.zeros((BLOCK_N, NBK), dtype=tl.float32)
+    blocks_per_split = tl.cdiv(NUM_BLOCKS, SPLIT_K)
+    blk_lo = pid_k * blocks_per_split
+    blk_hi = tl.minimum(blk_lo + blocks_per_split, NUM_BLOCKS)
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    w, sb, x8 = _gemv_w32_tile(codes_ptr, scales_ptr, x_row, r3, r2, rmask, blk_lo, blk_hi, K, stride_cn, stride_sn,
+                               NBK, WPB)
+    for blk0 in range(blk_lo, blk_hi, NBK):
+        w_n, sb_n, x8_n = _gemv_w32_tile(codes_ptr, scales_ptr, x_row, r3, r2, rmask, blk0 + NBK, blk_hi, K,
+                                         stride_cn, stride_sn, NBK, WPB)
+        if IS_NV:
+            sc = _e4m3_to_f32(sb)
+        else:
+            sc = _e8m0_to_f32(sb)
+        # x8[..., e] -> the 8 element streams, e = 4 * b2 + 2 * b1 + b0 (three binary splits)
+        xf = x8.to(tl.float32)
+        e_even, e_odd = tl.split(tl.reshape(xf, (NBK, WPB, 4, 2)))  # b0
+        e00, e10 = tl.split(tl.reshape(e_even, (NBK, WPB, 2, 2)))  # b1 of even: elements 0,4 | 2,6
+        x0, x4 = tl.split(e00)
+        x2, x6 = tl.split(e10)
+        e01, e11 = tl.split(tl.reshape(e_odd, (NBK, WPB, 2, 2)))
+        x1, x5 = tl.split(e01)
+        x3, x7 = tl.split(e11)
+        l0, h0 = _e2m1_pair_word(w, 0)
+        l1, h1 = _e2m1_pair_word(w, 1)
+        l2, h2 = _e2m1_pair_word(w, 2)
+        l3, h3 = _e2m1_pair_word(w, 3)
+        part = (l0 * x0[None] + h0 * x4[None] + l1 * x1[None] + h1 * x5[None]
+                + l2 * x2[None] + h2 * x6[None] + l3 * x3[None] + h3 * x7[None])
+        acc += tl.sum(part, axis=2) * sc
+        w, sb, x8 = w_n, sb_n, x8_n
     out = tl.sum(acc, axis=1) * (E2M1_F16_UNSCALE * ts)
     if HAS_BIAS:
         if pid_k == 0:

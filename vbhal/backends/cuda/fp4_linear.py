@@ -41,7 +41,7 @@ if importlib.util.find_spec("triton") is None:  # the KernelTable reports this a
 __all__ = ["fp4_linear", "native_fp4_linear", "KERNELS", "PATHS"]
 
 #: Paths of the fused linear; "auto" picks by shape (``_choose_path``). VBHAL_FP4_LINEAR_PATH overrides.
-PATHS = ("auto", "gemv", "gemv_w32", "mm", "mm_w32", "mm_t", "dequant", "dequant_pipelined")
+PATHS = ("auto", "gemv", "gemv_w32", "gemv_pf", "mm", "mm_w32", "mm_t", "dequant", "dequant_pipelined")
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # Shape thresholds for "auto", measured on the H100 (benchmarks/bench_fp4_linear.py; see its JSON).
@@ -72,9 +72,9 @@ def _static_path(m: int, dtype: torch.dtype) -> str:
 def _candidates(m: int, dtype: torch.dtype) -> tuple[str, ...]:
     """Paths worth timing for M activation rows (the rest lose by construction: see the module doc)."""
     if dtype == torch.float32:
-        return ("gemv_w32", "gemv") if m <= GEMV_MAX_M else ("dequant",)
+        return ("gemv_w32", "gemv_pf", "gemv") if m <= GEMV_MAX_M else ("dequant",)
     if m <= GEMV_MAX_M:
-        return ("gemv_w32", "gemv", "mm_t")
+        return ("gemv_w32", "gemv_pf", "gemv", "mm_t")
     if m <= MM_T_SMALL_M:
         return ("mm_t",)
     return ("mm_t", "dequant", "dequant_pipelined")
@@ -151,7 +151,7 @@ def _autotuned(name: str):
     except (TypeError, ValueError):
         pass
     C = triton.Config
-    if name in ("gemv", "gemv_w32"):
+    if name in ("gemv", "gemv_w32", "gemv_pf"):
         # Bytes in flight ~ N * NBK * 16 per sweep (every row tile co-resident): NBK large enough to
         # cover HBM latency; BLOCK_N large enough that each thread reuses its x values across rows.
         configs = [
@@ -159,7 +159,7 @@ def _autotuned(name: str):
             C({"BLOCK_N": 16, "NBK": 16}, num_warps=4, num_stages=3),
             C({"BLOCK_N": 64, "NBK": 8}, num_warps=8, num_stages=3),
         ]
-        kern = k4.fp4_gemv_kernel if name == "gemv" else k4.fp4_gemv_w32_kernel
+        kern = getattr(k4, f"fp4_{name}_kernel")
         fn = triton.autotune(configs, key=["M", "N", "K", "BLOCK", "SPLIT_K"], reset_to_zero=["y_ptr"], **kw)(kern)
     elif name.startswith("mm_t"):
         nv = 2 if name.endswith("nv") else 1  # NBK counts blocks: nvfp4's are half as long
@@ -227,9 +227,9 @@ def _gemv_split(m: int, n: int, nblocks: int, sms: int) -> int:
     return split
 
 
-def _launch_gemv(x2, codes, scales, ts, bias, fmt, n, k, out_dtype, split=None, words=False):
+def _launch_gemv(x2, codes, scales, ts, bias, fmt, n, k, out_dtype, split=None, kind="gemv"):
     m = x2.shape[0]
-    if words:  # int32 view: 8 codes per word (Kp/2 bytes is a multiple of 8 for both formats)
+    if kind != "gemv":  # int32 view: 8 codes per word (Kp/2 bytes is a multiple of 8 for both formats)
         codes = codes.view(torch.int32)
     block = BLOCK_SIZES[fmt]
     nblocks = scales.shape[1]
@@ -241,11 +241,10 @@ def _launch_gemv(x2, codes, scales, ts, bias, fmt, n, k, out_dtype, split=None, 
             m, n, k, nblocks, x2.stride(0), codes.stride(0), scales.stride(0), y.stride(0))
     consts = dict(IS_NV=fmt == "nvfp4", HAS_BIAS=bias is not None, BLOCK=block, SPLIT_K=split)
     if is_interpreter() or x2.device.type != "cuda":
-        kern = kernels_module().fp4_gemv_w32_kernel if words else kernels_module().fp4_gemv_kernel
+        kern = getattr(kernels_module(), f"fp4_{kind}_kernel")
         kern[(triton_cdiv(n, 4), m, split)](*args, BLOCK_N=4, NBK=2, **consts)
     else:
-        _autotuned("gemv_w32" if words else "gemv")[lambda meta: (triton_cdiv(n, meta["BLOCK_N"]), m, split)](
-            *args, **consts)
+        _autotuned(kind)[lambda meta: (triton_cdiv(n, meta["BLOCK_N"]), m, split)](*args, **consts)
     return y if split == 1 else y.to(out_dtype)
 
 
@@ -376,8 +375,8 @@ def _launch_dequant_pipelined(x2, codes, scales, ts, bias, fmt_id, n, k, chunk_r
 
 def _run_path(path, x2, codes, scales, ts, bias, fmt_id, n, k, *, split_k=None, config=None):
     fmt = FORMATS[fmt_id]
-    if path in ("gemv", "gemv_w32"):
-        return _launch_gemv(x2, codes, scales, ts, bias, fmt, n, k, x2.dtype, split=split_k, words=path == "gemv_w32")
+    if path in ("gemv", "gemv_w32", "gemv_pf"):
+        return _launch_gemv(x2, codes, scales, ts, bias, fmt, n, k, x2.dtype, split=split_k, kind=path)
     if path in ("mm", "mm_w32"):
         return _launch_mm(x2, codes, scales, ts, bias, fmt, n, k, x2.dtype, config=config, words=path == "mm_w32")
     if path == "mm_t":
