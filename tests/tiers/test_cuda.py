@@ -167,10 +167,11 @@ def main() -> int:
         try:
             fn()
             print(f"PASS {name} ({time.perf_counter() - t0:.1f} s)", flush=True)
-        except Exception:
+        except Exception as e:  # one line per case: the round's log keeps only its tail
             failed += 1
-            print(f"FAIL {name}", flush=True)
-            traceback.print_exc()
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            msg = " ".join(str(e).split())[:400]
+            print(f"FAIL {name}: {type(e).__name__} at {where.filename.split('/')[-1]}:{where.lineno}: {msg}", flush=True)
     return 1 if failed else 0
 
 
