@@ -577,12 +577,14 @@ def _math_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     attn = (q * s) @ (k * s).transpose(-2, -1)
     if is_causal:
         keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        attn.add_(torch.where(keep.logical_not(), float("-inf"), torch.zeros((), device=q.device)))
+        attn = attn + torch.where(keep.logical_not(), float("-inf"), torch.zeros((), device=q.device))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             attn_mask = torch.where(attn_mask.logical_not(), float("-inf"), torch.zeros((), device=q.device))
-        attn.add_(attn_mask)
-    attn = torch.softmax(attn, dim=-1)
+        attn = attn + attn_mask
+    # _safe_softmax (fully masked rows -> 0): softmax, an -inf mask and a where; saves its result
+    safe = getattr(torch.ops.aten, "_safe_softmax", None)
+    attn = safe.default(attn, -1) if safe is not None else torch.softmax(attn, dim=-1)
     if dropout_p > 0:
         attn = _FusedDropoutSim.apply(attn, dropout_p) if fused_dropout else F.dropout(attn, dropout_p)
     out = (attn @ v).to(dt)
