@@ -1401,9 +1401,11 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
         host.parameters = n_train * 4 + n_params * work
         host.gradients = n_train * work
         host.optimizer_state = n_train * 8
+        # the optimizer step leaves the device: its peak is the forward/backward one
+        peak_phase = tr.peak_fb_phase
         dev = dict(parameters=sum(biggest) * work, gradients=max((u[1] for u in units), default=0) * work,
-                   optimizer_state=0, activations=cat["activations"],
-                   temporaries=cat["temporaries"] if peak_phase != "optimizer" else 0)
+                   optimizer_state=0, activations=fbk["activations"] + fbk["inputs"],
+                   temporaries=fbk["temporaries"])
         notes.append(f"offload: {len(units)} units stream through the device, {resident} at a time; fp32 masters, "
                      f"AdamW state and work-dtype copies/gradients in host memory (formula over the trace; "
                      f"the engine always uses AdamW and recomputes each unit)")
