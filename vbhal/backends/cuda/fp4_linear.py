@@ -1,14 +1,24 @@
 """Fused FP4 dequantize-matmul for the CUDA backend: ``y = x @ dequant(W)^T + bias``.
 
-The kernels (``fp4_kernels.py``) never materialize the bf16 weight except on the large-M path where
-that is faster. Paths, chosen by the number of activation rows M (``_choose_path``):
+Kernels in ``fp4_kernels.py``. Paths (``PATHS``); which one runs is measured, not guessed: the first
+call for an (M bucket, N, K, format, dtype) times every candidate path for that M with CUDA events
+and caches the fastest (``PATH_CHOICES``; a path that fails to compile is skipped). The candidates:
 
-- ``gemv``: M tiny. One program per (BLOCK_N weight rows, activation row); weights are streamed from
-  HBM once (the other rows hit L2), codes decoded in registers, float32 FMA, the block scale applied
-  once per block. Split-K with float32 atomics when there are too few row tiles to fill the GPU.
-- ``mm``: tiled tensor-core GEMM that decodes each weight tile inside the K loop (tl.dot).
-- ``dequant``: Triton dequantize to x's dtype, then cuBLAS (F.linear): wins where the matmul is long
-  enough that one extra pass over a bf16 weight is cheap and cuBLAS's GEMM beats the fused one.
+- M <= 4: the GEMV kernels -- weights streamed from HBM once, codes decoded in registers, float32
+  FMA, the block scale applied once per block: ``gemv`` (bytes), ``gemv_w32`` (int32 words, two codes
+  per bit operation, x read contiguously and split in registers), ``gemv_pf`` (gemv_w32 with the next
+  step's loads in flight during this step's arithmetic) -- and ``mm_t``.
+- M <= 64: ``mm_t``, the "swap-AB" tensor-core kernel: y^T = W x^T with the decoded weight tile as
+  the MMA's first operand (registers; wgmma on Hopper) so the weight rows fill the 64-row MMA
+  dimension and the batch only the narrow one; split-K into a float32 workspace so that a few row
+  tiles still fill every SM.
+- M > 64: ``mm_t`` with large tiles (each weight element decoded once per 128-256 activation rows),
+  ``dequant`` (Triton dequantize to x's dtype + cuBLAS) and ``dequant_pipelined`` (the dequantize of
+  weight chunk i+1 on a side stream under the cuBLAS GEMM of chunk i).
+- float32 activations: the GEMV kernels or ``dequant`` (tl.dot on fp32 would be TF32).
+``mm``/``mm_w32`` (x @ W^T form) are kept for comparison only: triton 3.6 cannot compile them with
+BLOCK_M >= 64 (the wgmma path), the swap-AB form compiles there. ``VBHAL_FP4_LINEAR_PATH`` forces a
+path.
 
 The op is ``vbhal::fp4_linear_cuda`` (torch.library.custom_op) with a fake (meta) implementation and
 autograd w.r.t. x and bias: grad_x = grad_y @ dequant(W) (Triton dequantize + cuBLAS); the FP4 weight
