@@ -4,7 +4,7 @@
 # size, speed = 3.5B under an 8 GB cap vs in-GPU at 16k/64k tokens, capacity = plain OOM vs vbhal at >= 4.7B,
 # peers = DeepSpeed ZeRO-3 offload / torchao CPUOffloadOptimizer / vbhal on one model, largest = biggest model
 # the host holds. Results merge into $RES/offload-gpu.json; stdout has one table row per run.
-PARTS=${TIERS_PARTS:-"check speed capacity cuda peers"}
+PARTS=${TIERS_PARTS:-"check speed capacity peers cuda"}
 START=$(date +%s)
 : "${RES:=/tmp/tiers-res}"
 mkdir -p "$RES"
