@@ -227,7 +227,9 @@ def test_offload_moves_model_states_to_host():
     host, dev = on.tier("host"), on.tier("device")
     assert (host.parameters, host.gradients, host.optimizer_state) == (n * 6, n * 2, n * 8)
     assert dev.optimizer_state == 0 and dev.parameters < off.tier("device").parameters / 2
-    assert dev.activations <= off.tier("device").activations + off.autocast_copies
+    plain = E.estimate(cfg, batch_size=1, seq_length=16)
+    # unit-level recomputation: fewer live activations than without checkpointing
+    assert 0 < dev.activations < plain.activations_total_saved
 
 
 def test_offload_spills_to_disk_when_host_is_small():
