@@ -408,7 +408,7 @@ def main(argv=None):
         return 0
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
-    dev_slug = name.replace("NVIDIA ", "").replace(" ", "-").lower()
+    dev_slug = name.replace(" ", "-").lower()
     versions = {"torch": torch.__version__}
     for mod in ("transformers", "accelerate"):
         try:
