@@ -417,7 +417,15 @@ def main(argv=None):
             versions[mod] = None
     print(f"device: {name}; " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     rows, results = [], []
+    path = Path(args.out) if args.out else Path(__file__).parent / "results" / f"estimate-{dev_slug}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = dict(device=name, versions=versions, results=results, planner=[], partial=True)
+
+    def save():  # after every record: a run cut short by its time limit still leaves its numbers
+        path.write_text(json.dumps(partial, indent=1, default=str))
+
     workspace = probe_workspace(device)
+    partial["workspace_probe"] = workspace
     print(f"framework workspace after a bf16 matmul fwd+bwd: {workspace / 2**20:.2f} MiB")
     for c in configs(args.quick):
         if time.perf_counter() - t0 > args.budget * 0.55:
@@ -444,6 +452,7 @@ def main(argv=None):
             rec["error"] = f"{type(e).__name__}: {e}"[:400]
             print(f"{c['name']}: {rec['error']}")
         results.append(rec)
+        save()
         if "err_allocated" in rec:
             acc = rec.get("accelerate")
             rows.append([c["name"], fmt_gib(rec["peak_allocated"]), fmt_gib(rec["pred_allocated"]),
@@ -473,21 +482,20 @@ def main(argv=None):
         print(f"allocated: {summary['within_10pct']}/{len(errs)} within 10%, median |err| "
               f"{100 * summary['median_abs_err']:.1f}%, max {100 * summary['max_abs_err']:.1f}%")
 
-    plan_results = []
+    plan_results = partial["planner"]
+    partial["summary"] = summary
     if not args.skip_plan:
-        plan_results = planner_check(device, t0, args.budget)
+        planner_check(device, t0, args.budget, plan_results, save)
     out = dict(device=name, versions=versions, workspace_probe=workspace, results=results, summary=summary,
                planner=plan_results,
                seconds=time.perf_counter() - t0)
-    path = Path(args.out) if args.out else Path(__file__).parent / "results" / f"estimate-{dev_slug}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1, default=str))
     print(f"wrote {path} in {out['seconds']:.0f} s")
     return 0
 
 
-def planner_check(device, t0, budget):
-    """The planner's batch size trains under the cap and batch+1 does not."""
+def planner_check(device, t0, budget, out, save=lambda: None):
+    """The planner's batch size trains under the cap and batch+1 does not (records appended to `out`)."""
     checks = [
         ("vbhal-medium s1024 @8GB", ("vbhal", vbhal_config("medium")), 1024, 8 * GB),
         ("gpt2 s1024 @8GB", ("hf", gpt2_config()), 1024, 8 * GB),
@@ -496,7 +504,7 @@ def planner_check(device, t0, budget):
         ("gpt2 s1024 @16GB", ("hf", gpt2_config()), 1024, 16 * GB),
         ("llama-0.3B s1024 @8GB", ("hf", llama_config()), 1024, 8 * GB),
     ]
-    rows, out = [], []
+    rows = []
     for name, model, seq, cap in checks:
         if time.perf_counter() - t0 > budget - 9:
             print(f"budget: skipping planner check {name}")
@@ -520,6 +528,7 @@ def planner_check(device, t0, budget):
             rec["error"] = f"{type(e).__name__}: {e}"[:400]
             print(f"{name}: {rec['error']}")
         out.append(rec)
+        save()
         rows.append([name, rec.get("mode"), rec.get("batch"), rec.get("ckpt"), fmt_gib(rec.get("pred_need")),
                      rec.get("ok_at_b"), rec.get("ok_at_b_plus_1"), rec.get("pass"),
                      f"{rec.get('plan_seconds', 0):.1f}"])
