@@ -1243,8 +1243,9 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
     A module you pass is borrowed for the trace: its parameters and buffers are swapped for meta
     stand-ins (nothing is copied or allocated) and put back, its train/eval mode and checkpointing
     flags restored; do not run it in another thread meanwhile. The step traced is the usual one:
-    forward and loss under autocast, ``loss.backward()``, ``optimizer.step()``,
-    ``zero_grad(set_to_none=True)``, in steady state (optimizer state exists from the previous step).
+    forward and loss under autocast (the model's other outputs, e.g. logits, dropped before
+    backward), ``loss.backward()``, ``optimizer.step()``, ``zero_grad(set_to_none=True)``, in steady
+    state (optimizer state exists from the previous step).
 
     Example::
 
