@@ -475,6 +475,48 @@ def run_torchao(n: int, tokens: int, cap: int | None, steps: int = 3) -> dict:
     return res
 
 
+def _ds_cpu_adam_for_host() -> None:
+    """DeepSpeedCPUAdam's JIT build wants the CUDA toolkit (nvcc, CUDA_HOME) when a GPU is present, although its
+    Adam step is host code. Without a toolkit, build it the way DeepSpeed does on CPU-only machines."""
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is not None:
+        return
+    from deepspeed.ops.op_builder.cpu_adam import CPUAdamBuilder
+
+    if getattr(CPUAdamBuilder, "_vbhal_patched", False):
+        return
+    orig = CPUAdamBuilder.jit_load
+
+    def jit_load(self, verbose=True):
+        real = torch.cuda.is_available
+        torch.cuda.is_available = lambda: False
+        try:
+            return orig(self, verbose)
+        finally:
+            torch.cuda.is_available = real
+
+    CPUAdamBuilder.jit_load = jit_load
+    CPUAdamBuilder._vbhal_patched = True
+
+
+def part_dsbuild(args) -> dict:
+    """Build (JIT) DeepSpeedCPUAdam ahead of the peers part, so its compile time is not in the peers' budget."""
+    t0 = time.perf_counter()
+    try:
+        import deepspeed  # noqa: F401
+
+        _ds_cpu_adam_for_host()
+        from deepspeed.ops.op_builder.cpu_adam import CPUAdamBuilder
+
+        CPUAdamBuilder().load(verbose=False)
+        res = {"status": "ok", "build_s": time.perf_counter() - t0}
+    except Exception as e:
+        res = {"status": "error", "error": f"{type(e).__name__}: {e}"[:400], "build_s": time.perf_counter() - t0}
+    print(f"DeepSpeedCPUAdam build: {res}", flush=True)
+    return res
+
+
 def run_deepspeed(n: int, tokens: int, cap: int | None, steps: int = 3) -> dict:
     res = {"peer": "deepspeed ZeRO-3 offload", "params": params_of(n), "tokens": tokens, "cap_bytes": cap}
     try:
@@ -488,6 +530,7 @@ def run_deepspeed(n: int, tokens: int, cap: int | None, steps: int = 3) -> dict:
     set_cap(cap)
     engine = None
     try:
+        _ds_cpu_adam_for_host()
         deepspeed.init_distributed(dist_backend="nccl")
         cpu_adam = os.environ.get("VBHAL_DS_TORCH_ADAM") != "1"
         cfg = {
@@ -577,7 +620,7 @@ def _smoke_mode() -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("parts", nargs="+", choices=["check", "speed", "capacity", "largest", "peers"])
+    ap.add_argument("parts", nargs="+", choices=["check", "speed", "capacity", "largest", "peers", "dsbuild"])
     ap.add_argument("--tokens", default="16384,65536")
     ap.add_argument("--cap-tokens", type=int, default=16384)
     ap.add_argument("--blocks", type=int, default=None)
