@@ -830,13 +830,15 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
         if stop_reason == "nan":
             path = save("non-finite loss")
             log(f"ERROR: the loss or gradient norm became NaN/Inf at step {step + 1}; training stopped before "
-                f"that update. Last good state saved to {path}. Lower --learning-rate, keep --max-grad-norm, "
-                f"or use --mixed-precision bf16 instead of fp16, then --resume {out}.")
+                f"that update. " + (f"Last good state saved to {path}. " if path else "No checkpoint was written. ")
+                + f"Lower --learning-rate, keep --max-grad-norm, or use --mixed-precision bf16 instead of fp16, "
+                f"then --resume {out}.")
             result.stopped, result.exit_code = "nan", 3
         elif stop_reason is not None:
             path = save("interrupted")
-            log(f"stopped at step {step} on {stop_reason}; checkpoint {path}. Continue with "
-                f"`vbhal train --resume {out} ...` (same flags).")
+            log(f"stopped at step {step} on {stop_reason}; " + (
+                f"checkpoint {path}. Continue with `vbhal train --resume {out} ...` (same flags)." if path
+                else "no checkpoint was written."))
             if signals.received is not None:
                 code = 128 + int(signals.received)
             elif step == stop_at:
