@@ -313,7 +313,7 @@ def _summary(out):
             beats = all(v < us[p] for p in peers)
             t = f"[{tgt}]" if tgt else ""
             print(f"  K={row['K']:5d} N={row['N']:5d} M={row['M']:5d} {fmt}: {base / v:5.2f}x {t:7s} "
-                  f"beats {','.join(peers) or '-'}: {beats}")
+                  + (f"beats {','.join(peers)}: {beats}" if peers else "(no 4-bit peer ran)"))
             row.setdefault("ratio_vs_cublas", {})[fmt] = base / v
 
 
