@@ -4,8 +4,14 @@ This module imports triton at the top: only the launchers in ``fp4_quantize.py``
 import it, lazily, the first time a kernel runs. Layout of the operands (docs/CONTRACT.md, "FP4 data
 layout"): ``codes`` uint8 (N, Kp/2), element 2i in the LOW nibble of byte i; ``scales`` one byte per
 block of BLOCK elements along K (E8M0 for mxfp4, block 32; E4M3 for nvfp4, block 16); nvfp4 adds a
-float32 tensor scale. Every kernel reads a block's codes as a [rows, blocks, BLOCK/2] byte tile, so
-a block's scale is applied once per block, never gathered per element.
+float32 tensor scale. Every kernel reads a block's codes as a [rows, blocks, BLOCK/2] byte tile (or,
+the ``*_w32``/``_pf``/``_t`` kernels, a [rows, blocks, BLOCK/8] tile of int32 words), so a block's
+scale is loaded once per block, never gathered per element.
+
+Kernels: ``fp4_quantize_kernel``, ``fp4_dequantize_kernel``; for the linear (see fp4_linear.py for
+when each runs) the GEMVs ``fp4_gemv_kernel`` / ``fp4_gemv_w32_kernel`` / ``fp4_gemv_pf_kernel`` and
+the tensor-core kernels ``fp4_mm_t_kernel`` (swap-AB, the one used) and ``fp4_mm_kernel`` /
+``fp4_mm_w32_kernel`` (x @ W^T form; triton 3.6 cannot compile it with BLOCK_M >= 64).
 
 Decoding E2M1 without a lookup table (``_e2m1_decode``): the three magnitude bits of a code
 (exponent e1 e0, mantissa m) placed at bits 11..9 of a float16 and the sign at bit 15 make the
