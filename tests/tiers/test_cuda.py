@@ -123,7 +123,7 @@ def _plain_with_host_adamw(base: nn.Module, xs: list, lr: float) -> list[float]:
     return losses
 
 
-@_parametrize("mode", [dict(), dict(checkpoint=False), dict(offload_activations=True, chunks=2)])
+@_parametrize("mode", [{}, {"checkpoint": False}, {"offload_activations": True, "chunks": 2}])
 def test_cuda_offload_bf16_autocast_matches_plain(mode):
     from vbhal.nn.offload import apply_offload
 
@@ -160,14 +160,14 @@ def main() -> int:
         return 0
     failed = 0
     cases = [("stack stress", lambda: test_cuda_stack_stress_prefetch_and_compute(Path(tempfile.mkdtemp())))]
-    for mode in [dict(), dict(checkpoint=False), dict(offload_activations=True, chunks=2)]:
+    for mode in [{}, {"checkpoint": False}, {"offload_activations": True, "chunks": 2}]:
         cases.append((f"offload {mode}", lambda mode=mode: test_cuda_offload_bf16_autocast_matches_plain(mode)))
     for name, fn in cases:
         t0 = time.perf_counter()
         try:
             fn()
             print(f"PASS {name} ({time.perf_counter() - t0:.1f} s)", flush=True)
-        except Exception as e:  # one line per case: the round's log keeps only its tail
+        except Exception as e:  # noqa: BLE001 - one line per case: the round's log keeps only its tail
             failed += 1
             where = traceback.extract_tb(e.__traceback__)[-1]
             msg = " ".join(str(e).split())[:400]

@@ -466,7 +466,7 @@ def _make_compiled_step():
            torch.tensor([1.0, 0.9, 0.1, 0.999, 0.001, 1e-3, 0.03, 1e-8], dtype=torch.float64))
         fn(p, m, v, torch.ones(n), torch.empty(n), torch.tensor([1.0, 0.9, 0.1, 0.999, 0.001, 1e-3, 0.03, 1e-8], dtype=torch.float64))
         return fn
-    except Exception as e:  # no C++ compiler, inductor problem: fall back, loudly
+    except Exception as e:  # noqa: BLE001 - no C++ compiler, inductor problem: fall back, loudly
         warnings.warn(f"vbhal offload: compiling the one-pass host AdamW failed ({type(e).__name__}: {e}); using torch's "
                       "fused AdamW", TierWarning, stacklevel=3)
         return None
@@ -709,7 +709,7 @@ class OffloadEngine:
         unit.host_ready.set()
 
     def _make_adamw(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-        kw = dict(lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.eps, weight_decay=self.cfg.weight_decay)
+        kw = {"lr": self.cfg.lr, "betas": self.cfg.betas, "eps": self.cfg.eps, "weight_decay": self.cfg.weight_decay}
         try:
             return torch.optim.AdamW(params, fused=True, **kw)
         except (RuntimeError, TypeError):  # fused not available for this device/dtype
@@ -987,7 +987,7 @@ class OffloadEngine:
                     n = math.prod(unit.shapes[j])
                     unit.view(unit.work_host.tensor, j).copy_(unit.master[unit.m_offsets[j] : unit.m_offsets[j] + n].view(unit.shapes[j]))
             self.stats.add(1, busy_s=time.perf_counter() - t0)
-        except BaseException as e:  # surfaced on the main thread at the next fetch or step
+        except BaseException as e:  # noqa: BLE001 - surfaced on the main thread at the next fetch or step
             self._worker_error = e
         finally:
             unit.host_ready.set()
@@ -1278,7 +1278,7 @@ class OffloadEngine:
                         times.append(starts[ph].elapsed_time(e) / 1e3)
             t_compute = min(times) if times else 0.0
             t_copy = self.max_unit_bytes / self.h2d_bandwidth
-            depth = int(math.ceil(t_copy / max(t_compute, 1e-6))) + 1
+            depth = math.ceil(t_copy / max(t_compute, 1e-6)) + 1
         budget = self.cfg.device_budget_bytes
         if budget is not None:
             depth = min(depth, max(1, budget // self.max_unit_bytes - 1))

@@ -58,7 +58,7 @@ def process_start_time(pid: int) -> str | None:
         import psutil
 
         return str(int(psutil.Process(pid).create_time() * 100))
-    except Exception:  # psutil missing or no such process
+    except Exception:  # noqa: BLE001 - psutil missing or no such process
         return None
 
 

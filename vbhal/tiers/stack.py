@@ -189,7 +189,7 @@ class TierStack:
             get = getattr(_hal, "get_tiers", None)
             if get is not None:
                 specs = list(get(device))
-        except Exception:  # the HAL is optional for the stack; fall back to defaults
+        except Exception:  # noqa: BLE001 - the HAL is optional for the stack; fall back to defaults
             specs = []
         tiers = []
         for level, kind, override in ((0, "device", device_bytes), (1, "host", host_bytes), (2, "disk", disk_bytes)):
@@ -356,7 +356,7 @@ class TierStack:
                     e.moving = None
                     self._promote_locked(e)
                 fut.set_result(None)
-            except BaseException as exc:  # surfaced by access() through the future
+            except BaseException as exc:  # noqa: BLE001 - surfaced by access() through the future
                 fut.set_exception(exc)
 
         self._pool_exec.submit(run)
@@ -604,8 +604,8 @@ class TierStack:
                 up, down = self.tiers[lo], self.tiers[lo + 1]
                 if up.kind == "device" and self._accel:
                     dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-                    for name, fn in ((f"{lo}<-{lo + 1}", lambda: dev.copy_(host.tensor, non_blocking=True)),
-                                     (f"{lo + 1}<-{lo}", lambda: host.tensor.copy_(dev, non_blocking=True))):
+                    for name, fn in ((f"{lo}<-{lo + 1}", lambda dev=dev: dev.copy_(host.tensor, non_blocking=True)),
+                                     (f"{lo + 1}<-{lo}", lambda dev=dev: host.tensor.copy_(dev, non_blocking=True))):
                         fn()
                         self._dm.synchronize(self.device)
                         t0 = time.perf_counter()
@@ -668,7 +668,7 @@ class TierStack:
             self._deferred = []
         self._finalizer()
 
-    def __enter__(self) -> TierStack:
+    def __enter__(self) -> TierStack:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:
