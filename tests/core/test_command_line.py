@@ -8,7 +8,7 @@ from vbhal.cli import main
 
 
 def test_info_text(capsys):
-    assert main(["info"]) == 0
+    assert main(["info", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     for fragment in ("vbhal info", "torch", "Devices found", "cpu", "Selected device: cpu", "Plug-ins",
                      "Memory tiers", "Kernels bound", "attention", "Modes"):
@@ -16,7 +16,7 @@ def test_info_text(capsys):
 
 
 def test_info_json(capsys):
-    assert main(["info", "--json"]) == 0
+    assert main(["info", "--json", "--device", "cpu"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["selected"]["device"] == "cpu"
     assert {"cuda", "npu", "cpu"} <= {p["name"] for p in info["plugins"]}
@@ -31,7 +31,7 @@ def test_info_for_absent_device_says_what_was_found(capsys):
 
 
 def test_demo_runs(capsys):
-    assert main(["demo", "--mode", "speed"]) == 0
+    assert main(["demo", "--mode", "speed", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "mode=speed" in out and "backward ran" in out
 
