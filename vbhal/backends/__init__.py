@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
+from vbhal.hookspecs import Kernel
+
 
 class KernelTable:
     """Lazily imported ``KERNELS`` dicts of a backend's kernel modules."""
@@ -36,3 +38,8 @@ class KernelTable:
                 self.unavailable[name] = f"{type(e).__name__}: {e}"
         self._cache[name] = fn
         return fn
+
+    def kernel(self, name: str) -> Kernel | None:
+        """The backend's :class:`Kernel` for `name`, or None (the next backend answers)."""
+        fn = self.lookup(name)
+        return None if fn is None else Kernel(name, fn, self.backend, self.descriptions.get(name, ""))

@@ -14,7 +14,7 @@ import torch
 
 from vbhal import _sysinfo
 from vbhal.backends import KernelTable
-from vbhal.hookspecs import PRIORITY_CPU, DeviceInfo, Kernel, TierSpec, hookimpl
+from vbhal.hookspecs import PRIORITY_CPU, DeviceInfo, TierSpec, hookimpl
 
 #: Share of available RAM the CPU tiers may use; the rest is left to the process and the OS.
 HOST_TIER_FRACTION = 0.8
@@ -61,10 +61,7 @@ class CPUBackend:
 
     @hookimpl(trylast=True)
     def vbhal_get_kernel(self, name: str, device: DeviceInfo):
-        fn = self.table.lookup(name)
-        if fn is None:
-            return None
-        return Kernel(name, fn, self.name, self.table.descriptions.get(name, ""))
+        return self.table.kernel(name)  # every device: plain torch runs anywhere
 
     @hookimpl(trylast=True)
     def vbhal_memory_tiers(self, device: DeviceInfo, registry) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from vbhal import _sysinfo
 from vbhal.backends import KernelTable
-from vbhal.hookspecs import PRIORITY_CUDA, DeviceInfo, Kernel, TierSpec, hookimpl
+from vbhal.hookspecs import PRIORITY_CUDA, DeviceInfo, TierSpec, hookimpl
 
 #: Device memory the tier stack leaves to the CUDA context, cuBLAS workspaces and fragmentation.
 DEVICE_RESERVE_BYTES = 1 << 30
@@ -77,12 +77,7 @@ class CUDABackend:
 
     @hookimpl
     def vbhal_get_kernel(self, name: str, device: DeviceInfo):
-        if device.kind != "cuda":
-            return None
-        fn = self.table.lookup(name)
-        if fn is None:
-            return None
-        return Kernel(name, fn, self.name, self.table.descriptions.get(name, ""))
+        return self.table.kernel(name) if device.kind == "cuda" else None
 
     @hookimpl
     def vbhal_memory_tiers(self, device: DeviceInfo, registry) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from vbhal import _sysinfo
 from vbhal.backends import KernelTable
-from vbhal.hookspecs import PRIORITY_NPU, DeviceInfo, Kernel, TierSpec, hookimpl
+from vbhal.hookspecs import PRIORITY_NPU, DeviceInfo, TierSpec, hookimpl
 
 DEVICE_RESERVE_BYTES = 1 << 30
 HOST_TIER_FRACTION = 0.8
@@ -111,12 +111,7 @@ class NPUBackend:
 
     @hookimpl
     def vbhal_get_kernel(self, name: str, device: DeviceInfo):
-        if device.kind != "npu":
-            return None
-        fn = self.table.lookup(name)
-        if fn is None:
-            return None
-        return Kernel(name, fn, self.name, self.table.descriptions.get(name, ""))
+        return self.table.kernel(name) if device.kind == "npu" else None
 
     @hookimpl
     def vbhal_memory_tiers(self, device: DeviceInfo, registry) -> None:
