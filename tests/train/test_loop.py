@@ -142,20 +142,25 @@ def test_bad_input_fails_before_any_output(tmp_path, corpus_dir):
     assert not (tmp_path / "out").exists()
 
 
-def test_sigterm_saves_and_resume_finishes(tmp_path, corpus_dir):
+@pytest.mark.parametrize("workers", [0, 2], ids=["to-the-process", "to-the-group-with-loader-workers"])
+def test_sigterm_saves_and_resume_finishes(tmp_path, corpus_dir, workers):
+    # with workers, the signal goes to the whole process group (as Ctrl-C, SLURM or `timeout` do)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "vbhal.train", "--config", "tiny", "--hidden-size", "32", "--num-layers", "1",
            "--num-heads", "2", "--seq-length", "32", "--batch-size", "4", "--data", corpus_dir, "--device", "cpu",
            "--output-dir", str(out), "--no-progress", "--log-interval", "1", "--val-batches", "1",
-           "--warmup-steps", "1", "--save-steps", "0"]
+           "--warmup-steps", "1", "--save-steps", "0", "--num-workers", str(workers)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     proc = subprocess.Popen(cmd + ["--max-steps", "100000"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 60
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    if workers:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     text, _ = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, text
     assert "received SIGTERM" in text and "Continue with" in text

@@ -377,10 +377,26 @@ def loader_settings(device: torch.device, num_workers: int | None, local_world_s
     return kw
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Worker processes leave SIGINT/SIGTERM to the training process.
+
+    Ctrl-C reaches the whole foreground process group and SLURM/`timeout` signal every process of a
+    job; a worker that died of it would make the main process's graceful stop (finish the step, save,
+    exit) fail with "DataLoader worker exited unexpectedly". Workers still exit when the main process
+    goes away (PyTorch's worker watchdog).
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, batch_size: int, sampler=None, **settings) -> DataLoader:
     """A DataLoader with its own generator: creating an iterator would otherwise draw a worker seed
     from torch's global RNG, so a resumed run (one extra iter() call) would get different dropout
     masks than an uninterrupted one."""
+    if settings.get("num_workers", 0) > 0:
+        settings.setdefault("worker_init_fn", _ignore_stop_signals)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=True,
                       generator=torch.Generator().manual_seed(0), **settings)
 
