@@ -40,6 +40,43 @@ def _bench(fn, rep=100):
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e3  # us
 
 
+_FLUSH = []
+
+
+def _bench_graph(fn, n: int = 20, reps: int = 7) -> float:
+    """GPU-only time (us) of one call: ``n`` calls captured in a CUDA graph, each after an L2 flush
+    (256 MiB memset), minus a graph of the ``n`` flushes alone; median of ``reps`` replays. No Python
+    launch overhead (what a served model running under CUDA graphs sees), weights still from HBM."""
+    if not _FLUSH:
+        _FLUSH.append(torch.empty(1 << 28, dtype=torch.uint8, device="cuda"))
+    buf = _FLUSH[0]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        buf.zero_()
+    torch.cuda.current_stream().wait_stream(side)
+    g1, g0 = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g1):
+        for _ in range(n):
+            buf.zero_()
+            fn()
+    with torch.cuda.graph(g0):
+        for _ in range(n):
+            buf.zero_()
+    t1, t0 = [], []
+    for g, acc in ((g1, t1), (g0, t0)) * reps:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        acc.append(a.elapsed_time(b))
+    t1.sort()
+    t0.sort()
+    return max(0.0, (t1[len(t1) // 2] - t0[len(t0) // 2]) / n * 1e3)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a = a.float()
     b = b.float()
@@ -102,6 +139,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="one shape, M in {1, 16, 256}")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--variants", action="store_true", help="also time each vbhal path (gemv/mm/dequant)")
+    ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph (no launch overhead) timings")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark measures GPU kernels; nothing to do")
@@ -109,6 +147,7 @@ def main() -> int:
     import triton
 
     from vbhal.backends.cuda import fp4_linear as L
+    from vbhal.backends.cuda import fp4_quantize as Q
     from vbhal.backends.cuda.fp4_quantize import dequantize_fp4, quantize_fp4, qw_operands
     import vbhal.formats as VF
 
@@ -120,7 +159,9 @@ def main() -> int:
     torch.manual_seed(0)
     out = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "method": "triton.testing.do_bench median, L2 flushed before each call; bf16 activations; us",
+           "method": ("us: triton.testing.do_bench median, L2 flushed before each call (eager: includes Python "
+               "launch overhead where it exceeds the flush); us_graph: the same calls replayed from a CUDA graph, "
+               "L2 flushed before each, flush time subtracted (GPU time only); bf16 activations"),
            "peers": {}, "linear": [], "quantize": [], "floors": []}
 
     # copy bandwidth (bytes read + written) for the bytes floor
@@ -185,7 +226,8 @@ def main() -> int:
         wbytes = {f: qws[f].nbytes for f in qws}
         for m in ms:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            row = {"K": k, "N": n, "M": m, "us": {}, "out_rel_err_vs_same_weight": {}, "out_rel_err_vs_bf16": {}}
+            row = {"K": k, "N": n, "M": m, "us": {}, "us_graph": {}, "out_rel_err_vs_same_weight": {},
+                   "out_rel_err_vs_bf16": {}}
             y_bf16 = F.linear(x.float(), w.float(), bias.float())
             for pname, fn in peers.items():
                 if isinstance(fn, str):
@@ -206,6 +248,11 @@ def main() -> int:
                         y_ref = F.linear(x.float(), dequantize_fp4(qws[fmt], torch.float32), bias.float())
                         row["out_rel_err_vs_same_weight"][pname] = _rel(y, y_ref)
                     row["us"][pname] = _bench(lambda fn=fn: fn(x, bias))
+                    if not args.no_graph:
+                        try:
+                            row["us_graph"][pname] = _bench_graph(lambda fn=fn: fn(x, bias))
+                        except Exception as e:  # noqa: BLE001
+                            row["us_graph"][pname] = f"not capturable: {type(e).__name__}: {str(e)[:120]}"
                 except Exception as e:  # noqa: BLE001
                     row["us"][pname] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                     traceback.print_exc(limit=3)
@@ -230,10 +277,27 @@ def main() -> int:
                          and (fmt == "mxfp4" or torch.equal(qw.tensor_scale, ref.tensor_scale)))
             t = _bench(lambda fmt=fmt, rule=rule: quantize_fp4(w, fmt, scale_rule=rule))
             nbytes = w.numel() * 2 + qw.nbytes
+            # the kernel(s) alone: the custom op (and, nvfp4, the tensor-scale reduction), no host sync
+            fid = ("mxfp4", "nvfp4").index(fmt)
+            zero_ts = torch.zeros((), device=dev)
+
+            def _op(fmt=fmt, rule=rule, fid=fid):
+                ts = Q.nvfp4_tensor_scale_gpu(w) if fmt == "nvfp4" else zero_ts
+                return torch.ops.vbhal.quantize_fp4_cuda(w, fid, rule == "rceil", ts)
+
+            t_op = _bench(_op)
+            try:
+                t_g = _bench_graph(_op)
+            except Exception:  # noqa: BLE001
+                t_g = None
             rec = {"K": k, "N": n, "fmt": fmt, "rule": rule, "us": t, "TBps": nbytes / (t * 1e-6) / 1e12,
+                   "us_kernels": t_op, "TBps_kernels": nbytes / (t_op * 1e-6) / 1e12,
+                   "us_kernels_graph": t_g, "TBps_kernels_graph": nbytes / (t_g * 1e-6) / 1e12 if t_g else None,
                    "bit_exact_vs_vbhal_formats": exact}
             out["quantize"].append(rec)
-            print(f"quantize {fmt}/{rule} {n}x{k}: {t:8.1f} us  {rec['TBps']:.2f} TB/s  bit-exact={exact}")
+            print(f"quantize {fmt}/{rule} {n}x{k}: call {t:8.1f} us {rec['TBps']:.2f} TB/s | kernels {t_op:8.1f} us "
+                  f"{rec['TBps_kernels']:.2f} TB/s | graph {t_g or float('nan'):8.1f} us "
+                  f"{rec['TBps_kernels_graph'] or float('nan'):.2f} TB/s | bit-exact={exact}")
         td = _bench(lambda: dequantize_fp4(qws["mxfp4"], torch.bfloat16))
         out["quantize"].append({"K": k, "N": n, "fmt": "mxfp4", "rule": "dequantize->bf16", "us": td,
                                 "TBps": (w.numel() * 2 + qws["mxfp4"].nbytes) / (td * 1e-6) / 1e12})
@@ -289,7 +353,10 @@ def _print_row(row, fl):
         ratio = f" ({base / v:.2f}x)" if isinstance(base, float) else ""
         err = row["out_rel_err_vs_same_weight"].get(pname)
         errs = f" e={err:.1e}" if err is not None else ""
-        cells.append(f"{pname}={v:.1f}{ratio}{errs}")
+        g = row.get("us_graph", {}).get(pname)
+        gb = row.get("us_graph", {}).get("cublas_bf16")
+        gs = f" g={g:.1f}" + (f"({gb / g:.2f}x)" if isinstance(gb, float) and g > 0 else "") if isinstance(g, float) else ""
+        cells.append(f"{pname}={v:.1f}{ratio}{gs}{errs}")
     print(f"K={row['K']} N={row['N']} M={row['M']:5d} floor4={fl['bytes_floor_us_mxfp4']:.1f} "
           f"flop={fl['flops_floor_us_bf16_peak']:.1f} | " + "  ".join(cells), flush=True)
 
@@ -312,8 +379,15 @@ def _summary(out):
             peers = [p for p in ("torch_int4_g128", "bnb_fp4", "bnb_nf4") if isinstance(us.get(p), float)]
             beats = all(v < us[p] for p in peers)
             t = f"[{tgt}]" if tgt else ""
-            print(f"  K={row['K']:5d} N={row['N']:5d} M={row['M']:5d} {fmt}: {base / v:5.2f}x {t:7s} "
-                  + (f"beats {','.join(peers)}: {beats}" if peers else "(no 4-bit peer ran)"))
+            ug = row.get("us_graph", {})
+            gv, gb = ug.get(f"vbhal_{fmt}"), ug.get("cublas_bf16")
+            graph = ""
+            if isinstance(gv, float) and isinstance(gb, float) and gv > 0:
+                gpeers = [p for p in ("torch_int4_g128", "bnb_fp4", "bnb_nf4") if isinstance(ug.get(p), float)]
+                graph = f" | graph {gb / gv:5.2f}x beats {','.join(gpeers) or '-'}: {all(gv < ug[p] for p in gpeers)}"
+                row.setdefault("ratio_vs_cublas_graph", {})[fmt] = gb / gv
+            print(f"  K={row['K']:5d} N={row['N']:5d} M={row['M']:5d} {fmt}: eager {base / v:5.2f}x {t:7s} "
+                  + (f"beats {','.join(peers)}: {beats}" if peers else "(no 4-bit peer ran)") + graph)
             row.setdefault("ratio_vs_cublas", {})[fmt] = base / v
 
 

@@ -11,7 +11,7 @@ T0=$(date +%s)
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 echo "== benchmark"
-timeout $(( BUDGET - 25 )) python3 benchmarks/bench_fp4_linear.py --variants 2>&1
+timeout $(( BUDGET - 25 )) python3 benchmarks/bench_fp4_linear.py 2>&1
 cp benchmarks/results/fp4_linear-*.json "$RES"/ 2>/dev/null
 LEFT=$(( BUDGET - 8 - ($(date +%s) - T0) ))
 echo "== tests (GPU, bf16, real sizes), ${LEFT}s left"

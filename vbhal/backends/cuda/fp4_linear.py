@@ -111,31 +111,58 @@ def _choose_path(x2, codes, scales, ts, bias, fmt_id, n, k) -> str:
     cands = _candidates(m, x2.dtype)
     if len(cands) == 1:
         return cands[0]
-    if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return _static_path(m, x2.dtype)
     key = (_m_bucket(m), n, k, fmt_id, x2.dtype, bias is not None, x2.device)
     path = PATH_CHOICES.get(key)
     if path is not None:
         return path
+    if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return _static_path(m, x2.dtype)
     times = {}
     for cand in cands:
         try:
-            for _ in range(2):
-                _run_path(cand, x2, codes, scales, ts, bias, fmt_id, n, k)
-            torch.cuda.synchronize(x2.device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(5):
-                _run_path(cand, x2, codes, scales, ts, bias, fmt_id, n, k)
-            end.record()
-            end.synchronize()
-            times[cand] = start.elapsed_time(end)
+            times[cand] = _time_path(cand, x2, codes, scales, ts, bias, fmt_id, n, k)
         except Exception as e:  # noqa: BLE001 - a path that cannot compile here is skipped, not fatal
             _PATH_FAILURES[key + (cand,)] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}"
     if not times:
         raise KernelError(f"fp4_linear: no kernel path works for M={m}, N={n}, K={k}: {_PATH_FAILURES}")
     path = PATH_CHOICES[key] = min(times, key=times.get)
     return path
+
+
+def _time_path(cand, x2, codes, scales, ts, bias, fmt_id, n, k, reps: int = 10) -> float:
+    """GPU time (ms) of one call of a path: run twice (compile, autotune), then replay ``reps`` calls
+    captured in a CUDA graph, so that Python launch overhead does not decide the choice (R2: eager
+    back-to-back timing picked the path with the least CPU work, not the fastest kernels). Falls back
+    to eager timing where a path cannot be captured."""
+    for _ in range(2):
+        _run_path(cand, x2, codes, scales, ts, bias, fmt_id, n, k)
+    torch.cuda.synchronize(x2.device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    try:
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream(x2.device)
+        side.wait_stream(torch.cuda.current_stream(x2.device))
+        with torch.cuda.stream(side):
+            _run_path(cand, x2, codes, scales, ts, bias, fmt_id, n, k)  # warm on the capture stream
+        torch.cuda.current_stream(x2.device).wait_stream(side)
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                _run_path(cand, x2, codes, scales, ts, bias, fmt_id, n, k)
+        graph.replay()
+        torch.cuda.synchronize(x2.device)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / reps
+    except Exception:  # noqa: BLE001 - not capturable: time it eagerly instead
+        torch.cuda.synchronize(x2.device)
+        start.record()
+        for _ in range(reps):
+            _run_path(cand, x2, codes, scales, ts, bias, fmt_id, n, k)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / reps
 
 
 # ---------------------------------------------------------------------------------------------------
