@@ -239,6 +239,25 @@ def _autotuned(name: str):
     return fn
 
 
+#: (kernel name, shape key) -> (JITFunction, best triton.Config): after the first (tuning) call the
+#: kernel is launched directly with its config, skipping the autotuner's per-call Python work.
+_BEST: dict[tuple, tuple] = {}
+
+
+def _launch_tuned(name: str, key: tuple, grid, args: tuple, consts: dict) -> None:
+    """Launch autotuned kernel ``name``; ``key`` must determine the autotuner's own key (shape, dtypes)."""
+    best = _BEST.get((name,) + key)
+    if best is not None:
+        fn, cfg = best
+        fn[grid({**consts, **cfg.kwargs})](*args, **consts, **cfg.all_kwargs())
+        return
+    tuned = _autotuned(name)
+    tuned[grid](*args, **consts)
+    cfg = getattr(tuned, "best_config", None)
+    if cfg is not None and cfg.pre_hook is None:
+        _BEST[(name,) + key] = (tuned.fn, cfg)
+
+
 def _prune_mm(configs, named_args, **kwargs):
     """Drop configs whose BLOCK_M is above M rounded up to a power of two (wasted MMA columns) and
     split-K configs whose K share would be under 4 steps -- keep at least one."""
@@ -281,7 +300,8 @@ def _launch_gemv(x2, codes, scales, ts, bias, fmt, n, k, out_dtype, split=None, 
         kern = getattr(kernels_module(), f"fp4_{kind}_kernel")
         kern[(triton_cdiv(n, 4), m, split)](*args, BLOCK_N=4, NBK=2, **consts)
     else:
-        _autotuned(kind)[lambda meta: (triton_cdiv(n, meta["BLOCK_N"]), m, split)](*args, **consts)
+        _launch_tuned(kind, (m, n, k, block, split, x2.dtype, y.dtype, bias is not None),
+                      lambda meta: (triton_cdiv(n, meta["BLOCK_N"]), m, split), args, consts)
     return y if split == 1 else y.to(out_dtype)
 
 
@@ -350,7 +370,7 @@ def _launch_mm_t(x2, codes, scales, ts, bias, fmt, n, k, out_dtype, config: dict
         name = "mm_t_" + ("small" if small else "large") + ("_nv" if fmt == "nvfp4" else "")
         grid = lambda meta: (triton_cdiv(m, meta["BLOCK_M"]) * triton_cdiv(n, meta["BLOCK_N"]),  # noqa: E731
                              meta["SPLIT_K"])
-        _autotuned(name)[grid](*args, **consts)
+        _launch_tuned(name, (_m_bucket(m), n, k, block, x2.dtype, y.dtype, bias is not None), grid, args, consts)
     return y.to(out_dtype) if use_ws else y
 
 
