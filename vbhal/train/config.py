@@ -21,9 +21,9 @@ from vbhal.train.model import PRESETS, GPTConfig
 __all__ = ["TrainConfig", "TRAIN_PRESETS", "load_config_file", "MODEL_FIELDS"]
 
 # Training defaults per preset. "max_corpus_bytes" caps the default stdlib corpus (whole files).
-# tiny: 5 epochs of ~183 k tokens (44 steps of 32 x 128) = 0.92 M tokens; measured 35 s of CPU time on
-# one core (64 s wall on the shared 2-core machine at load 4.4) with validation loss 2.54 nats/byte
-# (uniform: ln 256 = 5.55); the stated target is < 2.7.
+# tiny: 5 epochs of ~183 k tokens (44 steps of 32 x 128) = 0.92 M tokens; `vbhal train --config tiny
+# --epochs 5` measured 35.8 s wall (one intra-op thread, 2-core machine at load 1.6; 64 s at load 4.4)
+# with validation loss 2.544 nats/byte (uniform: ln 256 = 5.55); the stated target is < 2.7.
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(batch_size=32, learning_rate=3e-3, warmup_steps=20, epochs=5,
                  max_corpus_bytes=192 * 1024, log_interval=10),
