@@ -269,9 +269,13 @@ def probe_workspace(device):
     return extra
 
 
-def fits_real(c, device, cap_bytes, steps=2):
-    """True when `steps` training steps run under a per-process cap of `cap_bytes`."""
+def fits_real(c, device, cap_bytes, steps=2, info=None):
+    """True when `steps` training steps run under a per-process cap of `cap_bytes`; `info` (a dict)
+    receives what was live before, the peaks under the cap, and the OOM message."""
     clean(device)
+    info = {} if info is None else info
+    info["before_allocated"] = torch.cuda.memory_allocated(device)
+    info["before_reserved"] = torch.cuda.memory_reserved(device)
     total = torch.cuda.get_device_properties(device).total_memory
     index = device.index if device.index is not None else torch.cuda.current_device()
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total), index)
@@ -281,9 +285,12 @@ def fits_real(c, device, cap_bytes, steps=2):
         opt = make_optimizer(c, model)
         train_steps(c, model, opt, device, steps)
         ok = True
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError as e:
         ok = False
+        info["oom"] = str(e).split("See documentation")[0][:300]
     finally:
+        info["peak_allocated"] = torch.cuda.max_memory_allocated(device)
+        info["peak_reserved"] = torch.cuda.max_memory_reserved(device)
         del model, opt
         gc.collect()
         torch.cuda.empty_cache()
@@ -521,8 +528,10 @@ def planner_check(device, t0, budget, out, save=lambda: None):
             if p.fits and not p.offload:
                 base = dict(name=name, model=model, seq=seq, precision="bf16-mixed", ckpt=p.gradient_checkpointing,
                             fp4=p.fp4_format if p.fp4 else None)
-                rec["ok_at_b"] = fits_real({**base, "batch": p.batch_size}, device, cap)
-                rec["ok_at_b_plus_1"] = fits_real({**base, "batch": p.batch_size + 1}, device, cap)
+                rec["at_b"], rec["at_b_plus_1"] = {}, {}
+                rec["ok_at_b"] = fits_real({**base, "batch": p.batch_size}, device, cap, info=rec["at_b"])
+                rec["ok_at_b_plus_1"] = fits_real({**base, "batch": p.batch_size + 1}, device, cap,
+                                                  info=rec["at_b_plus_1"])
                 rec["pass"] = bool(rec["ok_at_b"] and not rec["ok_at_b_plus_1"])
         except Exception as e:
             rec["error"] = f"{type(e).__name__}: {e}"[:400]
