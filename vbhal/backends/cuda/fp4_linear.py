@@ -8,15 +8,15 @@ and caches the fastest (``PATH_CHOICES``; a path that fails to compile is skippe
   FMA, the block scale applied once per block: ``gemv`` (bytes), ``gemv_w32`` (int32 words, two codes
   per bit operation, x read contiguously and split in registers), ``gemv_pf`` (gemv_w32 with the next
   step's loads in flight during this step's arithmetic) -- and ``mm_t``.
-- M <= 64: ``mm_t``, the "swap-AB" tensor-core kernel: y^T = W x^T with the decoded weight tile as
-  the MMA's first operand (registers; wgmma on Hopper) so the weight rows fill the 64-row MMA
-  dimension and the batch only the narrow one; split-K into a float32 workspace so that a few row
-  tiles still fill every SM.
+- M <= 64: ``mm_w32`` (x @ W^T form, mma.sync tiles of 16-32 rows) and ``mm_t``, the "swap-AB"
+  tensor-core kernel: y^T = W x^T with the decoded weight tile as the MMA's first operand
+  (registers; wgmma on Hopper) so the weight rows fill the 64-row MMA dimension and the batch only
+  the narrow one; split-K into a float32 workspace so that a few row tiles still fill every SM.
 - M > 64: ``mm_t`` with large tiles (each weight element decoded once per 128-256 activation rows),
   ``dequant`` (Triton dequantize to x's dtype + cuBLAS) and ``dequant_pipelined`` (the dequantize of
   weight chunk i+1 on a side stream under the cuBLAS GEMM of chunk i).
 - float32 activations: the GEMV kernels or ``dequant`` (tl.dot on fp32 would be TF32).
-``mm``/``mm_w32`` (x @ W^T form) are kept for comparison only: triton 3.6 cannot compile them with
+``mm``/``mm_w32`` (x @ W^T form) only get BLOCK_M < 64 tiles: triton 3.6 cannot compile them with
 BLOCK_M >= 64 (the wgmma path), the swap-AB form compiles there. ``VBHAL_FP4_LINEAR_PATH`` forces a
 path.
 
@@ -86,7 +86,7 @@ def _candidates(m: int, dtype: torch.dtype) -> tuple[str, ...]:
     if m <= GEMV_MAX_M:
         return ("gemv_w32", "gemv_pf", "gemv", "mm_t")
     if m <= MM_T_SMALL_M:
-        return ("mm_t",)
+        return ("mm_t", "mm_w32")
     return ("mm_t", "dequant", "dequant_pipelined")
 
 
