@@ -336,7 +336,7 @@ def part_speed(args) -> dict:
     token_list = [int(t) for t in args.tokens.split(",")]
     rows = []
     for tokens in token_list:
-        rows.append(run_plain(n, tokens, None, warmup=1, steps=args.steps))
+        rows.append(run_plain(n, tokens, None, warmup=1, steps=min(2, args.steps)))
         print(_row(rows[-1]), flush=True)
         _SAVE("speed", {"rows": rows})
     model, eng, t_build = build_vbhal(n, token_list[0], offload_activations=True)
@@ -557,8 +557,11 @@ def run_deepspeed(n: int, tokens: int, cap: int | None, steps: int = 3) -> dict:
         with deepspeed.zero.Init(config_dict_or_path=cfg, remote_device="cpu", pin_memory=True):
             model = make_model(n, DEV)
         optimizer = None
-        if not cpu_adam:
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+        if not cpu_adam:  # torch's fused CPU AdamW on DeepSpeed's fp32 CPU partitions (as fast as its CPU Adam)
+            try:
+                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
+            except (RuntimeError, TypeError):
+                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
             cfg.pop("optimizer")
         engine, _, _, _ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters(), optimizer=optimizer)
         res["init_s"] = time.perf_counter() - t0
@@ -575,7 +578,8 @@ def run_deepspeed(n: int, tokens: int, cap: int | None, steps: int = 3) -> dict:
 
         t, losses = time_steps(step, x, 1, steps)
         res.update(status="ok", step_s=t, losses=losses, peak_gpu_bytes=torch.cuda.max_memory_allocated(),
-                   optimizer="DeepSpeedCPUAdam" if cpu_adam else "torch AdamW on CPU", deepspeed=deepspeed.__version__)
+                   optimizer="DeepSpeedCPUAdam" if cpu_adam else f"torch AdamW on CPU (fused={getattr(optimizer, 'defaults', {}).get('fused')})",
+                   deepspeed=deepspeed.__version__)
     except torch.OutOfMemoryError as e:
         res.update(status="OOM", error=str(e).splitlines()[0][:200])
     except Exception as e:  # noqa: BLE001 - compile failure of its CPU Adam, config errors...
