@@ -6,7 +6,8 @@ grouped-query shapes (Hkv = Hq / 4; SDPA with ``enable_gqa``) for the dispatcher
 variable-length input (ours against one SDPA call per document), and peak memory of forward+backward
 at S = 64k.
 
-Throughput is reported as TFLOP/s with the usual attention count: forward 4 * B * Hq * Sq * Sk * D
+Providers are timed round-robin, rep by rep, on the same inputs (``measure_interleaved``), so drift
+or other work on the GPU hits all of them alike. Throughput is reported as TFLOP/s with the usual attention count: forward 4 * B * Hq * Sq * Sk * D
 (halved when causal), backward 2.5x the forward, so forward+backward = 3.5x the forward FLOPs.
 
     python benchmarks/bench_attention.py                  # full grid
@@ -95,25 +96,65 @@ def _flops(b, h, s, d, causal, mode):
 
 
 def measure(provider, b, hq, hkv, s, d, causal, mode, dtype=torch.bfloat16):
-    fn = _fn(provider)
+    """One provider alone (used by tune_attention.py)."""
+    return measure_interleaved([provider], b, hq, hkv, s, d, causal, mode, dtype)[provider]
+
+
+def measure_interleaved(providers, b, hq, hkv, s, d, causal, mode, dtype=torch.bfloat16, window_ms=150.0):
+    """Median ms and TFLOP/s of each provider, timed round-robin on the same inputs.
+
+    Providers take turns rep by rep, so clock changes or other work on the GPU during the
+    measurement affect all of them alike and the ratios between them stay fair. Returns
+    {provider: (ms, tflops)} or {provider: exception} for a provider that refused the shape.
+    """
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(b, hq, s, d, device="cuda", dtype=dtype, generator=gen)
     k = torch.randn(b, hkv, s, d, device="cuda", dtype=dtype, generator=gen)
     v = torch.randn(b, hkv, s, d, device="cuda", dtype=dtype, generator=gen)
-    if mode == "fwd":
-        with torch.no_grad():
-            ms = _time(lambda: fn(q, k, v, causal))
-    else:
+    do = torch.randn(b, hq, s, d, device="cuda", dtype=dtype, generator=gen)
+    if mode != "fwd":
         for t in (q, k, v):
             t.requires_grad_(True)
-        do = torch.randn(b, hq, s, d, device="cuda", dtype=dtype, generator=gen)
-
-        def step():
-            fn(q, k, v, causal).backward(do)
-            q.grad = k.grad = v.grad = None
-
-        ms = _time(step)
-    return ms, _flops(b, hq, s, d, causal, mode) / ms / 1e9
+    steps, out = {}, {}
+    for p in providers:
+        fn = _fn(p)
+        if mode == "fwd":
+            def step(fn=fn):
+                with torch.no_grad():
+                    fn(q, k, v, causal)
+        else:
+            def step(fn=fn):
+                fn(q, k, v, causal).backward(do)
+                q.grad = k.grad = v.grad = None
+        try:
+            step()
+            torch.cuda.synchronize()
+            steps[p] = step
+        except Exception as e:
+            out[p] = e
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    once = 0.0
+    for step in steps.values():
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        once += start.elapsed_time(end)
+    reps = int(min(25, max(3, window_ms / max(once, 1e-3))))
+    times = {p: [] for p in steps}
+    for _ in range(reps):
+        for p, step in steps.items():
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times[p].append(start.elapsed_time(end))
+    flops = _flops(b, hq, s, d, causal, mode)
+    for p, ts in times.items():
+        ts.sort()
+        ms = ts[len(ts) // 2]
+        out[p] = (ms, flops / ms / 1e9)
+    return out
 
 
 def measure_varlen(provider, lens, hq, hkv, d, dtype=torch.bfloat16):
@@ -196,18 +237,20 @@ def main(argv=None):
     for d, causal, s, hq, hkv in cases:
         b = max(1, TOKENS // s)
         for mode in ("fwd", "fwdbwd"):
+            if time.time() - t0 > args.budget:
+                skipped += len(providers)
+                continue
+            got = measure_interleaved(providers, b, hq, hkv, s, d, causal, mode)
             for p in providers:
                 row = {"provider": p, "head_dim": d, "causal": causal, "seq": s, "batch": b, "hq": hq, "hkv": hkv,
                        "gqa": hq != hkv, "mode": mode}
-                if time.time() - t0 > args.budget:
-                    skipped += 1
-                    continue
-                try:
-                    row["ms"], row["tflops"] = measure(p, b, hq, hkv, s, d, causal, mode)
-                except Exception as e:  # a backend refusing a shape is a result, not a crash
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-                torch.cuda.empty_cache()
+                r = got[p]
+                if isinstance(r, Exception):  # a backend refusing a shape is a result, not a crash
+                    row["error"] = f"{type(r).__name__}: {(str(r).splitlines() or [''])[0][:160]}"
+                else:
+                    row["ms"], row["tflops"] = r
                 rows.append(row)
+            torch.cuda.empty_cache()
         save()
 
     varlen = []
