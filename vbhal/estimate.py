@@ -187,6 +187,8 @@ class TierUsage:
     workspace: int = 0
     allocator_overhead: int = 0
     capacity: int | None = None
+    #: set when the allocator model replayed the step under `capacity` (CUDA): its verdict
+    fits_override: bool | None = None
 
     @property
     def total(self) -> int:
@@ -195,7 +197,9 @@ class TierUsage:
 
     @property
     def fits(self) -> bool | None:
-        return None if self.capacity is None else self.total <= self.capacity
+        if self.capacity is None:
+            return None
+        return self.fits_override if self.fits_override is not None else self.total <= self.capacity
 
 
 @dataclass
@@ -322,8 +326,11 @@ def _check_hf_shapes(cfg) -> None:
                             f"attention heads {heads}; fix the config")
 
 
-#: Config-built models with many blocks are built with this many (the trace needs 3).
+#: Config-built models with more blocks than `_SIMULATE_UP_TO` are built with this many (the
+#: layer extrapolation needs 3); up to it they are built whole, so the allocator model can replay
+#: the full step.
 _BUILD_BLOCKS = 3
+_SIMULATE_UP_TO = 48
 
 
 def _build_hf(cfg, attention: str) -> tuple[nn.Module, int | None]:
@@ -337,7 +344,7 @@ def _build_hf(cfg, attention: str) -> tuple[nn.Module, int | None]:
     impl = "eager" if attention == "eager" else "sdpa"
     n = getattr(cfg, "num_hidden_layers", None)
     build = cfg
-    if isinstance(n, int) and n > _EXTRAPOLATE_ABOVE:
+    if isinstance(n, int) and n > _SIMULATE_UP_TO:
         build = copy.deepcopy(cfg)
         build.num_hidden_layers = _BUILD_BLOCKS
         for key in ("layer_types", "block_types"):  # per-layer lists must match the layer count
@@ -392,7 +399,7 @@ def _resolve_model(model: Any, attention: str) -> _ModelSpec:
         cfg = presets[model] if isinstance(model, str) else model
         name = f"vbhal:{model}" if isinstance(model, str) else "GPT(custom)"
         n = cfg.num_layers
-        few = _BUILD_BLOCKS if n > _EXTRAPOLATE_ABOVE else n
+        few = _BUILD_BLOCKS if n > _SIMULATE_UP_TO else n
         with torch.device("meta"):
             m = GPT(dataclasses.replace(cfg, num_layers=few))
         return _ModelSpec(m, name, "vbhal", cfg.vocab_size, cfg.seq_length, n_blocks=n)
@@ -827,6 +834,8 @@ class _Trace:
     layers: list[LayerActivation]
     attention_saved: int
     n_blocks: int = 0
+    # every allocation: (t_alloc, t_free or None, bytes, phase, is_gradient, tag) -- the allocator model's input
+    timeline: list[tuple] = field(default_factory=list)
     segments: list[tuple] = field(default_factory=list)
     seg_peaks: dict[tuple, int] = field(default_factory=dict)
     seg_breakdown: dict[tuple, dict[str, int]] = field(default_factory=dict)
@@ -1064,10 +1073,16 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
             tracker.phase = "optimizer"
             base = tracker.current
             tracker.peak = base
+
+            def snapshot() -> list[tuple]:
+                return [(a.t0, a.t1, a.nbytes, a.phase, id(a) in grad_allocs, a.tag) for a in tracker.allocs]
+
+            timeline = snapshot()
             if optimizer != "none" and trainable:
                 opt = _make_optimizer(optimizer, impl, trainable)
                 if opt is not None:
                     opt.step()
+                    timeline = snapshot()  # before the optimizer (and its state) goes away
                     step_extra_peak = tracker.peak - base
                     opt_state = sum(a.nbytes for a in tracker.allocs if a.phase == "optimizer" and a.t1 is None)
                     opt_temp = step_extra_peak - opt_state
@@ -1100,7 +1115,8 @@ def _trace_step(spec: _ModelSpec, *, batch: int, seq: int, param_dtype: torch.dt
                   opt_state=opt_state, opt_temporaries=max(0, opt_temp), grads=grads_bytes,
                   saved_total=saved_total, layers=layers,
                   attention_saved=int(getattr(sem, "attention_bytes", 0)),
-                  n_blocks=len(blocks), segments=segments, seg_peaks=seg_peaks, seg_breakdown=seg_breakdown)
+                  n_blocks=len(blocks), segments=segments, seg_peaks=seg_peaks, seg_breakdown=seg_breakdown,
+                  timeline=timeline)
 
 
 #: Models with more repeated blocks than this are traced with 2 and 3 blocks and extrapolated.
@@ -1192,6 +1208,154 @@ def _make_optimizer(name: str, impl: str, params: list[torch.Tensor]):
     return None
 
 
+# ----------------------------------------------------------------------------------------------- CUDA allocator model
+
+_MiB = 2**20
+#: PyTorch's CUDA caching allocator (c10/cuda/CUDACachingAllocator.cpp): blocks of at most 1 MiB
+#: (kSmallSize) come from 2 MiB segments (kSmallBuffer); up to 10 MiB (kMinLargeAlloc) from 20 MiB
+#: segments (kLargeBuffer); larger ones get their own segment rounded to 2 MiB (kRoundLarge).
+_SMALL_BLOCK, _SMALL_SEGMENT, _MID_LIMIT, _MID_SEGMENT, _LARGE_ROUND = _MiB, 2 * _MiB, 10 * _MiB, 20 * _MiB, 2 * _MiB
+
+
+def _segment_size(r: int) -> int:
+    if r <= _SMALL_BLOCK:
+        return _SMALL_SEGMENT
+    if r < _MID_LIMIT:
+        return _MID_SEGMENT
+    return (r + _LARGE_ROUND - 1) // _LARGE_ROUND * _LARGE_ROUND
+
+
+class _CachingAllocatorModel:
+    """A model of PyTorch's CUDA caching allocator (one stream, no expandable segments): best-fit
+    reuse of cached blocks, splitting (remainders > 1 MiB in the large pool, >= 512 B in the small
+    one), coalescing on free, and -- under a cap -- releasing every fully free segment before it
+    gives up (what set_per_process_memory_fraction or a full device does). Replaying a traced step
+    through it predicts max_memory_reserved and whether the step fits under a cap: the
+    fragmentation that large transient tensors (logits) leave once the optimizer state has been
+    carved out of their cached segments."""
+
+    def __init__(self, cap: int | None = None):
+        import bisect
+
+        self._bisect = bisect
+        self.cap, self.reserved, self.allocated, self.peak_reserved, self.peak_allocated = cap, 0, 0, 0, 0
+        self.free: dict[bool, list[tuple[int, int]]] = {True: [], False: []}  # small pool? -> [(size, uid)]
+        self.blocks: dict[int, list] = {}  # uid -> [segment, size, is_free, prev, next, small]
+        self.segments: dict[int, tuple[int, int]] = {}  # segment -> (size, first uid)
+        self.owner: dict[Any, int] = {}
+        self._uid = self._nseg = 0
+
+    def _block(self, seg: int, size: int, free: bool, prev, nxt, small: bool) -> int:
+        self._uid += 1
+        self.blocks[self._uid] = [seg, size, free, prev, nxt, small]
+        if free:
+            self._bisect.insort(self.free[small], (size, self._uid))
+        return self._uid
+
+    def _split(self, u: int, r: int) -> None:
+        b = self.blocks[u]
+        rem = b[1] - r
+        if (b[5] and rem >= 512) or (not b[5] and rem > _SMALL_BLOCK):
+            nu = self._block(b[0], rem, True, u, b[4], b[5])
+            if b[4]:
+                self.blocks[b[4]][3] = nu
+            b[4], b[1] = nu, r
+
+    def _release_cached(self) -> None:
+        for seg, (size, first) in list(self.segments.items()):
+            b = self.blocks[first]
+            if b[2] and b[3] is None and b[4] is None:
+                self.free[b[5]].remove((b[1], first))
+                del self.blocks[first], self.segments[seg]
+                self.reserved -= size
+
+    def malloc(self, key: Any, n: int) -> bool:
+        r = max(512, (n + 511) // 512 * 512)
+        small = r <= _SMALL_BLOCK
+        fl = self.free[small]
+        i = self._bisect.bisect_left(fl, (r, -1))
+        if i < len(fl):
+            _, u = fl.pop(i)
+            self.blocks[u][2] = False
+            self._split(u, r)
+        else:
+            size = _segment_size(r)
+            if self.cap is not None and self.reserved + size > self.cap:
+                self._release_cached()
+                if self.reserved + size > self.cap:
+                    return False
+            self._nseg += 1
+            self.reserved += size
+            u = self._block(self._nseg, size, False, None, None, small)
+            self.segments[self._nseg] = (size, u)
+            self._split(u, r)
+        self.owner[key] = u
+        self.allocated += self.blocks[u][1]
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+        return True
+
+    def release(self, key: Any) -> None:
+        u = self.owner.pop(key)
+        b = self.blocks[u]
+        self.allocated -= b[1]
+        b[2] = True
+        for side in (3, 4):  # coalesce with free neighbours in the segment
+            nb = b[side]
+            if nb is not None and self.blocks[nb][2]:
+                o = self.blocks.pop(nb)
+                self.free[o[5]].remove((o[1], nb))
+                b[1] += o[1]
+                if side == 3:
+                    b[3] = o[3]
+                    if o[3]:
+                        self.blocks[o[3]][4] = u
+                    size, first = self.segments[b[0]]
+                    if first == nb:
+                        self.segments[b[0]] = (size, u)
+                else:
+                    b[4] = o[4]
+                    if o[4]:
+                        self.blocks[o[4]][3] = u
+        self._bisect.insort(self.free[b[5]], (b[1], u))
+
+
+def _steady_events(timeline: list[tuple], param_allocs: list[int], workspace: list[int],
+                   fused: bool) -> list[tuple]:
+    """Two training steps as the allocator sees them: the model's tensors, the workspaces and the
+    batch, then step 1 (which creates the optimizer state) and step 2 (which has it)."""
+    ev: list[tuple] = [("a", ("p", k), n) for k, n in enumerate(param_allocs)]
+    ev += [("a", ("ws", k), n) for k, n in enumerate(workspace)]
+    tl = sorted(enumerate(timeline), key=lambda x: x[1][0])
+    ev += [("a", ("in", i), t[2]) for i, t in tl if t[5] == "input"]
+    for step in (1, 2):
+        pts = []
+        for i, (t0, t1, n, phase, is_grad, tag) in tl:
+            if tag == "input":
+                continue
+            if phase == "optimizer" and ((t1 is None and step == 2) or (fused and t1 is not None)):
+                continue  # state exists from step 1; fused kernels have no temporaries
+            pts.append((t0, 0, "a", (step, i), n))
+            if t1 is not None:
+                pts.append((t1, 1, "f", (step, i), n))
+            elif is_grad:
+                pts.append((float("inf"), 1, "f", (step, i), n))  # zero_grad(set_to_none=True)
+        pts.sort(key=lambda x: (x[0], x[1]))
+        ev += [(kind, key, n) for _, _, kind, key, n in pts]
+    return ev
+
+
+def _replay(events: list[tuple], cap: int | None) -> tuple[bool, _CachingAllocatorModel]:
+    sim = _CachingAllocatorModel(cap)
+    for kind, key, n in events:
+        if kind == "a":
+            if not sim.malloc(key, n):
+                return False, sim
+        elif key in sim.owner:
+            sim.release(key)
+    return True, sim
+
+
 # ----------------------------------------------------------------------------------------------- estimate
 
 def _device_kind(device: str | torch.device | None) -> str:
@@ -1213,7 +1377,8 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
              fp4_dequant_temp: bool = False, example_inputs: Any = None,
              loss_fn: Callable[[Any], torch.Tensor] | None = None,
              gpu_mem: int | str | None = None, cpu_mem: int | str | None = None,
-             disk: int | str | None = None, layer_detail: bool = True) -> MemoryEstimate:
+             disk: int | str | None = None, layer_detail: bool = True,
+             allocator_model: bool | None = None) -> MemoryEstimate:
     """Estimate the memory of one training step of `model`, traced on meta tensors.
 
     Args:
@@ -1237,6 +1402,10 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
         gpu_mem, cpu_mem, disk: capacities per tier (sizes such as "8GB"), shown beside the usage.
         layer_detail: with checkpointing, trace once more without it for the per-layer table
             (`LayerActivation.saved_bytes`); the planner turns it off while it searches.
+        allocator_model: replay the step (two of them) through a model of the CUDA caching
+            allocator: predicts max_memory_reserved and whether the step fits under `gpu_mem`
+            (fragmentation included). Default: on for CUDA, one device, no offload, up to 48 blocks
+            (those are traced whole); otherwise an empirical margin is used.
 
     Returns a `MemoryEstimate`. Raises `EstimateError` for input it cannot work with.
 
@@ -1295,8 +1464,11 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
                   loss_fn=loss_fn, device_kind=kind)
     rounding = _CUDA_ROUND if kind == "cuda" else 1
 
-    def trace(ckpt: bool, opt: str, round_to: int) -> _Trace:
-        if n_blocks > _EXTRAPOLATE_ABOVE and len(blocks) >= 3:
+    simulate = (kind == "cuda" and allocator_model is not False and world_size == 1 and not offload
+                and len(blocks) == n_blocks and n_blocks <= _SIMULATE_UP_TO)
+
+    def trace(ckpt: bool, opt: str, round_to: int, whole: bool = False) -> _Trace:
+        if n_blocks > _EXTRAPOLATE_ABOVE and len(blocks) >= 3 and not whole:
             t2 = _trace_step(spec, checkpointing=ckpt, optimizer=opt, round_to=round_to, keep_blocks=2, **common)
             t3 = _trace_step(spec, checkpointing=ckpt, optimizer=opt, round_to=round_to, keep_blocks=3, **common)
             ext = _extrapolate(t2, t3, n_blocks, blocks_name)
@@ -1307,7 +1479,7 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
         return _trace_step(spec, checkpointing=ckpt, optimizer=opt, round_to=round_to, **common)
 
     # the offload engine recomputes every unit in backward: trace it checkpointed
-    tr = trace(gradient_checkpointing or offload, optimizer, rounding)
+    tr = trace(gradient_checkpointing or offload, optimizer, rounding, whole=simulate)
     if gradient_checkpointing and layer_detail:  # per-layer numbers without checkpointing: a second trace
         layers = trace(False, "none", 1).layers
     else:
@@ -1321,6 +1493,7 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
     fp4_names = {f"{n}.weight": _linear_nk(m) for n, m in _fp4_linears(spec.module, fmt)} if fmt else {}
     seen: set[int] = set()
     n_params = n_train = param_bytes = 0
+    param_allocs: list[int] = []  # one entry per tensor the model holds (the allocator model's input)
     for name, p in spec.module.named_parameters():
         if id(p) in seen:
             continue
@@ -1330,13 +1503,18 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
             param_bytes += rnd(_fp4_nbytes(*fp4_names[name], fmt))
             # two allocations (codes, scales) in QuantizedWeight
             param_bytes += _CUDA_ROUND if kind == "cuda" else 0
+            nn_, kk = fp4_names[name]
+            kp = -(-kk // _FP4_BLOCK[fmt]) * _FP4_BLOCK[fmt]
+            param_allocs += [nn_ * kp // 2, nn_ * kp // _FP4_BLOCK[fmt]] + ([4] if fmt == "nvfp4" else [])
             continue
         dt = param_dtype if p.is_floating_point() else p.dtype
         param_bytes += rnd(p.numel() * torch.empty((), dtype=dt).element_size())
+        param_allocs.append(p.numel() * torch.empty((), dtype=dt).element_size())
         if p.requires_grad:
             n_train += p.numel()
     for b in spec.module.buffers():
         param_bytes += rnd(_nbytes(b))
+        param_allocs.append(_nbytes(b))
     if n_blocks > len(blocks) and blocks:
         # built with fewer (identical) blocks than it has: add the missing ones
         extra = n_blocks - len(blocks)
@@ -1423,14 +1601,26 @@ def estimate(model: Any, *, batch_size: int = 1, seq_length: int | None = None,
             notes.append("offload: host capacity exceeded; AdamW state and fp32 masters spill to disk")
 
     peak_alloc = sum(dev.values()) + workspace
+    verdict = None
     if kind == "cuda":
         ckpt_like = gradient_checkpointing or offload
         reserved = int(peak_alloc * (_RESERVED_FACTOR_CKPT if ckpt_like else _RESERVED_FACTOR))
         pressure = int(peak_alloc * _PRESSURE_MARGIN) + _PRESSURE_SLACK
+        if simulate:
+            events = _steady_events(tr.timeline, param_allocs, [workspace // 2] * 2 if workspace else [],
+                                    fused=optimizer_impl == "fused")
+            _, sim = _replay(events, None)
+            reserved = sim.peak_reserved
+            if caps["device"] is not None:
+                verdict, capped = _replay(events, caps["device"])
+                if verdict:  # what it holds under this cap, cached blocks released when short
+                    pressure = max(0, capped.peak_reserved - peak_alloc)
+            notes.append(f"reserved and fit under a cap from a replay of two steps through a model of the CUDA "
+                         f"caching allocator (allocated there: {_h(sim.peak_allocated)})")
     else:
         reserved, pressure = peak_alloc, 0
     device_t = TierUsage("device", 0, workspace=workspace, allocator_overhead=pressure,
-                         capacity=caps["device"], **dev)
+                         capacity=caps["device"], fits_override=verdict, **dev)
     if kind == "cpu":
         # On a CPU run the "device" is host memory: one tier.
         device_t.name, device_t.level, device_t.capacity = "host", 1, caps["host"]
@@ -1587,7 +1777,11 @@ def _need(est: MemoryEstimate, kind: str) -> int:
 
 def _fits(est: MemoryEstimate, caps: Mapping[str, int | None], kind: str) -> bool:
     if kind == "cuda":
-        if caps["device"] is not None and _need(est, kind) > caps["device"]:
+        dev = est.tiers[0]
+        if caps["device"] is not None and dev.capacity == caps["device"] and dev.fits_override is not None:
+            if not dev.fits_override:  # the allocator model replayed the step under the cap
+                return False
+        elif caps["device"] is not None and _need(est, kind) > caps["device"]:
             return False
         host = est.tier("host")
     else:

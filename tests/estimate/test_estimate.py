@@ -449,3 +449,39 @@ def test_fp4_weight_bytes_match_swap_linears(kind, fmt):
     real += sum(b.untyped_storage().nbytes() for b in model.buffers())
     assert est.parameters == real
     assert est.num_trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------------ allocator model
+
+def test_allocator_model_releases_cached_segments_under_a_cap():
+    MiB = 2**20
+    ok, sim = E._replay([("a", 1, 100 * MiB), ("f", 1, 0), ("a", 2, 120 * MiB)], cap=150 * MiB)
+    assert ok and sim.reserved == 120 * MiB  # the free 100 MiB segment was given back first
+    ok, sim = E._replay([("a", 1, 100 * MiB), ("f", 1, 0), ("a", 2, 120 * MiB)], cap=None)
+    assert ok and sim.peak_reserved == 220 * MiB  # without a cap it stays cached
+
+
+def test_allocator_model_fragmentation_from_state_carved_out_of_a_cached_block():
+    """A big transient freed, small persistent tensors split its cached block, the big one again:
+    it needs a second segment -- allocated bytes fit the cap, the step does not."""
+    MiB = 2**20
+    ev = [("a", "logits", 100 * MiB), ("f", "logits", 0)]
+    ev += [("a", ("state", i), 4 * MiB) for i in range(5)]
+    ev += [("a", "logits2", 100 * MiB)]
+    ok, sim = E._replay(ev, cap=150 * MiB)
+    assert not ok and sim.allocated == 20 * MiB
+    ok, sim = E._replay(ev, cap=None)
+    assert ok and sim.peak_allocated == 120 * MiB and sim.peak_reserved == 200 * MiB
+
+
+def test_allocator_model_rounding_pools_and_coalescing():
+    MiB = 2**20
+    ok, sim = E._replay([("a", 1, 100), ("a", 3, 13 * MiB + 1), ("a", 2, 3 * MiB)], cap=None)
+    # 512 B minimum; a large block keeps its 2 MiB-rounded segment when the rest is <= 1 MiB
+    assert sim.allocated == 512 + 14 * MiB + 3 * MiB
+    assert sim.reserved == 2 * MiB + 14 * MiB + 20 * MiB  # small / large / mid-size segments
+    ok, sim = E._replay([("a", 1, 3 * MiB), ("a", 2, 13 * MiB)], cap=None)
+    assert sim.reserved == 20 * MiB  # the 13 MiB block is cut from the 20 MiB segment's free rest
+    ok, sim = E._replay([("a", 1, 30 * MiB), ("f", 1, 0), ("a", 2, 10 * MiB), ("a", 3, 10 * MiB),
+                         ("f", 2, 0), ("f", 3, 0), ("a", 4, 30 * MiB)], cap=None)
+    assert sim.reserved == 30 * MiB  # the split pieces coalesced back into one block

@@ -15,18 +15,19 @@ E = sys.modules["vbhal.estimate"]
 MB = 10**6
 
 
-def _need(model, seq, b, p):
+def _fits(model, seq, b, p, cap):
+    """The estimator's verdict for batch b under the cap (the allocator model's replay on CUDA)."""
     est = E.estimate(model, batch_size=b, seq_length=seq, gradient_checkpointing=p.gradient_checkpointing,
-                     fp4=p.fp4_format if p.fp4 else None, offload=p.offload)
-    return est.device_need
+                     fp4=p.fp4_format if p.fp4 else None, offload=p.offload, gpu_mem=cap)
+    return est.tier("device").fits
 
 
 def test_plan_picks_the_largest_batch_that_fits():
     p = E.plan("small", gpu_mem=600 * MB, cpu_mem="8GB", disk="10GB", seq_length=256, max_batch_size=256)
     assert p.fits and p.mode == "speed" and not p.gradient_checkpointing
     assert 1 < p.batch_size < 256
-    assert _need("small", 256, p.batch_size, p) <= 600 * MB < _need("small", 256, p.batch_size + 1, p)
-    assert p.estimate.device_need <= 600 * MB
+    assert _fits("small", 256, p.batch_size, p, 600 * MB) and not _fits("small", 256, p.batch_size + 1, p, 600 * MB)
+    assert p.estimate.peak_allocated <= 600 * MB and p.estimate.tier("device").fits
     dev = p.tiers[0]
     assert (dev.name, dev.level, dev.capacity) == ("device", 0, 600 * MB) and dev.used <= dev.capacity
 
@@ -40,8 +41,8 @@ def _long_context():
 
 def test_plan_turns_on_checkpointing_when_speed_mode_cannot_fit():
     cfg = _long_context()
-    speed_b1 = E.estimate(cfg, batch_size=1, seq_length=2048).device_need
-    p = E.plan(cfg, gpu_mem=int(speed_b1 * 0.97), cpu_mem="8GB", disk="10GB", seq_length=2048, max_batch_size=32)
+    speed_b1 = E.estimate(cfg, batch_size=1, seq_length=2048).peak_allocated
+    p = E.plan(cfg, gpu_mem=int(speed_b1 * 0.99), cpu_mem="8GB", disk="10GB", seq_length=2048, max_batch_size=32)
     assert p.fits and p.mode == "balanced" and p.gradient_checkpointing and p.batch_size >= 1
     saved = {o.name: o for o in p.optimizations}
     assert saved["gradient checkpointing"].enabled and saved["gradient checkpointing"].saves > 0
@@ -50,7 +51,7 @@ def test_plan_turns_on_checkpointing_when_speed_mode_cannot_fit():
 
 def test_plan_offloads_when_model_states_do_not_fit_and_fp4_only_when_allowed():
     # at batch 1 the model states of "medium" dominate: checkpointing cannot help, offload can
-    ck = E.estimate("medium", batch_size=1, seq_length=256, gradient_checkpointing=True).device_need
+    ck = E.estimate("medium", batch_size=1, seq_length=256, gradient_checkpointing=True).peak_allocated
     p = E.plan("medium", gpu_mem=int(ck * 0.9), cpu_mem="8GB", disk="10GB", seq_length=256, max_batch_size=4)
     assert p.fits and p.offload and p.mode == "memory" and not p.fp4
     assert p.tiers[1].used > 0  # model states in the host tier
