@@ -478,7 +478,8 @@ def main(argv=None):
     except ImportError:  # pragma: no cover
         for r in rows:
             print(r)
-    print("* reserved without a cap: empirical factor. DS: DeepSpeed formulas re-implemented (deepspeed not "
+    print("* reserved without a cap: replay through the estimator's model of the caching allocator. "
+          "DS: DeepSpeed formulas re-implemented (deepspeed not "
           "installed), model states only, no activations; accelerate: max(model, grads, optimizer, step), "
           "model states only")
     errs = [abs(r["err_allocated"]) for r in results if "err_allocated" in r]
@@ -542,7 +543,7 @@ def planner_check(device, t0, budget, out, save=lambda: None):
                      rec.get("ok_at_b"), rec.get("ok_at_b_plus_1"), rec.get("pass"),
                      f"{rec.get('plan_seconds', 0):.1f}"])
     from vbhal._table import format_table
-    print(format_table(["planner check", "mode", "batch", "ckpt", "pred need GiB", "b trains", "b+1 trains",
+    print(format_table(["planner check", "mode", "batch", "ckpt", "pred resv@cap", "b trains", "b+1 trains",
                         "pass", "plan s"], rows))
     done = [r for r in out if "pass" in r]
     print(f"planner: {sum(r['pass'] for r in done)}/{len(done)} checks pass (b trains, b+1 runs out of memory)")
