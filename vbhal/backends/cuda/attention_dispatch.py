@@ -22,11 +22,14 @@ Rules that hold whatever the table says:
 The choice is made on the host from shapes only (no device sync), so it is cheap per call and
 ``torch.compile`` traces straight through it.
 
-What the H100 table says (torch 2.11 + cuDNN, bf16, round-1 measurements in
-``benchmarks/results/attention-nvidia-h100-80gb-hbm3.json``): SDPA's default (cuDNN) is fastest for
-every dense shape of the grid, GQA included (torch 2.11 runs ``enable_gqa`` in cuDNN/flash without
-expanding K/V), so dense calls stay on SDPA; vbhal's kernel serves packed variable-length batches
-(1.55x one-SDPA-call-per-document there) and whatever the table does not cover on other GPUs.
+What the H100 table says (torch 2.11 + cuDNN, bf16, measurements in
+``benchmarks/results/attention-nvidia-h100-80gb-hbm3.json``, three runs agreeing): SDPA's default
+(cuDNN) is fastest for every dense shape of the grid, GQA included (torch 2.11 runs ``enable_gqa`` in
+cuDNN/flash without expanding K/V), so dense calls stay on SDPA; vbhal's kernel serves packed
+variable-length batches (1.66x one-SDPA-call-per-document there) and whatever the table does not
+cover on other GPUs. Known cost: the Python dispatch adds ~15-20 us of host time per call, which
+shows as 0.81-0.90x at S=1k and ~0.97x elsewhere when every call is timed synchronously (hidden
+when launches run ahead of the GPU, as in training).
 """
 
 from __future__ import annotations
