@@ -49,15 +49,20 @@ def test_bf16_autocast_matches_fp32_at_medium_size(medium):
 
 
 def test_gradient_checkpointing_same_gradients_bf16(medium):
+    # The flash-attention backward accumulates with atomics, so two plain bf16 backward passes already
+    # differ slightly (R3 on an H100: one of 86 M gradient elements off by 0.8% relative). Checkpointing
+    # must stay within that run-to-run noise.
     model, x, y = medium
     loss0, g0 = _step(model, x, y, torch.bfloat16)
+    _, g0b = _step(model, x, y, torch.bfloat16)
     model.gradient_checkpointing_enable()
     try:
         loss1, g1 = _step(model, x, y, torch.bfloat16)
     finally:
         model.gradient_checkpointing_disable()
     assert loss1.item() == loss0.item()
-    torch.testing.assert_close(g1, g0, rtol=1e-3, atol=1e-5)
+    noise = (g0b - g0).norm().item()
+    assert (g1 - g0).norm().item() <= 3 * noise + 1e-6 * g0.norm().item(), ((g1 - g0).norm().item(), noise)
 
 
 def test_gqa_matches_repeated_kv_reference():
