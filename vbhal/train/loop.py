@@ -277,6 +277,8 @@ def vgpu_plan(cfg: TrainConfig, model_cfg: GPTConfig, device: torch.device, prec
     p = est.plan(model_cfg, seq_length=model_cfg.seq_length, global_batch=global_batch,
                  precision=_estimate_precision(precision), allow_fp4=bool(cfg.use_fp4),
                  fp4_format=cfg.fp4_format, world_size=world_size,
+                 # the launcher does not drive the offload engine's host optimizer yet: plan without it
+                 allow_offload=False,
                  device="cuda" if device.type == "cuda" else "cpu")
     if not p.fits:
         raise ConfigError(f"--vgpu-auto: no setup fits: {p.missing}. "
