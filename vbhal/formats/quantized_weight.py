@@ -291,6 +291,17 @@ class QuantizedWeight:
                 f"scale_rule={self.scale_rule}, device={self.device}, nbytes={self.nbytes})")
 
 
+def check_quantize_args(fmt: str, scale_rule: str, tensor_scale: torch.Tensor | None) -> None:
+    """Refuse a format / scale rule / tensor scale combination that no FP4 format defines (every quantizer)."""
+    _check_fmt(fmt)
+    if scale_rule not in SCALE_RULES:
+        raise QuantizationError(f"unknown scale rule {scale_rule!r}; use one of {SCALE_RULES}")
+    if fmt == "nvfp4" and scale_rule != "floor":
+        raise QuantizationError("nvfp4 has a single block-scale rule; scale_rule applies to mxfp4 only")
+    if fmt == "mxfp4" and tensor_scale is not None:
+        raise QuantizationError("mxfp4 has no tensor scale; tensor_scale applies to nvfp4 only")
+
+
 def quantize(
     w: torch.Tensor,
     fmt: str = "mxfp4",
@@ -317,13 +328,7 @@ def quantize(
     >>> quantize(w, "mxfp4").dequantize()[0, :4].tolist()   # 0.3 -> 0.5, -1.2 -> -1, 5 -> 4 (tie to even)
     [0.5, -1.0, 4.0, 0.0]
     """
-    _check_fmt(fmt)
-    if scale_rule not in SCALE_RULES:
-        raise QuantizationError(f"unknown scale rule {scale_rule!r}; use one of {SCALE_RULES}")
-    if fmt == "nvfp4" and scale_rule != "floor":
-        raise QuantizationError("nvfp4 has a single block-scale rule; scale_rule applies to mxfp4 only")
-    if fmt == "mxfp4" and tensor_scale is not None:
-        raise QuantizationError("mxfp4 has no tensor scale; tensor_scale applies to nvfp4 only")
+    check_quantize_args(fmt, scale_rule, tensor_scale)
     _validate_weight(w, name)
     orig_dtype = w.dtype
     w = w.detach()

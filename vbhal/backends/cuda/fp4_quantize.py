@@ -18,7 +18,8 @@ import os
 import torch
 
 from vbhal.errors import QuantizationError
-from vbhal.formats import BLOCK_SIZES, FORMATS, SCALE_DTYPES, SCALE_RULES, QuantizedWeight, padded_k
+from vbhal.formats import BLOCK_SIZES, FORMATS, SCALE_DTYPES, QuantizedWeight, padded_k
+from vbhal.formats.quantized_weight import check_quantize_args
 from vbhal.formats.nvfp4 import NVFP4_MIN_TENSOR_SCALE, nvfp4_tensor_scale_from_amax
 
 __all__ = ["quantize_fp4", "dequantize_fp4", "is_interpreter", "kernels_module", "new_output"]
@@ -153,14 +154,7 @@ def quantize_fp4(w: torch.Tensor, fmt: str = "mxfp4", *, scale_rule: str = "floo
 
     >>> qw = quantize_fp4(torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16), "nvfp4")
     """
-    if fmt not in FORMATS:
-        raise QuantizationError(f"unknown FP4 format {fmt!r}; use one of {FORMATS}")
-    if scale_rule not in SCALE_RULES:
-        raise QuantizationError(f"unknown scale rule {scale_rule!r}; use one of {SCALE_RULES}")
-    if fmt == "nvfp4" and scale_rule != "floor":
-        raise QuantizationError("nvfp4 has a single block-scale rule; scale_rule applies to mxfp4 only")
-    if fmt == "mxfp4" and tensor_scale is not None:
-        raise QuantizationError("mxfp4 has no tensor scale; tensor_scale applies to nvfp4 only")
+    check_quantize_args(fmt, scale_rule, tensor_scale)
     _validate_weight(w)
     orig_dtype = w.dtype
     w_in = w.detach()
