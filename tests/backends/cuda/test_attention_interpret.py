@@ -11,15 +11,12 @@ on the GPU by test_attention_gpu.py). Every kernel output buffer is allocated fi
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from interpreter_run import run_file_under_interpreter
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-ROOT = Path(__file__).resolve().parents[3]
 kernel = pytest.mark.skipif(not INTERP, reason="kernel tests run under TRITON_INTERPRET=1 via test_interpreter_suite")
 
 # max |error| allowed, as a fraction of max(1, max |reference|)
@@ -28,15 +25,7 @@ TOL = {torch.float32: 5e-5, torch.float16: 5e-3}
 
 @pytest.mark.interpreter
 def test_interpreter_suite():
-    if INTERP:
-        pytest.skip("already inside the interpreter run")
-    pytest.importorskip("triton", reason="triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    tail = (proc.stdout + proc.stderr)[-4000:]
-    assert proc.returncode == 0, tail
-    assert " passed" in tail and "failed" not in tail, tail
+    run_file_under_interpreter(__file__)
 
 
 @pytest.fixture(autouse=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from interpreter_run import run_file_under_interpreter
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 ROOT = Path(__file__).resolve().parents[3]
@@ -31,15 +32,7 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-3}
 @pytest.mark.interpreter
 @pytest.mark.skipif(os.environ.get("VBHAL_SKIP_INTERPRET") == "1", reason="VBHAL_SKIP_INTERPRET=1 (GPU run)")
 def test_interpreter_suite():
-    if INTERP:
-        pytest.skip("already inside the interpreter run")
-    pytest.importorskip("triton", reason="triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    tail = (proc.stdout + proc.stderr)[-4000:]
-    assert proc.returncode == 0, tail
-    assert " passed" in tail and "failed" not in tail, tail
+    run_file_under_interpreter(__file__)
 
 
 def test_import_does_not_import_triton():
