@@ -9,6 +9,11 @@ Parts (run in separate processes so host memory of one does not count against th
 * ``capacity`` — under the 8 GB cap: plain AdamW at 0.40B (fits) and at >= 4.7B (OOM), vbhal at >= 4.7B.
 * ``largest``  — the largest model the whole machine trains with AdamW (GPU + host), with its step time.
 * ``peers``    — torchao CPUOffloadOptimizer and DeepSpeed ZeRO-3 offload, where importable.
+* ``hoststep`` — the host AdamW step variants on ``--hoststep-params`` parameters (bf16 gradient in, bf16
+                 working copy out): torch fused AdamW with whole-tensor casts (the old engine path), the engine's
+                 piecewise fused step (bitwise torch) at a few piece sizes, the compiled one-pass step, and the
+                 step on the GPU with master/state streamed over PCIe from pinned memory; seconds per 1e9 params.
+                 Runs on CPU too (no GPU row there).
 
 Each part prints a table and merges its results into ``--out`` (JSON; default
 ``benchmarks/results/offload-<device>.json``).
@@ -177,10 +182,16 @@ def run_plain(n_blocks: int, tokens: int, cap: int | None, warmup=2, steps=3, ck
 
 # ------------------------------------------------------------------------------------------------ vbhal
 def build_vbhal(n_blocks: int, tokens: int, *, threads: int | None = None, **cfg):
+    import vbhal.nn.offload as off
     from vbhal.nn.offload import apply_offload
 
+    if os.environ.get("VBHAL_HOST_STEP_CHUNK"):  # piece size of the host step (from the hoststep part)
+        off.HOST_STEP_CHUNK = int(os.environ["VBHAL_HOST_STEP_CHUNK"])
     model = make_model(n_blocks, "meta")
     t0 = time.perf_counter()
+    # skip_nonfinite=False: the non-finite check (default on) defers every host step until backward ends, which
+    # costs about the backward time per step; the speed rows measure the overlapped engine.
+    cfg.setdefault("skip_nonfinite", False)
     eng = apply_offload(
         model,
         device=DEV,
@@ -592,6 +603,138 @@ def run_deepspeed(n: int, tokens: int, cap: int | None, steps: int = 3) -> dict:
     return res
 
 
+def part_hoststep(args) -> dict:
+    """Seconds per 1e9 parameters of each host AdamW variant, on one flat unit of --hoststep-params parameters
+    stepped in pieces of 134M (one d=4096 MLP block) like the engine does."""
+    import vbhal.nn.offload as off
+
+    n_total = args.hoststep_params
+    unit = min(n_total, 2 * 4096 * 16384)
+    n_units = max(1, n_total // unit)
+    n = n_units * unit
+    threads = max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(threads)
+    rows: list[dict] = []
+    p = torch.randn(n) * 0.02
+    m, v = torch.zeros(n), torch.zeros(n)
+    g = (torch.randn(n) * 1e-3).to(torch.bfloat16)
+    w = torch.empty(n, dtype=torch.bfloat16)
+    b1, b2, lr, wd, eps = 0.9, 0.999, 1e-4, 0.01, 1e-8
+    step_t = torch.tensor(0.0)
+    g32 = torch.empty(unit)
+
+    def timed(name: str, fn, reps: int = 2, **extra) -> None:
+        fn()  # warm-up (first touch, compile caches)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync() if torch.cuda.is_available() else None
+        s = (time.perf_counter() - t0) / reps
+        rows.append({"variant": name, "params": n, "s_per_step": s, "s_per_Bparams": s / n * 1e9, **extra})
+        _SAVE("hoststep", {"rows": rows})
+        print(f"hoststep {name:38s} {s / n * 1e9:7.3f} s per 1e9 params ({n / 1e9:.2f}B, {threads} threads)", flush=True)
+
+    def torch_whole() -> None:  # cast whole unit, fused step, cast back: ~40 bytes per parameter
+        for u in range(n_units):
+            sl = slice(u * unit, (u + 1) * unit)
+            g32.copy_(g[sl])
+            step_t.add_(1)
+            torch._fused_adamw_([p[sl]], [g32], [m[sl]], [v[sl]], [], [step_t], lr=lr, beta1=b1, beta2=b2,
+                                weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+            w[sl].copy_(p[sl])
+
+    def chunked(chunk: int):
+        def run() -> None:  # the engine's piecewise step (same code shape as OffloadEngine._host_step_chunked)
+            for u in range(n_units):
+                step_t.add_(1)
+                for a in range(u * unit, (u + 1) * unit, chunk):
+                    b = min((u + 1) * unit, a + chunk)
+                    gc_ = g32[: b - a]
+                    gc_.copy_(g[a:b])
+                    torch._fused_adamw_([p[a:b]], [gc_], [m[a:b]], [v[a:b]], [], [step_t], lr=lr, beta1=b1, beta2=b2,
+                                        weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+                    w[a:b].copy_(p[a:b])
+        return run
+
+    timed("torch fused, whole-unit casts", torch_whole)
+    for chunk in (1 << 18, 1 << 20, 1 << 22):
+        timed(f"torch fused, pieces of {chunk >> 10}K (engine)", chunked(chunk), chunk=chunk)
+    if torch.cuda.is_available() and DEV == "cuda":
+        _hoststep_gpu(rows, n, unit, timed)
+    t0 = time.perf_counter()
+    fn = off._make_compiled_step()
+    t_compile = time.perf_counter() - t0
+    if fn is not None:
+        hp = torch.tensor([1 - lr * wd, b1, 1 - b1, b2, 1 - b2, lr / (1 - b1), math.sqrt(1 - b2), eps], dtype=torch.float64)
+
+        def compiled() -> None:
+            for u in range(n_units):
+                sl = slice(u * unit, (u + 1) * unit)
+                fn(p[sl], m[sl], v[sl], g[sl], w[sl], hp)
+
+        timed("compiled one-pass", compiled, compile_s=t_compile)
+    else:
+        rows.append({"variant": "compiled one-pass", "status": "compile failed", "compile_s": t_compile})
+    gc.collect()
+    return {"rows": rows, "threads": threads}
+
+
+def _hoststep_gpu(rows: list, n: int, unit: int, timed) -> None:
+    """AdamW of host-resident state on the GPU: master/exp_avg/exp_avg_sq (pinned) go up in pieces on a copy
+    stream, torch's fused CUDA AdamW steps them, they and the bf16 working copy come back on another stream;
+    the gradient is already on the device (as in the engine). Three pieces in flight."""
+    piece = 1 << 24  # 16M params: 192 MB of state per piece on the device
+    n = min(n, 8 * piece * 4)
+    try:
+        hp_ = [torch.empty(n, pin_memory=True) for _ in range(3)]
+        for t in hp_:
+            t.normal_() if t is hp_[0] else t.zero_()
+        w_h = torch.empty(n, dtype=torch.bfloat16, pin_memory=True)
+        g_d = (torch.randn(piece, device="cuda") * 1e-3)
+        bufs = [[torch.empty(piece, device="cuda") for _ in range(3)] for _ in range(3)]
+        w_d = [torch.empty(piece, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+        up, down = torch.cuda.Stream(), torch.cuda.Stream()
+        comp = torch.cuda.current_stream()
+        step_d = torch.tensor(1.0, device="cuda")
+        freed = [torch.cuda.Event() for _ in range(3)]
+        for e in freed:
+            e.record(down)
+
+        def run() -> None:
+            for k, a in enumerate(range(0, n, piece)):
+                b = min(n, a + piece)
+                s = k % 3
+                bb = bufs[s]
+                with torch.cuda.stream(up):
+                    up.wait_event(freed[s])
+                    for d, h in zip(bb, hp_):
+                        d[: b - a].copy_(h[a:b], non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(up)
+                comp.wait_event(ev)
+                torch._fused_adamw_([bb[0][: b - a]], [g_d[: b - a]], [bb[1][: b - a]], [bb[2][: b - a]], [], [step_d],
+                                    lr=1e-4, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, amsgrad=False, maximize=False)
+                w_d[s][: b - a].copy_(bb[0][: b - a])
+                ev2 = torch.cuda.Event()
+                ev2.record(comp)
+                with torch.cuda.stream(down):
+                    down.wait_event(ev2)
+                    for d, h in zip(bb, hp_):
+                        h[a:b].copy_(d[: b - a], non_blocking=True)
+                    w_h[a:b].copy_(w_d[s][: b - a], non_blocking=True)
+                    freed[s].record(down)
+            torch.cuda.synchronize()
+
+        timed("GPU step, state streamed (pinned)", run, reps=3)
+        rows[-1]["params"] = n
+        rows[-1]["pcie_GBps_each_way"] = n * 12 / rows[-1]["s_per_step"] / GB
+    except Exception as e:  # noqa: BLE001 - a row, not a crash
+        rows.append({"variant": "GPU step, state streamed (pinned)", "status": "error", "error": f"{type(e).__name__}: {e}"[:300]})
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def _row(r: dict) -> str:
     def f(k, fmt):
         v = r.get(k)
@@ -624,7 +767,8 @@ def _smoke_mode() -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("parts", nargs="+", choices=["check", "speed", "capacity", "largest", "peers", "dsbuild"])
+    ap.add_argument("parts", nargs="+", choices=["check", "speed", "capacity", "largest", "peers", "dsbuild", "hoststep"])
+    ap.add_argument("--hoststep-params", type=int, default=5 * 10**8)
     ap.add_argument("--tokens", default="16384,65536")
     ap.add_argument("--cap-tokens", type=int, default=16384)
     ap.add_argument("--blocks", type=int, default=None)
@@ -635,10 +779,10 @@ def main() -> int:
     args = ap.parse_args()
     if args.smoke:
         _smoke_mode()
-    elif not torch.cuda.is_available():
+    elif not torch.cuda.is_available() and args.parts != ["hoststep"]:
         print("bench_offload needs a CUDA GPU (it measures host<->device streaming); nothing to do here")
         return 0
-    dev = torch.cuda.get_device_name(0)
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() or args.smoke else "cpu"
     short = "h100" if "H100" in dev else ("h200" if "H200" in dev else dev.replace(" ", "_").lower())
     out = Path(args.out or f"benchmarks/results/offload-{short}.json")
     data = json.loads(out.read_text()) if out.exists() else {}

@@ -1,77 +1,103 @@
 #!/bin/bash
-# GPU round for the tier stack / offloaded training (budget 250 s; killed with `timeout` after that).
-# Parts (PARTS below, in order): cuda = stream/pinned tests + offload vs plain (small), check = bf16 at a real
-# size, speed = 3.5B under an 8 GB cap vs in-GPU at 16k/64k tokens, capacity = plain OOM vs vbhal at >= 4.7B,
-# peers = DeepSpeed ZeRO-3 offload / torchao CPUOffloadOptimizer / vbhal on one model, largest = biggest model
-# the host holds. Results merge into $RES/offload-gpu.json; stdout has one table row per run.
-PARTS=${TIERS_PARTS:-"cuda speed capacity peers"}
+# GPU round for offloaded training (budget 240 s, hard; every part under `timeout`, the rest skipped).
+# Parts (TIERS_PARTS, in order):
+#   hoststep = host AdamW variants at 0.5B params (torch fused whole-unit casts / the engine's piecewise fused step
+#              at 256K, 1M, 4M pieces / compiled one-pass / the step on the GPU with state streamed over PCIe),
+#              s per 1e9 params; its compile also warms Inductor's cache for the later parts.
+#   speed    = 3.49B stack of MLP blocks under an 8 GB cap vs in-GPU at 16k and 64k tokens, with the host step
+#              that was fastest in `hoststep` (VBHAL_HOST_STEP, VBHAL_HOST_STEP_CHUNK).
+#   peers    = vbhal vs DeepSpeed ZeRO-3 offload (vs torchao) at 0.81B, if time is left.
+#   cuda / capacity / check / largest: as before, not in the default plan.
+# JSON: $RES/offload-gpu.json (speed, peers, hoststep); the compact table is printed last.
+PARTS=${TIERS_PARTS:-"hoststep speed peers"}
 START=$(date +%s)
 : "${RES:=/tmp/tiers-res}"
 mkdir -p "$RES"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-left() { echo $(( 244 - ($(date +%s) - START) )); }
+left() { echo $(( 236 - ($(date +%s) - START) )); }
 OUTJ="$RES/offload-gpu.json"
 
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   python3 -c "import torch, os; print('torch', torch.__version__, 'cpus', os.cpu_count())"
-  python3 -c "import psutil; print('psutil', psutil.__version__)"
-  free -g; df -h /tmp | tail -1; which g++ nvcc; } > "$RES/gpu.txt" 2>&1
+  free -g; which g++; } > "$RES/gpu.txt" 2>&1
 cat "$RES/gpu.txt"
-
-# Untimed warm-up in the background while the cuda tests run: compile vbhal's one-pass host AdamW once, so the
-# timed parts load it from Inductor's on-disk cache (R2 lost its vbhal rows to a cold compile). Same thread count
-# as the engine (it is baked into the generated kernel) and in-process compilation (no worker pool start-up).
+# In-process Inductor compile (no worker pool start-up); the engine compiles with the same thread count.
 export TORCHINDUCTOR_COMPILE_THREADS=1
-NT=$(( $(nproc) - 1 ))
-setsid timeout 100 python3 -c "
-import time, torch
-torch.set_num_threads($NT)
-from vbhal.nn.offload import _make_compiled_step
-t = time.time(); f = _make_compiled_step(); print('host AdamW compile:', 'ok' if f else 'failed', round(time.time() - t, 1), 's')
-" > "$RES/warm.txt" 2>&1 &
-WARM=$!
-# DeepSpeed and its deps travel as wheels in .whl/tiers (kept out of the shared /tmp/site). Its CPU Adam JIT build
-# takes over a minute here (R2), so DeepSpeed runs with torch's fused CPU AdamW on its fp32 partitions.
+# DeepSpeed and its deps travel as wheels in .whl/tiers (kept out of the shared /tmp/site); install in the background.
 if [[ " $PARTS " == *" peers "* ]] && ls .whl/tiers/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-tiers .whl/tiers/*.whl \
-    > "$RES/wheels-tiers.txt" 2>&1 || echo "wheel install failed (see wheels-tiers.txt)"
+  ( python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-tiers .whl/tiers/*.whl \
+    > "$RES/wheels-tiers.txt" 2>&1 || echo "wheel install failed" >> "$RES/wheels-tiers.txt" ) &
 fi
-export VBHAL_DS_TORCH_ADAM=1
-wait_warm() {  # never let the warm-up overlap a timed part
-  [ -n "$WARM" ] || return
-  while kill -0 "$WARM" 2>/dev/null && [ "$(left)" -gt 184 ]; do sleep 1; done
-  if kill -0 "$WARM" 2>/dev/null; then kill -TERM -- "-$WARM" 2>/dev/null; echo "host AdamW warm-up stopped"; fi
-  wait "$WARM" 2>/dev/null
-  cat "$RES/warm.txt" | grep -v "Warning\|warn(" | tail -n 3
-  # Without a warm cache the timed processes would each compile for tens of seconds: use torch's fused AdamW then.
-  grep -q "compile: ok" "$RES/warm.txt" 2>/dev/null || { export VBHAL_HOST_STEP=torch; echo "host step: torch fused AdamW"; }
-  WARM=""
-}
+export VBHAL_DS_TORCH_ADAM=1  # DeepSpeed's CPU Adam JIT build takes over a minute: torch fused CPU AdamW there
 
 run_part() {  # name, max seconds
-  local T=$(( $(left) - 3 )); [ "$T" -gt "$2" ] && T=$2
+  local T=$(( $(left) - 2 )); [ "$T" -gt "$2" ] && T=$2
   if [ "$T" -lt 20 ]; then echo "== $1 skipped (no time left) =="; return; fi
   echo "== $1 (limit $T s, $(left) s left) =="
   case $1 in
     cuda) timeout "$T" python3 tests/tiers/test_cuda.py 2>&1 | tail -n 40 ;;
     peers)
+      wait  # the wheel install
       PATH="/tmp/site-tiers/bin:$PATH" PYTHONPATH="$PYTHONPATH:/tmp/site-tiers" timeout "$T" \
         python3 benchmarks/bench_offload.py peers --blocks 6 --steps 2 --out "$OUTJ" 2>&1 \
-        | grep -v "^\[\|Warning\|warn(\|^W1" | tail -n 40 ;;
+        | grep -v "^\[\|Warning\|warn(\|^W1\|^  \"\"\"" | tail -n 40 ;;
+    hoststep) timeout "$T" python3 benchmarks/bench_offload.py hoststep --hoststep-params 500000000 --out "$OUTJ" 2>&1 \
+        | grep -v "Warning\|warn(" | tail -n 12 ;;
+    speed) timeout "$T" python3 benchmarks/bench_offload.py speed --steps 3 --out "$OUTJ" 2>&1 \
+        | grep -v "^\[\|Warning\|warn(\|^W1" | tail -n 30 ;;
     *) timeout "$T" python3 benchmarks/bench_offload.py "$1" --steps 3 --out "$OUTJ" 2>&1 \
         | grep -v "^\[\|Warning\|warn(\|^W1" | tail -n 30 ;;
   esac
 }
 
+pick_host_step() {  # the fastest host step of the hoststep part (engine variants only), else torch 1M pieces
+  eval "$(python3 - "$OUTJ" <<'PY'
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))["hoststep"]["rows"]
+except Exception:
+    rows = []
+ok = [r for r in rows if "s_per_Bparams" in r and ("pieces" in r["variant"] or "compiled" in r["variant"])]
+best = min(ok, key=lambda r: r["s_per_Bparams"]) if ok else {"variant": "pieces", "chunk": 1 << 20}
+step = "compiled" if "compiled" in best["variant"] else "torch"
+print(f"export VBHAL_HOST_STEP={step} VBHAL_HOST_STEP_CHUNK={best.get('chunk', 1 << 20)}")
+PY
+)"
+  echo "host step for the timed parts: $VBHAL_HOST_STEP (pieces of $VBHAL_HOST_STEP_CHUNK)"
+}
+
 for p in $PARTS; do
-  case $p in speed|capacity|peers|largest) wait_warm ;; esac
+  case $p in speed|capacity|peers|largest) [ -n "$VBHAL_HOST_STEP" ] || pick_host_step ;; esac
   case $p in
+    hoststep) run_part hoststep 60 ;;
     cuda) run_part cuda 25 ;;
     check) run_part check 35 ;;
-    speed) run_part speed 75 ;;
+    speed) run_part speed 100 ;;
     capacity) run_part capacity 70 ;;
-    peers) run_part peers 120 ;;
+    peers) run_part peers 70 ;;
     largest) run_part largest 70 ;;
   esac
 done
+
+echo "== table =="
+python3 - "$OUTJ" <<'PY'
+import json, sys
+try:
+    d = json.load(open(sys.argv[1]))
+except Exception as e:
+    sys.exit(f"no results: {e}")
+for r in d.get("hoststep", {}).get("rows", []):
+    print(f"host step  {r['variant']:40s} {r.get('s_per_Bparams', float('nan')):6.3f} s/1e9 params "
+          f"{r.get('status', '')}{' pcie %.1f GB/s each way' % r['pcie_GBps_each_way'] if 'pcie_GBps_each_way' in r else ''}")
+rows = d.get("speed", {}).get("rows", [])
+for r in rows:
+    base = next((b for b in rows if b["peer"].startswith("pytorch") and b["tokens"] == r["tokens"] and b.get("step_s")), None)
+    ratio = r["step_s"] / base["step_s"] if base and r.get("step_s") and r is not base else None
+    print(f"speed      {r['peer']:22s} {r['params']/1e9:5.2f}B {r['tokens']:6d} tok  step {r.get('step_s', float('nan')):6.3f} s"
+          f"  ratio {'-' if ratio is None else f'{ratio:.2f}x':6s} hostAdamW {r.get('host_adamw_s_per_step', 0):.3f} s"
+          f"  stall {r.get('stall_s_per_step', 0):.3f} s  h2d {r.get('h2d_GBps', 0):.1f} GB/s  {r.get('host_step', '')} {r.get('status')}")
+for r in d.get("peers", {}).get("rows", []):
+    print(f"peers      {r['peer']:30s} {r.get('params', 0)/1e9:5.2f}B step {r.get('step_s', float('nan')):6.3f} s "
+          f"vbhal speedup {r.get('vbhal_speedup', float('nan')):.2f}x {r.get('status')}")
+PY
 echo "total $(( $(date +%s) - START )) s"

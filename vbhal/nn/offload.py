@@ -23,25 +23,42 @@ stall time).
 Arithmetic is the same as ordinary training with ``torch.optim.AdamW(fused=True)``: in fp32 the losses
 match bit for bit (tested over 50 steps on CPU), and so do they with bf16 autocast — the working copy is
 bf16 only for matmul/conv weights (exactly what autocast makes from the fp32 masters), fp32 for norms and
-embeddings. Options that trade that identity for speed say so: ``host_step="compiled"`` (one fused pass
-over master, state, gradient and working copy; equal to fp32 rounding) and ``chunks>1`` (weight gradients
-summed over row chunks).
+embeddings. The default host step runs torch's fused CPU AdamW kernel piece by piece (1M elements), casting
+the gradient in and the working copy out while the piece is in cache (~28 bytes of memory traffic per
+parameter instead of ~40), bitwise equal to ``AdamW(fused=True)``. Options that trade that identity for speed
+say so: ``host_step="compiled"`` (one torch.compile'd pass over master, state, gradient and working copy,
+compiled in a background thread at engine build; the first host step waits for it, a failed compile falls
+back to the torch step with a warning. Not bitwise: Inductor's C++ evaluates ``exp_avg + (1-b1)(g - exp_avg)``
+with two roundings where torch's vector kernel uses one fused multiply-add, so exp_avg differs in the last
+bits where it nearly cancels; losses agree to ~1e-5 relative) and ``chunks>1`` (weight gradients summed over
+row chunks).
+
+Training-loop API: ``max_grad_norm`` clips by the global 2-norm exactly as ``clip_grad_norm_`` does
+(per-parameter fp32 norms stacked in ``model.parameters()`` order, coefficient ``min(1, max/(norm+1e-6))``;
+resident parameters included; bitwise on CPU). ``skip_nonfinite`` (default on) skips the whole optimizer
+step when any gradient is inf/NaN (detected through the same norms: a norm that overflows fp32 counts too).
+Both need every gradient before any parameter moves, so the host steps of that step are *deferred* to
+``step()`` (unit 0 first): they then overlap only the next forward, not the backward — about the backward
+time (or the host step time, if smaller) added per step, plus one device synchronisation; pass
+``skip_nonfinite=False`` and no ``max_grad_norm`` for full overlap. ``step()`` returns an
+:class:`OffloadStepInfo`; ``set_lr`` changes the learning rate between steps; ``state_dict`` /
+``load_state_dict`` save and restore everything for a bitwise resume.
 
 Also: gradient accumulation (``grad_accum_steps``; fp32 sums on the host), units called several times per
 step (gradients summed before the step), tied weights (kept resident on the device), meta-device models
 materialised straight into host memory (``init_fn``), masters and AdamW state beyond a host budget in
 checksummed disk files (``state_budget_bytes``), saved unit inputs in pinned host memory
-(``offload_activations``). Not supported: gradient clipping by global norm (the steps run before the last
-gradient exists) — clip per unit or not at all.
+(``offload_activations``).
 
 Example::
 
     engine = apply_offload(model, device="cuda", lr=1e-4)
     for x, y in data:
         loss = loss_fn(model(x), y)
-        loss.backward()          # host AdamW steps run during this call
-        engine.step()            # step boundary (learns the prefetch order after the first step)
-    engine.synchronize()         # wait for the last host steps before reading weights
+        loss.backward()          # host AdamW steps run during this call (unless deferred, see above)
+        info = engine.step()     # step boundary: OffloadStepInfo(grad_norm, skipped, lr)
+        engine.set_lr(schedule(step))
+    torch.save(engine.state_dict(), "ckpt.pt")  # waits for the last host steps
 """
 
 from __future__ import annotations
@@ -69,6 +86,9 @@ ALIGN_BYTES = 256
 MIN_OFFLOAD_ACT_BYTES = 1 << 20
 #: The learned prefetch depth never exceeds this many units.
 MAX_PREFETCH_DEPTH = 4
+#: Elements per piece of the host AdamW step (a multiple of 64 so pieces keep the fused kernel's 64-byte task
+#: units): 4 MiB of fp32 gradient scratch, which with the piece's master stays in the cores' caches.
+HOST_STEP_CHUNK = 1 << 20
 
 
 @dataclass
@@ -108,6 +128,22 @@ class OffloadConfig:
     grad_accum_steps: int = 1  # micro-batches (backward + engine.step() each) per optimizer step
     host_step: str = "torch"  # "torch": torch's fused AdamW (bit-exact with it); "compiled": one fused pass (faster)
     poison: bool = False  # debug: fill each fresh device buffer with NaN before its copy (catches unwritten elements)
+    max_grad_norm: float | None = None  # clip by global 2-norm (clip_grad_norm_ arithmetic); defers the host steps
+    skip_nonfinite: bool = True  # skip the whole optimizer step when a gradient is inf/NaN; defers the host steps
+
+
+@dataclass
+class OffloadStepInfo:
+    """What :meth:`OffloadEngine.step` reports for the optimizer step it closed.
+
+    ``grad_norm``: global 2-norm of all trainable gradients (``None`` when neither clipping nor the non-finite
+    check asked for it); ``skipped``: no parameter was updated (a gradient was inf/NaN); ``lr``: the learning
+    rate that step used.
+    """
+
+    grad_norm: float | None
+    skipped: bool
+    lr: float
 
 
 # ---------------------------------------------------------------------------------------------------- units
@@ -135,11 +171,9 @@ class _Unit:
     pending: Future | None = None
     bound: bool = False
     warned_unused: bool = False
-    c_m: torch.Tensor | None = None  # AdamW state of the compiled host step
-    c_v: torch.Tensor | None = None
-    c_step: int = 0
     g_acc: torch.Tensor | None = None  # fp32 gradient sum over micro-batches (gradient accumulation)
     acc_count: int = 0
+    acc_final: bool = False  # g_acc already holds the last micro-batch too (deferred steps with accumulation)
     shared: list = field(default_factory=list)  # resident (tied) parameters this unit uses
     fw_calls: int = 0  # grad-enabled forward calls this step
     bw_calls: int = 0  # backward calls seen this step
@@ -446,10 +480,10 @@ def _adamw_one_pass(p, m, v, g, w, hp):
     hp = hp.float()
     g = g.float()
     p_new = p * hp[0]
-    m_new = m * hp[1] + g * hp[2]
-    v_new = v * hp[3] + g * g * hp[4]
+    m_new = m + hp[2] * (g - m)  # torch's kernel: exp_avg.lerp_(grad, 1 - beta1) (fused multiply-add there)
+    v_new = v * hp[3] + hp[4] * g * g
     denom = v_new.sqrt() / hp[6] + hp[7]
-    p_new = p_new - hp[5] * (m_new / denom)
+    p_new = p_new + (-hp[5]) * m_new / denom
     p.copy_(p_new)
     m.copy_(m_new)
     v.copy_(v_new)
@@ -563,20 +597,34 @@ class OffloadEngine:
         self._scratch: torch.Tensor | None = None
         self._state_steps = 0
         self._micro = 0  # micro-batch index within the current optimizer step
+        self._lr = float(cfg.lr)
+        # Clipping and the non-finite skip need every gradient of the step before any parameter moves.
+        self._defer = cfg.max_grad_norm is not None or cfg.skip_nonfinite
+        self._deferred: list[tuple[_Unit, Any]] = []  # (unit, gradient-copy event) waiting for step()
+        self._norms: dict[int, torch.Tensor] = {}  # id(parameter) -> 2-norm of its gradient this step (device)
+        self._host_norms: dict[int, list[torch.Tensor]] = {}  # unit index -> norms of its accumulated gradients
         self._compiled_step = None
         self._hp_tensor = torch.zeros(8, dtype=torch.float64)
         self.host_step_note = "torch fused AdamW"
-        if cfg.host_step == "compiled":
-            self._compiled_step = _make_compiled_step()
-            if self._compiled_step is None:
-                self.host_step_note = "torch fused AdamW (torch.compile of the one-pass step failed; see warning)"
-            else:
-                self.host_step_note = "one-pass compiled AdamW"
-        elif cfg.host_step != "torch":
+        self._compile_thread: threading.Thread | None = None
+        self.compile_wait_s = 0.0  # how long the first host step waited for the background compile
+        if cfg.host_step not in ("torch", "compiled"):
             raise TierError(f"host_step must be 'torch' or 'compiled', got {cfg.host_step!r}")
-        if self._compiled_step is not None and cfg.state_budget_bytes is not None:
-            self._compiled_step = None  # the disk-backed state goes through torch's optimizer state
+        if cfg.host_step == "compiled" and cfg.state_budget_bytes is not None:
             self.host_step_note = "torch fused AdamW (the compiled step does not support state on disk yet)"
+        elif cfg.host_step == "compiled":
+            # Compiled once in the background while the model is set up and the first forward/backward run;
+            # the first host step waits for it (and falls back, with a warning, if it fails).
+            self.host_step_note = "one-pass compiled AdamW (compiling)"
+
+            def compile_it() -> None:
+                fn = _make_compiled_step()
+                self._compiled_step = fn
+                self.host_step_note = "one-pass compiled AdamW" if fn is not None else \
+                    "torch fused AdamW (torch.compile of the one-pass step failed; see warning)"
+
+            self._compile_thread = threading.Thread(target=compile_it, name="vbhal-compile-adamw", daemon=True)
+            self._compile_thread.start()
         self.step_count = 0
         self.mispredictions = 0
         self.resident_bytes = 0
@@ -897,6 +945,13 @@ class OffloadEngine:
                 unit.pending.result()
                 self.stats.add(1, stall_s=time.perf_counter() - t0)
             grads = [g if g is None or g.dtype == unit.dtypes[j] else g.to(unit.dtypes[j]) for j, g in enumerate(grads)]
+            last_micro = self._micro + 1 >= self.cfg.grad_accum_steps
+            if self._defer and last_micro and self.cfg.grad_accum_steps == 1:
+                # Per-parameter norms where the gradients are (clip_grad_norm_'s _foreach_norm on fp32 values),
+                # queued on the compute stream: no synchronisation until step() needs the total.
+                for j, g in enumerate(grads):
+                    if g is not None:
+                        self._norms[id(unit.params[j][1])] = torch._foreach_norm([g.float()], 2.0)[0]
             done = None
             if self._accel:
                 cur = self._dm.current_stream(self.device)
@@ -924,18 +979,24 @@ class OffloadEngine:
                         nbytes += g.numel() * g.element_size()
             self.stats.add(0, bytes_out=nbytes)
             self.stats.add(1, bytes_in=nbytes)
-            if self._micro + 1 < self.cfg.grad_accum_steps:  # not the last micro-batch: accumulate only
+            if not last_micro:  # not the last micro-batch: accumulate only
                 unit.pending = self._worker.submit((self.step_count, unit.idx), self._host_accumulate, unit, done)
+            elif self._defer:
+                unit.host_ready.clear()
+                if self.cfg.grad_accum_steps > 1:  # the sum exists only on the host: its norms are taken there
+                    unit.pending = self._worker.submit((self.step_count, unit.idx), self._host_accumulate, unit, done, True)
+                self._deferred.append((unit, done))
             else:
                 unit.host_ready.clear()
-                unit.pending = self._worker.submit((self.step_count, unit.idx), self._host_step, unit, done)
+                unit.pending = self._worker.submit((self.step_count, unit.idx), self._host_step, unit, done, self._lr, None)
         if self._learning_events() is not None:
             self._mark_compute(unit, "B", "end")
         if unit.idx not in self._upcoming():
             self._release(unit)
 
-    def _host_accumulate(self, unit: _Unit, done: Any) -> None:
-        """Gradient accumulation (not the last micro-batch): add this micro-batch's gradient to an fp32 sum."""
+    def _host_accumulate(self, unit: _Unit, done: Any, final: bool = False) -> None:
+        """Gradient accumulation: add this micro-batch's gradient to an fp32 sum. `final` (last micro-batch of a
+        deferred step): also take the per-parameter norms of the sum, which the step then uses as its gradient."""
         try:
             if done is not None:
                 done.synchronize()
@@ -952,35 +1013,62 @@ class OffloadEngine:
                 else:
                     dst.add_(src)  # fp32 += working dtype: what .grad accumulation does for an fp32 leaf
             unit.acc_count += 1
+            if final:
+                unit.acc_final = True
+                views = [unit.g_acc[unit.m_offsets[j] : unit.m_offsets[j] + math.prod(unit.shapes[j])]
+                         for j in range(unit.n_train)]
+                self._host_norms[unit.idx] = list(torch._foreach_norm(views, 2.0))
             self.stats.add(1, busy_s=time.perf_counter() - t0)
         except BaseException as e:  # noqa: BLE001 - surfaced on the main thread
             self._worker_error = e
 
-    def _host_step(self, unit: _Unit, done: Any) -> None:
+    def wait_compiled(self) -> None:
+        """Wait for the background compile of the one-pass host step (``host_step="compiled"``)."""
+        if self._compile_thread is not None:
+            t0 = time.perf_counter()
+            self._compile_thread.join()
+            self._compile_thread = None
+            self.compile_wait_s = time.perf_counter() - t0
+
+    def _host_step(self, unit: _Unit, done: Any, lr: float, coef: torch.Tensor | None) -> None:
+        """The unit's AdamW step on the host at learning rate `lr`; gradients multiplied by `coef` (a 0-dim fp32
+        tensor: the clip coefficient, as clip_grad_norm_ applies it) when given."""
         try:
+            self.wait_compiled()
             if done is not None:
                 done.synchronize()  # the worker, not the main thread, waits for the gradient copy
             t0 = time.perf_counter()
-            if self._compiled_step is not None and unit.acc_count == 0:
-                self._host_step_compiled(unit)
+            if self._compiled_step is not None and unit.acc_count == 0 and coef is None:
+                self._host_step_compiled(unit, lr)
                 self.stats.add(1, busy_s=time.perf_counter() - t0)
                 return
-            g32 = self._grad_scratch(unit.train_numel)
-            for j in range(unit.n_train):  # gradients in their working dtype -> fp32, packed like the master
-                o, n = unit.m_offsets[j], math.prod(unit.shapes[j])
-                dst = g32[o : o + n].view(unit.shapes[j])
-                src = unit.view(unit.grad_host.tensor, j)
-                if unit.acc_count:  # earlier micro-batches, summed in fp32 in the same order as .grad would
-                    torch.add(unit.g_acc[o : o + n].view(unit.shapes[j]), src, out=dst)
-                else:
-                    dst.copy_(src)
+            if self._compiled_step is None and self.state_stack is None:
+                self._host_step_chunked(unit, lr, coef)
+                self.stats.add(1, busy_s=time.perf_counter() - t0)
+                return
+            if unit.acc_final:  # the fp32 sum (last micro-batch included) is complete already
+                g32 = unit.g_acc
+            else:
+                g32 = self._grad_scratch(unit.train_numel)
+                for j in range(unit.n_train):  # gradients in their working dtype -> fp32, packed like the master
+                    o, n = unit.m_offsets[j], math.prod(unit.shapes[j])
+                    dst = g32[o : o + n].view(unit.shapes[j])
+                    src = unit.view(unit.grad_host.tensor, j)
+                    if unit.acc_count:  # earlier micro-batches, summed in fp32 in the same order as .grad would
+                        torch.add(unit.g_acc[o : o + n].view(unit.shapes[j]), src, out=dst)
+                    else:
+                        dst.copy_(src)
             unit.acc_count = 0
+            unit.acc_final = False
+            if coef is not None:
+                g32.mul_(coef)  # clip_grad_norm_: grad * clamp(max_norm / (norm + 1e-6), max=1)
             if self._compiled_step is not None:
-                self._host_step_compiled(unit, grad32=g32)
+                self._host_step_compiled(unit, lr, grad32=g32)
                 self.stats.add(1, busy_s=time.perf_counter() - t0)
                 return
             with self._state_in_memory(unit):
                 unit.master.grad = g32
+                unit.opt.param_groups[0]["lr"] = lr
                 unit.opt.step()
                 unit.master.grad = None
                 for j in range(unit.n_train):  # fp32 master -> working copy (rounded to nearest even for bf16)
@@ -992,24 +1080,74 @@ class OffloadEngine:
         finally:
             unit.host_ready.set()
 
-    def _host_step_compiled(self, unit: _Unit, grad32: torch.Tensor | None = None) -> None:
+    def _adamw_state(self, unit: _Unit) -> dict:
+        """The unit's AdamW state as torch.optim.AdamW(fused=True) keeps it (created on first use)."""
+        state = unit.opt.state[unit.master]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(unit.master, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(unit.master, memory_format=torch.preserve_format)
+        return state
+
+    def _host_step_chunked(self, unit: _Unit, lr: float, coef: torch.Tensor | None) -> None:
+        """torch's fused CPU AdamW kernel (``torch._fused_adamw_``, what ``AdamW(fused=True)`` calls) run piece by
+        piece: for each piece of HOST_STEP_CHUNK elements, the gradient is cast to fp32 into a scratch that stays
+        in cache, stepped, and the new master cast to the working copy while it is still in cache. Memory traffic
+        per parameter: ~28 bytes (bf16 gradient in, master/exp_avg/exp_avg_sq in and out, bf16 working copy
+        out) instead of ~40 for a whole-unit cast, step, cast.
+
+        Bitwise the same as torch.optim.AdamW(fused=True) stepping each parameter tensor: the kernel is
+        elementwise, and pieces start at multiples of HOST_STEP_CHUNK (a multiple of the kernel's 64-byte task
+        unit) from each parameter's start, so the vectorised/scalar split of the elements is the same."""
+        state = self._adamw_state(unit)
+        step_t = state["step"]
+        step_t += 1  # torch._foreach_add_(state_steps, 1), as AdamW.step does before the kernel
+        b1, b2 = self.cfg.betas
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        scratch = self._grad_scratch(min(HOST_STEP_CHUNK, unit.train_numel))
+        acc = unit.acc_count > 0
+        for j in range(unit.n_train):
+            o, n = unit.m_offsets[j], math.prod(unit.shapes[j])
+            src = unit.view(unit.grad_host.tensor, j).reshape(-1)
+            work = unit.view(unit.work_host.tensor, j).reshape(-1)
+            for a in range(0, n, HOST_STEP_CHUNK):
+                b = min(n, a + HOST_STEP_CHUNK)
+                p_c = unit.master[o + a : o + b]
+                if unit.acc_final:  # the fp32 sum over micro-batches is complete
+                    g = unit.g_acc[o + a : o + b]
+                else:
+                    g = scratch[: b - a]
+                    if acc:  # earlier micro-batches, summed in fp32 in the same order as .grad would
+                        torch.add(unit.g_acc[o + a : o + b], src[a:b], out=g)
+                    else:
+                        g.copy_(src[a:b])
+                if coef is not None:
+                    g.mul_(coef)  # clip_grad_norm_: grad * clamp(max_norm / (norm + 1e-6), max=1)
+                torch._fused_adamw_([p_c], [g], [exp_avg[o + a : o + b]], [exp_avg_sq[o + a : o + b]], [], [step_t],
+                                    lr=lr, beta1=b1, beta2=b2, weight_decay=self.cfg.weight_decay, eps=self.cfg.eps,
+                                    amsgrad=False, maximize=False)
+                work[a:b].copy_(p_c)  # fp32 master -> working copy (round to nearest even for bf16)
+        unit.acc_count = 0
+        unit.acc_final = False
+
+    def _host_step_compiled(self, unit: _Unit, lr: float, grad32: torch.Tensor | None = None) -> None:
         """AdamW in one pass per parameter: read the low-precision gradient, update master, m, v, write the
         working copy — 28 bytes moved per bf16 parameter instead of ~40 for fused AdamW plus two casts."""
-        if unit.c_m is None:
-            unit.c_m = torch.zeros(unit.train_numel, dtype=torch.float32)
-            unit.c_v = torch.zeros(unit.train_numel, dtype=torch.float32)
-        unit.c_step += 1
+        state = self._adamw_state(unit)  # the same state as the torch step: the variants can be switched
+        state["step"] += 1
+        step = int(state["step"].item())
+        m_all, v_all = state["exp_avg"], state["exp_avg_sq"]
         b1, b2 = self.cfg.betas
-        lr, wd = self.cfg.lr, self.cfg.weight_decay
-        bc1 = 1 - b1**unit.c_step
-        bc2 = 1 - b2**unit.c_step
+        wd = self.cfg.weight_decay
+        bc1 = 1 - b1**step
+        bc2 = 1 - b2**step
         hp = self._hp_tensor
         hp.copy_(torch.tensor([1 - lr * wd, b1, 1 - b1, b2, 1 - b2, lr / bc1, math.sqrt(bc2), self.cfg.eps], dtype=torch.float64))
         for j in range(unit.n_train):
             o, n = unit.m_offsets[j], math.prod(unit.shapes[j])
             g = unit.view(unit.grad_host.tensor, j).reshape(-1) if grad32 is None else grad32[o : o + n]
             w = unit.view(unit.work_host.tensor, j).reshape(-1)
-            self._compiled_step(unit.master[o : o + n], unit.c_m[o : o + n], unit.c_v[o : o + n], g, w, hp)
+            self._compiled_step(unit.master[o : o + n], m_all[o : o + n], v_all[o : o + n], g, w, hp)
 
     def _state_in_memory(self, unit: _Unit):
         """Bring the unit's master and AdamW state into host memory from the state stack (pinned there for the
@@ -1216,18 +1354,22 @@ class OffloadEngine:
             self._release(unit)
 
     # ------------------------------------------------------------------------------------- public
-    def step(self) -> None:
-        """Close a training step: step resident parameters, learn the prefetch order after the first step.
+    def step(self) -> OffloadStepInfo | None:
+        """Close a training step (one backward): step resident parameters, learn the prefetch order after the
+        first step. Returns an :class:`OffloadStepInfo` when an optimizer step closed, ``None`` for the other
+        micro-batches of gradient accumulation.
 
-        The streamed units' host AdamW steps were already queued during backward and keep running in the
-        background; the next forward waits for each unit's step only when it needs that unit.
+        Without clipping and the non-finite check, the streamed units' host AdamW steps were already queued
+        during backward and keep running in the background. With either, they are queued here, once the global
+        norm is known (unit 0 first, which the next forward needs first); the next forward waits for each unit's
+        step only when it needs that unit.
         """
         self._check_worker()
         last_micro = self._micro + 1 >= self.cfg.grad_accum_steps
         self._micro = 0 if last_micro else self._micro + 1
-        if self.resident_opt is not None and last_micro:
-            self.resident_opt.step()
-            self.resident_opt.zero_grad(set_to_none=True)
+        info = None
+        if last_micro:
+            info = self._close_optimizer_step()
         for call in self._to_free:
             self._free_acts(call)
         self._to_free = []
@@ -1253,6 +1395,170 @@ class OffloadEngine:
         now = time.perf_counter()
         self.stats.end_step(step_s=now - self._t_step)
         self._t_step = now
+
+        return info
+
+    def _close_optimizer_step(self) -> OffloadStepInfo:
+        lr = self._lr
+        res_params = [p for p in self.resident if p.requires_grad and p.grad is not None]
+        if not self._defer:
+            if self.resident_opt is not None:
+                self.resident_opt.step()
+                self.resident_opt.zero_grad(set_to_none=True)
+            return OffloadStepInfo(None, False, lr)
+        # Global norm as torch.nn.utils.clip_grad_norm_ computes it: per-parameter 2-norms (fp32), stacked in
+        # model.parameters() order, 2-norm of the stack.
+        for u, _ in self._deferred:
+            if u.idx in self._host_norms or (self.cfg.grad_accum_steps > 1 and u.pending is not None):
+                t0 = time.perf_counter()
+                u.pending.result()  # the host sums these norms come from
+                self.stats.add(1, stall_s=time.perf_counter() - t0)
+        self._check_worker()
+        for u, _ in self._deferred:
+            for j, nrm in enumerate(self._host_norms.pop(u.idx, [])):
+                self._norms[id(u.params[j][1])] = nrm.to(self.device)
+        for p in res_params:
+            self._norms[id(p)] = torch._foreach_norm([p.grad], 2.0)[0]
+        ordered = [self._norms[id(p)] for p in self.model.parameters() if id(p) in self._norms]
+        self._norms = {}
+        deferred, self._deferred = self._deferred, []
+        if not ordered:
+            total = torch.zeros((), dtype=torch.float32, device=self.device)
+        else:
+            total = torch.linalg.vector_norm(torch.stack(ordered), 2.0)
+        coef_dev = None
+        if self.cfg.max_grad_norm is not None:
+            coef_dev = torch.clamp(self.cfg.max_grad_norm / (total + 1e-6), max=1.0)
+        norm = float(total)  # synchronises: the host steps need the coefficient
+        skipped = self.cfg.skip_nonfinite and not math.isfinite(norm)
+        if skipped:  # like GradScaler: nothing moves, no step is counted
+            for u, _ in deferred:
+                u.acc_count, u.acc_final = 0, False
+                u.host_ready.set()
+            for p in res_params:
+                p.grad = None
+            return OffloadStepInfo(norm, True, lr)
+        if self.resident_opt is not None:
+            if coef_dev is not None and res_params:
+                torch._foreach_mul_([p.grad for p in res_params], coef_dev.to(res_params[0].device))
+            self.resident_opt.step()
+            self.resident_opt.zero_grad(set_to_none=True)
+        coef = None if coef_dev is None else coef_dev.to("cpu", torch.float32)
+        for u, done in sorted(deferred, key=lambda e: e[0].idx):
+            u.pending = self._worker.submit((self.step_count, u.idx), self._host_step, u, done, lr, coef)
+        return OffloadStepInfo(norm, False, lr)
+
+    def set_lr(self, lr: float) -> None:
+        """Learning rate of the optimizer steps that follow (host steps queued from now on, and the resident
+        parameters' optimizer); the same as setting ``param_group["lr"]`` of torch's AdamW between steps."""
+        lr = float(lr)
+        if not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"set_lr needs a finite learning rate >= 0, got {lr}")
+        self._lr = lr
+        if self.resident_opt is not None:
+            for g in self.resident_opt.param_groups:
+                g["lr"] = lr
+
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to do (streamed gradients never reach ``.grad``; resident ones are cleared by step()): kept so
+        loops written for torch optimizers run unchanged."""
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def _fingerprint(self) -> dict:
+        names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+        return {
+            "units": [[u.name, [[pn, list(sh), j < u.n_train] for j, ((pn, _), sh) in enumerate(zip(u.params, u.shapes))]]
+                      for u in self.units],
+            "resident": [[names.get(id(p), "?"), list(p.shape), bool(p.requires_grad)] for p in self.resident],
+        }
+
+    def _unit_state(self, u: _Unit) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
+        """(master, exp_avg, exp_avg_sq, step) of a unit on the host (state tensors are None before its first step)."""
+        st = self.state_stack
+        master = u.master if st is None else st.access((u.idx, "master"))
+        state = u.opt.state.get(u.master, {})
+        step = int(state["step"].item()) if "step" in state else 0
+        if st is None:
+            return master, state.get("exp_avg"), state.get("exp_avg_sq"), step
+        m = st.access((u.idx, "exp_avg")) if (u.idx, "exp_avg") in st else None
+        v = st.access((u.idx, "exp_avg_sq")) if (u.idx, "exp_avg_sq") in st else None
+        return master, m, v, step
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue training bit for bit: fp32 masters, AdamW ``exp_avg``/``exp_avg_sq`` and
+        step count per unit, frozen streamed parameters, resident parameters and their optimizer, learning rate,
+        and a fingerprint of the layout. Tensors and plain Python types only (``torch.load(weights_only=True)``).
+        Waits for pending host steps; call it between optimizer steps (not inside gradient accumulation)."""
+        if self._micro != 0:
+            raise TierError("engine.state_dict() inside gradient accumulation: call it after the micro-batch that "
+                            "closes an optimizer step")
+        self.synchronize()
+        units = []
+        for u in self.units:
+            entry: dict[str, Any] = {"step": 0, "master": None, "exp_avg": None, "exp_avg_sq": None}
+            if u.n_train:
+                master, m, v, step = self._unit_state(u)
+                entry.update(step=step, master=master.clone(), exp_avg=None if m is None else m.clone(),
+                             exp_avg_sq=None if v is None else v.clone())
+            entry["frozen"] = [u.view(u.work_host.tensor, j).clone() for j in range(u.n_train, len(u.params))]
+            units.append(entry)
+        return {
+            "format": "vbhal-offload-1",
+            "fingerprint": self._fingerprint(),
+            "lr": self._lr,
+            "step_count": self.step_count,
+            "units": units,
+            "resident": [p.detach().to("cpu").clone() for p in self.resident],
+            "resident_optimizer": None if self.resident_opt is None else self.resident_opt.state_dict(),
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore what :meth:`state_dict` saved into this engine (same model layout; any host_step variant).
+
+        Raises :class:`TierError` naming the first difference when the layout differs."""
+        if not isinstance(sd, dict) or sd.get("format") != "vbhal-offload-1":
+            raise TierError("load_state_dict needs a dict made by OffloadEngine.state_dict() (format 'vbhal-offload-1')")
+        diff = _layout_difference(sd["fingerprint"], self._fingerprint())
+        if diff is not None:
+            raise TierError(f"the saved offload state is for a different model layout: {diff}")
+        self.synchronize()
+        for u, entry in zip(self.units, sd["units"]):
+            for j, t in zip(range(u.n_train, len(u.params)), entry["frozen"]):
+                u.view(u.work_host.tensor, j).copy_(t)
+            if not u.n_train:
+                continue
+            master, _, _, _ = self._unit_state(u)
+            master.copy_(entry["master"])
+            m, v, step = entry["exp_avg"], entry["exp_avg_sq"], int(entry["step"])
+            if self.state_stack is None:
+                u.opt.state.pop(u.master, None)
+                if m is not None:
+                    u.opt.state[u.master] = {"step": torch.tensor(float(step), dtype=torch.float32),
+                                             "exp_avg": m.clone(), "exp_avg_sq": v.clone()}
+            else:
+                st = self.state_stack
+                u.opt.state.pop(u.master, None)
+                if m is not None:
+                    for k, t in (("exp_avg", m), ("exp_avg_sq", v)):
+                        if (u.idx, k) in st:
+                            st.access((u.idx, k)).copy_(t)
+                        else:
+                            st.register((u.idx, k), t.clone())
+                    u.opt.state[u.master] = {"step": torch.tensor(float(step), dtype=torch.float32)}
+            for j in range(u.n_train):  # the working copy is the master rounded to its dtype
+                o, n = u.m_offsets[j], math.prod(u.shapes[j])
+                u.view(u.work_host.tensor, j).copy_(master[o : o + n].view(u.shapes[j]))
+        with torch.no_grad():
+            for p, t in zip(self.resident, sd["resident"]):
+                p.copy_(t)
+        if self.resident_opt is not None and sd["resident_optimizer"] is not None:
+            self.resident_opt.load_state_dict(sd["resident_optimizer"])
+        self.step_count = int(sd["step_count"])
+        self.set_lr(sd["lr"])
 
     def _free_acts(self, call: _Call) -> None:
         if call.act_event is not None and self._accel:
@@ -1329,6 +1635,9 @@ class OffloadEngine:
             "h2d_bandwidth": self.h2d_bandwidth,
             "mispredictions": self.mispredictions,
             "host_step": self.host_step_note,
+            "host_step_chunk": HOST_STEP_CHUNK,
+            "compile_wait_s": self.compile_wait_s,
+            "deferred_steps": self._defer,
         }
 
     def close(self) -> None:
@@ -1336,6 +1645,29 @@ class OffloadEngine:
         self._worker.shutdown()
         if self.state_stack is not None:
             self.state_stack.close()
+
+
+def _layout_difference(saved: dict, mine: dict) -> str | None:
+    """The first difference between two layout fingerprints (see OffloadEngine._fingerprint), in words."""
+    def flat(fp: dict) -> list[tuple[str, Any]]:
+        out = [(f"unit '{u}' parameter '{pn}'", (list(sh), bool(tr))) for u, ps in fp["units"] for pn, sh, tr in ps]
+        return out + [(f"resident parameter '{n}'", (list(sh), bool(tr))) for n, sh, tr in fp["resident"]]
+
+    a, b = flat(saved), flat(mine)
+    names_a, names_b = [n for n, _ in a], [n for n, _ in b]
+    missing = [n for n in names_a if n not in set(names_b)]
+    extra = [n for n in names_b if n not in set(names_a)]
+    if missing or extra:
+        return (f"{missing[:3]} only in the saved state" if missing else "") + ("; " if missing and extra else "") + \
+               (f"{extra[:3]} only in this model" if extra else "")
+    for (n, (sh_a, tr_a)), (_, (sh_b, tr_b)) in zip(a, b):
+        if sh_a != sh_b:
+            return f"{n} has shape {sh_a} in the saved state but {sh_b} in this model"
+        if tr_a != tr_b:
+            return f"{n} is {'trainable' if tr_a else 'frozen'} in the saved state but not in this model"
+    if names_a != names_b:
+        return "the same parameters are grouped into units in a different order"
+    return None
 
 
 def _disk_capacity(root: str | None) -> int:
