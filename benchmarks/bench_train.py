@@ -1,29 +1,35 @@
 """Training throughput of `vbhal train` against a plain PyTorch loop, same model, same device, one run.
 
-Peers (all train the same `GPT` preset with bf16 autocast on GPU, fp32 on CPU, same micro-batch):
+Peers are given as ``--peers`` specs, ``kind[:key=value...]`` separated by commas; kind is
 
-* ``pytorch``        — the baseline a PyTorch user writes: SDPA attention, autocast, torch.compile, fused
-                       AdamW, grad clipping, batches already on the device (no data loader: favours it);
-* ``vbhal-train``    — `vbhal.train.loop.run` (the CLI's loop: data loader, scheduler, one host sync per
-                       step for the NaN guard, logging) with ``--compile``, SDPA attention;
-* ``vbhal-train-cudnn`` — the same with ``--sdpa-backend cudnn`` (PyTorch's cuDNN attention tried first);
-* ``vbhal-train-fa`` — the same with ``--use-flash-attn`` (vbhal.optimize binds vbhal's attention kernel).
+* ``pytorch`` -- the baseline a PyTorch user writes: SDPA attention (torch's default backend), bf16
+  autocast, ``torch.compile(model)`` (default mode), fused AdamW with decay groups, clip_grad_norm_,
+  batches already on the device (no data loader: favours it), no host sync inside the timed window;
+* ``vbhal``   -- `vbhal.train.loop.run` (the CLI's loop: data loader, warmup+cosine schedule, on-device
+  NaN guard, logging, clipping folded into the fused AdamW) with ``--compile``.
+
+Keys: ``heads``, ``seq``, ``batch`` (model shape and micro-batch; default the preset's), ``compile``
+(a torch.compile mode, or ``off``), and for vbhal ``sdpa`` (--sdpa-backend), ``fa=1`` (--use-flash-attn:
+vbhal's attention kernel). Each vbhal peer is compared with the pytorch peer of the same heads/seq/batch.
 
 Tokens/s are taken over the steady-state steps (after `--warmup` steps that include compilation); MFU
-uses the PaLM FLOP count (`GPT.flops_per_token`) and the device's dense bf16 peak.
+uses the PaLM FLOP count (`GPT.flops_per_token`, which depends on seq) and the device's dense bf16 peak.
 
-    python benchmarks/bench_train.py --preset medium --steps 40        # on the GPU
+    python benchmarks/bench_train.py --preset medium --peers pytorch,vbhal,vbhal:compile=max-autotune-no-cudagraphs
     python benchmarks/bench_train.py --preset tiny --steps 6 --warmup 2 --no-compile   # CPU smoke run
 
-Writes a table to stdout and JSON to benchmarks/results/train-<device>.json.
+Writes a table to stdout, and JSON <--out>/train-<device>.json and the table <--out>/train-table.txt after
+every peer (so a run cut short keeps what it measured).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -36,9 +42,48 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vbhal.train.config import TrainConfig  # noqa: E402
+from vbhal.train.config import TRAIN_PRESETS, TrainConfig  # noqa: E402
 from vbhal.train.loop import build_optimizer, peak_flops, run  # noqa: E402
 from vbhal.train.model import GPT, GPTConfig  # noqa: E402
+
+_KINDS = ("pytorch", "vbhal")
+_KEYS = {"heads": int, "seq": int, "batch": int, "compile": str, "sdpa": str, "fa": int}
+_VBHAL_ONLY = ("sdpa", "fa")
+
+
+@dataclasses.dataclass
+class Peer:
+    spec: str
+    kind: str
+    heads: int
+    seq: int
+    batch: int
+    compile: str          # "default", a torch.compile mode, or "off"
+    sdpa: str = "auto"
+    fa: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.heads, self.seq, self.batch)
+
+
+def parse_peer(spec: str, model_cfg: GPTConfig, batch: int, compile_default: str) -> Peer:
+    """'vbhal:heads=6:compile=max-autotune-no-cudagraphs' -> Peer (ValueError names a bad key or value)."""
+    kind, *pairs = spec.strip().split(":")
+    if kind not in _KINDS:
+        raise ValueError(f"peer {spec!r}: kind must be one of {_KINDS}")
+    p = Peer(spec.strip(), kind, model_cfg.num_heads, model_cfg.seq_length, batch, compile_default)
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or key not in _KEYS:
+            raise ValueError(f"peer {spec!r}: {pair!r} is not key=value with key in {sorted(_KEYS)}")
+        if kind == "pytorch" and key in _VBHAL_ONLY:
+            raise ValueError(f"peer {spec!r}: {key} is a vbhal option (the baseline stays plain)")
+        setattr(p, key, _KEYS[key](value))
+    TrainConfig(compile=p.compile != "off", compile_mode="default" if p.compile == "off" else p.compile,
+                sdpa_backend=p.sdpa).check()   # same validation as the CLI
+    dataclasses.replace(model_cfg, num_heads=p.heads, seq_length=p.seq).validate()
+    return p
 
 
 def device_slug(device: torch.device) -> str:
@@ -51,15 +96,21 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def bench_pytorch(model_cfg: GPTConfig, batch: int, steps: int, warmup: int, device, compile_: bool,
-                  precision: str) -> dict:
+def _compiled(model, mode: str):
+    if mode == "off":
+        return model
+    return torch.compile(model) if mode == "default" else torch.compile(model, mode=mode)
+
+
+def bench_pytorch(model_cfg: GPTConfig, peer: Peer, steps: int, warmup: int, device, precision: str) -> dict:
     torch.manual_seed(0)
     model = GPT(model_cfg).to(device)
     cfg = TrainConfig(learning_rate=6e-4).with_preset_defaults()
     opt = build_optimizer(model, cfg, 6e-4, device)
-    fwd = torch.compile(model) if compile_ else model
+    fwd = _compiled(model, peer.compile)
     gen = torch.Generator(device="cpu").manual_seed(1)
-    data = [torch.randint(0, 256, (batch, model_cfg.seq_length + 1), generator=gen).to(device) for _ in range(4)]
+    data = [torch.randint(0, 256, (peer.batch, model_cfg.seq_length + 1), generator=gen).to(device)
+            for _ in range(4)]
     amp = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
            else torch.autocast(device.type, enabled=False))
     if device.type == "cuda":
@@ -85,7 +136,7 @@ def bench_pytorch(model_cfg: GPTConfig, batch: int, steps: int, warmup: int, dev
     _sync(device)
     step_s = (time.perf_counter() - t0) / steps
     losses = [float(v) for v in losses]
-    tps = batch * model_cfg.seq_length / step_s
+    tps = peer.batch * model_cfg.seq_length / step_s
     out = {"tokens_per_s": tps, "step_ms": step_s * 1e3, "first_losses": losses[:3],
            "last_loss": losses[-1], "warmup_s": t_compile}
     if device.type == "cuda":
@@ -93,34 +144,35 @@ def bench_pytorch(model_cfg: GPTConfig, batch: int, steps: int, warmup: int, dev
     return out
 
 
-def bench_vbhal(preset: str, model_cfg: GPTConfig, batch: int, steps: int, warmup: int, device, compile_: bool,
-                precision: str, flash: bool, log_interval: int, sdpa_backend: str = "auto") -> dict:
+def bench_vbhal(preset: str, model_cfg: GPTConfig, peer: Peer, steps: int, warmup: int, device, precision: str,
+                log_interval: int) -> dict:
     out_dir = tempfile.mkdtemp(prefix="bench_train_")
     cfg = TrainConfig(config=preset, hidden_size=model_cfg.hidden_size, num_layers=model_cfg.num_layers,
-                      num_heads=model_cfg.num_heads, seq_length=model_cfg.seq_length, batch_size=batch,
-                      max_steps=warmup + steps, warmup_steps=min(10, warmup), compile=compile_,
+                      num_heads=model_cfg.num_heads, seq_length=model_cfg.seq_length, batch_size=peer.batch,
+                      max_steps=warmup + steps, warmup_steps=min(10, warmup), compile=peer.compile != "off",
+                      compile_mode="default" if peer.compile == "off" else peer.compile,
                       mixed_precision=precision, output_dir=out_dir, progress=False, tensorboard=False,
-                      log_interval=log_interval, val_batches=0, save_steps=0, use_flash_attn=True if flash else None,
-                      device=str(device), max_corpus_bytes=8 << 20, keep_checkpoints=1, sdpa_backend=sdpa_backend,
-                      checkpoints=False)
+                      log_interval=log_interval, val_batches=0, save_steps=0,
+                      use_flash_attn=True if peer.fa else None, device=str(device), max_corpus_bytes=8 << 20,
+                      keep_checkpoints=1, sdpa_backend=peer.sdpa, checkpoints=False)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    res = run(cfg)
-    wall = time.perf_counter() - t0
-    recs = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
+    try:
+        res = run(cfg)
+        wall = time.perf_counter() - t0
+        recs = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
     # each record covers the log_interval steps before it: keep windows that start after the warmup
     train = [r for r in recs if r["kind"] == "train" and r["step"] - log_interval >= warmup]
     if not train:
         raise RuntimeError("no steady-state metrics recorded; raise --steps")
     tps = statistics.median(r["tokens_per_s"] for r in train)
-    out = {"tokens_per_s": tps, "step_ms": batch * model_cfg.seq_length / tps * 1e3,
-           "first_losses": res.losses[:3], "last_loss": res.losses[-1], "wall_s": wall,
-           "best_val_loss": res.best_val_loss}
+    out = {"tokens_per_s": tps, "step_ms": peer.batch * model_cfg.seq_length / tps * 1e3,
+           "first_losses": res.losses[:3], "last_loss": res.losses[-1], "wall_s": wall}
     if device.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    import shutil
-    shutil.rmtree(out_dir, ignore_errors=True)
     return out
 
 
@@ -134,6 +186,32 @@ def _check_cudnn_attention(cfg: GPTConfig, batch: int, device) -> None:
     torch.cuda.synchronize(device)
 
 
+def format_table(payload: dict) -> str:
+    """The compact table of a results JSON (also used by gpu/train.sh on a cut-short run)."""
+    res = payload["results"]
+    base = {tuple(r["shape"]): r["tokens_per_s"] for r in res.values()
+            if r.get("kind") == "pytorch" and r.get("status") == "ok"}
+    lines = [f"{payload['device']}, preset {payload['preset']} (hidden {payload['model']['hidden_size']} x "
+             f"{payload['model']['num_layers']} layers), {payload['precision']}, torch {payload['torch']}, "
+             f"peak {payload['peak_flops'] / 1e12 if payload['peak_flops'] else float('nan'):.0f} TFLOP/s"]
+    hdr = (f"{'peer':<44} {'hd':>4} {'seq':>5} {'mb':>3} {'tokens/s':>10} {'step ms':>8} {'MFU':>6} "
+           f"{'vs pt':>6} {'GiB':>5} {'sec':>5}")
+    lines += [hdr, "-" * len(hdr)]
+    for name, r in res.items():
+        if r.get("status") != "ok":
+            lines.append(f"{name:<44} {r.get('status')}"[:160])
+            continue
+        h, s, b = r["shape"]
+        hd = payload["model"]["hidden_size"] // h
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        b0 = base.get(tuple(r["shape"]))
+        rel = f"{r['tokens_per_s'] / b0:.3f}" if b0 else "-"
+        mem = f"{r['peak_mem_gib']:.1f}" if "peak_mem_gib" in r else "-"
+        lines.append(f"{name:<44} {hd:>4} {s:>5} {b:>3} {r['tokens_per_s']:>10,.0f} {r['step_ms']:>8.1f} "
+                     f"{mfu:>6} {rel:>6} {mem:>5} {r['seconds']:>5.0f}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="medium")
@@ -141,8 +219,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--peers", default="pytorch,vbhal-train,vbhal-train-cudnn,vbhal-train-fa")
-    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--peers", default="pytorch,vbhal", help="comma-separated peer specs (see the docstring)")
+    ap.add_argument("--no-compile", action="store_true", help="default compile=off for every peer")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
 
@@ -151,79 +229,71 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    from vbhal.train.config import TRAIN_PRESETS
-    model_cfg = GPTConfig.from_preset(args.preset)
+    base_cfg = GPTConfig.from_preset(args.preset)
     batch = args.batch_size or TRAIN_PRESETS[args.preset]["batch_size"]
     precision = "bf16" if device.type == "cuda" else "no"
-    compile_ = not args.no_compile
+    peers = [parse_peer(s, base_cfg, batch, "off" if args.no_compile else "default")
+             for s in args.peers.split(",") if s.strip()]
+    names = [p.spec for p in peers]
+    if len(set(names)) != len(names):
+        ap.error(f"--peers lists a peer twice: {names}")
     peak = peak_flops(device)
-    with torch.device("meta"):
-        flops_tok = GPT(model_cfg).flops_per_token()
-    results = {}
+    results: dict = {}
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
-    def write_json() -> Path:
-        payload = {
-            "benchmark": "train", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "preset": args.preset, "model": model_cfg.to_dict(), "batch_size": batch,
-            "steps": args.steps, "warmup": args.warmup, "precision": precision, "compile": compile_,
-            "flops_per_token": flops_tok, "peak_flops": peak, "results": results,
-            "notes": "tokens/s over steady-state steps after warmup (compilation); MFU = flops_per_token * "
+    def payload() -> dict:
+        return {
+            "benchmark": "train", "device": dev_name, "torch": torch.__version__, "preset": args.preset,
+            "model": base_cfg.to_dict(), "batch_size": batch, "steps": args.steps, "warmup": args.warmup,
+            "precision": precision, "peak_flops": peak, "results": results,
+            "notes": "tokens/s over steady-state steps after warmup (compilation); MFU = flops_per_token(seq) * "
                      "tokens/s / peak (PaLM formula, dense bf16 peak); pytorch peer: batches pre-loaded on "
-                     "the device, no per-step host sync",
+                     "the device, no per-step host sync; shape = [heads, seq, micro-batch]",
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+
+    def write_json() -> Path:
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
-        p = out_dir / f"train-{device_slug(device)}.json"
-        p.write_text(json.dumps(payload, indent=2))
-        return p
+        path = out_dir / f"train-{device_slug(device)}.json"
+        data = payload()
+        path.write_text(json.dumps(data, indent=2))
+        (out_dir / "train-table.txt").write_text(format_table(data) + "\n")
+        return path
 
-    for peer in [p.strip() for p in args.peers.split(",") if p.strip()]:
+    for peer in peers:
         t0 = time.perf_counter()
+        model_cfg = dataclasses.replace(base_cfg, num_heads=peer.heads, seq_length=peer.seq)
+        with torch.device("meta"):
+            flops_tok = GPT(model_cfg).flops_per_token()
         # A fresh Dynamo cache per peer: a compiled GPT graph can be reused across model instances, and the
-        # SDPA backend choice is baked in at trace time, so the cuDNN peer must be traced anew.
+        # SDPA backend choice is baked in at trace time. (Inductor's on-disk caches stay: identical graphs
+        # of a later peer compile in seconds, which is what a user's second run sees too.)
         torch._dynamo.reset()
         try:
-            if peer.endswith("-cudnn") and device.type == "cuda":
-                _check_cudnn_attention(model_cfg, batch, device)
-            if peer == "pytorch":
-                r = bench_pytorch(model_cfg, batch, args.steps, args.warmup, device, compile_, precision)
-            elif peer in ("vbhal-train", "vbhal-train-fa", "vbhal-train-cudnn"):
-                r = bench_vbhal(args.preset, model_cfg, batch, args.steps, args.warmup, device, compile_, precision,
-                                flash=peer.endswith("-fa"), log_interval=10,
-                                sdpa_backend="cudnn" if peer.endswith("-cudnn") else "auto")
+            if peer.sdpa == "cudnn" and device.type == "cuda":
+                _check_cudnn_attention(model_cfg, peer.batch, device)
+            if peer.kind == "pytorch":
+                r = bench_pytorch(model_cfg, peer, args.steps, args.warmup, device, precision)
             else:
-                raise ValueError(f"unknown peer {peer}")
+                r = bench_vbhal(args.preset, model_cfg, peer, args.steps, args.warmup, device, precision,
+                                log_interval=10)
             r["mfu"] = flops_tok * r["tokens_per_s"] / peak if peak else None
             r["status"] = "ok"
         except Exception as exc:  # a failing peer is reported, the others still run
             r = {"status": f"error: {type(exc).__name__}: {exc}"[:400]}
             traceback.print_exc()
-        r["seconds"] = time.perf_counter() - t0
-        results[peer] = r
-        print(f"[{peer}] {r.get('status')} in {r['seconds']:.1f}s", flush=True)
+        r.update(kind=peer.kind, shape=list(peer.shape), compile=peer.compile, flops_per_token=flops_tok,
+                 seconds=time.perf_counter() - t0)
+        results[peer.spec] = r
+        print(f"[{peer.spec}] {r.get('status')} in {r['seconds']:.1f}s"
+              + (f": {r['tokens_per_s']:,.0f} tok/s" if r.get("status") == "ok" else ""), flush=True)
         path = write_json()   # after every peer, so a time limit keeps what was measured
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    base = results.get("pytorch", {}).get("tokens_per_s")
     print()
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, preset {args.preset} "
-          f"({model_cfg.hidden_size}x{model_cfg.num_layers}, seq {model_cfg.seq_length}), micro-batch {batch}, "
-          f"precision {precision}, compile {compile_}, {flops_tok / 1e6:.0f} MFLOP/token, "
-          f"peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")
-    hdr = f"{'peer':<16} {'tokens/s':>12} {'step ms':>9} {'MFU':>7} {'vs pytorch':>10} {'peak GiB':>9} {'loss@1':>8}"
-    print(hdr)
-    print("-" * len(hdr))
-    for peer, r in results.items():
-        if r.get("status") != "ok":
-            print(f"{peer:<16} {r['status']}")
-            continue
-        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
-        rel = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
-        mem = f"{r['peak_mem_gib']:.1f}" if "peak_mem_gib" in r else "-"
-        print(f"{peer:<16} {r['tokens_per_s']:>12,.0f} {r['step_ms']:>9.1f} {mfu:>7} {rel:>10} {mem:>9} "
-              f"{r['first_losses'][0]:>8.3f}")
+    print(format_table(payload()))
     path = write_json()
     print(f"\nwrote {path}")
     return 0 if all(r.get("status") == "ok" for r in results.values()) else 1

@@ -60,7 +60,8 @@ def test_config_file_unknown_key_and_bad_file(tmp_path):
     (["--batch-size", "0"], "--batch-size must be a positive"),
     (["--fp4-format", "nvfp4", "--max-steps", "1"], "without --use-fp4"),
     (["--resume", "/nonexistent/run", "--max-steps", "1"], "no such file"),
-    (["--mode", "memory", "--max-steps", "1"], "offload"),
+    (["--mode", "memory", "--compile", "--max-steps", "1"], "torch.compile cannot trace"),
+    (["--compile-mode", "max-autotune", "--max-steps", "1"], "without --compile"),
 ])
 def test_bad_input_exits_2_with_a_message(tmp_path, corpus_dir, capsys, argv, message):
     base = MICRO + ["--output-dir", str(tmp_path / "out")]

@@ -173,3 +173,21 @@ def test_sigterm_saves_and_resume_finishes(tmp_path, corpus_dir, workers):
     assert done.returncode == 0, done.stderr
     assert f"resuming from {ckpts[0]}" in done.stderr
     assert C.load_checkpoint(C.list_checkpoints(out / "checkpoints")[-1])["step"] == stopped_at + 2
+
+
+def test_deferred_sync_folds_clipping_into_fused_adamw(tmp_path, corpus_dir):
+    # deferred sync (fused AdamW, on CUDA by default) divides the gradients by max(norm / max_norm, 1)
+    # inside the optimizer kernel instead of clip_grad_norm_'s separate pass: same clip up to rounding
+    kw = dict(max_steps=10, save_steps=0, val_batches=0, max_grad_norm=0.3, learning_rate=1e-2)
+    sync = run(micro_config(tmp_path / "s", corpus_dir, deferred_sync=False, **kw))
+    fused = run(micro_config(tmp_path / "f", corpus_dir, deferred_sync=True, **kw))
+    unclipped = run(micro_config(tmp_path / "u", corpus_dir, deferred_sync=True, **dict(kw, max_grad_norm=0)))
+    torch.testing.assert_close(torch.tensor(fused.losses), torch.tensor(sync.losses), rtol=1e-5, atol=1e-5)
+    assert max(abs(a - b) for a, b in zip(unclipped.losses, sync.losses)) > 1e-3   # the clip bites
+
+
+def test_compile_mode_needs_compile(tmp_path, corpus_dir):
+    with pytest.raises(ConfigError, match="--compile-mode max-autotune-no-cudagraphs without --compile"):
+        run(micro_config(tmp_path, corpus_dir, max_steps=2, compile_mode="max-autotune-no-cudagraphs"))
+    with pytest.raises(ConfigError, match="--compile-mode"):
+        run(micro_config(tmp_path, corpus_dir, max_steps=2, compile=True, compile_mode="fastest"))

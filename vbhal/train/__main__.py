@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixed-precision", choices=("auto", "bf16", "fp16", "no"), default=None)
     _bool_flag(g, "--gradient-checkpointing", "recompute block activations in backward")
     _bool_flag(g, "--compile", "torch.compile the model")
+    g.add_argument("--compile-mode", default=None,
+                   choices=("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"),
+                   help="torch.compile mode with --compile (max-autotune*: Triton GEMM autotuning and "
+                        "epilogue fusion, minutes more compile time)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--sdpa-backend", choices=("auto", "cudnn", "flash", "efficient", "math"), default=None,
                    help="PyTorch SDPA backend to try first on CUDA (default: torch's own order)")
@@ -72,8 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(g, "--use-fp4", "FP4 weights (frozen) for the Linear layers")
     g.add_argument("--fp4-format", choices=("mxfp4", "nvfp4"), default=None)
     _bool_flag(g, "--use-flash-attn", "vbhal's fused attention kernel")
-    g.add_argument("--mode", choices=("full", "speed", "memory", "balanced"), default=None)
-    g.add_argument("--vgpu-auto", action="store_true", default=None, help="let vbhal.estimate plan offload")
+    g.add_argument("--mode", choices=("full", "speed", "memory", "balanced"), default=None,
+                   help="vbhal.optimize mode. memory: the offload engine streams the blocks through the "
+                        "device and runs AdamW on the host (one group: weight decay on every parameter), "
+                        "with this run's LR schedule, accumulation, clipping and checkpoints; not with "
+                        "--nproc/torchrun (DDP/FSDP), --compile, --mixed-precision fp16 or --use-fp4")
+    g.add_argument("--vgpu-auto", action="store_true", default=None,
+                   help="let vbhal.estimate plan mode, micro-batch and accumulation (offload included, in a "
+                        "single process)")
     g.add_argument("--estimate-resources", action="store_true", default=None,
                    help="print the memory estimate for this run and exit")
     g = p.add_argument_group("logging and checkpoints")

@@ -7,7 +7,13 @@ wrap it for DDP/FSDP2, then train:
 * micro-batches under autocast (bf16; fp16 with a GradScaler), ``gradient_accumulation_steps`` of them
   per optimizer step, the gradient all-reduce skipped (``no_sync``) on all but the last;
 * AdamW (weight decay on matrices only, fused on CUDA), linear warmup then cosine (or linear /
-  constant) decay to ``min_lr_ratio`` of the peak, gradient clipping;
+  constant) decay to ``min_lr_ratio`` of the peak, gradient clipping (folded into the fused AdamW
+  kernel as its ``grad_scale`` on CUDA);
+* ``--mode memory`` (or a --vgpu-auto plan with offload): the offload engine (`vbhal.nn.offload`)
+  replaces the optimizer: blocks streamed through the device, fp32 masters and AdamW on the host, one
+  backward + ``engine.step()`` per micro-batch, LR via ``engine.set_lr``, clipping and the skip of
+  non-finite steps inside the engine, ``engine.state_dict()`` in every checkpoint (exact resume) and
+  the masters as ordinary GPT weights in ``model`` / best_model.pt;
 * one host sync per step (loss and grad norm together): a NaN/Inf stops the run *before* the
   optimizer step, so the saved state is the last good one;
 * validation every ``val_interval`` steps (default: every epoch end), best model -> best_model.pt;
@@ -186,12 +192,15 @@ def _autocast(precision: str, device: torch.device):
 
 
 def _apply_vbhal_features(model: nn.Module, cfg: TrainConfig, device: torch.device, log,
-                          plan_overrides: dict | None = None) -> nn.Module:
+                          plan_overrides: dict | None = None, offload: bool = False) -> nn.Module:
     """--use-fp4 / --use-flash-attn / --mode / --vgpu-auto -> `vbhal.optimize` (the core's API).
 
     Only the flags the user gave (or the planner chose) are passed as overrides; the rest come from
     the mode. The loop owns autocast, so optimize's own autocast is turned off
-    (``mixed_precision="none"``) and the weights stay fp32 masters for the optimizer.
+    (``mixed_precision="none"``) and the weights stay fp32 masters for the optimizer. With `offload`
+    the loop has already built the offload engine (`_build_engine`, with its own optimizer settings):
+    optimize then does the rest of the mode (attention), not the offload nor the model-level
+    checkpointing (the engine recomputes every streamed unit in backward).
     """
     overrides: dict = dict(plan_overrides or {})
     if cfg.mode is None and not plan_overrides:
@@ -207,6 +216,8 @@ def _apply_vbhal_features(model: nn.Module, cfg: TrainConfig, device: torch.devi
     if cfg.gradient_checkpointing:
         overrides["gradient_checkpointing"] = True
     mode = overrides.pop("mode", None) or cfg.mode
+    if offload:
+        overrides.update(offload=False, gradient_checkpointing=False, fp4=False)
     if not (overrides.get("fp4") or overrides.get("attention") or overrides.get("offload")) and mode is None:
         return model, None   # nothing of vbhal's asked for (checkpointing is the model's own switch)
     try:
@@ -216,10 +227,11 @@ def _apply_vbhal_features(model: nn.Module, cfg: TrainConfig, device: torch.devi
         raise FeatureUnavailableError(
             f"--use-fp4/--use-flash-attn/--mode need vbhal.optimize, which is not importable in this "
             f"build ({exc}). Run without those flags.") from None
-    _refuse_offload(mode, overrides)
     overrides["mixed_precision"] = "none"
     applied = dict(overrides, mode=mode or "speed")
     model = optimize(model, applied["mode"], device=str(device), **overrides)
+    if offload:
+        applied["offload"] = True
     report = getattr(model, "_vbhal_report", None)
     if report is not None:
         text = report.format(max_rows=12) if hasattr(report, "format") else str(report)
@@ -242,16 +254,67 @@ def _sdpa_backend_context(name: str, device: torch.device):
         return sdpa_kernel([order[name], SDPBackend.MATH])
 
 
-def _refuse_offload(mode: str | None, overrides: dict | None) -> None:
-    """The offload engine runs its own AdamW on the host during backward (vbhal.nn.offload), which this
-    loop's optimizer, clipping, accumulation and checkpoints do not drive yet: refuse it up front."""
+def offload_requested(mode: str | None, overrides: dict | None) -> bool:
+    """--mode memory (unless the flags turned offload off) or a --vgpu-auto plan that needs offload."""
     overrides = overrides or {}
-    if overrides.get("offload") or (mode == "memory" and "offload" not in overrides):
-        raise ConfigError("offload to the host/disk tiers (--mode memory, or a --vgpu-auto plan that needs "
-                          "it) is not wired into `vbhal train` yet: its host AdamW replaces this loop's "
-                          "optimizer. Use --mode balanced/full (checkpointing, FP4), a smaller --batch-size "
-                          "with --gradient-accumulation-steps, or vbhal.nn.offload.apply_offload in your "
-                          "own loop.")
+    return bool(overrides.get("offload")) or (mode == "memory" and "offload" not in overrides)
+
+
+def _check_offload(cfg: TrainConfig, info: D.DistInfo, precision: str, overrides: dict | None) -> None:
+    """Refuse the combinations the offload engine (vbhal.nn.offload) cannot run, before any work."""
+    why = "--mode memory" if cfg.mode == "memory" else "the --vgpu-auto plan (it needs offload)"
+    if info.enabled:
+        raise ConfigError(f"{why} streams the weights through one device and steps AdamW on this host; it "
+                          f"does not run under DDP/FSDP ({info.world_size} ranks). Run one process, or use "
+                          f"--mode balanced/full with --strategy fsdp to shard instead.")
+    if cfg.compile:
+        raise ConfigError(f"{why} with --compile: the offload engine moves weights in and out of the model "
+                          f"around every block (hooks and host threads torch.compile cannot trace). Drop "
+                          f"--compile, or use --mode balanced.")
+    if precision == "fp16":
+        raise ConfigError(f"{why} with --mixed-precision fp16: the host AdamW steps do not take a gradient "
+                          f"scaler. Use --mixed-precision bf16 (or no).")
+    if cfg.use_fp4 or (overrides or {}).get("fp4"):
+        raise ConfigError(f"{why} with FP4 weights is not wired into `vbhal train` yet (the FP4 swap must "
+                          f"precede the offload, which vbhal.optimize does with its own optimizer settings). "
+                          f"Use --use-fp4 with --mode full, or --mode memory without --use-fp4.")
+
+
+def _build_engine(model: GPT, cfg: TrainConfig, device: torch.device, lr: float, log):
+    """The offload engine that replaces this loop's optimizer in memory mode: fp32 masters and AdamW
+    on the host, the blocks streamed through `device`, accumulation over `gradient_accumulation_steps`
+    backward passes, global-norm clipping and the skip of non-finite steps inside the engine."""
+    try:
+        from vbhal.nn.offload import apply_offload
+    except ImportError as exc:
+        raise FeatureUnavailableError(f"--mode memory needs vbhal.nn.offload, which is not importable in "
+                                      f"this build ({exc}).") from None
+    engine = apply_offload(model, device=device, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                           weight_decay=cfg.weight_decay, grad_accum_steps=cfg.gradient_accumulation_steps,
+                           max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm > 0 else None,
+                           skip_nonfinite=True)
+    summ = engine.memory_summary()
+    log(f"offload engine: {summ['units']} units streamed through {device} ({summ['streamed_params']:,} "
+        f"parameters, largest unit {summ['max_unit_bytes'] / 2**20:.1f} MiB), fp32 masters + AdamW "
+        f"({summ['host_step']}) on the host; weight decay {cfg.weight_decay:g} on every parameter (the "
+        f"engine has one group), clipping "
+        + (f"at global norm {cfg.max_grad_norm:g}" if cfg.max_grad_norm > 0 else "off")
+        + ", non-finite steps skipped")
+    return engine
+
+
+def offload_model_state(model: nn.Module, engine) -> dict:
+    """A state dict `GPT.load_state_dict` takes (tied weights under both names) from the engine's fp32
+    master weights: the model's own parameters are only device placeholders while it is offloaded."""
+    masters = engine.master_state_dict()
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if isinstance(t, nn.Parameter):
+            out[name] = masters[canonical[id(t)]]
+        else:
+            out[name] = t.detach().to("cpu").clone()
+    return out
 
 
 def _estimate_module():
@@ -268,6 +331,11 @@ def _estimate_precision(precision: str) -> str:
     return {"bf16": "bf16-mixed", "fp16": "fp16-mixed", "no": "fp32"}[precision]
 
 
+def info_single(world_size: int) -> bool:
+    """Offload (one device + the host) is an option for the planner only in a single-process run."""
+    return world_size == 1
+
+
 def vgpu_plan(cfg: TrainConfig, model_cfg: GPTConfig, device: torch.device, precision: str,
               world_size: int):
     """--vgpu-auto: ask `vbhal.estimate.plan` for mode, micro-batch and accumulation that fit this
@@ -277,8 +345,7 @@ def vgpu_plan(cfg: TrainConfig, model_cfg: GPTConfig, device: torch.device, prec
     p = est.plan(model_cfg, seq_length=model_cfg.seq_length, global_batch=global_batch,
                  precision=_estimate_precision(precision), allow_fp4=bool(cfg.use_fp4),
                  fp4_format=cfg.fp4_format, world_size=world_size,
-                 # the launcher does not drive the offload engine's host optimizer yet: plan without it
-                 allow_offload=False,
+                 allow_offload=info_single(world_size),
                  device="cuda" if device.type == "cuda" else "cpu")
     if not p.fits:
         raise ConfigError(f"--vgpu-auto: no setup fits: {p.missing}. "
@@ -414,7 +481,9 @@ def _run(cfg: TrainConfig, model_cfg: GPTConfig, info: D.DistInfo, device: torch
         if plan_overrides.get("gradient_checkpointing"):
             cfg = dataclasses.replace(cfg, gradient_checkpointing=True)
 
-    _refuse_offload((plan_overrides or {}).get("mode") or cfg.mode, plan_overrides)
+    offload = offload_requested((plan_overrides or {}).get("mode") or cfg.mode, plan_overrides)
+    if offload:
+        _check_offload(cfg, info, precision, plan_overrides)
     resuming = cfg.resume is not None
     out = _prepare_output(cfg, resuming, overwrite)
 
@@ -463,6 +532,11 @@ def _run(cfg: TrainConfig, model_cfg: GPTConfig, info: D.DistInfo, device: torch
             found_path = D.broadcast_object(str(found[0]) if found else None, info)
             state = found[1] if found else ckpt.load_checkpoint(Path(found_path))
             ckpt.require_same_model(state["model_config"], model_cfg.to_dict(), Path(found_path))
+            if (state.get("engine") is not None) != offload:
+                raise ResumeError(
+                    f"{found_path} was written " + ("with" if state.get("engine") is not None else "without")
+                    + " the offload engine (--mode memory), this run is " + ("with" if offload else "without")
+                    + " it: their optimizer states differ. Resume with the same --mode.")
             log(f"resuming from {found_path} (step {state['step']}, epoch {state['epoch']})")
         elif overwrite and info.is_main:
             _wipe_checkpoints(out)
@@ -474,14 +548,14 @@ def _run(cfg: TrainConfig, model_cfg: GPTConfig, info: D.DistInfo, device: torch
                 " (ignored: not a CUDA device)"))
         with _sdpa_backend_context(cfg.sdpa_backend, device):
             return _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, sampler,
-                          steps_per_epoch, total_steps, state, out, log, t_start, plan_overrides)
+                          steps_per_epoch, total_steps, state, out, log, t_start, plan_overrides, offload)
     finally:
         log.close()
 
 
 def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, sampler, steps_per_epoch,
            total_steps, state, out: Path, log: _RunLog, t_start: float,
-           plan_overrides: dict | None = None) -> TrainResult:
+           plan_overrides: dict | None = None, offload: bool = False) -> TrainResult:
     result = TrainResult(output_dir=out)
     ckdir = out / "checkpoints"
     metrics_path = out / "metrics.jsonl"
@@ -496,19 +570,28 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
     # ---- model -------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)   # identical initial weights on every rank
     model = GPT(model_cfg)
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing and not offload:   # the offload engine recomputes every block itself
         model.gradient_checkpointing_enable()
-    model.to(device)
+    if not offload:
+        model.to(device)   # offloaded: the weights stay on the host, the engine streams them
     log(_count_params(model))
-    model, applied = _apply_vbhal_features(model, cfg, device, log, plan_overrides)
+    lr = D.scale_learning_rate(cfg.learning_rate, info.world_size, cfg.lr_scaling)
+    engine = _build_engine(model, cfg, device, lr, log) if offload else None
+    model, applied = _apply_vbhal_features(model, cfg, device, log, plan_overrides, offload=offload)
     raw: GPT = model
     if applied and applied.get("fp4"):
         log("after vbhal.optimize: " + _count_params(raw) + " (FP4 weights are frozen buffers, not parameters)")
-    if state is not None and cfg.strategy != "fsdp":
+    if state is not None and engine is not None:
+        engine.load_state_dict(state["engine"])
+    elif state is not None and cfg.strategy != "fsdp":
         raw.load_state_dict(state["model"])
     model = D.wrap_model(model, cfg.strategy, info)
-    lr = D.scale_learning_rate(cfg.learning_rate, info.world_size, cfg.lr_scaling)
-    optimizer = build_optimizer(model, cfg, lr, device)
+    if engine is None:
+        optimizer = build_optimizer(model, cfg, lr, device)
+    else:
+        # The engine steps AdamW on the host; this stand-in only carries the LR schedule (LambdaLR needs
+        # an optimizer), which the loop hands to the engine through set_lr before every step.
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_at(s, warmup=cfg.warmup_steps, total=total_steps, schedule=cfg.lr_schedule,
                                    min_ratio=cfg.min_lr_ratio))
@@ -535,7 +618,7 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
     else:
         torch.manual_seed(cfg.seed + info.rank)  # dropout differs across ranks, as it should
     if cfg.compile:
-        model = torch.compile(model)
+        model = torch.compile(model) if cfg.compile_mode == "default" else torch.compile(model, mode=cfg.compile_mode)
 
     settings = loader_settings(device, cfg.num_workers, info.local_world_size)
     loader = make_loader(train_set, cfg.batch_size, sampler, **settings)
@@ -607,8 +690,10 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
                 D.save_sharded(model, optimizer, path.with_suffix(".dcp"), info)
                 payload["sharded"] = str(path.with_suffix(".dcp"))
             else:
-                payload["model"] = raw.state_dict()
+                payload["model"] = raw.state_dict() if engine is None else offload_model_state(raw, engine)
                 payload["optimizer"] = optimizer.state_dict()
+                if engine is not None:
+                    payload["engine"] = engine.state_dict()
             if info.is_main:
                 ckpt.save_checkpoint(payload, ckdir, step)
                 ckpt.prune_checkpoints(ckdir, cfg.keep_checkpoints, protect=path)
@@ -625,7 +710,7 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
             sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         else:
-            sd = raw.state_dict()
+            sd = raw.state_dict() if engine is None else offload_model_state(raw, engine)
         if info.is_main:
             try:
                 ckpt.save_atomic({"format": ckpt.CHECKPOINT_FORMAT, "model": sd, "model_config": model_cfg.to_dict(),
@@ -676,6 +761,12 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
     # rewinds the step counter, data position and schedule to the last good step. Without it every
     # step waits for the GPU before the next one can be queued.
     device_guard = bool(optimizer.defaults.get("fused")) and precision != "fp16"
+    # With the device guard, clipping is folded into the fused AdamW kernel: it divides each gradient by
+    # `grad_scale` (GradScaler's unscale input) = max(norm / max_norm, 1) while it reads it, which saves the
+    # separate read-modify-write pass over all gradients of clip_grad_norm_ (same clip, division instead
+    # of multiplication by the reciprocal: may differ in the last bit). Not under FSDP2 (DTensor norms).
+    fused_clip = device_guard and cfg.max_grad_norm > 0 and not (cfg.strategy == "fsdp" and info.enabled)
+    grad_scale = None
     nan_seen = torch.zeros((), dtype=torch.bool, device=device)
     pending: list[tuple[int, torch.Tensor]] = []
 
@@ -706,6 +797,8 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
             it = iter(loader)
             while done_in_epoch < steps_per_epoch and step < total_steps:
                 loss_sum = torch.zeros((), device=device)
+                if engine is not None:
+                    engine.set_lr(optimizer.param_groups[0]["lr"])   # this step's LR from the schedule
                 for micro in range(accum):
                     x, y = next(it)
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -713,10 +806,18 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
                         with _autocast(precision, device):
                             _, loss = model(x, y)
                         scaler.scale(loss / accum).backward()
+                    if engine is not None:
+                        closed = engine.step()   # None until the last micro-batch closes the step
                     loss_sum += loss.detach()
                 if scaler.is_enabled():
                     scaler.unscale_(optimizer)
-                if cfg.max_grad_norm > 0:
+                if engine is not None:
+                    # The engine clipped (or skipped a non-finite step: nothing was updated) already.
+                    gnorm = torch.tensor(float("nan") if closed.skipped else (closed.grad_norm or 0.0))
+                elif fused_clip:
+                    gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                    grad_scale = torch.clamp((gnorm + 1e-6) / cfg.max_grad_norm, min=1.0)
+                elif cfg.max_grad_norm > 0:
                     gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                     if hasattr(gnorm, "full_tensor"):   # FSDP2: a DTensor (already reduced over ranks)
                         gnorm = gnorm.full_tensor()
@@ -726,7 +827,7 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
                 halt = False
                 if device_guard:
                     nan_seen |= ~torch.isfinite(stats).all()
-                    optimizer.grad_scale, optimizer.found_inf = None, nan_seen.float()
+                    optimizer.grad_scale, optimizer.found_inf = grad_scale, nan_seen.float()
                     try:
                         optimizer.step()
                     finally:
@@ -737,13 +838,21 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
                     local = 2 if bad else (1 if signals.received is not None or step + 1 == stop_at else 0)
                     verdict = D.max_across_ranks(local, info)   # one tiny all-reduce: all ranks agree
                     if verdict == 2:
-                        # Do not step: the weights stay those of the last good step.
+                        # Do not step: the weights stay those of the last good step. (The engine skips
+                        # a step whose gradients are non-finite by itself; a non-finite loss with finite
+                        # gradients, which autograd does not produce, would have been applied.)
+                        if engine is not None and not closed.skipped:
+                            log(f"WARNING: step {step + 1}: the loss is non-finite but the gradients were "
+                                f"finite, so the offload engine applied that update.")
                         optimizer.zero_grad(set_to_none=True)
                         stop_reason = "nan"
                         break
                     halt = verdict == 1
-                    scaler.step(optimizer)
-                    scaler.update()
+                    if engine is None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()   # the stand-in: no parameters with gradients, keeps LambdaLR quiet
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -853,6 +962,8 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
                 validate()
             save("final")
 
+    if engine is not None:
+        engine.close()   # waits for the last host steps, stops the worker thread
     result.step, result.epoch, result.best_val_loss = step, epoch, best_val
     result.tokens_per_second = last_tps
     result.elapsed = time.time() - t_start
