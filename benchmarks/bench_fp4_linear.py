@@ -134,22 +134,203 @@ def import_bnb():
 
 
 # ---------------------------------------------------------------------------------------------------
+def host_overhead(device: str, calls: int = 2000, shape=(1024, 1024), stub: bool = False) -> dict:
+    """Host (Python + launch) time per call in us of FP4Linear / fp4_linear vs nn.Linear, eager.
+
+    On a GPU: a layer small enough that the GPU finishes each call before the host issues the next, so
+    wall time / calls is the host time. ``stub`` (CPU, no GPU needed): the Triton launches replaced by
+    no-ops, so the number is vbhal's own Python time per call (everything but Triton's launcher).
+    """
+    from vbhal.backends.cuda import fp4_kernels as K4
+    from vbhal.backends.cuda import fp4_linear as L
+    from vbhal.nn import FP4Linear
+
+    class _NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: None
+
+    saved = {}
+    if stub:
+        for name in dir(K4):
+            if name.startswith("fp4_") and name.endswith("_kernel"):
+                saved[name] = getattr(K4, name)
+                setattr(K4, name, _NoLaunch())
+    try:
+        k, n = shape
+        dev = torch.device(device)
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        lin = torch.nn.Linear(k, n, device=dev, dtype=dt)
+        kernels = {"fp4_linear": L.fp4_linear, "dequantize_fp4": L.dequantize_fp4}
+        q = FP4Linear.from_linear(lin, "mxfp4", kernels=kernels).to(dt)
+        qw = q.qweight
+        out = {}
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        for m in (1, 16):
+            x = torch.randn(m, k, device=dev, dtype=dt)
+            cases = {
+                "nn.Linear no_grad": (lambda: lin(x), True),
+                "FP4Linear no_grad": (lambda: q(x), True),
+                "FP4Linear grad (bias trainable)": (lambda: q(x), False),
+                "fp4_linear(x, qw) no_grad": (lambda: L.fp4_linear(x, qw, q.bias), True),
+                "FP4Linear via custom op no_grad": (lambda: torch.ops.vbhal.fp4_linear(
+                    x, q.codes, q.scales, q.tensor_scale, q.bias, q.fmt, q.in_features, q._key()), True),
+            }
+            for name, (fn, nograd) in cases.items():
+                if stub and name.startswith("nn.Linear"):
+                    continue
+                with torch.set_grad_enabled(not nograd):
+                    for _ in range(20):
+                        fn()
+                    sync()
+                    best = float("inf")
+                    for _ in range(3):
+                        t0 = time.perf_counter()
+                        for _ in range(calls):
+                            fn()
+                        sync()
+                        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+                out[f"M={m} {name}"] = best
+        return out
+    finally:
+        for name, fn in saved.items():
+            setattr(K4, name, fn)
+
+
+def _variant_name(path: str, cfg: dict | None, chunk=None) -> str:
+    if chunk:
+        return f"{path}[chunk{chunk}]"
+    if not cfg:
+        return path
+    short = {"BLOCK_M": "bm", "BLOCK_N": "bn", "NBK": "nbk", "SPLIT_K": "s", "GROUP_M": "g", "num_warps": "w",
+             "num_stages": "st"}
+    return path + "[" + ",".join(f"{short.get(k, k)}{v}" for k, v in cfg.items()) + "]"
+
+
+def sweep_variants(out_path: str, ms=(1, 16, 64, 1024), k: int = 8192, n: int = 8192, fmt: str = "mxfp4",
+                   budget_s: float = 90.0) -> list[dict]:
+    """Every candidate kernel variant / launch config at (K, N), bf16: GPU time from CUDA-graph replays
+    with L2 flushed before each call (``_bench_graph``), each result checked against an fp32 matmul of
+    the same dequantized weight (rel. Frobenius error; bf16 output rounding is ~2e-3). Rows as they
+    finish go to ``out_path`` (JSON) and stdout; a table of the best per M at the end. Stops starting
+    new variants after ``budget_s`` seconds."""
+    from vbhal.backends.cuda import fp4_linear as L
+    from vbhal.backends.cuda.fp4_quantize import dequantize_fp4, quantize_fp4, qw_operands
+
+    t_start = time.time()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+    bias = torch.randn(n, device=dev, dtype=torch.bfloat16) * 0.1
+    qw = quantize_fp4(w, fmt)
+    codes, scales, ts, fid = qw_operands(qw)
+    wd = dequantize_fp4(qw, torch.float32)
+    nblocks = scales.shape[1]
+    rows = []
+    for m in ms:
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        ref = F.linear(x.float(), wd, bias.float())
+        variants = [("cublas_bf16", None, None)]
+        if m <= L.GEMV_MR_MAX_M:
+            extra = [{"BLOCK_N": bn, "NBK": nbk, "BLOCK_M": min(L._m_bucket(m), 16), "SPLIT_K": sp, "num_warps": wp, "num_stages": 2}
+                     for bn, nbk, sp, wp in ((128, 2, 16, 4), (32, 4, 32, 4), (64, 4, 16, 8), (16, 4, 64, 2))]
+            for cfg in L._configs("gemv_mr", m, fmt, nblocks) + extra:
+                variants.append(("gemv_mr", cfg, None))
+        if m <= L.GEMV_MAX_M:
+            variants += [("gemv_w32", None, None), ("gemv_pf", None, None)]
+        if 8 <= m <= L.MM_T_SMALL_M:
+            variants += [("mm_t", cfg, None) for cfg in L._configs("mm_t", m, fmt, nblocks)]
+            variants += [("mm_w32", cfg, None) for cfg in L._configs("mm_w32", m, fmt, nblocks)]
+        if m > L.MM_T_SMALL_M:
+            variants += [("mm_t", cfg, None) for cfg in L._configs("mm_t", m, fmt, nblocks)]
+            variants += [("dequant", None, None)] + [("dequant_pipelined", None, c) for c in (1024, 2048, 4096)]
+        base = None
+        for path, cfg, chunk in variants:
+            name = _variant_name(path, cfg, chunk)
+            if time.time() - t_start > budget_s:
+                print(f"sweep: budget {budget_s:.0f}s spent, skipping M={m} {name}")
+                continue
+            row = {"M": m, "K": k, "N": n, "fmt": fmt, "variant": name, "path": path, "config": cfg}
+            try:
+                if path == "cublas_bf16":
+                    fn = lambda: F.linear(x, w, bias)
+                elif path in ("gemv_w32", "gemv_pf"):
+                    fn = lambda path=path: L._linear_2d(x, codes, scales, ts, bias, fid, n, k, path)
+                else:
+                    run = L._make_runner(path, n, k, fmt, True, config=cfg, chunk_rows=chunk)
+                    fn = lambda run=run: run(x, codes, scales, ts, bias)
+                y = fn()
+                torch.cuda.synchronize()
+                row["rel_err"] = _rel(y, ref)
+                row["us_graph"] = _bench_graph(fn, n=10, reps=5)
+                if path == "cublas_bf16":
+                    base = row["us_graph"]
+                row["ratio_vs_cublas"] = base / row["us_graph"] if base and row["us_graph"] > 0 else None
+                row["ok"] = row["rel_err"] < 6e-3 if path != "cublas_bf16" else True
+            except Exception as e:  # noqa: BLE001 - reported, not fatal
+                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:160] if str(e).strip() else ''}"
+            rows.append(row)
+            if "error" in row:
+                print(f"sweep M={m:5d} {name:60s} FAILED {row['error']}", flush=True)
+            else:
+                r = row["ratio_vs_cublas"]
+                print(f"sweep M={m:5d} {name:60s} {row['us_graph']:8.1f} us  {r or 0:5.2f}x  err {row['rel_err']:.1e}"
+                      f"{'' if row['ok'] else '  WRONG'}", flush=True)
+            with open(out_path + ".tmp", "w") as f:
+                json.dump(rows, f, indent=1)
+            os.replace(out_path + ".tmp", out_path)
+    print("\nsweep summary (graph us, L2 flushed; best correct variant per M and path):")
+    for m in ms:
+        base = next((r["us_graph"] for r in rows if r["M"] == m and r["path"] == "cublas_bf16" and "us_graph" in r), None)
+        best = {}
+        for r in rows:
+            if r["M"] == m and r.get("ok") and r["path"] != "cublas_bf16":
+                if r["path"] not in best or r["us_graph"] < best[r["path"]]["us_graph"]:
+                    best[r["path"]] = r
+        cells = "  ".join(f"{p}={b['us_graph']:.1f}({base / b['us_graph']:.2f}x)" if base else f"{p}={b['us_graph']:.1f}"
+                          for p, b in sorted(best.items(), key=lambda kv: kv[1]["us_graph"]))
+        print(f"  M={m:5d} cublas={base or float('nan'):.1f} | {cells}")
+        if best:
+            top = min(best.values(), key=lambda r: r["us_graph"])
+            print(f"          fastest: {top['variant']}")
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sweep", metavar="JSON", help="time every kernel variant/config at K=N=8192 (M 1, 16, 64, "
+                    "1024), write the rows to JSON, then exit")
+    ap.add_argument("--sweep-budget", type=float, default=90.0, help="seconds after which the sweep starts no variant")
+    ap.add_argument("--host", metavar="JSON", help="measure eager host time per call (small layer), write JSON, exit")
+    ap.add_argument("--host-stub", action="store_true",
+                    help="CPU only: vbhal's Python time per call with the Triton launches stubbed out, then exit")
     ap.add_argument("--quick", action="store_true", help="one shape, M in {1, 16, 256}")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--variants", action="store_true", help="also time each vbhal path (gemv/mm/dequant)")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph (no launch overhead) timings")
     args = ap.parse_args()
+    if args.host_stub:
+        for name, us in host_overhead("cpu", stub=True).items():
+            print(f"host time per call (launch stubbed, CPU): {name:40s} {us:7.1f} us")
+        return 0
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark measures GPU kernels; nothing to do")
         return 0
+    if args.sweep:
+        sweep_variants(args.sweep, budget_s=args.sweep_budget)
+        return 0
+    if args.host:
+        res = host_overhead("cuda")
+        for name, us in res.items():
+            print(f"eager host time per call (1024x1024 layer, GPU idle between calls): {name:40s} {us:7.1f} us")
+        with open(args.host, "w") as f:
+            json.dump(res, f, indent=1)
+        return 0
     import triton
 
+    import vbhal.formats as VF
     from vbhal.backends.cuda import fp4_linear as L
     from vbhal.backends.cuda import fp4_quantize as Q
     from vbhal.backends.cuda.fp4_quantize import dequantize_fp4, quantize_fp4, qw_operands
-    import vbhal.formats as VF
 
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
@@ -175,7 +356,7 @@ def main() -> int:
     try:
         out["peers"]["bitsandbytes"] = import_bnb()
         have_bnb = None
-    except Exception as e:  # noqa: BLE001 - report any failure to load as "unavailable"
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
         have_bnb = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         out["peers"]["bitsandbytes"] = f"unavailable: {have_bnb}"
         print("bitsandbytes unavailable:", have_bnb)
@@ -191,7 +372,7 @@ def main() -> int:
             f4, deq4 = make_int4(w)
             peers["torch_int4_g128"] = f4
             errs_w["torch_int4_g128"] = _rel(deq4, w)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
             peers["torch_int4_g128"] = f"unavailable: {type(e).__name__}: {str(e)[:160]}"
         for qt in ("fp4", "nf4"):
             key = f"bnb_{qt}"
@@ -202,7 +383,7 @@ def main() -> int:
                 fb, deqb, _ = make_bnb(w, qt)
                 peers[key] = fb
                 errs_w[key] = _rel(deqb, w)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - reported, not fatal
                 peers[key] = f"unavailable: {type(e).__name__}: {str(e)[:160]}"
         qws = {}
         for fmt in ("mxfp4", "nvfp4"):
@@ -220,7 +401,7 @@ def main() -> int:
                 for dt in (torch.bfloat16, torch.float16, torch.float32))
             if args.variants and fmt == "mxfp4":
                 ops = qw_operands(qw)
-                for path in ("gemv", "gemv_w32", "gemv_pf", "mm_w32", "mm_t", "dequant", "dequant_pipelined"):
+                for path in ("gemv", "gemv_w32", "gemv_pf", "gemv_mr", "mm_w32", "mm_t", "dequant", "dequant_pipelined"):
                     peers[f"vbhal_{fmt}_{path}"] = (
                         lambda x, b, ops=ops, path=path: L._linear_2d(x, ops[0], ops[1], ops[2], b, ops[3], n, k, path))
         wbytes = {f: qws[f].nbytes for f in qws}
@@ -233,7 +414,7 @@ def main() -> int:
                 if isinstance(fn, str):
                     row["us"][pname] = fn
                     continue
-                if pname.endswith(("_gemv", "_gemv_w32", "_gemv_pf")) and m > 16:
+                if pname.endswith(("_gemv", "_gemv_w32", "_gemv_pf", "_gemv_mr")) and m > 16:
                     continue  # one program column per activation row: only meant for tiny M
                 if pname.endswith("_pipelined") and m < 256:
                     continue
@@ -252,9 +433,9 @@ def main() -> int:
                         try:
                             n_calls = int(min(20, max(3, 2000.0 / max(row["us"][pname], 1.0))))
                             row["us_graph"][pname] = _bench_graph(lambda fn=fn: fn(x, bias), n=n_calls, reps=5)
-                        except Exception as e:  # noqa: BLE001
+                        except Exception as e:  # noqa: BLE001 - reported, not fatal
                             row["us_graph"][pname] = f"not capturable: {type(e).__name__}: {str(e)[:120]}"
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:  # noqa: BLE001 - reported, not fatal
                     row["us"][pname] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                     traceback.print_exc(limit=3)
             out["linear"].append(row)
@@ -289,7 +470,7 @@ def main() -> int:
             t_op = _bench(_op)
             try:
                 t_g = _bench_graph(_op)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - reported, not fatal
                 t_g = None
             rec = {"K": k, "N": n, "fmt": fmt, "rule": rule, "us": t, "TBps": nbytes / (t * 1e-6) / 1e12,
                    "us_kernels": t_op, "TBps_kernels": nbytes / (t_op * 1e-6) / 1e12,
@@ -306,7 +487,7 @@ def main() -> int:
         try:
             t = _bench(lambda: make_int4(w))
             out["quantize"].append({"K": k, "N": n, "fmt": "torch_int4_g128 (torch ops)", "us": t})
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
             out["quantize"].append({"K": k, "N": n, "fmt": "torch_int4_g128", "us": f"unavailable: {e!s:.160}"})
         if have_bnb is None:
             import bitsandbytes.functional as bf

@@ -10,6 +10,9 @@ The forward runs the kernel bound when the module was built (``fp4_linear`` from
 the reference :func:`vbhal.formats.reference.fp4_linear_reference`, which the CPU backend serves)
 through the custom op ``vbhal::fp4_linear`` (``torch.library``: a fake implementation for
 ``torch.compile`` and an autograd formula), so compile sees one opaque op, not the kernel's insides.
+In eager mode a kernel that offers ``from_operands`` (the CUDA one) is called on the buffers directly,
+through an ``autograd.Function`` with the same backward only when a gradient is wanted: a Python
+custom op and a QuantizedWeight per call would cost more host time than a small-batch kernel runs.
 The backward is the exact gradient of the reference: dL/dx = dL/dy @ W in float32 (W from the bound
 ``dequantize_fp4``, else the reference decoder), cast to x's dtype; dL/db = sum of dL/dy in float32.
 
@@ -182,6 +185,27 @@ def _backward(ctx, grad):
 _fp4_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _FP4LinearFunction(torch.autograd.Function):
+    """The op's forward and backward for eager calls to a kernel with a ``from_operands`` entry: the
+    kernel is called on the module's buffers directly (no custom-op dispatch, no QuantizedWeight
+    built per call), the backward is the op's own."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scales, tensor_scale, bias, fmt, in_features, kernel, fast):
+        ctx.save_for_backward(codes, scales, tensor_scale)
+        ctx.meta = (fmt, in_features, kernel, None if bias is None else bias.dtype)
+        return fast(x, codes, scales, tensor_scale, bias, fmt, in_features)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (*_backward(ctx, grad), None)
+
+
+def _tracing() -> bool:
+    """torch.compile/export or an active dispatch mode (FakeTensor, make_fx): the custom op is needed."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
 # ------------------------------------------------------------------------------------------------
 # The module
 # ------------------------------------------------------------------------------------------------
@@ -302,6 +326,9 @@ class FP4Linear(nn.Module):
         else:
             self._bound = (lin if lin is not None else _reference_linear, deq)
             self.kernel_key = register_kernels(*self._bound)
+        # A kernel may offer ``from_operands(x, codes, scales, tensor_scale, bias, fmt, in_features)``
+        # (the CUDA one does): eager calls then skip the custom op and the QuantizedWeight (host time).
+        self._fast = getattr(lin, "from_operands", None)
 
     def _key(self) -> str:
         # A module unpickled in another process carries its kernels but not the registry entry.
@@ -338,6 +365,13 @@ class FP4Linear(nn.Module):
             raise KernelError(
                 f"FP4Linear{self._where()} expects input (..., {self.in_features}), got {tuple(x.shape)}"
             )
+        fast = self.__dict__.get("_fast")
+        if fast is not None and not _tracing():
+            bias, bufs = self._parameters["bias"], self._buffers  # plain dict reads: no Module.__getattr__
+            if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+                return _FP4LinearFunction.apply(x, bufs["codes"], bufs["scales"], bufs["tensor_scale"], bias,
+                                                self.fmt, self.in_features, self._key(), fast)
+            return fast(x, bufs["codes"], bufs["scales"], bufs["tensor_scale"], bias, self.fmt, self.in_features)
         return torch.ops.vbhal.fp4_linear(x, self.codes, self.scales, self.tensor_scale, self.bias,
                                           self.fmt, self.in_features, self._key())
 

@@ -66,7 +66,8 @@ MM_CONFIGS = {  # fixed tiles (the autotuned choice is checked by "auto"): (path
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 @pytest.mark.parametrize("path,dtype", [("auto", torch.bfloat16), ("gemv", torch.bfloat16), ("gemv_w32", torch.bfloat16),
-                                        ("gemv_w32", torch.float16), ("gemv_pf", torch.bfloat16), ("mm16", torch.bfloat16),
+                                        ("gemv_w32", torch.float16), ("gemv_pf", torch.bfloat16), ("gemv_mr", torch.bfloat16),
+                                        ("gemv_mr", torch.float16), ("mm16", torch.bfloat16),
                                         ("t16", torch.bfloat16),
                                         ("t128", torch.bfloat16), ("t16", torch.float16), ("dequant", torch.bfloat16),
                                         ("dequant_pipelined", torch.bfloat16)])
@@ -102,7 +103,7 @@ def test_gpu_linear_split_k_and_fp32(fmt):
     for dtype in (torch.bfloat16, torch.float32):
         x = torch.randn(2, k, device="cuda").to(dtype)
         for split in (1, 4):
-            for path in ("gemv", "gemv_w32", "gemv_pf"):
+            for path in ("gemv", "gemv_w32", "gemv_pf", "gemv_mr"):
                 y = L._linear_2d(x, codes, scales, ts, None, fid, n, k, path, split_k=split)
                 assert _rel(y, x.float() @ wd.t()) < REL_TOL[dtype], (dtype, split, path)
 
@@ -125,6 +126,48 @@ def test_gpu_fp4_linear_grads(fmt):
     torch.nn.functional.linear(xr, wd, br).backward(gy.float())
     assert _rel(x.grad, xr.grad) < 1e-2
     assert _rel(b.grad, br.grad) < 1e-2
+
+
+def test_gpu_split_k_workspace_clean_and_graph_capture():
+    """Split-K calls leave the shared workspace zero; a split-K call captured in a CUDA graph replays
+    correctly (its own workspace) while eager calls of the same layer run in between."""
+    import vbhal.formats as VF
+    from vbhal.backends.cuda import fp4_linear as L
+
+    n, k = 2048, 4096
+    qw = L.quantize_fp4(torch.randn(n, k, device="cuda") * 0.02, "mxfp4")
+    wd = VF.dequantize(qw, torch.float32)
+    codes, scales, ts, _fid = L.qw_operands(qw)
+    cfg = {"BLOCK_N": 32, "NBK": 4, "BLOCK_M": 4, "SPLIT_K": 8, "num_warps": 4, "num_stages": 2}
+    run = L._make_runner("gemv_mr", n, k, "mxfp4", False, config=cfg)
+    x = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        assert _rel(run(x, codes, scales, ts, None), x.float() @ wd.t()) < REL_TOL[torch.bfloat16]
+    torch.cuda.synchronize()
+    assert all(not a.any() and not c.any() for a, c in L._WORKSPACES.values())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y_g = run(x, codes, scales, ts, None)
+    for i in range(3):
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        y_e = run(x, codes, scales, ts, None)
+        assert _rel(y_g, x.float() @ wd.t()) < REL_TOL[torch.bfloat16], i
+        assert _rel(y_e, x.float() @ wd.t()) < REL_TOL[torch.bfloat16], i
+
+
+def test_gpu_fp4linear_eager_matches_compiled():
+    from vbhal.backends.cuda import fp4_linear as L
+    from vbhal.nn import FP4Linear
+
+    lin = torch.nn.Linear(1024, 512, device="cuda", dtype=torch.bfloat16)
+    q = FP4Linear.from_linear(lin, "mxfp4", kernels={"fp4_linear": L.fp4_linear,
+                                                     "dequantize_fp4": L.dequantize_fp4}).to(torch.bfloat16)
+    x = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x.float(), q.dequantized_weight(), q.bias.float())
+        assert _rel(q(x), ref) < REL_TOL[torch.bfloat16]
+        assert _rel(torch.compile(q, fullgraph=True)(x), ref) < REL_TOL[torch.bfloat16]
 
 
 def test_gpu_torch_compile_traces_the_op():

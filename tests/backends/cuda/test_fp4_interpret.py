@@ -193,7 +193,7 @@ def _check_linear(y, x, qw, bias):
 @kernel
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 @pytest.mark.parametrize("path,dtype", [("gemv", torch.float32), ("gemv", torch.float16), ("gemv_w32", torch.float32),
-                                        ("gemv_w32", torch.float16), ("gemv_pf", torch.float16), ("mm", torch.float16),
+                                        ("gemv_w32", torch.float16), ("gemv_pf", torch.float16), ("gemv_mr", torch.float32), ("gemv_mr", torch.float16),
                                         ("mm_w32", torch.float16),
                                         ("mm_t", torch.float16),
                                         ("dequant", torch.float32), ("dequant", torch.float16)])
@@ -231,6 +231,95 @@ def test_linear_gemv_split_k(fmt):
             _check_linear(y, x, qw, bias)
 
 
+def _workspaces_are_zero():
+    from vbhal.backends.cuda import fp4_linear as L
+
+    return all(not ws.any() and not cnt.any() for ws, cnt in L._WORKSPACES.values())
+
+
+@kernel
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_linear_gemv_mr_tiles_and_splits(fmt, dtype):
+    """The multi-row GEMV over several M tiles, N tiles and K splits (a split with no K blocks left
+    included), called twice in a row: the split-K workspace and counters must be zero again after
+    every call (the last split resets them), or the second call would be wrong."""
+    import vbhal.formats as VF
+    from vbhal.backends.cuda import fp4_linear as L
+
+    n, k, m = 19, 224, 7  # 7 mxfp4 blocks: split 4 x NBK 2 leaves the last split empty
+    qw = VF.quantize(_weight(n, k, seed=9) * 1e-2, fmt)
+    codes, scales, ts, fid = _operands(qw)
+    g = torch.Generator().manual_seed(9)
+    for bm, split in ((4, 4), (2, 3), (8, 1)):
+        cfg = {"BLOCK_N": 8, "NBK": 2, "BLOCK_M": bm, "SPLIT_K": split}
+        for rep in range(2):
+            x = torch.randn(m, k, generator=g).to(dtype)
+            bias = torch.randn(n, generator=g).to(dtype) if rep == 0 else None
+            y = L._linear_2d(x, codes, scales, ts, bias, fid, n, k, "gemv_mr", config=cfg)
+            _check_linear(y, x, qw, bias)
+            assert _workspaces_are_zero(), (bm, split, rep)
+
+
+@kernel
+def test_split_k_counters_survive_many_calls():
+    """The same workspace serves gemv, gemv_mr and mm_t split-K calls of different shapes back to back."""
+    import vbhal.formats as VF
+    from vbhal.backends.cuda import fp4_linear as L
+
+    g = torch.Generator().manual_seed(3)
+    for n, k, m in ((9, 300, 2), (33, 96, 5), (16, 64, 1)):
+        qw = VF.quantize(torch.randn(n, k, generator=g) * 1e-2, "mxfp4")
+        codes, scales, ts, fid = _operands(qw)
+        x = torch.randn(m, k, generator=g).to(torch.float16)
+        for path in ("gemv_w32", "gemv_mr", "mm_t"):
+            y = L._linear_2d(x, codes, scales, ts, None, fid, n, k, path, split_k=2)
+            _check_linear(y, x, qw, None)
+    assert _workspaces_are_zero()
+
+
+@kernel
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_fp4linear_with_cuda_kernels_eager_fast_path(fmt):
+    """FP4Linear bound to the CUDA kernels: the eager path (from_operands, no custom op) with and
+    without autograd, the traced path (custom op, under a dispatch mode) and the reference give the
+    same outputs; input and bias gradients equal those of the float64 reference."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vbhal.backends.cuda import fp4_linear as L
+    from vbhal.nn import FP4Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 24)
+    kernels = {"fp4_linear": L.fp4_linear, "dequantize_fp4": L.dequantize_fp4}
+    q = FP4Linear.from_linear(lin, fmt, kernels=kernels)
+    assert q._fast is L._from_operands
+    x = torch.randn(2, 3, 96, requires_grad=True)
+    y = q(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    w64 = q.dequantized_weight(torch.float64)
+    ref = torch.nn.functional.linear(x.detach().double(), w64, q.bias.detach().double())
+    assert torch.allclose(y.double(), ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(x.grad.double(), gy.double() @ w64, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(q.bias.grad.double(), gy.double().sum((0, 1)), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        y_ng = q(x)
+    assert not y_ng.requires_grad and torch.allclose(y_ng, y.detach(), atol=1e-6, rtol=1e-6)
+
+    seen = []
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Passthrough():
+        y_op = q(x)
+    assert any("fp4_linear" in o for o in seen), seen
+    assert torch.allclose(y_op, y.detach(), atol=1e-6, rtol=1e-6)
+
+
 @kernel
 def test_linear_mm_multi_tile_config():
     """Several M and N tiles and several K steps with a grouped tile order."""
@@ -242,9 +331,8 @@ def test_linear_mm_multi_tile_config():
     x = torch.randn(m, k, dtype=torch.float16)
     codes, scales, ts, fid = _operands(qw)
     cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 1, "GROUP_M": 2}
-    for path in ("mm", "mm_w32"):
-        y = L._linear_2d(x, codes, scales, ts, None, fid, n, k, path, config=cfg)
-        _check_linear(y, x, qw, None)
+    y = L._linear_2d(x, codes, scales, ts, None, fid, n, k, "mm_w32", config={**cfg, "SPLIT_K": 1})
+    _check_linear(y, x, qw, None)
     # swap-AB kernel: direct tiles, and split-K into the float32 workspace
     for split in (1, 3):
         y = L._linear_2d(x, codes, scales, ts, None, fid, n, k, "mm_t", config={**cfg, "SPLIT_K": split})

@@ -172,6 +172,152 @@ def fp4_quantize_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------
+# pieces shared by the linear kernels
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _tensor_scale(ts_ptr, IS_NV: tl.constexpr):
+    """The nvfp4 float32 tensor scale; 1 for mxfp4 (whose ts_ptr is never read)."""
+    if IS_NV:
+        return tl.load(ts_ptr)
+    else:
+        return 1.0
+
+
+@triton.jit
+def _k_range(pid_k, NUM_BLOCKS, SPLIT_K: tl.constexpr, NBK: tl.constexpr):
+    """[lo, hi) scale blocks of split ``pid_k``: the blocks cut in SPLIT_K parts of whole NBK steps."""
+    per = tl.cdiv(tl.cdiv(NUM_BLOCKS, SPLIT_K), NBK) * NBK
+    lo = pid_k * per
+    return lo, tl.minimum(lo + per, NUM_BLOCKS)
+
+
+@triton.jit
+def _bias(bias_ptr, rows, rmask, HAS_BIAS: tl.constexpr):
+    """float32 bias of ``rows`` (zeros without a bias)."""
+    if HAS_BIAS:
+        return tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    else:
+        return tl.zeros_like(rows).to(tl.float32)
+
+
+@triton.jit
+def _write_out(acc, bias, y_ptrs, ws_ptrs, mask, cnt_ptr, tile, SPLIT_K: tl.constexpr):
+    """Store ``acc + bias`` (float32) into y, or with SPLIT_K > 1 add this split's part into it.
+
+    Split-K without a memset or a cast kernel: each split atomically adds its float32 part into the
+    workspace ``ws`` (zero at rest) and then counts itself done on the tile's counter; the split that
+    arrives last reads the sum back while resetting ``ws`` to zero (atomic exchange), writes y in its
+    dtype with the bias, and resets the counter -- so the workspace is zero again for the next call.
+    The CTA barrier before the counter's release makes every thread's adds visible before the count.
+    """
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, (acc + bias).to(y_ptrs.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if done == SPLIT_K - 1:
+            # the exchange on the bits (int32): the interpreter has no float atomic exchange
+            bits = tl.atomic_xchg(ws_ptrs.to(tl.pointer_type(tl.int32), bitcast=True), tl.zeros_like(acc).to(tl.int32),
+                                  mask=mask, sem="acq_rel")
+            tot = bits.to(tl.float32, bitcast=True)
+            tl.store(y_ptrs, (tot + bias).to(y_ptrs.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
+
+
+@triton.jit
+def _grouped_tile(pid, num_a, num_b, GROUP: tl.constexpr):
+    """Grouped ("super-tile") order: tile index ``pid`` -> (pid_a, pid_b), GROUP tiles of axis a at a
+    time, so the axis-b operand tiles they share stay in L2."""
+    group = GROUP * num_b
+    first = (pid // group) * GROUP
+    gsize = tl.minimum(num_a - first, GROUP)
+    return first + ((pid % group) % gsize), (pid % group) // gsize
+
+
+@triton.jit
+def _e2m1_pair_word(w, P: tl.constexpr):
+    """From int32 words of 8 packed codes (code j in bits 4j..4j+3, j = element index), build for
+    nibble P (0..3) the two float32 values of elements P and P + 4, each E2M1_value * 2^-14.
+
+    One shift-and-mask per word yields BOTH float16 bit patterns at once (element P in the low half,
+    P + 4 in the high half, as the codes sit 16 bits apart); the halves are then widened to float32.
+    """
+    if P < 3:
+        mag = (w << (9 - 4 * P)) & 0x0E000E00
+    else:
+        mag = (w >> 3) & 0x0E000E00
+    sgn = (w << (12 - 4 * P)) & -2147450880  # 0x80008000 as int32
+    h = mag | sgn
+    lo = (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (h >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _x_streams(x8, A: tl.constexpr, B: tl.constexpr):
+    """x read 8 elements per code word, [A, B, 8] float32 -> the 8 element streams [A, B] (element
+    e = 4 * b2 + 2 * b1 + b0 of each word; three binary splits in registers)."""
+    e_even, e_odd = tl.split(tl.reshape(x8, (A, B, 4, 2)))  # b0
+    e00, e10 = tl.split(tl.reshape(e_even, (A, B, 2, 2)))  # b1 of even: elements 0,4 | 2,6
+    x0, x4 = tl.split(e00)
+    x2, x6 = tl.split(e10)
+    e01, e11 = tl.split(tl.reshape(e_odd, (A, B, 2, 2)))
+    x1, x5 = tl.split(e01)
+    x3, x7 = tl.split(e11)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _word_dot(w, x8, NBK: tl.constexpr, WPB: tl.constexpr):
+    """sum over each block's words of code * x: w [BN, NBK, WPB] int32 code words, x8 [NBK, WPB, 8]
+    float32 activations of those words -> [BN, NBK] float32 (times 2^-14, see _e2m1_decode)."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _x_streams(x8, NBK, WPB)
+    l0, h0 = _e2m1_pair_word(w, 0)
+    l1, h1 = _e2m1_pair_word(w, 1)
+    l2, h2 = _e2m1_pair_word(w, 2)
+    l3, h3 = _e2m1_pair_word(w, 3)
+    part = (l0 * x0[None] + h0 * x4[None] + l1 * x1[None] + h1 * x5[None]
+            + l2 * x2[None] + h2 * x6[None] + l3 * x3[None] + h3 * x7[None])
+    return tl.sum(part, axis=2)
+
+
+@triton.jit
+def _load_words(codes_ptr, scales_ptr, r3, r2, rmask, blk0, blk_hi, stride_cn, stride_sn,
+                NBK: tl.constexpr, WPB: tl.constexpr):
+    """One K step of the weight: code words [BN, NBK, WPB] (int32), scale bytes [BN, NBK], and the
+    [NBK, WPB] word indices along the row and the [NBK] block mask."""
+    blks = blk0 + tl.arange(0, NBK)
+    bmask = blks < blk_hi
+    word = blks[:, None] * WPB + tl.arange(0, WPB)[None, :]
+    w = tl.load(codes_ptr + r3.to(tl.int64) * stride_cn + word[None, :, :],
+                mask=rmask[:, None, None] & bmask[None, :, None], other=0)
+    sb = tl.load(scales_ptr + r2.to(tl.int64) * stride_sn + blks[None, :], mask=rmask[:, None] & bmask[None, :],
+                 other=0)
+    return w, sb, word, bmask
+
+
+@triton.jit
+def _load_x8(x_row, word, bmask, K):
+    """The activations of code words ``word`` [NBK, WPB]: [NBK, WPB, 8], read contiguously."""
+    kx = word[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    return tl.load(x_row + kx, mask=bmask[:, None, None] & (kx < K), other=0.0)
+
+
+@triton.jit
+def _scale_f32_x2p14(s, IS_NV: tl.constexpr):
+    """Scale bytes -> float32 block scale * 2^14 (the decode's 2^-14 undone), one integer op for MX:
+    the float32 with biased exponent (s + 14) is 2^(s - 127 + 14); exact for E8M0 codes 0..240
+    (scales up to 2^113 -- weights with blocks beyond 1e34 would need more: they take the slow path)."""
+    if IS_NV:
+        return _e4m3_to_f32(s) * E2M1_F16_UNSCALE
+    else:
+        c = s.to(tl.int32)
+        fast = ((c + 14) << 23).to(tl.float32, bitcast=True)
+        return tl.where(c <= 240, fast, _e8m0_to_f32(s) * E2M1_F16_UNSCALE)
+
+
+# ---------------------------------------------------------------------------------------------------
 # dequantize
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
@@ -194,11 +340,8 @@ def fp4_dequantize_kernel(
     b = tl.load(codes_ptr + r3.to(tl.int64) * stride_cn + j3, mask=cmask, other=0)
     r2 = rows[:, None]
     b2 = blks[None, :]
-    if IS_NV:
-        ts = tl.load(ts_ptr)
-    else:
-        ts = 1.0
-    sc = _block_scale(scales_ptr + r2.to(tl.int64) * stride_sn + b2, (r2 < N) & (b2 < NUM_BLOCKS), ts, IS_NV)
+    sc = _block_scale(scales_ptr + r2.to(tl.int64) * stride_sn + b2, (r2 < N) & (b2 < NUM_BLOCKS),
+                      _tensor_scale(ts_ptr, IS_NV), IS_NV)
     lo, hi = _e2m1_decode(b)
     lo = (lo * E2M1_F16_UNSCALE) * sc[:, :, None]
     hi = (hi * E2M1_F16_UNSCALE) * sc[:, :, None]
@@ -210,20 +353,22 @@ def fp4_dequantize_kernel(
 
 # ---------------------------------------------------------------------------------------------------
 # fused linear, small M: GEMV style (weights streamed once, FMA in float32)
+#
+# Common arguments: x (M, K) with row stride stride_xm; codes (N, Kp/2) bytes (the _w32/_pf/_mr
+# kernels: the int32 view, stride in words); scale bytes (N, NUM_BLOCKS); y (M, N) in x's dtype;
+# ws float32 (M, N) contiguous and cnt int32 (one per output tile), both zero at rest (_write_out).
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
 def fp4_gemv_kernel(
-    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr,
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym,
     IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, NBK: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for one row m per program column.
-
-    Program (pid_n, m, pid_k) streams BLOCK_N weight rows over its share of K, NBK blocks at a time:
-    per block, the code-times-x products are summed in float32 and the block scale is applied once.
-    With SPLIT_K > 1 the partial sums are atomically added into a float32 y (zeroed by the launcher).
-    """
+    """y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), one activation row per program column, codes
+    read as bytes. Program (pid_n, m, pid_k) streams BLOCK_N weight rows over its share of K, NBK
+    blocks at a time: per block the code-times-x products are summed in float32 and the block scale
+    is applied once."""
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -235,14 +380,8 @@ def fp4_gemv_kernel(
     bb = tl.arange(0, NBK)
     jj = tl.arange(0, HB)
     kk = tl.arange(0, BLOCK)
-    if IS_NV:
-        ts = tl.load(ts_ptr)
-    else:
-        ts = 1.0
     acc = tl.zeros((BLOCK_N, NBK), dtype=tl.float32)
-    blocks_per_split = tl.cdiv(NUM_BLOCKS, SPLIT_K)
-    blk_lo = pid_k * blocks_per_split
-    blk_hi = tl.minimum(blk_lo + blocks_per_split, NUM_BLOCKS)
+    blk_lo, blk_hi = _k_range(pid_k, NUM_BLOCKS, SPLIT_K, NBK)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     for blk0 in range(blk_lo, blk_hi, NBK):
         blks = blk0 + bb
@@ -255,206 +394,44 @@ def fp4_gemv_kernel(
         xv = tl.load(x_row + k2, mask=bmask[:, None] & (k2 < K), other=0.0).to(tl.float32)
         xe, xo = tl.split(tl.reshape(xv, (NBK, HB, 2)))
         lo, hi = _e2m1_decode(b)
-        part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)
-        acc += part * sc
-    out = tl.sum(acc, axis=1) * (E2M1_F16_UNSCALE * ts)
-    if HAS_BIAS:
-        if pid_k == 0:
-            out += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    y_ptrs = y_ptr + m.to(tl.int64) * stride_ym + rows
-    if SPLIT_K > 1:
-        tl.atomic_add(y_ptrs, out, mask=rmask)
-    else:
-        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=rmask)
-
-
-# ---------------------------------------------------------------------------------------------------
-# fused linear, tiled: tensor-core GEMM dequantizing the weight tile in the K loop
-# ---------------------------------------------------------------------------------------------------
-@triton.jit
-def fp4_mm_kernel(
-    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr,
-    M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym, M_BUCKET,
-    IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBK: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-):
-    """y = x @ dequant(W)^T (+ bias): (BLOCK_M x BLOCK_N) tiles, K stepped NBK blocks at a time.
-
-    The weight tile is decoded (code * block scale, in float32, then cast to x's dtype) and fed to
-    tl.dot with the activation tile; accumulation is float32. Grouped tile order for L2 reuse of x.
-    With SPLIT_K > 1 the K range is split over grid axis 1 and partial tiles are atomically added into
-    a float32 y (zeroed by the launcher). M_BUCKET (M rounded up to a power of two) is only an
-    autotuning key.
-    """
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    HB: tl.constexpr = BLOCK // 2
-    BK: tl.constexpr = NBK * BLOCK
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    gid = pid // group
-    first_m = gid * GROUP_M
-    gsize = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % group) % gsize)
-    pid_n = (pid % group) // gsize
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mmask = offs_m < M
-    rmask = rows < N
-    r3 = rows[:, None, None]
-    r2 = rows[:, None]
-    bb = tl.arange(0, NBK)
-    jj = tl.arange(0, HB)
-    kk = tl.arange(0, BK)
-    if IS_NV:
-        ts = tl.load(ts_ptr)
-    else:
-        ts = 1.0
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    blocks_per_split = tl.cdiv(tl.cdiv(NUM_BLOCKS, SPLIT_K), NBK) * NBK
-    blk_lo = pid_k * blocks_per_split
-    blk_hi = tl.minimum(blk_lo + blocks_per_split, NUM_BLOCKS)
-    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-    for blk0 in range(blk_lo, blk_hi, NBK):
-        blks = blk0 + bb
-        bmask = blks < blk_hi
-        b = tl.load(codes_ptr + r3.to(tl.int64) * stride_cn + (blks[None, :, None] * HB + jj[None, None, :]),
-                    mask=rmask[:, None, None] & bmask[None, :, None], other=0)
-        sc = _block_scale(scales_ptr + r2.to(tl.int64) * stride_sn + blks[None, :],
-                          rmask[:, None] & bmask[None, :], 1.0, IS_NV) * E2M1_F16_UNSCALE
-        lo, hi = _e2m1_decode(b)
-        lo = (lo * sc[:, :, None]).to(x_ptr.dtype.element_ty)
-        hi = (hi * sc[:, :, None]).to(x_ptr.dtype.element_ty)
-        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BK))
-        k1 = blk0 * BLOCK + kk
-        xv = tl.load(x_rows + k1[None, :], mask=mmask[:, None] & (k1[None, :] < blk_hi * BLOCK) & (k1[None, :] < K),
-                     other=0.0)
-        acc = tl.dot(xv, tl.trans(w), acc)
-    acc = acc * ts
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :]
-    omask = mmask[:, None] & rmask[None, :]
-    if SPLIT_K > 1:
-        tl.atomic_add(y_ptrs, acc, mask=omask)
-    else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=omask)
-
-
-# ---------------------------------------------------------------------------------------------------
-# fused linear, small M, int32-word decode: two codes per bit-op (see _e2m1_pair_word)
-# ---------------------------------------------------------------------------------------------------
-@triton.jit
-def _e2m1_pair_word(w, P: tl.constexpr):
-    """From int32 words of 8 packed codes (code j in bits 4j..4j+3, j = element index), build for
-    nibble P (0..3) the two float32 values of elements P and P + 4, each E2M1_value * 2^-14.
-
-    One shift-and-mask per word yields BOTH float16 bit patterns at once (element P in the low half,
-    P + 4 in the high half, as the codes sit 16 bits apart); the halves are then widened to float32.
-    """
-    if P < 3:
-        mag = (w << (9 - 4 * P)) & 0x0E000E00
-    else:
-        mag = (w >> 3) & 0x0E000E00
-    sgn = (w << (12 - 4 * P)) & -2147450880  # 0x80008000 as int32
-    h = mag | sgn
-    lo = (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    hi = (h >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return lo, hi
+        acc += tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2) * sc
+    out = tl.sum(acc, axis=1) * (E2M1_F16_UNSCALE * _tensor_scale(ts_ptr, IS_NV))
+    _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS), y_ptr + m.to(tl.int64) * stride_ym + rows,
+               ws_ptr + m.to(tl.int64) * N + rows, rmask, cnt_ptr, pid_n + m * tl.num_programs(0), SPLIT_K)
 
 
 @triton.jit
 def fp4_gemv_w32_kernel(
-    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr,
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym,
     IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, NBK: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """fp4_gemv_kernel with the codes read as int32 words (codes_ptr: int32 view, stride in words).
-
-    A block of BLOCK codes is WPB = BLOCK / 8 words; the tile is [BLOCK_N, NBK, WPB] words, decoded
-    two codes per bit operation (_e2m1_pair_word). x is read contiguously, 8 elements per word, and
-    split in registers into the 8 element streams.
-    """
+    """fp4_gemv_kernel with the codes read as int32 words: a block is WPB = BLOCK / 8 words, the tile
+    [BLOCK_N, NBK, WPB] words, decoded two codes per bit operation (_e2m1_pair_word); x is read
+    contiguously, 8 elements per word, and split in registers into the 8 element streams."""
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     pid_k = tl.program_id(2)
     WPB: tl.constexpr = BLOCK // 8
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
-    r3 = rows[:, None, None]
-    r2 = rows[:, None]
-    bb = tl.arange(0, NBK)
-    ww = tl.arange(0, WPB)
-    if IS_NV:
-        ts = tl.load(ts_ptr)
-    else:
-        ts = 1.0
     acc = tl.zeros((BLOCK_N, NBK), dtype=tl.float32)
-    blocks_per_split = tl.cdiv(NUM_BLOCKS, SPLIT_K)
-    blk_lo = pid_k * blocks_per_split
-    blk_hi = tl.minimum(blk_lo + blocks_per_split, NUM_BLOCKS)
+    blk_lo, blk_hi = _k_range(pid_k, NUM_BLOCKS, SPLIT_K, NBK)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     for blk0 in range(blk_lo, blk_hi, NBK):
-        blks = blk0 + bb
-        bmask = blks < blk_hi
-        word = blks[:, None] * WPB + ww[None, :]  # [NBK, WPB] word index along the row
-        w = tl.load(codes_ptr + r3.to(tl.int64) * stride_cn + word[None, :, :],
-                    mask=rmask[:, None, None] & bmask[None, :, None], other=0)
-        sc = _block_scale(scales_ptr + r2.to(tl.int64) * stride_sn + blks[None, :],
-                          rmask[:, None] & bmask[None, :], 1.0, IS_NV)
-        # x for these words, read contiguously (8 elements per word) and split in registers into the
-        # 8 element streams: x8[..., e] -> xs[e], e = 4 * b2 + 2 * b1 + b0 (three binary splits)
-        kx = word[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
-        x8 = tl.load(x_row + kx, mask=bmask[:, None, None] & (kx < K), other=0.0).to(tl.float32)
-        e_even, e_odd = tl.split(tl.reshape(x8, (NBK, WPB, 4, 2)))  # b0
-        e00, e10 = tl.split(tl.reshape(e_even, (NBK, WPB, 2, 2)))  # b1 of even: elements 0,4 | 2,6
-        x0, x4 = tl.split(e00)
-        x2, x6 = tl.split(e10)
-        e01, e11 = tl.split(tl.reshape(e_odd, (NBK, WPB, 2, 2)))
-        x1, x5 = tl.split(e01)
-        x3, x7 = tl.split(e11)
-        l0, h0 = _e2m1_pair_word(w, 0)
-        l1, h1 = _e2m1_pair_word(w, 1)
-        l2, h2 = _e2m1_pair_word(w, 2)
-        l3, h3 = _e2m1_pair_word(w, 3)
-        part = (l0 * x0[None] + h0 * x4[None] + l1 * x1[None] + h1 * x5[None]
-                + l2 * x2[None] + h2 * x6[None] + l3 * x3[None] + h3 * x7[None])
-        acc += tl.sum(part, axis=2) * sc
-    out = tl.sum(acc, axis=1) * (E2M1_F16_UNSCALE * ts)
-    if HAS_BIAS:
-        if pid_k == 0:
-            out += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    y_ptrs = y_ptr + m.to(tl.int64) * stride_ym + rows
-    if SPLIT_K > 1:
-        tl.atomic_add(y_ptrs, out, mask=rmask)
-    else:
-        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=rmask)
-
-
-@triton.jit
-def _gemv_w32_tile(codes_ptr, scales_ptr, x_row, r3, r2, rmask, blk0, blk_hi, K, stride_cn, stride_sn,
-                   NBK: tl.constexpr, WPB: tl.constexpr):
-    """Load one GEMV step: code words [BN, NBK, WPB], scale bytes [BN, NBK], x [NBK, WPB, 8]."""
-    blks = blk0 + tl.arange(0, NBK)
-    bmask = blks < blk_hi
-    word = blks[:, None] * WPB + tl.arange(0, WPB)[None, :]  # [NBK, WPB] word index along the row
-    w = tl.load(codes_ptr + r3.to(tl.int64) * stride_cn + word[None, :, :],
-                mask=rmask[:, None, None] & bmask[None, :, None], other=0)
-    sb = tl.load(scales_ptr + r2.to(tl.int64) * stride_sn + blks[None, :], mask=rmask[:, None] & bmask[None, :],
-                 other=0)
-    kx = word[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
-    x8 = tl.load(x_row + kx, mask=bmask[:, None, None] & (kx < K), other=0.0)
-    return w, sb, x8
+        w, sb, word, bmask = _load_words(codes_ptr, scales_ptr, rows[:, None, None], rows[:, None], rmask, blk0,
+                                         blk_hi, stride_cn, stride_sn, NBK, WPB)
+        x8 = _load_x8(x_row, word, bmask, K).to(tl.float32)
+        acc += _word_dot(w, x8, NBK, WPB) * _scale_f32_x2p14(sb, IS_NV)
+    out = tl.sum(acc, axis=1) * _tensor_scale(ts_ptr, IS_NV)
+    _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS), y_ptr + m.to(tl.int64) * stride_ym + rows,
+               ws_ptr + m.to(tl.int64) * N + rows, rmask, cnt_ptr, pid_n + m * tl.num_programs(0), SPLIT_K)
 
 
 @triton.jit
 def fp4_gemv_pf_kernel(
-    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr,
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym,
     IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, NBK: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -469,65 +446,79 @@ def fp4_gemv_pf_kernel(
     rmask = rows < N
     r3 = rows[:, None, None]
     r2 = rows[:, None]
-    if IS_NV:
-        ts = tl.load(ts_ptr)
-    else:
-        ts = 1.0
     acc = tl.zeros((BLOCK_N, NBK), dtype=tl.float32)
-    blocks_per_split = tl.cdiv(NUM_BLOCKS, SPLIT_K)
-    blk_lo = pid_k * blocks_per_split
-    blk_hi = tl.minimum(blk_lo + blocks_per_split, NUM_BLOCKS)
+    blk_lo, blk_hi = _k_range(pid_k, NUM_BLOCKS, SPLIT_K, NBK)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
-    w, sb, x8 = _gemv_w32_tile(codes_ptr, scales_ptr, x_row, r3, r2, rmask, blk_lo, blk_hi, K, stride_cn, stride_sn,
-                               NBK, WPB)
+    w, sb, word, bmask = _load_words(codes_ptr, scales_ptr, r3, r2, rmask, blk_lo, blk_hi, stride_cn, stride_sn,
+                                     NBK, WPB)
+    x8 = _load_x8(x_row, word, bmask, K)
     for blk0 in range(blk_lo, blk_hi, NBK):
-        w_n, sb_n, x8_n = _gemv_w32_tile(codes_ptr, scales_ptr, x_row, r3, r2, rmask, blk0 + NBK, blk_hi, K,
-                                         stride_cn, stride_sn, NBK, WPB)
-        if IS_NV:
-            sc = _e4m3_to_f32(sb)
-        else:
-            sc = _e8m0_to_f32(sb)
-        # x8[..., e] -> the 8 element streams, e = 4 * b2 + 2 * b1 + b0 (three binary splits)
-        xf = x8.to(tl.float32)
-        e_even, e_odd = tl.split(tl.reshape(xf, (NBK, WPB, 4, 2)))  # b0
-        e00, e10 = tl.split(tl.reshape(e_even, (NBK, WPB, 2, 2)))  # b1 of even: elements 0,4 | 2,6
-        x0, x4 = tl.split(e00)
-        x2, x6 = tl.split(e10)
-        e01, e11 = tl.split(tl.reshape(e_odd, (NBK, WPB, 2, 2)))
-        x1, x5 = tl.split(e01)
-        x3, x7 = tl.split(e11)
+        w_n, sb_n, word_n, bmask_n = _load_words(codes_ptr, scales_ptr, r3, r2, rmask, blk0 + NBK, blk_hi,
+                                                 stride_cn, stride_sn, NBK, WPB)
+        x8_n = _load_x8(x_row, word_n, bmask_n, K)
+        acc += _word_dot(w, x8.to(tl.float32), NBK, WPB) * _scale_f32_x2p14(sb, IS_NV)
+        w, sb, x8 = w_n, sb_n, x8_n
+    out = tl.sum(acc, axis=1) * _tensor_scale(ts_ptr, IS_NV)
+    _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS), y_ptr + m.to(tl.int64) * stride_ym + rows,
+               ws_ptr + m.to(tl.int64) * N + rows, rmask, cnt_ptr, pid_n + m * tl.num_programs(0), SPLIT_K)
+
+
+@triton.jit
+def fp4_gemv_mr_kernel(
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym,
+    IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr, NBK: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """Multi-row split-K GEMV: BLOCK_M activation rows per program, so each weight word is read from
+    HBM and decoded once for all of them (the GEMV kernels above re-read it per row).
+
+    Program (pid_n, pid_m, pid_k): BLOCK_N weight rows x its 1/SPLIT_K of K, NBK blocks per step, the
+    codes as int32 words ([BLOCK_N, NBK, WPB]: one block's WPB words contiguous, 16-byte loads for
+    mxfp4); the products of the 8 decoded element streams with the [BLOCK_M, NBK, WPB] activation
+    streams are summed per block in float32, then scaled by the block scale once. Meant for many
+    programs in flight (SPLIT_K in the tens, a few steps each): the split parts meet in _write_out.
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    WPB: tl.constexpr = BLOCK // 8
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    r3 = rows[:, None, None]
+    r2 = rows[:, None]
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m < M
+    x_rows = x_ptr + offs_m[:, None, None, None].to(tl.int64) * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N, NBK), dtype=tl.float32)
+    blk_lo, blk_hi = _k_range(pid_k, NUM_BLOCKS, SPLIT_K, NBK)
+    for blk0 in range(blk_lo, blk_hi, NBK):
+        w, sb, word, bmask = _load_words(codes_ptr, scales_ptr, r3, r2, rmask, blk0, blk_hi, stride_cn, stride_sn,
+                                         NBK, WPB)
+        kx = word[None, :, :, None] * 8 + tl.arange(0, 8)[None, None, None, :]
+        x8 = tl.load(x_rows + kx, mask=mmask[:, None, None, None] & bmask[None, :, None, None] & (kx < K),
+                     other=0.0).to(tl.float32)  # [BLOCK_M, NBK, WPB, 8]
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x_streams(tl.reshape(x8, (BLOCK_M * NBK, WPB, 8)), BLOCK_M * NBK, WPB)
         l0, h0 = _e2m1_pair_word(w, 0)
         l1, h1 = _e2m1_pair_word(w, 1)
         l2, h2 = _e2m1_pair_word(w, 2)
         l3, h3 = _e2m1_pair_word(w, 3)
-        part = (l0 * x0[None] + h0 * x4[None] + l1 * x1[None] + h1 * x5[None]
-                + l2 * x2[None] + h2 * x6[None] + l3 * x3[None] + h3 * x7[None])
-        acc += tl.sum(part, axis=2) * sc
-        w, sb, x8 = w_n, sb_n, x8_n
-    out = tl.sum(acc, axis=1) * (E2M1_F16_UNSCALE * ts)
-    if HAS_BIAS:
-        if pid_k == 0:
-            out += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    y_ptrs = y_ptr + m.to(tl.int64) * stride_ym + rows
-    if SPLIT_K > 1:
-        tl.atomic_add(y_ptrs, out, mask=rmask)
-    else:
-        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=rmask)
+        part = (l0[None] * tl.reshape(x0, (BLOCK_M, 1, NBK, WPB)) + h0[None] * tl.reshape(x4, (BLOCK_M, 1, NBK, WPB))
+                + l1[None] * tl.reshape(x1, (BLOCK_M, 1, NBK, WPB)) + h1[None] * tl.reshape(x5, (BLOCK_M, 1, NBK, WPB))
+                + l2[None] * tl.reshape(x2, (BLOCK_M, 1, NBK, WPB)) + h2[None] * tl.reshape(x6, (BLOCK_M, 1, NBK, WPB))
+                + l3[None] * tl.reshape(x3, (BLOCK_M, 1, NBK, WPB)) + h3[None] * tl.reshape(x7, (BLOCK_M, 1, NBK, WPB)))
+        acc += tl.sum(part, axis=3) * _scale_f32_x2p14(sb, IS_NV)[None]
+    out = tl.sum(acc, axis=2) * _tensor_scale(ts_ptr, IS_NV)  # [BLOCK_M, BLOCK_N]
+    omask = mmask[:, None] & rmask[None, :]
+    _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS)[None, :],
+               y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :],
+               ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :], omask, cnt_ptr,
+               pid_n + pid_m * tl.num_programs(0), SPLIT_K)
 
 
-@triton.jit
-def _scale_f32_x2p14(s, IS_NV: tl.constexpr):
-    """Scale bytes -> float32 block scale * 2^14 (the decode's 2^-14 undone), one integer op for MX:
-    the float32 with biased exponent (s + 14) is 2^(s - 127 + 14); exact for E8M0 codes 0..240
-    (scales up to 2^113 -- weights with blocks beyond 1e34 would need more: they take the slow path)."""
-    if IS_NV:
-        return _e4m3_to_f32(s) * E2M1_F16_UNSCALE
-    else:
-        c = s.to(tl.int32)
-        fast = ((c + 14) << 23).to(tl.float32, bitcast=True)
-        return tl.where(c <= 240, fast, _e8m0_to_f32(s) * E2M1_F16_UNSCALE)
-
-
+# ---------------------------------------------------------------------------------------------------
+# fused linear, tensor cores: the weight tile decoded in registers in the K loop, fed to tl.dot
+# ---------------------------------------------------------------------------------------------------
 @triton.jit
 def _e2m1_word_tile(w, sc, DT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """Decode a [BN, NBK, WPB] tile of int32 code words into a [BN, BK] tile of ``code * scale`` in DT,
@@ -553,74 +544,56 @@ def _e2m1_word_tile(w, sc, DT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr)
 
 
 @triton.jit
+def _weight_tile(codes_ptr, scales_ptr, r3, r2, rmask, blk0, blk_hi, stride_cn, stride_sn, DT: tl.constexpr,
+                 IS_NV: tl.constexpr, BLOCK_N: tl.constexpr, NBK: tl.constexpr, WPB: tl.constexpr):
+    """One K step of the weight decoded for tl.dot: [BLOCK_N, NBK * BLOCK] of code * block scale in DT."""
+    w, sb, _word, _bmask = _load_words(codes_ptr, scales_ptr, r3, r2, rmask, blk0, blk_hi, stride_cn, stride_sn,
+                                     NBK, WPB)
+    return _e2m1_word_tile(w, _scale_f32_x2p14(sb, IS_NV), DT, BLOCK_N, NBK * WPB * 8)
+
+
+@triton.jit
 def fp4_mm_w32_kernel(
-    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr,
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym, M_BUCKET,
     IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBK: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    """fp4_mm_kernel reading the codes as int32 words (codes_ptr: int32 view, stride in words) and
-    decoding two codes per bit operation (_e2m1_word_tile)."""
+    """y = x @ dequant(W)^T (+ bias): (BLOCK_M x BLOCK_N) tiles, K stepped NBK blocks at a time, the
+    weight tile decoded (code * block scale in float32, cast to x's dtype) and fed to tl.dot as the
+    second operand; float32 accumulation; grouped tile order. M_BUCKET (M rounded up to a power of
+    two) is only an autotuning key. Triton 3.6 cannot compile this form with BLOCK_M >= 64."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     WPB: tl.constexpr = BLOCK // 8
     BK: tl.constexpr = NBK * BLOCK
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    gid = pid // group
-    first_m = gid * GROUP_M
-    gsize = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % group) % gsize)
-    pid_n = (pid % group) // gsize
-
+    pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = offs_m < M
     rmask = rows < N
-    r3 = rows[:, None, None]
-    r2 = rows[:, None]
-    bb = tl.arange(0, NBK)
-    ww = tl.arange(0, WPB)
     kk = tl.arange(0, BK)
-    if IS_NV:
-        ts = tl.load(ts_ptr)
-    else:
-        ts = 1.0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    blocks_per_split = tl.cdiv(tl.cdiv(NUM_BLOCKS, SPLIT_K), NBK) * NBK
-    blk_lo = pid_k * blocks_per_split
-    blk_hi = tl.minimum(blk_lo + blocks_per_split, NUM_BLOCKS)
+    blk_lo, blk_hi = _k_range(pid_k, NUM_BLOCKS, SPLIT_K, NBK)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     for blk0 in range(blk_lo, blk_hi, NBK):
-        blks = blk0 + bb
-        bmask = blks < blk_hi
-        word = blks[:, None] * WPB + ww[None, :]
-        w = tl.load(codes_ptr + r3.to(tl.int64) * stride_cn + word[None, :, :],
-                    mask=rmask[:, None, None] & bmask[None, :, None], other=0)
-        sb = tl.load(scales_ptr + r2.to(tl.int64) * stride_sn + blks[None, :], mask=rmask[:, None] & bmask[None, :],
-                     other=0)
-        wt = _e2m1_word_tile(w, _scale_f32_x2p14(sb, IS_NV), x_ptr.dtype.element_ty, BLOCK_N, BK)
+        wt = _weight_tile(codes_ptr, scales_ptr, rows[:, None, None], rows[:, None], rmask, blk0, blk_hi, stride_cn,
+                          stride_sn, x_ptr.dtype.element_ty, IS_NV, BLOCK_N, NBK, WPB)
         k1 = blk0 * BLOCK + kk
         xv = tl.load(x_rows + k1[None, :], mask=mmask[:, None] & (k1[None, :] < blk_hi * BLOCK) & (k1[None, :] < K),
                      other=0.0)
         acc = tl.dot(xv, tl.trans(wt), acc)
-    acc = acc * ts
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :]
-    omask = mmask[:, None] & rmask[None, :]
-    if SPLIT_K > 1:
-        tl.atomic_add(y_ptrs, acc, mask=omask)
-    else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=omask)
+    acc = acc * _tensor_scale(ts_ptr, IS_NV)
+    _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[None, :],
+               y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :],
+               ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :], mmask[:, None] & rmask[None, :],
+               cnt_ptr, pid, SPLIT_K)
 
 
 @triton.jit
 def fp4_mm_t_kernel(
-    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr,
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym, M_BUCKET,
     IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBK: tl.constexpr, GROUP_M: tl.constexpr,
@@ -630,61 +603,33 @@ def fp4_mm_t_kernel(
 
     The decoded weight tile is the dot's FIRST operand (it may stay in registers: Hopper's wgmma
     reads A from registers, B from shared memory), the activations the second; so the weight rows
-    fill the 64/128-row MMA dimension and a small M (the batch) only has to fill the 8..256-column
-    one. Each weight element is decoded once per BLOCK_M activation rows. codes_ptr: int32 view.
-    With SPLIT_K > 1, y is a float32 workspace (zeroed) and partial tiles are atomically added.
+    fill the 64/128-row MMA dimension and a small M (the batch) only has to fill the 16..256-column
+    one. Each weight element is decoded once per BLOCK_M activation rows. GROUP_M weight-row tiles
+    are grouped (the activation tiles they share stay in L2). SPLIT_K > 1 splits K over grid axis 1
+    (parts summed by _write_out), so that the few row tiles of a small batch fill every SM.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     WPB: tl.constexpr = BLOCK // 8
     BK: tl.constexpr = NBK * BLOCK
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_m
-    gid = pid // group
-    first_n = gid * GROUP_M
-    gsize = tl.minimum(num_n - first_n, GROUP_M)
-    pid_n = first_n + ((pid % group) % gsize)
-    pid_m = (pid % group) // gsize
-
+    pid_n, pid_m = _grouped_tile(pid, tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = offs_m < M
     rmask = rows < N
-    r3 = rows[:, None, None]
-    r2 = rows[:, None]
-    bb = tl.arange(0, NBK)
-    ww = tl.arange(0, WPB)
     kk = tl.arange(0, BK)
-    if IS_NV:
-        ts = tl.load(ts_ptr)
-    else:
-        ts = 1.0
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    blocks_per_split = tl.cdiv(tl.cdiv(NUM_BLOCKS, SPLIT_K), NBK) * NBK
-    blk_lo = pid_k * blocks_per_split
-    blk_hi = tl.minimum(blk_lo + blocks_per_split, NUM_BLOCKS)
+    blk_lo, blk_hi = _k_range(pid_k, NUM_BLOCKS, SPLIT_K, NBK)
     x_cols = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm
     for blk0 in range(blk_lo, blk_hi, NBK):
-        blks = blk0 + bb
-        bmask = blks < blk_hi
-        word = blks[:, None] * WPB + ww[None, :]
-        w = tl.load(codes_ptr + r3.to(tl.int64) * stride_cn + word[None, :, :],
-                    mask=rmask[:, None, None] & bmask[None, :, None], other=0)
-        sb = tl.load(scales_ptr + r2.to(tl.int64) * stride_sn + blks[None, :], mask=rmask[:, None] & bmask[None, :],
-                     other=0)
-        wt = _e2m1_word_tile(w, _scale_f32_x2p14(sb, IS_NV), x_ptr.dtype.element_ty, BLOCK_N, BK)
+        wt = _weight_tile(codes_ptr, scales_ptr, rows[:, None, None], rows[:, None], rmask, blk0, blk_hi, stride_cn,
+                          stride_sn, x_ptr.dtype.element_ty, IS_NV, BLOCK_N, NBK, WPB)
         k1 = blk0 * BLOCK + kk
         xt = tl.load(x_cols + k1[:, None], mask=mmask[None, :] & (k1[:, None] < blk_hi * BLOCK) & (k1[:, None] < K),
                      other=0.0)
         acc = tl.dot(wt, xt, acc)
-    acc = acc * ts
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
-    y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + rows[:, None]
-    omask = mmask[None, :] & rmask[:, None]
-    if SPLIT_K > 1:
-        tl.atomic_add(y_ptrs, acc, mask=omask)
-    else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=omask)
+    acc = acc * _tensor_scale(ts_ptr, IS_NV)
+    _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[:, None],
+               y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + rows[:, None],
+               ws_ptr + offs_m[None, :].to(tl.int64) * N + rows[:, None], mmask[None, :] & rmask[:, None],
+               cnt_ptr, pid, SPLIT_K)

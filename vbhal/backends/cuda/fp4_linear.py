@@ -1,28 +1,33 @@
 """Fused FP4 dequantize-matmul for the CUDA backend: ``y = x @ dequant(W)^T + bias``.
 
 Kernels in ``fp4_kernels.py``. Paths (``PATHS``); which one runs is measured, not guessed: the first
-call for an (M bucket, N, K, format, dtype) times every candidate path for that M with CUDA events
-and caches the fastest (``PATH_CHOICES``; a path that fails to compile is skipped). The candidates:
+call for an (M bucket, N, K, format, dtype, bias, device) times every candidate path for that M
+(CUDA-graph replays, so Python launch overhead does not decide) and caches a *plan* -- the path and
+each kernel's launch configuration, itself picked by timing the path's config list -- in ``_PLANS``
+(the choices in ``PATH_CHOICES``). A path or config that fails to compile is skipped. The paths:
 
-- M <= 4: the GEMV kernels -- weights streamed from HBM once, codes decoded in registers, float32
-  FMA, the block scale applied once per block: ``gemv`` (bytes), ``gemv_w32`` (int32 words, two codes
-  per bit operation, x read contiguously and split in registers), ``gemv_pf`` (gemv_w32 with the next
-  step's loads in flight during this step's arithmetic) -- and ``mm_t``.
-- M <= 64: ``mm_w32`` (x @ W^T form, mma.sync tiles of 16-32 rows) and ``mm_t``, the "swap-AB"
-  tensor-core kernel: y^T = W x^T with the decoded weight tile as the MMA's first operand
-  (registers; wgmma on Hopper) so the weight rows fill the 64-row MMA dimension and the batch only
-  the narrow one; split-K into a float32 workspace so that a few row tiles still fill every SM.
-- M > 64: ``mm_t`` with large tiles (each weight element decoded once per 128-256 activation rows),
-  ``dequant`` (Triton dequantize to x's dtype + cuBLAS) and ``dequant_pipelined`` (the dequantize of
-  weight chunk i+1 on a side stream under the cuBLAS GEMM of chunk i).
+- ``gemv_mr`` (M <= 16): split-K GEMV, BLOCK_M activation rows per program so the weights are read
+  and decoded once for all rows, codes as int32 words (16-byte loads), the split parts summed by a
+  self-cleaning workspace (see ``_workspace``). ``gemv``/``gemv_w32``/``gemv_pf``: one program
+  column per activation row (bytes / int32 words / words with register double buffering).
+- ``mm_t`` (bf16/fp16, any M): the "swap-AB" tensor-core kernel, y^T = W x^T with the decoded weight
+  tile as the MMA's first operand (wgmma on Hopper) so the weight rows fill its 64-row side and the
+  batch only the narrow one; split-K for small M so a few row tiles still fill every SM; large tiles
+  (each weight element decoded once per 128-256 activation rows) for large M. ``mm_w32``: the x @ W^T
+  form (triton 3.6 cannot compile it with BLOCK_M >= 64).
+- ``dequant`` (Triton dequantize to x's dtype + cuBLAS) and ``dequant_pipelined`` (the dequantize of
+  weight chunk i+1 on a side stream under the cuBLAS GEMM of chunk i), for large M.
 - float32 activations: the GEMV kernels or ``dequant`` (tl.dot on fp32 would be TF32).
-``mm``/``mm_w32`` (x @ W^T form) only get BLOCK_M < 64 tiles: triton 3.6 cannot compile them with
-BLOCK_M >= 64 (the wgmma path), the swap-AB form compiles there. ``VBHAL_FP4_LINEAR_PATH`` forces a
-path.
 
-The op is ``vbhal::fp4_linear_cuda`` (torch.library.custom_op) with a fake (meta) implementation and
-autograd w.r.t. x and bias: grad_x = grad_y @ dequant(W) (Triton dequantize + cuBLAS); the FP4 weight
-is frozen. ``KERNELS`` is what the CUDA plugin binds: quantize_fp4, dequantize_fp4, fp4_linear.
+``VBHAL_FP4_LINEAR_PATH`` (read when a plan is made) forces a path.
+
+Host time per call (eager): the entry points validate, then ``_apply`` runs the plan directly -- an
+``autograd.Function`` when a gradient is needed, a plain call otherwise -- and only a traced call
+(``torch.compile``, a dispatch mode) goes through the custom op ``vbhal::fp4_linear_cuda`` (which a
+Python custom op makes cost tens of microseconds). The op has a fake (meta) implementation and
+autograd w.r.t. x and bias: grad_x = grad_y @ dequant(W) (Triton dequantize + cuBLAS); the FP4
+weight is frozen. ``KERNELS`` is what the CUDA plugin binds: quantize_fp4, dequantize_fp4,
+fp4_linear (which carries ``fp4_linear.from_operands`` for FP4Linear's buffers).
 
 Native FP4 (compute capability 10.x, Blackwell): ``native_fp4_linear`` hands the same code and scale
 bytes to ``torch._scaled_mm`` with ``float4_e2m1fn_x2`` operands. That is W4A4 (the activations are
@@ -43,20 +48,198 @@ from vbhal.errors import KernelError
 from vbhal.formats import BLOCK_SIZES, FORMATS, QuantizedWeight
 
 from . import fp4_quantize as _q
-from .fp4_quantize import dequantize_fp4, is_interpreter, kernels_module, qw_operands, quantize_fp4, triton_cdiv
+from .fp4_quantize import dequantize_fp4, is_interpreter, kernels_module, quantize_fp4, qw_operands, triton_cdiv
 
 if importlib.util.find_spec("triton") is None:  # the KernelTable reports this and falls back to CPU kernels
     raise ImportError("the CUDA FP4 kernels need triton (pip install triton); the CPU reference kernels serve instead")
 
-__all__ = ["fp4_linear", "native_fp4_linear", "KERNELS", "PATHS"]
+__all__ = ["KERNELS", "PATHS", "fp4_linear", "native_fp4_linear"]
 
-#: Paths of the fused linear; "auto" picks by shape (``_choose_path``). VBHAL_FP4_LINEAR_PATH overrides.
-PATHS = ("auto", "gemv", "gemv_w32", "gemv_pf", "mm", "mm_w32", "mm_t", "dequant", "dequant_pipelined")
+#: Paths of the fused linear; "auto" picks by measurement (``_choose_path``). VBHAL_FP4_LINEAR_PATH overrides.
+PATHS = ("auto", "gemv", "gemv_w32", "gemv_pf", "gemv_mr", "mm_w32", "mm_t", "dequant", "dequant_pipelined")
+_GEMV_PATHS = ("gemv", "gemv_w32", "gemv_pf", "gemv_mr")
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-# Shape thresholds for "auto", measured on the H100 (benchmarks/bench_fp4_linear.py; see its JSON).
+#: Largest M for the one-row-per-program GEMVs / the multi-row GEMV / the split-K tensor-core tiles.
 GEMV_MAX_M = 4
-MM_MAX_M = 512
+GEMV_MR_MAX_M = 16
+MM_T_SMALL_M = 64
+#: Rows of activations one gemv_mr program handles at most (more rows: more program rows).
+GEMV_MR_BLOCK_M = 16
+
+
+def _m_bucket(m: int) -> int:
+    """M rounded up to a power of two (the plans' and autotuning key)."""
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def _candidates(m: int, dtype: torch.dtype) -> tuple[str, ...]:
+    """Paths worth timing for M activation rows (the rest lose by construction: see the module doc)."""
+    if dtype == torch.float32:  # tl.dot on fp32 would be TF32: FMA GEMVs or cuBLAS
+        small = ("gemv_mr", "gemv_w32", "gemv_pf") if m <= GEMV_MAX_M else ("gemv_mr",)
+        return small + ("dequant",) if m <= GEMV_MR_MAX_M else ("dequant",)
+    if m <= GEMV_MAX_M:
+        return ("gemv_mr", "gemv_w32", "gemv_pf", "mm_t")
+    if m <= GEMV_MR_MAX_M:
+        return ("gemv_mr", "mm_t", "mm_w32")
+    if m <= MM_T_SMALL_M:
+        return ("mm_t", "mm_w32")
+    return ("mm_t", "dequant", "dequant_pipelined")
+
+
+def _static_path(m: int, dtype: torch.dtype) -> str:
+    """The path when none can be measured (CPU interpreter, CUDA-graph capture): by shape only."""
+    if m <= GEMV_MR_MAX_M:
+        return "gemv_mr"
+    return "dequant" if dtype == torch.float32 or m > 512 else "mm_t"
+
+
+# ---------------------------------------------------------------------------------------------------
+# timing (GPU)
+# ---------------------------------------------------------------------------------------------------
+def _gpu_time(fn, device: torch.device, reps: int = 10) -> float:
+    """GPU time (ms) of one ``fn()``: run twice (compile), then replay ``reps`` calls captured in a
+    CUDA graph, so that Python launch overhead does not decide (R2: eager back-to-back timing picked
+    the path with the least CPU work, not the fastest kernels). Eager timing where ``fn`` cannot be
+    captured."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    try:
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()  # warm on the capture stream
+        torch.cuda.current_stream(device).wait_stream(side)
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize(device)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / reps
+    except Exception:  # noqa: BLE001 - reported, not fatal
+        torch.cuda.synchronize(device)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / reps
+
+
+def _short_error(e: BaseException) -> str:
+    s = str(e).strip()
+    return f"{type(e).__name__}: {s.splitlines()[-1][:200] if s else ''}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# split-K workspace: float32 partial sums + per-tile arrival counters, zero at rest
+# ---------------------------------------------------------------------------------------------------
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _raw_stream(device: torch.device) -> int:
+    return torch._C._cuda_getCurrentRawStream(device.index if device.index is not None else
+                                              torch.cuda.current_device())
+
+
+def _workspace(m: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ws float32 >= m*n, cnt int32 >= m*n/4 + 16) for a split-K kernel, both all-zero.
+
+    The kernels leave them zero again (_write_out in fp4_kernels.py: the last split of a tile reads
+    the sum with an atomic exchange against 0 and resets its counter), so one pair per (device,
+    stream) serves every call in stream order without a memset. Inside CUDA-graph capture each call
+    gets its own pair (zeroed by a memset recorded in the graph), so graphs replayed on different
+    streams never share one."""
+    need_ws, need_cnt = m * n, m * n // 4 + 16
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return (torch.zeros(need_ws, dtype=torch.float32, device=device),
+                    torch.zeros(need_cnt, dtype=torch.int32, device=device))
+        key = (device.index, _raw_stream(device))
+    else:
+        key = (device.type, 0)
+    cur = _WORKSPACES.get(key)
+    if cur is None or cur[0].numel() < need_ws or cur[1].numel() < need_cnt:
+        size_ws = max(need_ws, 2 * cur[0].numel() if cur is not None else 0)
+        size_cnt = max(need_cnt, 2 * cur[1].numel() if cur is not None else 0)
+        cur = _WORKSPACES[key] = (torch.zeros(size_ws, dtype=torch.float32, device=device),
+                                  torch.zeros(size_cnt, dtype=torch.int32, device=device))
+    return cur
+
+
+# ---------------------------------------------------------------------------------------------------
+# kernel launchers: configuration picked once, then launched directly
+# ---------------------------------------------------------------------------------------------------
+def _configs(kind: str, m: int, fmt: str, nblocks: int) -> list[dict]:
+    """Launch configurations worth timing for a kernel at M rows (``num_warps``/``num_stages`` included).
+
+    NBK counts blocks: nvfp4's are half as long, so its NBK doubles to keep the same bytes per step.
+    """
+    nv = 2 if fmt == "nvfp4" else 1
+    if kind in ("gemv", "gemv_w32", "gemv_pf"):
+        # Bytes in flight ~ N * NBK * 16 per sweep: NBK large enough to cover HBM latency; BLOCK_N large
+        # enough that each thread reuses its x values across rows. SPLIT_K from _gemv_split.
+        return [{"BLOCK_N": 32, "NBK": 8, "num_warps": 4, "num_stages": 3}, {"BLOCK_N": 16, "NBK": 16, "num_warps": 4, "num_stages": 3},
+                {"BLOCK_N": 64, "NBK": 8, "num_warps": 8, "num_stages": 3}]
+    if kind == "gemv_mr":
+        # many programs in flight, a few K steps each: (BLOCK_N, NBK, SPLIT_K, warps)
+        bm = min(_m_bucket(m), GEMV_MR_BLOCK_M)
+        shapes = [(32, 4, 16, 4), (16, 8, 16, 4), (64, 4, 8, 4), (32, 8, 8, 4), (64, 8, 4, 8), (16, 4, 32, 2)]
+        if bm >= 8:  # registers grow with BLOCK_M: narrower weight tiles
+            shapes = [(16, 4, 16, 4), (32, 2, 16, 4), (16, 2, 32, 2), (32, 4, 8, 4), (64, 2, 8, 4)]
+        out = []
+        for bn, nbk, split, warps in shapes:
+            nbk *= nv
+            while split > 1 and nblocks < split * nbk:  # every split gets at least one step
+                split //= 2
+            cfg = {"BLOCK_N": bn, "NBK": nbk, "BLOCK_M": bm, "SPLIT_K": split, "num_warps": warps, "num_stages": 2}
+            if cfg not in out:
+                out.append(cfg)
+        return out
+    if kind == "mm_w32":
+        return [{"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 4, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": 4, "num_stages": 4},
+                {"BLOCK_M": 16, "BLOCK_N": 128, "NBK": 2, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": 4, "num_stages": 4},
+                {"BLOCK_M": 32, "BLOCK_N": 64, "NBK": 4, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": 4, "num_stages": 4}]
+    if kind == "mm_t":
+        if m <= MM_T_SMALL_M:
+            # split K so that the few row tiles of a small batch fill every SM; BLOCK_M <= M's bucket
+            cands = [(16, 64, 4, 4, 4, 4), (16, 64, 4, 8, 4, 4), (16, 128, 2, 4, 4, 4), (16, 128, 4, 8, 4, 3),
+                     (16, 128, 2, 16, 4, 4), (32, 128, 2, 4, 4, 4), (64, 128, 2, 2, 4, 3), (64, 128, 2, 4, 4, 3)]
+            bmax = max(16, _m_bucket(m))
+            out = [{"BLOCK_M": bm, "BLOCK_N": bn, "NBK": nbk * nv, "GROUP_M": 8, "SPLIT_K": s, "num_warps": w, "num_stages": st}
+                   for bm, bn, nbk, s, w, st in cands if bm <= bmax and nblocks // (s * nbk * nv) >= 2]
+            return out or [{"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 2 * nv, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}]
+        # large M: Hopper-sized tiles, grouped order (BLOCK_N = weight rows, BLOCK_M = activation rows)
+        cands = [(128, 128, 2, 8, 3), (256, 128, 2, 8, 3), (128, 256, 2, 8, 3), (128, 256, 2, 8, 4),
+                 (256, 128, 4, 8, 3), (128, 128, 4, 8, 4)]
+        return [{"BLOCK_M": bm, "BLOCK_N": bn, "NBK": nbk * nv, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": w, "num_stages": st}
+                for bm, bn, nbk, w, st in cands if bm <= max(16, _m_bucket(m))]
+    raise KeyError(kind)
+
+
+#: the interpreter (CPU) runs one small configuration per kernel
+_INTERP_CONFIGS = {
+    "gemv": {"BLOCK_N": 4, "NBK": 2}, "gemv_w32": {"BLOCK_N": 4, "NBK": 2}, "gemv_pf": {"BLOCK_N": 4, "NBK": 2},
+    "gemv_mr": {"BLOCK_N": 8, "NBK": 2, "BLOCK_M": 4, "SPLIT_K": 2},
+    "mm_w32": {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 2, "GROUP_M": 2, "SPLIT_K": 1},
+    "mm_t": {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 2, "GROUP_M": 2, "SPLIT_K": 2},
+}
+
+
+def _gemv_split(m: int, n: int, nblocks: int, sms: int) -> int:
+    """Split K only when the row tiles (at BLOCK_N = 16, the largest tried) cannot fill the GPU twice."""
+    split = 1
+    while triton_cdiv(n, 16) * m * split < 2 * sms and nblocks // (split * 2) >= 64:
+        split *= 2
+    return split
+
 
 _SM_COUNT: dict[int, int] = {}
 
@@ -70,313 +253,101 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def _static_path(m: int, dtype: torch.dtype) -> str:
-    """The path when none can be measured (CPU interpreter, CUDA-graph capture): by shape only."""
-    if m <= GEMV_MAX_M:
-        return "gemv_w32"
-    if dtype == torch.float32:  # tl.dot on fp32 would be TF32; fp32 takes the FMA GEMV or cuBLAS
-        return "dequant"
-    return "mm_t" if m <= MM_MAX_M else "dequant"
+class _KernelLaunch:
+    """One Triton linear kernel (``kind``) for fixed N, K, format, dtype and bias, with a fixed launch
+    configuration: ``config`` if given, else the fastest of ``_configs`` (timed at the first call with
+    that call's tensors; a config that fails to compile is skipped). A call allocates y (and takes the
+    split-K workspace), computes the grid from M and launches: no autotuner, no dictionary of options
+    rebuilt per call."""
 
+    __slots__ = ("cfg", "consts", "fmt", "k", "kernel", "kind", "launch_kw", "mm", "n", "split_override", "words")
 
-def _candidates(m: int, dtype: torch.dtype) -> tuple[str, ...]:
-    """Paths worth timing for M activation rows (the rest lose by construction: see the module doc)."""
-    if dtype == torch.float32:
-        return ("gemv_w32", "gemv_pf", "gemv") if m <= GEMV_MAX_M else ("dequant",)
-    if m <= GEMV_MAX_M:
-        return ("gemv_w32", "gemv_pf", "gemv", "mm_t")
-    if m <= MM_T_SMALL_M:
-        return ("mm_t", "mm_w32")
-    return ("mm_t", "dequant", "dequant_pipelined")
+    def __init__(self, kind: str, n: int, k: int, fmt: str, has_bias: bool, config: dict | None = None,
+                 split: int | None = None):
+        self.kind, self.n, self.k, self.fmt = kind, n, k, fmt
+        self.words = kind != "gemv"  # int32 view of the codes: 8 codes per word
+        self.mm = kind.startswith("mm")
+        self.kernel = getattr(kernels_module(), f"fp4_{kind}_kernel")
+        self.consts = {"IS_NV": fmt == "nvfp4", "HAS_BIAS": has_bias, "BLOCK": BLOCK_SIZES[fmt]}
+        self.split_override = split
+        self.cfg = None
+        if config is not None:
+            self._fix(dict(config))
 
+    def _fix(self, cfg: dict) -> None:
+        cfg = dict(cfg)
+        warps, stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 3)
+        if self.kind in ("gemv", "gemv_w32", "gemv_pf") and "SPLIT_K" not in cfg:
+            cfg["SPLIT_K"] = None  # per call: _gemv_split, unless split_override
+        cfg.setdefault("SPLIT_K", 1)
+        self.cfg = cfg
+        kw = dict(self.consts)
+        if not is_interpreter():
+            kw.update(num_warps=warps, num_stages=stages)
+        self.launch_kw = kw
 
-#: (M bucket, N, K, format id, dtype, has bias, device) -> the path measured fastest there.
-PATH_CHOICES: dict[tuple, str] = {}
-_PATH_FAILURES: dict[tuple, str] = {}
+    def _split(self, m: int, nblocks: int, device: torch.device) -> int:
+        s = self.cfg.get("SPLIT_K", 1)
+        if s is None:
+            s = self.split_override or _gemv_split(m, self.n, nblocks, _sm_count(device))
+        return s
 
+    def _grid(self, m: int, split: int) -> tuple:
+        c, n = self.cfg, self.n
+        if self.mm:
+            return (triton_cdiv(m, c["BLOCK_M"]) * triton_cdiv(n, c["BLOCK_N"]), split)
+        if self.kind == "gemv_mr":
+            return (triton_cdiv(n, c["BLOCK_N"]), triton_cdiv(m, c["BLOCK_M"]), split)
+        return (triton_cdiv(n, c["BLOCK_N"]), m, split)
 
-def _choose_path(x2, codes, scales, ts, bias, fmt_id, n, k) -> str:
-    """The fastest path for this shape, measured once per (M bucket, N, K, format, dtype) and cached.
-
-    Each candidate runs twice (compiling and autotuning its kernels), then is timed with CUDA events;
-    a candidate that fails to compile is skipped (and remembered). VBHAL_FP4_LINEAR_PATH forces one.
-    """
-    m = x2.shape[0]
-    forced = os.environ.get("VBHAL_FP4_LINEAR_PATH", "auto")
-    if forced != "auto":
-        if forced not in PATHS:
-            raise KernelError(f"VBHAL_FP4_LINEAR_PATH={forced!r}; use one of {PATHS}")
-        if not (forced.startswith("mm") and x2.dtype == torch.float32):
-            return forced
-    cands = _candidates(m, x2.dtype)
-    if len(cands) == 1:
-        return cands[0]
-    key = (_m_bucket(m), n, k, fmt_id, x2.dtype, bias is not None, x2.device)
-    path = PATH_CHOICES.get(key)
-    if path is not None:
-        return path
-    if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return _static_path(m, x2.dtype)
-    times = {}
-    for cand in cands:
-        try:
-            times[cand] = _time_path(cand, x2, codes, scales, ts, bias, fmt_id, n, k)
-        except Exception as e:  # noqa: BLE001 - a path that cannot compile here is skipped, not fatal
-            _PATH_FAILURES[key + (cand,)] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}"
-    if not times:
-        raise KernelError(f"fp4_linear: no kernel path works for M={m}, N={n}, K={k}: {_PATH_FAILURES}")
-    path = PATH_CHOICES[key] = min(times, key=times.get)
-    return path
-
-
-def _time_path(cand, x2, codes, scales, ts, bias, fmt_id, n, k, reps: int = 10) -> float:
-    """GPU time (ms) of one call of a path: run twice (compile, autotune), then replay ``reps`` calls
-    captured in a CUDA graph, so that Python launch overhead does not decide the choice (R2: eager
-    back-to-back timing picked the path with the least CPU work, not the fastest kernels). Falls back
-    to eager timing where a path cannot be captured."""
-    for _ in range(2):
-        _run_path(cand, x2, codes, scales, ts, bias, fmt_id, n, k)
-    torch.cuda.synchronize(x2.device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    try:
-        graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream(x2.device)
-        side.wait_stream(torch.cuda.current_stream(x2.device))
-        with torch.cuda.stream(side):
-            _run_path(cand, x2, codes, scales, ts, bias, fmt_id, n, k)  # warm on the capture stream
-        torch.cuda.current_stream(x2.device).wait_stream(side)
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                _run_path(cand, x2, codes, scales, ts, bias, fmt_id, n, k)
-        graph.replay()
-        torch.cuda.synchronize(x2.device)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / reps
-    except Exception:  # noqa: BLE001 - not capturable: time it eagerly instead
-        torch.cuda.synchronize(x2.device)
-        start.record()
-        for _ in range(reps):
-            _run_path(cand, x2, codes, scales, ts, bias, fmt_id, n, k)
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / reps
-
-
-# ---------------------------------------------------------------------------------------------------
-# launchers
-# ---------------------------------------------------------------------------------------------------
-_TUNED: dict[str, object] = {}
-
-
-def _autotuned(name: str):
-    """The autotuned wrapper of a kernel (GPU only; short config lists, results cached on disk)."""
-    fn = _TUNED.get(name)
-    if fn is not None:
-        return fn
-    import triton
-
-    k4 = kernels_module()
-    kw = {}
-    try:  # cache_results persists the tuning across processes (triton >= 3.2)
-        import inspect
-
-        if "cache_results" in inspect.signature(triton.autotune).parameters:
-            kw["cache_results"] = True
-    except (TypeError, ValueError):
-        pass
-    C = triton.Config
-    if name in ("gemv", "gemv_w32", "gemv_pf"):
-        # Bytes in flight ~ N * NBK * 16 per sweep (every row tile co-resident): NBK large enough to
-        # cover HBM latency; BLOCK_N large enough that each thread reuses its x values across rows.
-        configs = [
-            C({"BLOCK_N": 32, "NBK": 8}, num_warps=4, num_stages=3),
-            C({"BLOCK_N": 16, "NBK": 16}, num_warps=4, num_stages=3),
-            C({"BLOCK_N": 64, "NBK": 8}, num_warps=8, num_stages=3),
-        ]
-        kern = getattr(k4, f"fp4_{name}_kernel")
-        fn = triton.autotune(configs, key=["M", "N", "K", "BLOCK", "SPLIT_K"], reset_to_zero=["y_ptr"], **kw)(kern)
-    elif name.startswith("mm_t"):
-        nv = 2 if name.endswith("nv") else 1  # NBK counts blocks: nvfp4's are half as long
-        if "small" in name:
-            # y is a float32 workspace here (atomics when SPLIT_K > 1): split K so that the few row tiles
-            # of a small batch still fill every SM
-            configs = [
-                C({"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 4 * nv, "GROUP_M": 8, "SPLIT_K": 2}, num_warps=4, num_stages=4),
-                C({"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 4 * nv, "GROUP_M": 8, "SPLIT_K": 4}, num_warps=4, num_stages=4),
-                C({"BLOCK_M": 16, "BLOCK_N": 128, "NBK": 2 * nv, "GROUP_M": 8, "SPLIT_K": 4}, num_warps=4, num_stages=4),
-                C({"BLOCK_M": 16, "BLOCK_N": 128, "NBK": 4 * nv, "GROUP_M": 8, "SPLIT_K": 8}, num_warps=4, num_stages=3),
-                C({"BLOCK_M": 32, "BLOCK_N": 128, "NBK": 2 * nv, "GROUP_M": 8, "SPLIT_K": 4}, num_warps=4, num_stages=4),
-                C({"BLOCK_M": 64, "BLOCK_N": 128, "NBK": 2 * nv, "GROUP_M": 8, "SPLIT_K": 2}, num_warps=4, num_stages=3),
-            ]
-        else:
-            configs = [
-                C({"BLOCK_M": 128, "BLOCK_N": 128, "NBK": 2 * nv, "GROUP_M": 8, "SPLIT_K": 1}, num_warps=8, num_stages=3),
-                C({"BLOCK_M": 256, "BLOCK_N": 128, "NBK": 2 * nv, "GROUP_M": 8, "SPLIT_K": 1}, num_warps=8, num_stages=3),
-                C({"BLOCK_M": 128, "BLOCK_N": 256, "NBK": 2 * nv, "GROUP_M": 8, "SPLIT_K": 1}, num_warps=8, num_stages=3),
-            ]
-        fn = triton.autotune(configs, key=["M_BUCKET", "N", "K", "BLOCK"], reset_to_zero=["y_ptr"],
-                             prune_configs_by={"early_config_prune": _prune_mm}, **kw)(k4.fp4_mm_t_kernel)
-    elif name.startswith("mm"):
-        kern = k4.fp4_mm_kernel if name.startswith("mm_u8") else k4.fp4_mm_w32_kernel
-        if name.endswith("small"):
-            configs = [
-                C({"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 4, "GROUP_M": 8}, num_warps=4, num_stages=4),
-                C({"BLOCK_M": 16, "BLOCK_N": 128, "NBK": 2, "GROUP_M": 8}, num_warps=4, num_stages=4),
-                C({"BLOCK_M": 32, "BLOCK_N": 64, "NBK": 4, "GROUP_M": 8}, num_warps=4, num_stages=4),
-            ]
-        else:  # BLOCK_M >= 64 selects wgmma, which triton 3.6 cannot compile for this operand (R1)
-            configs = [
-                C({"BLOCK_M": 32, "BLOCK_N": 64, "NBK": 4, "GROUP_M": 8}, num_warps=4, num_stages=4),
-            ]
-        fn = triton.autotune(configs, key=["M_BUCKET", "N", "K", "BLOCK", "SPLIT_K"], reset_to_zero=["y_ptr"],
-                             prune_configs_by={"early_config_prune": _prune_mm}, **kw)(kern)
-    else:
-        raise KeyError(name)
-    _TUNED[name] = fn
-    return fn
-
-
-#: (kernel name, shape key) -> (JITFunction, best triton.Config): after the first (tuning) call the
-#: kernel is launched directly with its config, skipping the autotuner's per-call Python work.
-_BEST: dict[tuple, tuple] = {}
-
-
-def _launch_tuned(name: str, key: tuple, grid, args: tuple, consts: dict) -> None:
-    """Launch autotuned kernel ``name``; ``key`` must determine the autotuner's own key (shape, dtypes)."""
-    best = _BEST.get((name,) + key)
-    if best is not None:
-        fn, cfg = best
-        fn[grid({**consts, **cfg.kwargs})](*args, **consts, **cfg.all_kwargs())
-        return
-    tuned = _autotuned(name)
-    tuned[grid](*args, **consts)
-    cfg = getattr(tuned, "best_config", None)
-    if cfg is not None and cfg.pre_hook is None:
-        _BEST[(name,) + key] = (tuned.fn, cfg)
-
-
-def _prune_mm(configs, named_args, **kwargs):
-    """Drop configs whose BLOCK_M is above M rounded up to a power of two (wasted MMA columns) and
-    split-K configs whose K share would be under 4 steps -- keep at least one."""
-    m = named_args["M"]
-    nblocks = named_args["NUM_BLOCKS"]
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, _m_bucket(m))
-            and nblocks // (c.kwargs.get("SPLIT_K", 1) * c.kwargs["NBK"]) >= 4]
-    return keep or configs[:1]
-
-
-def _m_bucket(m: int) -> int:
-    b = 1
-    while b < m:
-        b *= 2
-    return b
-
-
-def _gemv_split(m: int, n: int, nblocks: int, sms: int) -> int:
-    """Split K only when the row tiles (at BLOCK_N = 16, the largest tried) cannot fill the GPU twice."""
-    split = 1
-    while triton_cdiv(n, 16) * m * split < 2 * sms and nblocks // (split * 2) >= 64:
-        split *= 2
-    return split
-
-
-def _launch_gemv(x2, codes, scales, ts, bias, fmt, n, k, out_dtype, split=None, kind="gemv"):
-    m = x2.shape[0]
-    if kind != "gemv":  # int32 view: 8 codes per word (Kp/2 bytes is a multiple of 8 for both formats)
-        codes = codes.view(torch.int32)
-    block = BLOCK_SIZES[fmt]
-    nblocks = scales.shape[1]
-    if split is None:
-        split = _gemv_split(m, n, nblocks, _sm_count(x2.device))
-    y = torch.zeros((m, n), dtype=torch.float32, device=x2.device) if split > 1 else \
-        _q.new_output((m, n), out_dtype, x2.device)
-    args = (x2, codes, scales, ts, bias if bias is not None else x2, y,
-            m, n, k, nblocks, x2.stride(0), codes.stride(0), scales.stride(0), y.stride(0))
-    consts = dict(IS_NV=fmt == "nvfp4", HAS_BIAS=bias is not None, BLOCK=block, SPLIT_K=split)
-    if is_interpreter() or x2.device.type != "cuda":
-        kern = getattr(kernels_module(), f"fp4_{kind}_kernel")
-        kern[(triton_cdiv(n, 4), m, split)](*args, BLOCK_N=4, NBK=2, **consts)
-    else:
-        _launch_tuned(kind, (m, n, k, block, split, x2.dtype, y.dtype, bias is not None),
-                      lambda meta: (triton_cdiv(n, meta["BLOCK_N"]), m, split), args, consts)
-    return y if split == 1 else y.to(out_dtype)
-
-
-def _launch_mm(x2, codes, scales, ts, bias, fmt, n, k, out_dtype, config: dict | None = None, words=True):
-    m = x2.shape[0]
-    if words:
-        codes = codes.view(torch.int32)
-    block = BLOCK_SIZES[fmt]
-    nblocks = scales.shape[1]
-    split = 1
-    y = _q.new_output((m, n), out_dtype, x2.device)
-    args = (x2, codes, scales, ts, bias if bias is not None else x2, y,
-            m, n, k, nblocks, x2.stride(0), codes.stride(0), scales.stride(0), y.stride(0), _m_bucket(m))
-    consts = dict(IS_NV=fmt == "nvfp4", HAS_BIAS=bias is not None, BLOCK=block, SPLIT_K=split)
-    k4 = kernels_module()
-    kern = k4.fp4_mm_w32_kernel if words else k4.fp4_mm_kernel
-    if is_interpreter() or x2.device.type != "cuda":
-        cfg = config or {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 2, "GROUP_M": 2}
-        grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"]), split)
-        kern[grid](*args, **cfg, **consts)
+    def __call__(self, x2, codes, scales, ts, bias):
+        if self.cfg is None:
+            self._tune(x2, codes, scales, ts, bias)
+        m, n = x2.shape[0], self.n
+        nblocks = scales.shape[1]
+        if self.words:
+            codes = codes.view(torch.int32)
+        split = self._split(m, nblocks, x2.device)
+        y = _q.new_output((m, n), x2.dtype, x2.device)
+        ws, cnt = _workspace(m, n, x2.device) if split > 1 else (y, y)
+        args = (x2, codes, scales, ts, bias if bias is not None else x2, y, ws, cnt,
+                m, n, self.k, nblocks, x2.stride(0), codes.stride(0), scales.stride(0), y.stride(0))
+        if self.mm:
+            args += (_m_bucket(m),)
+        cfg = self.cfg if self.cfg.get("SPLIT_K", 1) is not None else {**self.cfg, "SPLIT_K": split}
+        self.kernel[self._grid(m, split)](*args, **cfg, **self.launch_kw)
         return y
-    if config is not None:
-        cfg = dict(config)
-        warps = cfg.pop("num_warps", 4)
-        stages = cfg.pop("num_stages", 3)
-        grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"]), split)
-        kern[grid](*args, **cfg, **consts, num_warps=warps, num_stages=stages)
-        return y
-    tuned = _autotuned(("mm_w32_" if words else "mm_u8_") + ("small" if m <= 128 else "large"))
-    grid = lambda meta: (triton_cdiv(m, meta["BLOCK_M"]) * triton_cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
-    tuned[grid](*args, **consts)
-    return y
 
-
-#: Largest M for the split-K (float32 workspace) tiles of the swap-AB kernel; above it, direct tiles.
-MM_T_SMALL_M = 64
-
-
-def _launch_mm_t(x2, codes, scales, ts, bias, fmt, n, k, out_dtype, config: dict | None = None):
-    """Swap-AB tensor-core path (fp4_mm_t_kernel). Small M: float32 workspace, split-K by autotuning."""
-    m = x2.shape[0]
-    codes = codes.view(torch.int32)
-    block = BLOCK_SIZES[fmt]
-    nblocks = scales.shape[1]
-    small = m <= MM_T_SMALL_M
-    cfg = dict(config) if config is not None else None
-    if cfg is None and (is_interpreter() or x2.device.type != "cuda"):
-        cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 2, "GROUP_M": 2, "SPLIT_K": 2 if small else 1}
-    split = cfg.get("SPLIT_K", 1) if cfg is not None else None
-    use_ws = small or (split is not None and split > 1)
-    y = torch.zeros((m, n), dtype=torch.float32, device=x2.device) if use_ws else \
-        _q.new_output((m, n), out_dtype, x2.device)
-    args = (x2, codes, scales, ts, bias if bias is not None else x2, y,
-            m, n, k, nblocks, x2.stride(0), codes.stride(0), scales.stride(0), y.stride(0), _m_bucket(m))
-    consts = dict(IS_NV=fmt == "nvfp4", HAS_BIAS=bias is not None, BLOCK=block)
-    k4 = kernels_module()
-    if cfg is not None:
-        warps = cfg.pop("num_warps", 4)
-        stages = cfg.pop("num_stages", 3)
-        grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"]), cfg.get("SPLIT_K", 1))
+    def _tune(self, x2, codes, scales, ts, bias) -> None:
+        m = x2.shape[0]
         if is_interpreter() or x2.device.type != "cuda":
-            k4.fp4_mm_t_kernel[grid](*args, **cfg, **consts)
-        else:
-            k4.fp4_mm_t_kernel[grid](*args, **cfg, **consts, num_warps=warps, num_stages=stages)
-    else:
-        name = "mm_t_" + ("small" if small else "large") + ("_nv" if fmt == "nvfp4" else "")
-        grid = lambda meta: (triton_cdiv(m, meta["BLOCK_M"]) * triton_cdiv(n, meta["BLOCK_N"]),  # noqa: E731
-                             meta["SPLIT_K"])
-        _launch_tuned(name, (_m_bucket(m), n, k, block, x2.dtype, y.dtype, bias is not None), grid, args, consts)
-    return y.to(out_dtype) if use_ws else y
+            self._fix(_INTERP_CONFIGS[self.kind])
+            return
+        cands = _configs(self.kind, m, self.fmt, scales.shape[1])
+        times, errors = {}, []
+        for i, cfg in enumerate(cands):
+            self._fix(cfg)
+            try:
+                times[i] = _gpu_time(lambda: self(x2, codes, scales, ts, bias), x2.device)
+            except Exception as e:  # noqa: BLE001 - reported, not fatal
+                errors.append(f"{cfg}: {_short_error(e)}")
+        if not times:
+            self.cfg = None
+            raise KernelError(f"fp4_linear {self.kind}: no launch configuration works for M={m}, N={self.n}, "
+                              f"K={self.k}: {errors}")
+        best = cands[min(times, key=times.get)]
+        self._fix(best)
+        TUNED_CONFIGS[(self.kind, _m_bucket(m), self.n, self.k, self.fmt, x2.dtype)] = (best, min(times.values()))
 
 
-def _launch_dequant(x2, codes, scales, ts, bias, fmt_id, n, k, out_dtype):
-    w = torch.ops.vbhal.dequantize_fp4_cuda(codes, scales, ts, fmt_id, k, x2.dtype)
-    return torch.nn.functional.linear(x2, w, bias).to(out_dtype)
+#: (kind, M bucket, N, K, format, dtype) -> (the config measured fastest, its time in ms): a report.
+TUNED_CONFIGS: dict[tuple, tuple] = {}
+
+
+def _dequant_linear(x2, codes, scales, ts, bias, fmt, k):
+    w = _q.new_output((codes.shape[0], k), x2.dtype, x2.device)
+    _q.dequantize_into(w, codes, scales, ts, fmt)
+    return torch.nn.functional.linear(x2, w, bias)
 
 
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
@@ -384,13 +355,14 @@ _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 DEQUANT_CHUNK_ROWS = 2048
 
 
-def _launch_dequant_pipelined(x2, codes, scales, ts, bias, fmt_id, n, k, chunk_rows=DEQUANT_CHUNK_ROWS):
+def _dequant_pipelined(x2, codes, scales, ts, bias, fmt, k, chunk_rows=None):
     """Dequantize + cuBLAS in chunks of weight rows, the dequantize of chunk i+1 (side stream) running
-    under the GEMM of chunk i (current stream), two bf16 chunk buffers in rotation. Each GEMM writes
-    its column slice of y in place (cuBLAS takes the row stride), so nothing is copied afterwards."""
+    under the GEMM of chunk i (current stream), two chunk buffers in rotation. Each GEMM writes its
+    column slice of y in place (cuBLAS takes the row stride), so nothing is copied afterwards."""
+    chunk_rows = chunk_rows or DEQUANT_CHUNK_ROWS
+    n = codes.shape[0]
     if x2.device.type != "cuda" or n <= chunk_rows:
-        return _launch_dequant(x2, codes, scales, ts, bias, fmt_id, n, k, x2.dtype)
-    fmt = FORMATS[fmt_id]
+        return _dequant_linear(x2, codes, scales, ts, bias, fmt, k)
     m = x2.shape[0]
     dev = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
     side = _SIDE_STREAMS.get(dev)
@@ -430,36 +402,101 @@ def _launch_dequant_pipelined(x2, codes, scales, ts, bias, fmt_id, n, k, chunk_r
     return y
 
 
-def _run_path(path, x2, codes, scales, ts, bias, fmt_id, n, k, *, split_k=None, config=None):
-    fmt = FORMATS[fmt_id]
-    if path in ("gemv", "gemv_w32", "gemv_pf"):
-        return _launch_gemv(x2, codes, scales, ts, bias, fmt, n, k, x2.dtype, split=split_k, kind=path)
-    if path in ("mm", "mm_w32"):
-        return _launch_mm(x2, codes, scales, ts, bias, fmt, n, k, x2.dtype, config=config, words=path == "mm_w32")
-    if path == "mm_t":
-        return _launch_mm_t(x2, codes, scales, ts, bias, fmt, n, k, x2.dtype, config=config)
+def _make_runner(path: str, n: int, k: int, fmt: str, has_bias: bool, *, config=None, split_k=None, chunk_rows=None):
+    """A callable (x2, codes, scales, ts, bias) -> y for one path at fixed N, K, format and bias."""
+    if path in _GEMV_PATHS or path in ("mm_w32", "mm_t"):
+        if split_k is not None and config is None:
+            config = {**_INTERP_CONFIGS[path], "SPLIT_K": split_k} if (is_interpreter() or path.startswith("mm")
+                                                                     or path == "gemv_mr") else None
+        return _KernelLaunch(path, n, k, fmt, has_bias, config=config, split=split_k)
     if path == "dequant":
-        return _launch_dequant(x2, codes, scales, ts, bias, fmt_id, n, k, x2.dtype)
+        return lambda x2, codes, scales, ts, bias: _dequant_linear(x2, codes, scales, ts, bias, fmt, k)
     if path == "dequant_pipelined":
-        return _launch_dequant_pipelined(x2, codes, scales, ts, bias, fmt_id, n, k)
+        return lambda x2, codes, scales, ts, bias: _dequant_pipelined(x2, codes, scales, ts, bias, fmt, k, chunk_rows)
     raise KernelError(f"unknown fp4_linear path {path!r}; use one of {PATHS}")
 
 
-def _linear_2d(x2, codes, scales, ts, bias, fmt_id, n, k, path="auto", *, split_k=None, config=None):
-    """y (M, N) from x (M, K) and the weight operands, by ``path`` (``PATHS``); split_k/config: tests."""
+# ---------------------------------------------------------------------------------------------------
+# plans: the path (measured) and its launch, cached per (M bucket, N, K, format, dtype, bias, device)
+# ---------------------------------------------------------------------------------------------------
+#: plan key -> runner; key = (M bucket, N, K, format id, dtype, no bias, device index (-1: CPU))
+_PLANS: dict[tuple, object] = {}
+#: plan key -> the path measured fastest there (a report: the benchmark prints it)
+PATH_CHOICES: dict[tuple, str] = {}
+_PATH_FAILURES: dict[tuple, str] = {}
+
+
+def _choose_path(key, x2, codes, scales, ts, bias, fmt_id, n, k):
+    """(path, runner) for this key: forced by VBHAL_FP4_LINEAR_PATH, else every candidate timed once."""
+    m = x2.shape[0]
+    fmt = FORMATS[fmt_id]
+    forced = os.environ.get("VBHAL_FP4_LINEAR_PATH", "auto")
+    if forced != "auto":
+        if forced not in PATHS:
+            raise KernelError(f"VBHAL_FP4_LINEAR_PATH={forced!r}; use one of {PATHS}")
+        if not (forced.startswith("mm") and x2.dtype == torch.float32):
+            return forced, _make_runner(forced, n, k, fmt, bias is not None)
+    cands = _candidates(m, x2.dtype)
+    if len(cands) == 1 or x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        path = cands[0] if len(cands) == 1 else _static_path(m, x2.dtype)
+        return path, _make_runner(path, n, k, fmt, bias is not None)
+    times, runners = {}, {}
+    for cand in cands:
+        run = _make_runner(cand, n, k, fmt, bias is not None)
+        try:
+            times[cand] = _gpu_time(lambda run=run: run(x2, codes, scales, ts, bias), x2.device)
+            runners[cand] = run
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            _PATH_FAILURES[key + (cand,)] = _short_error(e)
+    if not times:
+        raise KernelError(f"fp4_linear: no kernel path works for M={m}, N={n}, K={k}: {_PATH_FAILURES}")
+    path = min(times, key=times.get)
+    return path, runners[path]
+
+
+def _forward_2d(x2, codes, scales, ts, bias, fmt_id, n, k):
+    """y (M, N) from x (M, K) contiguous rows and the weight operands, by the cached plan."""
+    key = (_m_bucket(x2.shape[0]), n, k, fmt_id, x2.dtype, bias is None, x2.get_device())
+    run = _PLANS.get(key)
+    if run is None:
+        path, run = _choose_path(key, x2, codes, scales, ts, bias, fmt_id, n, k)
+        if x2.device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            _PLANS[key] = run  # a plan made without measuring (capture) is not kept
+            PATH_CHOICES[key] = path
+    return run(x2, codes, scales, ts, bias)
+
+
+def _linear_2d(x2, codes, scales, ts, bias, fmt_id, n, k, path="auto", *, split_k=None, config=None,
+               chunk_rows=None):
+    """y (M, N) from x (M, K) and the weight operands by ``path`` (``PATHS``); split_k/config/chunk_rows
+    fix the launch (tests, sweeps). A fresh runner per call: slow, for tests and benchmarks."""
     if path == "auto":
-        path = _choose_path(x2, codes, scales, ts, bias, fmt_id, n, k)
-    return _run_path(path, x2, codes, scales, ts, bias, fmt_id, n, k, split_k=split_k, config=config)
+        return _forward_2d(x2, codes, scales, ts, bias, fmt_id, n, k)
+    run = _make_runner(path, n, k, FORMATS[fmt_id], bias is not None, config=config, split_k=split_k,
+                       chunk_rows=chunk_rows)
+    return run(x2, codes, scales, ts, bias)
 
 
 # ---------------------------------------------------------------------------------------------------
-# the custom op
+# autograd: the custom op (traced calls) and an autograd.Function (eager calls)
 # ---------------------------------------------------------------------------------------------------
+def _grads(grad_y, codes, scales, ts, fmt_id, k, need_x, bias_dtype, need_b):
+    """dL/dx = dL/dy @ dequant(W) (Triton dequantize + cuBLAS), dL/db = sum of dL/dy over rows."""
+    grad_x = grad_bias = None
+    if need_x:
+        w = _q.new_output((codes.shape[0], k), grad_y.dtype, grad_y.device)
+        _q.dequantize_into(w, codes, scales, ts, FORMATS[fmt_id])
+        grad_x = grad_y @ w
+    if bias_dtype is not None and need_b:
+        grad_bias = grad_y.sum(0).to(bias_dtype)
+    return grad_x, grad_bias
+
+
 @torch.library.custom_op("vbhal::fp4_linear_cuda", mutates_args=())
 def _fp4_linear_op(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, tensor_scale: torch.Tensor,
                    bias: torch.Tensor | None, fmt_id: int, n: int, k: int) -> torch.Tensor:
     """x (M, K) contiguous, codes uint8 (N, Kp/2), scale bytes uint8 (N, Kp/B) -> y (M, N) in x's dtype."""
-    return _linear_2d(x, codes, scales, tensor_scale, bias, fmt_id, n, k)
+    return _forward_2d(x, codes, scales, tensor_scale, bias, fmt_id, n, k)
 
 
 @_fp4_linear_op.register_fake
@@ -468,30 +505,66 @@ def _(x, codes, scales, tensor_scale, bias, fmt_id, n, k):
 
 
 def _setup_context(ctx, inputs, output):
-    x, codes, scales, tensor_scale, bias, fmt_id, n, k = inputs
+    _x, codes, scales, tensor_scale, bias, fmt_id, _n, k = inputs
     ctx.save_for_backward(codes, scales, tensor_scale)
     ctx.fmt_id, ctx.k = fmt_id, k
-    ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
 def _backward(ctx, grad_y):
     codes, scales, tensor_scale = ctx.saved_tensors
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        w = torch.ops.vbhal.dequantize_fp4_cuda(codes, scales, tensor_scale, ctx.fmt_id, ctx.k, grad_y.dtype)
-        grad_x = grad_y @ w
-    if ctx.has_bias and ctx.needs_input_grad[4]:
-        grad_bias = grad_y.sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, None, grad_bias, None, None, None
+    gx, gb = _grads(grad_y, codes, scales, tensor_scale, ctx.fmt_id, ctx.k, ctx.needs_input_grad[0],
+                    ctx.bias_dtype, ctx.needs_input_grad[4])
+    return gx, None, None, None, gb, None, None, None
 
 
 _fp4_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _FP4LinearFunction(torch.autograd.Function):
+    """The custom op's forward and backward for eager calls (a fraction of the op's host time)."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scales, tensor_scale, bias, fmt_id, n, k):
+        ctx.save_for_backward(codes, scales, tensor_scale)
+        ctx.fmt_id, ctx.k = fmt_id, k
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return _forward_2d(x, codes, scales, tensor_scale, bias, fmt_id, n, k)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _backward(ctx, grad_y)
+
+
+def _tracing() -> bool:
+    """True under torch.compile/export or an active dispatch mode (FakeTensor, make_fx): the op then."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
+def _apply(x2, codes, scales, ts, bias, fmt_id, n, k):
+    """Run on validated operands: the custom op when traced, else the plan directly (through the
+    autograd.Function only when a gradient is wanted)."""
+    if _tracing():
+        return torch.ops.vbhal.fp4_linear_cuda(x2, codes, scales, ts, bias, fmt_id, n, k)
+    if torch.is_grad_enabled() and (x2.requires_grad or (bias is not None and bias.requires_grad)):
+        return _FP4LinearFunction.apply(x2, codes, scales, ts, bias, fmt_id, n, k)
+    return _forward_2d(x2, codes, scales, ts, bias, fmt_id, n, k)
+
+
 # ---------------------------------------------------------------------------------------------------
 # public kernel
 # ---------------------------------------------------------------------------------------------------
+_FMT_IDS = {f: i for i, f in enumerate(FORMATS)}
+_ZERO_TS: dict[int, torch.Tensor] = {}  # device index (-1: CPU) -> a 0-dim float32 zero (mxfp4's unused scale)
+
+
+def _as_2d(x: torch.Tensor, k: int) -> torch.Tensor:
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != k):
+        x2 = x2.contiguous()
+    return x2
+
+
 def fp4_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, dequantize_fp4(qw, x.dtype), bias)`` without materializing the weight (small M).
 
@@ -512,17 +585,42 @@ def fp4_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None =
         raise KernelError(f"fp4_linear: x is on {x.device} but the weight on {qw.device}; move one of them")
     if bias is not None and (bias.shape != (n,) or bias.device != x.device):
         raise KernelError(f"fp4_linear: bias must be ({n},) on {x.device}, got {tuple(bias.shape)} on {bias.device}")
-    codes, scales, ts, fmt_id = qw_operands(qw)
     if os.environ.get("VBHAL_FP4_NATIVE") == "1" and native_fp4_available(x.device):
         return native_fp4_linear(x, qw, bias)
+    codes, scales, ts, fmt_id = qw_operands(qw)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != k):
-        x2 = x2.contiguous()
+    x2 = _as_2d(x, k)
     if x2.shape[0] == 0:
         return x.new_empty((*lead, n))
-    y = torch.ops.vbhal.fp4_linear_cuda(x2, codes, scales, ts, bias, fmt_id, n, k)
-    return y.reshape(*lead, n)
+    return _apply(x2, codes, scales, ts, bias, fmt_id, n, k).reshape(*lead, n)
+
+
+def _from_operands(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, tensor_scale: torch.Tensor | None,
+                   bias: torch.Tensor | None, fmt: str, in_features: int) -> torch.Tensor:
+    """``fp4_linear`` on a QuantizedWeight's tensors as FP4Linear holds them (codes contiguous uint8,
+    scales float8 or uint8, tensor_scale or None), for a caller that has already checked x's dtype,
+    device and last dimension and the buffers' shapes (FP4Linear does): no QuantizedWeight is built,
+    nothing is validated twice."""
+    n = codes.shape[0]
+    if tensor_scale is None:
+        dev = codes.get_device()
+        tensor_scale = _ZERO_TS.get(dev)
+        if tensor_scale is None:
+            tensor_scale = _ZERO_TS[dev] = torch.zeros((), dtype=torch.float32, device=codes.device)
+    if scales.dtype != torch.uint8:
+        scales = scales.view(torch.uint8)
+    if x.dim() == 2 and x.stride(1) == 1 and (x.shape[0] == 1 or x.stride(0) == in_features):
+        if x.shape[0] == 0:
+            return x.new_empty((0, n))
+        return _apply(x, codes, scales, tensor_scale, bias, _FMT_IDS[fmt], n, in_features)
+    lead = x.shape[:-1]
+    x2 = _as_2d(x, in_features)
+    if x2.shape[0] == 0:
+        return x.new_empty((*lead, n))
+    return _apply(x2, codes, scales, tensor_scale, bias, _FMT_IDS[fmt], n, in_features).reshape(*lead, n)
+
+
+fp4_linear.from_operands = _from_operands
 
 
 # ---------------------------------------------------------------------------------------------------
