@@ -103,3 +103,65 @@ def test_sdpa_helper_gqa_with_mask_and_causal_matches_reference(causal, backend)
     out = D.sdpa(q, k, v, causal=causal, attn_mask=mask, backend=backend)
     ref = reference_attention(q, k, v, causal=causal, attn_mask=mask)
     assert torch.allclose(out.double(), ref, atol=1e-5)
+
+
+def test_hot_path_plans_once_per_key_and_makes_the_plain_sdpa_call(monkeypatch):
+    """Dense calls are validated and planned once per key; repeats go straight to F.sdpa."""
+    monkeypatch.setattr(D, "_INTERPRET", True)  # take the CUDA code path with CPU tensors
+    monkeypatch.setattr(D, "_PLANS", {})
+    planned, sdpa_calls = [], []
+    real_plan, real_sdpa = D._plan, D._sdpa
+    monkeypatch.setattr(D, "_plan", lambda *a: planned.append(1) or real_plan(*a))
+    monkeypatch.setattr(D, "_sdpa", lambda *a, **kw: sdpa_calls.append(kw) or real_sdpa(*a, **kw))
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 7, 8, generator=g)
+    k, v = torch.randn(2, 2, 7, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g)
+    for _ in range(3):
+        out = D.attention(q, k, v, causal=True)
+    assert len(planned) == 1 and len(sdpa_calls) == 3
+    assert sdpa_calls[-1] == {"is_causal": True, "scale": None, "enable_gqa": True}
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.equal(out, ref)
+    D.attention(q, k, v, causal=False)  # causality is part of the key
+    assert len(planned) == 2
+
+
+def test_hot_path_validates_each_new_key(monkeypatch):
+    from vbhal.backends.cpu.attention import AttentionInputError
+
+    monkeypatch.setattr(D, "_INTERPRET", True)
+    monkeypatch.setattr(D, "_PLANS", {})
+    q = torch.randn(1, 2, 5, 8)
+    D.attention(q, q, q)
+    with pytest.raises(AttentionInputError, match="dtypes differ"):
+        D.attention(q, q, q.half())  # same shapes, new dtype: a new key, validated
+    with pytest.raises(AttentionInputError, match="must divide"):
+        D.attention(torch.randn(1, 3, 5, 8), q, q)
+
+
+def test_hot_path_picks_the_grad_plan_only_when_grad_is_needed(monkeypatch):
+    monkeypatch.setattr(D, "_INTERPRET", True)
+    monkeypatch.setattr(D, "_PLANS", {})
+    ran = []
+    monkeypatch.setattr(D, "_choose_cached", lambda needs_grad, **kw: "sdpa_flash" if needs_grad else "sdpa_default")
+    monkeypatch.setattr(D, "_run_dense", lambda impl, *a: ran.append(impl))
+    q = torch.randn(1, 2, 5, 8)
+    D.attention(q, q, q)
+    assert ran == []  # sdpa_default: the direct call, not _run_dense
+    D.attention(q.requires_grad_(), q, q)
+    assert ran == ["sdpa_flash"]
+    with torch.no_grad():
+        D.attention(q, q, q)
+    assert ran == ["sdpa_flash"]
+
+
+def test_pinned_sdpa_restores_the_priority_order_even_on_error():
+    if not hasattr(torch._C, "_get_sdp_priority_order"):
+        pytest.skip("this torch cannot set SDPA's priority order")
+    before = [int(b) for b in torch._C._get_sdp_priority_order()]
+    q = torch.randn(1, 2, 5, 8)
+    out = D._pinned_sdpa("sdpa_flash", q, q, q, True, None, False)
+    assert torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True))
+    with pytest.raises(RuntimeError):
+        D._pinned_sdpa("sdpa_cudnn", q, torch.randn(1, 2, 5, 4), q, True, None, False)
+    assert [int(b) for b in torch._C._get_sdp_priority_order()] == before

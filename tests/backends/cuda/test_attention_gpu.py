@@ -124,6 +124,22 @@ def run_tma(*case):
         _atomic(None, "VBHAL_ATTN_TMA")
 
 
+def run_pipe(*case, tma=False):
+    """The forward whose unmasked loop overlaps the next q @ k^T with the softmax (VBHAL_ATTN_PIPE=1)."""
+    import os
+
+    _atomic(True, "VBHAL_ATTN_PIPE")
+    _atomic(tma, "VBHAL_ATTN_TMA")
+    # 128x64 blocks: the sweep's pipe candidate (128x128 with pipe needs more shared memory than sm_90 has)
+    os.environ["VBHAL_ATTN_CONFIG"] = "fwd=128,64,8,3;fwd_tma=128,64,8,3"
+    try:
+        return run_dense(*case)
+    finally:
+        _atomic(None, "VBHAL_ATTN_PIPE")
+        _atomic(None, "VBHAL_ATTN_TMA")
+        os.environ.pop("VBHAL_ATTN_CONFIG", None)
+
+
 def run_packed(name, lens, hq, hkv, d, causal, dtype=torch.bfloat16, atomic_dq=None):
     from vbhal.backends.cpu.attention import attention as per_document, reference_attention
     from vbhal.backends.cuda.attention import flash_attention
@@ -217,6 +233,12 @@ if pytest is not None:
         run_tma(*case)
 
     @gpu
+    @pytest.mark.parametrize("tma", [False, True])
+    @pytest.mark.parametrize("case", [DENSE_CASES[0], DENSE_CASES[2], DENSE_CASES[4]], ids=["causal", "hd64", "gqa-odd"])
+    def test_pipelined_forward_matches_float64(case, tma):
+        run_pipe(*case, tma=tma)
+
+    @gpu
     def test_nan_in_key_propagates_to_rows_that_see_it():
         run_nan()
 
@@ -244,10 +266,16 @@ def main(argv=None) -> int:
                  (f"atomic_dq={flag} " + PACKED_CASES[0][0], lambda *a, f=flag: run_packed(*a, atomic_dq=f),
                   PACKED_CASES[0]),
                  (f"atomic_dq={flag} " + DENSE_CASES[0][0], lambda *a, f=flag: run_dense(*a, atomic_dq=f), DENSE_CASES[0])]
+    # forward variants the tuning sweep times (tune_attention.py): they must be right to be worth timing
+    jobs += [("pipe " + DENSE_CASES[0][0], run_pipe, DENSE_CASES[0]),
+             ("pipe " + DENSE_CASES[2][0], run_pipe, DENSE_CASES[2]),
+             ("pipe tma " + DENSE_CASES[4][0], lambda *a: run_pipe(*a, tma=True), DENSE_CASES[4]),
+             ("tma " + DENSE_CASES[0][0], run_tma, DENSE_CASES[0])]
     jobs += [("nan propagation", lambda: run_nan(), ()), ("torch.compile", lambda: run_compile(), ())]
     if "--minimal" in argv:  # the final round: one case of each kind, the full set ran in earlier rounds
         keep = {DENSE_CASES[0][0], DENSE_CASES[3][0], DENSE_CASES[4][0], DENSE_CASES[9][0], PACKED_CASES[0][0],
-                "dispatch " + DENSE_CASES[4][0], "nan propagation"}
+                "dispatch " + DENSE_CASES[4][0], "nan propagation", "pipe " + DENSE_CASES[0][0],
+                "pipe tma " + DENSE_CASES[4][0]}
         jobs = [j for j in jobs if j[0] in keep]
     failed = 0
     for name, fn, case in jobs:

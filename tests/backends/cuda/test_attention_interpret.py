@@ -104,6 +104,27 @@ def test_tma_forward_matches_float64(monkeypatch, case):
 
 
 @kernel
+@pytest.mark.parametrize("tma", ["0", "1"])
+@pytest.mark.parametrize("case", [DENSE[0], DENSE[1], DENSE[3], DENSE[5], DENSE[4]],
+                         ids=["causal", "gqa-full", "mqa-sq<sk", "even-gqa", "single"])
+def test_pipelined_forward_matches_float64(monkeypatch, case, tma):
+    """The forward whose unmasked loop issues the next q @ k^T before the softmax (VBHAL_ATTN_PIPE=1)."""
+    from vbhal.backends.cpu.attention import reference_attention
+    from vbhal.backends.cuda.attention import flash_attention
+
+    monkeypatch.setenv("VBHAL_ATTN_PIPE", "1")
+    monkeypatch.setenv("VBHAL_ATTN_TMA", tma)
+    b, hq, hkv, sq, sk, d, causal, dtype = case
+    q, k, v, do = _inputs((b, hq, sq, d), (b, hkv, sk, d), dtype, seed=sq * 5 + sk)
+    _compare(lambda *t: flash_attention(*t, causal=causal), lambda *t: reference_attention(*t, causal=causal),
+             q, k, v, do, dtype)
+    cu = _cu([16, 1, 33, 7, 48])
+    q, k, v, do = _inputs((105, 4, 16), (105, 2, 16), torch.float32, seed=13)
+    _compare(lambda *x: flash_attention(*x, causal=causal, cu_seqlens=cu),
+             lambda *x: reference_attention(*x, causal=causal, cu_seqlens=cu), q, k, v, do, torch.float32)
+
+
+@kernel
 def test_custom_scale_and_strided_inputs():
     from vbhal.backends.cpu.attention import reference_attention
     from vbhal.backends.cuda.attention import flash_attention

@@ -22,12 +22,16 @@ which is the usual mask when Sq == Sk.
 
 Structure follows Triton's fused-attention tutorial (06) and FlashAttention-2, written for the plain
 pointer API of Triton 3.x (no tensor descriptors, so it also runs under ``TRITON_INTERPRET=1``):
-- forward: grid (query blocks, batch * q heads); the key loop is split into blocks that need no mask
-  (fully visible, fully inside the sequence) and the few blocks on the causal diagonal or the ragged
-  end of the sequence, so the hot loop carries no masking work.
-- backward: ``delta = rowsum(dO * O)`` (a small kernel), then one kernel for dK/dV (grid over key
-  blocks and *K/V* heads; it loops over the query heads of its group, so GQA needs no atomics and no
-  repeated K/V) and one for dQ (grid over query blocks and q heads).
+- forward: grid (batch * q heads, query blocks), heads fastest so that causal runs launch the longest
+  query blocks of all heads first; the key loop is split into blocks that need no mask (fully
+  visible, fully inside the sequence) and the few blocks on the causal diagonal or the ragged end,
+  so the hot loop carries no masking work (and with EVEN lengths no load masks anywhere). One inner
+  loop serves pointer loads and TMA descriptor loads (``TMA`` constexpr); the per-block softmax
+  update is one helper (``_online_softmax_step``).
+- backward: ``delta = rowsum(dO * O)`` (a small kernel), then one kernel for dK/dV (grid over *K/V*
+  heads and key blocks; it loops over the query heads of its group, so GQA needs no atomics and no
+  repeated K/V) and one for dQ (grid over q heads and query blocks); only blocks on the causal
+  diagonal or the ragged end carry masks.
 Softmax is computed in base 2 (``exp2``) with ``log2(e)`` folded into the scale, as the tutorial does;
 the stored LSE is in base 2 as well (an internal quantity, never returned to users).
 
@@ -78,42 +82,111 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+def _online_softmax_step(acc, l_i, m_i, qk, keep, qk_scale, MASKED: tl.constexpr):
+    """One key block of the online softmax (FlashAttention-2, base 2).
+
+    ``qk`` is the raw ``q @ k^T`` block; returns the unnormalised probabilities ``p`` and the
+    updated ``acc`` (rescaled, before ``p @ v`` is added), ``l_i`` and ``m_i``. Unmasked blocks fold
+    the scale into one FMA (``qk * scale - m``); masked blocks set hidden scores to -inf first.
+    """
+    if MASKED:
+        qk = tl.where(keep, qk * qk_scale, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        qk = qk - m_ij[:, None]
+    else:
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        qk = qk * qk_scale - m_ij[:, None]
+    p = tl.math.exp2(qk)
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    return p, acc, l_i, m_ij
+
+
+@triton.jit
+def _load_kv(ptrs, desc, kv_row, start_n, cols, seq_k, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+             TRANS: tl.constexpr, MASKED: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr):
+    """One K (TRANS: as K^T, (D, BLOCK_N)) or V ((BLOCK_N, D)) tile by TMA or by pointers.
+
+    Pointer loads are masked at the sequence end only in MASKED blocks of uneven lengths; TMA
+    zero-fills out-of-range rows by itself.
+    """
+    if TMA:
+        t = desc.load([kv_row, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        if TRANS:
+            t = tl.trans(t)
+    else:
+        if MASKED:
+            if EVEN_K:
+                t = tl.load(ptrs)
+            else:
+                if TRANS:
+                    t = tl.load(ptrs, mask=cols[None, :] < seq_k, other=0.0)
+                else:
+                    t = tl.load(ptrs, mask=cols[:, None] < seq_k, other=0.0)
+        else:
+            t = tl.load(ptrs)
+    return t
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K, V, kv_row, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                seq_k, qk_scale, lo, hi,
-               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
-    """Online softmax over key blocks [lo, hi). MASKED adds the causal and sequence-end masks."""
-    kt_ptrs = k_base + (lo + offs_n)[None, :] * stride_kn + offs_d[:, None]
-    v_ptrs = v_base + (lo + offs_n)[:, None] * stride_vn + offs_d[None, :]
-    for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        cols = start_n + offs_n
-        if MASKED:
-            kt = tl.load(kt_ptrs, mask=cols[None, :] < seq_k, other=0.0)
-        else:
-            kt = tl.load(kt_ptrs)
-        qk = tl.dot(q, kt)
-        if MASKED:
-            keep = cols[None, :] < seq_k
-            if CAUSAL:
-                keep = keep & (offs_m[:, None] >= cols[None, :])
-            qk = tl.where(keep, qk * qk_scale, float("-inf"))
-            m_ij = tl.maximum(m_i, tl.max(qk, 1))
-            qk = qk - m_ij[:, None]
-        else:
-            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            qk = qk * qk_scale - m_ij[:, None]
-        p = tl.math.exp2(qk)
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if MASKED:
-            v = tl.load(v_ptrs, mask=cols[:, None] < seq_k, other=0.0)
-        else:
-            v = tl.load(v_ptrs)
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_ij
-        kt_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+               EVEN_K: tl.constexpr, TMA: tl.constexpr, PIPE: tl.constexpr):
+    """Online softmax over key blocks [lo, hi) of one query block.
+
+    K/V are base pointers (with token strides) or, with TMA, descriptors over (B*Hkv, S, D) whose
+    plane ``kv_row`` is read (tiles past Sk arrive zero-filled). MASKED adds the causal mask and,
+    unless EVEN_K (Sk a multiple of BLOCK_N), the sequence-end mask; unmasked blocks carry no mask work.
+    PIPE (unmasked blocks only) rotates the loop so that ``q @ k^T`` of block j+1 is issued before
+    the softmax of block j, letting the tensor cores work while the softmax runs (FlashAttention-3's
+    intra-warpgroup overlap, written as plain Triton; costs one more (BLOCK_M, BLOCK_N) fp32 tile).
+    """
+    if TMA:
+        kt_ptrs = 0
+        v_ptrs = 0
+    else:
+        kt_ptrs = K + (lo + offs_n)[None, :] * stride_kn + offs_d[:, None]
+        v_ptrs = V + (lo + offs_n)[:, None] * stride_vn + offs_d[None, :]
+    if PIPE:  # the caller passes PIPE only for its unmasked stage
+        if lo < hi:
+            kt = _load_kv(kt_ptrs, K, kv_row, lo, offs_n, seq_k, BLOCK_N, HEAD_DIM, True, False, EVEN_K, TMA)
+            qk = tl.dot(q, kt)
+            for start_n in range(lo + BLOCK_N, hi, BLOCK_N):
+                start_n = tl.multiple_of(start_n, BLOCK_N)
+                if not TMA:
+                    kt_ptrs += BLOCK_N * stride_kn
+                kt = _load_kv(kt_ptrs, K, kv_row, start_n, offs_n, seq_k, BLOCK_N, HEAD_DIM, True, False, EVEN_K, TMA)
+                qk_next = tl.dot(q, kt)
+                p, acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, qk, qk, qk_scale, False)
+                v = _load_kv(v_ptrs, V, kv_row, start_n - BLOCK_N, offs_n, seq_k, BLOCK_N, HEAD_DIM, False, False, EVEN_K, TMA)
+                acc = tl.dot(p.to(v.dtype), v, acc)
+                if not TMA:
+                    v_ptrs += BLOCK_N * stride_vn
+                qk = qk_next
+            p, acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, qk, qk, qk_scale, False)
+            v = _load_kv(v_ptrs, V, kv_row, hi - BLOCK_N, offs_n, seq_k, BLOCK_N, HEAD_DIM, False, False, EVEN_K, TMA)
+            acc = tl.dot(p.to(v.dtype), v, acc)
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            cols = start_n + offs_n
+            kt = _load_kv(kt_ptrs, K, kv_row, start_n, cols, seq_k, BLOCK_N, HEAD_DIM, True, MASKED, EVEN_K, TMA)
+            qk = tl.dot(q, kt)
+            keep = cols[None, :] < seq_k  # only used when MASKED
+            if MASKED:
+                if CAUSAL:
+                    if EVEN_K:
+                        keep = offs_m[:, None] >= cols[None, :]
+                    else:
+                        keep = keep & (offs_m[:, None] >= cols[None, :])
+            p, acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, qk, keep, qk_scale, MASKED)
+            v = _load_kv(v_ptrs, V, kv_row, start_n, cols, seq_k, BLOCK_N, HEAD_DIM, False, MASKED, EVEN_K, TMA)
+            acc = tl.dot(p.to(v.dtype), v, acc)
+            if not TMA:
+                kt_ptrs += BLOCK_N * stride_kn
+                v_ptrs += BLOCK_N * stride_vn
     return acc, l_i, m_i
 
 
@@ -126,13 +199,21 @@ def _fwd_kernel(Q, K, V, O, LSE, CU,
                 stride_lb, stride_lh,
                 H, GROUP, SEQ_Q, SEQ_K, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
-    start_m = tl.program_id(0)
+                CAUSAL: tl.constexpr, VARLEN: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr,
+                PIPE: tl.constexpr):
+    """Forward of one (query block, batch * q head). Grid: (B * Hq, query blocks).
+
+    The (batch, head) index runs fastest so that the first wave of programs takes the *same* query
+    block of many heads; with causal masking the longest blocks (last rows) are launched first over
+    all heads and the last wave is made of short ones (longest-processing-time-first scheduling).
+    EVEN: dense, Sq % BLOCK_M == 0 and Sk % BLOCK_N == 0 (no sequence-end masks anywhere).
+    TMA: Q/K/V/O are tensor descriptors over (B*H, S, D) views (dense, contiguous, sm_90+).
+    PIPE: the unmasked key loop overlaps the next ``q @ k^T`` with the softmax (see ``_fwd_inner``).
+    """
+    off_bh = tl.program_id(0)
+    start_m = tl.program_id(1)
     if CAUSAL:
-        # Causal work grows with the query block: launch the longest blocks first so the last wave
-        # is made of short ones (better load balance, as FlashAttention-2 does).
-        start_m = tl.num_programs(0) - 1 - start_m
-    off_bh = tl.program_id(1)
+        start_m = tl.num_programs(1) - 1 - start_m
     off_b = off_bh // H
     off_h = off_bh % H
     off_hk = off_h // GROUP  # GQA: the K/V head this query head reads (no repeat)
@@ -148,11 +229,21 @@ def _fwd_kernel(Q, K, V, O, LSE, CU,
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
-        q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + tok0 * stride_qm
-        k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh + tok0 * stride_kn
-        v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh + tok0 * stride_vn
         row_ok = offs_m < seq_q
-        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        kv_row = off_b * (H // GROUP) + off_hk
+        if TMA:
+            q = Q.load([off_bh, start_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
+            k_base = K
+            v_base = V
+        else:
+            q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + tok0 * stride_qm
+            k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh + tok0 * stride_kn
+            v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh + tok0 * stride_vn
+            q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_d[None, :]
+            if EVEN:
+                q = tl.load(q_ptrs)
+            else:
+                q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
 
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -164,86 +255,29 @@ def _fwd_kernel(Q, K, V, O, LSE, CU,
             hi = seq_k
             full = seq_k
         full = (full // BLOCK_N) * BLOCK_N
-        # Key blocks every row of this query block sees completely: no mask work in the hot loop.
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n,
-                                   offs_d, seq_k, qk_scale, 0, full, BLOCK_N, CAUSAL, False)
-        # The causal diagonal and the ragged end of the sequence.
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n,
-                                   offs_d, seq_k, qk_scale, full, hi, BLOCK_N, CAUSAL, True)
+        # Stage 1: key blocks every row of this query block sees completely: no mask work.
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kv_row, stride_kn, stride_vn, offs_m,
+                                   offs_n, offs_d, seq_k, qk_scale, 0, full,
+                                   BLOCK_N, HEAD_DIM, CAUSAL, False, EVEN, TMA, PIPE)
+        # Stage 2: the causal diagonal and the ragged end of the sequence.
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kv_row, stride_kn, stride_vn, offs_m,
+                                   offs_n, offs_d, seq_k, qk_scale, full, hi,
+                                   BLOCK_N, HEAD_DIM, CAUSAL, True, EVEN, TMA, False)
         acc = acc / l_i[:, None]
         lse = m_i + tl.math.log2(l_i)
-        o_base = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + tok0 * stride_om
-        tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], acc.to(O.dtype.element_ty),
-                 mask=row_ok[:, None])
-        lse_base = LSE + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + tok0
-        tl.store(lse_base + offs_m, lse, mask=row_ok)
-
-
-@triton.jit
-def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, kv_row, offs_m, offs_n, seq_k, qk_scale, lo, hi,
-                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
-    """``_fwd_inner`` with K/V tiles fetched by TMA (Hopper+); rows past Sk arrive zero-filled."""
-    for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        k = k_desc.load([kv_row, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-        qk = tl.dot(q, tl.trans(k))
-        if MASKED:
-            cols = start_n + offs_n
-            keep = cols[None, :] < seq_k
-            if CAUSAL:
-                keep = keep & (offs_m[:, None] >= cols[None, :])
-            qk = tl.where(keep, qk * qk_scale, float("-inf"))
-            m_ij = tl.maximum(m_i, tl.max(qk, 1))
-            qk = qk - m_ij[:, None]
+        lse_ptrs = LSE + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + tok0 + offs_m
+        if TMA:
+            O.store([off_bh, start_m * BLOCK_M, 0], acc.to(q.dtype).reshape(1, BLOCK_M, HEAD_DIM))
+            tl.store(lse_ptrs, lse, mask=row_ok)
         else:
-            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            qk = qk * qk_scale - m_ij[:, None]
-        p = tl.math.exp2(qk)
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        v = v_desc.load([kv_row, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_ij
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _fwd_kernel_tma(q_desc, k_desc, v_desc, o_desc, LSE, H, GROUP, SEQ_Q, SEQ_K, qk_scale,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    CAUSAL: tl.constexpr):
-    """Dense forward with TMA descriptors over (B*H, S, D) views: same math as ``_fwd_kernel``.
-
-    3-D descriptors keep every tile inside its own (batch, head) plane, so tiles past the sequence
-    end are zero-filled by the hardware instead of reading the next head.
-    """
-    start_m = tl.program_id(0)
-    if CAUSAL:
-        start_m = tl.num_programs(0) - 1 - start_m
-    off_bh = tl.program_id(1)
-    off_b = off_bh // H
-    off_h = off_bh % H
-    kv_row = off_b * (H // GROUP) + off_h // GROUP
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    q = q_desc.load([off_bh, start_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if CAUSAL:
-        hi = tl.minimum(SEQ_K, (start_m + 1) * BLOCK_M)
-        full = tl.minimum(SEQ_K, start_m * BLOCK_M)
-    else:
-        hi = SEQ_K
-        full = SEQ_K
-    full = (full // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, kv_row, offs_m, offs_n, SEQ_K, qk_scale,
-                                   0, full, BLOCK_N, HEAD_DIM, CAUSAL, False)
-    acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, kv_row, offs_m, offs_n, SEQ_K, qk_scale,
-                                   full, hi, BLOCK_N, HEAD_DIM, CAUSAL, True)
-    acc = acc / l_i[:, None]
-    o_desc.store([off_bh, start_m * BLOCK_M, 0], acc.to(q.dtype).reshape(1, BLOCK_M, HEAD_DIM))
-    tl.store(LSE + off_bh.to(tl.int64) * SEQ_Q + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < SEQ_Q)
+            o_base = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + tok0 * stride_om
+            o_ptrs = o_base + offs_m[:, None] * stride_om + offs_d[None, :]
+            if EVEN:
+                tl.store(o_ptrs, acc.to(O.dtype.element_ty))
+                tl.store(lse_ptrs, lse)
+            else:
+                tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+                tl.store(lse_ptrs, lse, mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,8 +369,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, CU,
                      H_KV, GROUP, SEQ_Q, SEQ_K, qk_scale, sm_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      CAUSAL: tl.constexpr, VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr):
-    pid_n = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    # Grid (B * Hkv, key blocks): heads run fastest, so with causal masking the longest key blocks
+    # (the first ones, seen by the most queries) start first across all heads.
+    off_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     off_b = off_bh // H_KV
     off_hk = off_bh % H_KV
     if VARLEN:
@@ -442,10 +478,11 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU,
                    H, GROUP, SEQ_Q, SEQ_K, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
-    start_m = tl.program_id(0)
+    # Grid (B * Hq, query blocks), heads fastest: longest causal blocks first across all heads.
+    off_bh = tl.program_id(0)
+    start_m = tl.program_id(1)
     if CAUSAL:
-        start_m = tl.num_programs(0) - 1 - start_m  # longest blocks first
-    off_bh = tl.program_id(1)
+        start_m = tl.num_programs(1) - 1 - start_m
     off_b = off_bh // H
     off_h = off_bh % H
     off_hk = off_h // GROUP
@@ -524,8 +561,11 @@ for _d in SUPPORTED_HEAD_DIMS:
     _GPU_CONFIGS[("dkdv_atomic", _d)] = _GPU_CONFIGS[("dkdv", _d)]
 for _d in SUPPORTED_HEAD_DIMS:
     _GPU_CONFIGS[("fwd_tma", _d)] = _GPU_CONFIGS[("fwd", _d)]
-#: Whether the dense forward uses TMA descriptors on sm_90+ (measured choice; see tune_attention.py).
-TMA_FWD_DEFAULT = False
+#: Head dims whose dense forward uses TMA descriptors on sm_90+ (measured choice; see tune_attention.py).
+TMA_FWD_HEAD_DIMS: frozenset = frozenset()
+#: Head dims whose forward issues the next q @ k^T before the softmax (measured choice; see tune_attention.py;
+#: pin together with a config that fits, e.g. 128x64 blocks at hd128: 128x128 with PIPE exceeds sm_90's smem).
+PIPE_QK_HEAD_DIMS: frozenset = frozenset()
 #: Whether dQ is accumulated with atomics in the dK/dV kernel (measured choice; see tune_attention.py).
 ATOMIC_DQ_DEFAULT = False
 
@@ -534,16 +574,30 @@ ATOMIC_DQ_DEFAULT = False
 _INTERPRET_CONFIG = (16, 16, 4, 1)
 
 
+def _flag(var: str, default: bool, head_dim: int) -> bool:
+    """An on/off environment override: "1"/"0", or the head dims it applies to ("128" or "128,64")."""
+    flag = os.environ.get(var)
+    if flag is None:
+        return default
+    if flag in ("0", "1"):
+        return flag == "1"
+    return str(head_dim) in flag.split(",")
+
+
 def _use_tma(q, k, v) -> bool:
-    """TMA forward (VBHAL_ATTN_TMA=1/0 overrides the default): dense contiguous tensors on sm_90+."""
-    flag = os.environ.get("VBHAL_ATTN_TMA")
-    if not (TMA_FWD_DEFAULT if flag is None else flag == "1"):
+    """TMA forward (VBHAL_ATTN_TMA=1/0/head dims overrides the default): dense contiguous tensors on sm_90+."""
+    if not _flag("VBHAL_ATTN_TMA", q.shape[-1] in TMA_FWD_HEAD_DIMS, q.shape[-1]):
         return False
     if not all(t.is_contiguous() for t in (q, k, v)):
         return False
     if _interpreting():
         return True
     return q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+
+
+def _pipe_qk(head_dim: int) -> bool:
+    """Forward loop overlapping the next q @ k^T with the softmax (VBHAL_ATTN_PIPE=1/0/head dims overrides)."""
+    return _flag("VBHAL_ATTN_PIPE", head_dim in PIPE_QK_HEAD_DIMS, head_dim)
 
 
 def _atomic_dq() -> bool:
@@ -553,12 +607,21 @@ def _atomic_dq() -> bool:
 
 
 def _config(kernel: str, head_dim: int, causal: Optional[bool] = None) -> tuple[int, int, int, int]:
-    override = os.environ.get("VBHAL_ATTN_CONFIG", "")
-    for part in filter(None, override.split(";")):
-        name, _, values = part.partition("=")
-        if name.strip() == kernel:
-            bm, bn, w, s = (int(x) for x in values.split(","))
-            return bm, bn, w, s
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of one kernel.
+
+    VBHAL_ATTN_CONFIG overrides, for tuning runs: ``"fwd=128,64,8,3;dq@128=64,64,4,2;fwd@64@1=..."``;
+    a key names the kernel, optionally ``@head_dim`` and ``@causal`` (1/0); the most specific wins.
+    """
+    override = os.environ.get("VBHAL_ATTN_CONFIG")
+    if override:
+        found = {}
+        for part in filter(None, override.split(";")):
+            name, _, values = part.partition("=")
+            found[name.strip()] = tuple(int(x) for x in values.split(","))
+        c = "" if causal is None else str(int(causal))
+        for key in (f"{kernel}@{head_dim}@{c}", f"{kernel}@{head_dim}", kernel):
+            if key in found:
+                return found[key]
     if _interpreting():
         return _INTERPRET_CONFIG
     return _GPU_CONFIGS.get((kernel, head_dim, causal)) or _GPU_CONFIGS[(kernel, head_dim)]
@@ -604,29 +667,26 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale):
     out = _empty(q.shape, q)
     lse_shape, (slb, slh) = _lse_layout(q, varlen)
     lse = _empty(lse_shape, q, torch.float32)
-    if not varlen and _use_tma(q, k, v):
-        bm, bn, warps, stages = _config("fwd_tma", d, causal)
+    tma = not varlen and _use_tma(q, k, v)
+    bm, bn, warps, stages = _config("fwd_tma" if tma else "fwd", d, causal)
+    even = not varlen and sq % bm == 0 and sk % bn == 0
+    grid = (batch * hq, triton.cdiv(seq_grid, bm))
+    if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         def desc(t, rows, block):
             t3 = t.reshape(-1, rows, d)  # (B*H, S, D): a view for the contiguous tensors _use_tma allows
             return TensorDescriptor(t3, list(t3.shape), list(t3.stride()), [1, block, d])
 
-        _fwd_kernel_tma[(triton.cdiv(sq, bm), batch * hq)](
-            desc(q, sq, bm), desc(k, sk, bn), desc(v, sk, bn), desc(out, sq, bm), lse,
-            hq, hq // hkv, sq, sk, scale * LOG2E,
-            HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, num_warps=warps, num_stages=stages,
-        )
-        return out, lse
-    bm, bn, warps, stages = _config("fwd", d, causal)
-    grid = (triton.cdiv(seq_grid, bm), batch * hq)
-    cu = cu_seqlens if varlen else q  # unused pointer when dense
+        args = (desc(q, sq, bm), desc(k, sk, bn), desc(v, sk, bn), desc(out, sq, bm), lse, q,
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    else:
+        cu = cu_seqlens if varlen else q  # unused pointer when dense
+        args = (q, k, v, out, lse, cu,
+                *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen))
     _fwd_kernel[grid](
-        q, k, v, out, lse, cu,
-        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
-        slb, slh,
-        hq, hq // hkv, sq, sk, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, VARLEN=varlen,
+        *args, slb, slh, hq, hq // hkv, sq, sk, scale * LOG2E,
+        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, VARLEN=varlen, EVEN=even, TMA=tma, PIPE=_pipe_qk(d),
         num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -669,9 +729,9 @@ def _backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale):
     # With atomic dQ the dK/dV kernel accumulates dQ in fp32 (zeroed); else the dQ kernel writes it.
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic_dq else _empty(q.shape, q)
     qk_scale = scale * LOG2E
-    bm, bn, warps, stages = _config("dkdv_atomic" if atomic_dq else "dkdv", d)
+    bm, bn, warps, stages = _config("dkdv_atomic" if atomic_dq else "dkdv", d, causal)
     sk_grid = seq_grid if varlen else sk
-    _bwd_dkdv_kernel[(triton.cdiv(sk_grid, bn), batch * hkv)](
+    _bwd_dkdv_kernel[(batch * hkv, triton.cdiv(sk_grid, bn))](
         q, k, v, do, dk, dv, dq, lse, delta, cu,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
         *_strides(dk, varlen), *_strides(dv, varlen), *_strides(dq, varlen), slb, slh,
@@ -681,9 +741,9 @@ def _backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale):
     )
     if atomic_dq:
         return dq.to(q.dtype), dk, dv
-    bm, bn, warps, stages = _config("dq", d)
+    bm, bn, warps, stages = _config("dq", d, causal)
     sq_grid = seq_grid if varlen else sq
-    _bwd_dq_kernel[(triton.cdiv(sq_grid, bm), batch * hq)](
+    _bwd_dq_kernel[(batch * hq, triton.cdiv(sq_grid, bm))](
         q, k, v, do, dq, lse, delta, cu,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
         *_strides(dq, varlen), slb, slh,
