@@ -217,11 +217,11 @@ def vbhal_step_fn(model, eng):
     return step
 
 
-def run_vbhal(model, eng, tokens: int, cap: int | None, warmup=2, steps=3, chunk_tokens=16384) -> dict:
+def run_vbhal(model, eng, tokens: int, cap: int | None, warmup=2, steps=3, chunk_tokens=16384, label="") -> dict:
     reset_gpu()
     set_cap(cap)
     eng.cfg.chunks = max(1, tokens // chunk_tokens) if tokens > 16384 else 1
-    res = {"peer": "vbhal offload", "params": sum(u.train_numel for u in eng.units), "tokens": tokens, "cap_bytes": cap,
+    res = {"peer": "vbhal offload" + label, "params": sum(u.train_numel for u in eng.units), "tokens": tokens, "cap_bytes": cap,
            "chunks": eng.cfg.chunks}
     try:
         x = torch.randn(tokens, D_MODEL, device=DEV, dtype=torch.bfloat16)
@@ -239,12 +239,16 @@ def run_vbhal(model, eng, tokens: int, cap: int | None, warmup=2, steps=3, chunk
         t = sorted(times)[len(times) // 2]
         h2d = sum(r.get("l0_in", 0) for r in rows) / len(rows)
         d2h = sum(r.get("l0_out", 0) for r in rows) / len(rows)
+        summ = eng.memory_summary()
         res.update(
             status="ok", step_s=t, losses=losses, h2d_bytes_per_step=h2d, d2h_bytes_per_step=d2h,
             h2d_GBps=h2d / t / GB, d2h_GBps=d2h / t / GB, both_GBps=(h2d + d2h) / t / GB,
             host_adamw_s_per_step=sum(r.get("l1_busy", 0) for r in rows) / len(rows),
+            gpu_adamw_s_per_step=sum(r.get("gpu_step_s", 0) for r in rows) / len(rows),
             stall_s_per_step=sum(r.get("l1_stall", 0) for r in rows) / len(rows),
-            peak_gpu_bytes=torch.cuda.max_memory_allocated(), **eng.memory_summary(),
+            gpu_step_fraction=(summ["gpu_step"]["fraction"] or 0.0), gpu_step_units=summ["gpu_step"]["units"],
+            gpu_step_note=summ["gpu_step"]["note"], gpu_step_auto=summ["gpu_step"]["auto"],
+            step_rows=rows, peak_gpu_bytes=torch.cuda.max_memory_allocated(), **summ,
         )
     except torch.OutOfMemoryError as e:
         res.update(status="OOM", error=str(e).splitlines()[0][:200])
@@ -314,8 +318,9 @@ def part_check(args) -> dict:
         return out
 
     ref_host, ref_cuda = plain_run(True), plain_run(False)
-    exact = vbhal_run(chunks=1)
-    chunked = vbhal_run(chunks=2, offload_activations=True)
+    exact = vbhal_run(chunks=1, gpu_step_fraction=0.0)
+    chunked = vbhal_run(chunks=2, offload_activations=True, gpu_step_fraction=0.0)
+    hybrid = vbhal_run(chunks=1, gpu_step_fraction=0.5)
 
     def rel(a, b):
         return max(abs(u - v) / abs(v) for u, v in zip(a, b))
@@ -328,9 +333,11 @@ def part_check(args) -> dict:
         "max_rel_diff_vs_plain_host_adamw": rel(exact, ref_host),
         "max_rel_diff_vs_plain_cuda_adamw": rel(exact, ref_cuda),
         "max_rel_diff_chunked_vs_plain": rel(chunked, ref_host),
+        "vbhal_hybrid_losses": hybrid, "max_rel_diff_hybrid_vs_plain_cuda_adamw": rel(hybrid, ref_cuda),
     }
     res["pass"] = (res["max_rel_diff_vs_plain_host_adamw"] <= 1e-6 and res["max_rel_diff_vs_plain_cuda_adamw"] <= 1e-2
-                   and res["max_rel_diff_chunked_vs_plain"] <= 1e-2 and all(math.isfinite(v) for v in exact + chunked))
+                   and res["max_rel_diff_chunked_vs_plain"] <= 1e-2 and res["max_rel_diff_hybrid_vs_plain_cuda_adamw"] <= 1e-2
+                   and all(math.isfinite(v) for v in exact + chunked + hybrid))
     print(f"check: plain (host AdamW)  {[round(v, 6) for v in ref_host]}")
     print(f"check: plain (CUDA AdamW)  {[round(v, 6) for v in ref_cuda]}")
     print(f"check: vbhal               {[round(v, 6) for v in exact]}  bitwise equal to plain(host AdamW): "
@@ -350,12 +357,23 @@ def part_speed(args) -> dict:
         rows.append(run_plain(n, tokens, None, warmup=1, steps=min(2, args.steps)))
         print(_row(rows[-1]), flush=True)
         _SAVE("speed", {"rows": rows})
-    model, eng, t_build = build_vbhal(n, token_list[0], offload_activations=True)
-    print(f"vbhal engine built in {t_build:.1f} s ({eng.pool.describe()}; host step: {eng.host_step_note})", flush=True)
-    for tokens in token_list:
-        rows.append(run_vbhal(model, eng, tokens, CAP_BYTES, warmup=2 if not rows or rows[-1]["peer"].startswith("pytorch") else 1,
-                              steps=args.steps, chunk_tokens=args.chunk_tokens))
+    gpu_frac = None if args.gpu_step in ("auto", "") else float(args.gpu_step)
+    model, eng, t_build = build_vbhal(n, token_list[0], offload_activations=True, gpu_step_fraction=gpu_frac)
+    print(f"vbhal engine built in {t_build:.1f} s ({eng.pool.describe()}; host step: {eng.host_step_note}; "
+          f"gpu step: {eng.gpu_step_note})", flush=True)
+    label = " hybrid" if gpu_frac != 0.0 else ""
+    for i, tokens in enumerate(token_list):
+        # auto decides at the start of step 2's backward (from step 1, all on the host) and pins the chosen units'
+        # state then: 3 warm-up steps before the first timed one
+        rows.append(run_vbhal(model, eng, tokens, CAP_BYTES, warmup=3 if i == 0 else 1, steps=args.steps,
+                              chunk_tokens=args.chunk_tokens, label=label))
         rows[-1]["build_s"] = t_build
+        print(_row(rows[-1]), flush=True)
+        _SAVE("speed", {"rows": rows})
+    for tokens in [int(t) for t in args.host_only_tokens.split(",") if t] if label else []:
+        eng.set_gpu_step_fraction(0.0)  # the same engine, every AdamW on the host: the comparison row
+        rows.append(run_vbhal(model, eng, tokens, CAP_BYTES, warmup=1, steps=args.steps, chunk_tokens=args.chunk_tokens,
+                              label=" host-only"))
         print(_row(rows[-1]), flush=True)
         _SAVE("speed", {"rows": rows})
     for r in rows:
@@ -743,7 +761,8 @@ def _row(r: dict) -> str:
     return (f"{r.get('peer', ''):30s} params={r.get('params', 0) / 1e9:6.2f}B tokens={r.get('tokens', 0):6d} "
             f"cap={'8GB' if r.get('cap_bytes') else 'none':4s} status={r.get('status')} step_s={f('step_s', '.3f')} "
             f"ratio={f('ratio_vs_in_gpu', '.2f')} vs_vbhal={f('vbhal_speedup', '.2f')} h2d={f('h2d_GBps', '.1f')}GB/s d2h={f('d2h_GBps', '.1f')}GB/s "
-            f"hostAdamW={f('host_adamw_s_per_step', '.3f')}s stall={f('stall_s_per_step', '.3f')}s "
+            f"hostAdamW={f('host_adamw_s_per_step', '.3f')}s gpuAdamW={f('gpu_adamw_s_per_step', '.3f')}s "
+            f"gpuFrac={f('gpu_step_fraction', '.2f')} stall={f('stall_s_per_step', '.3f')}s "
             f"peakGPU={f('peak_gpu_bytes', '.3e')} {r.get('error', '')}")
 
 
@@ -774,6 +793,9 @@ def main() -> int:
     ap.add_argument("--blocks", type=int, default=None)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--chunk-tokens", type=int, default=8192)
+    ap.add_argument("--gpu-step", default="auto", help="speed: gpu_step_fraction of the vbhal rows ('auto' or 0..1)")
+    ap.add_argument("--host-only-tokens", default="16384",
+                    help="speed: token counts also run with every AdamW on the host (comma list; '' for none)")
     ap.add_argument("--smoke", action="store_true", help="run every code path on CPU at toy sizes (a test of this script)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -1,15 +1,19 @@
 #!/bin/bash
-# GPU round for offloaded training (budget 240 s, hard; every part under `timeout`, the rest skipped).
+# GPU round for offloaded training (budget 236 s, hard; every part under `timeout`, the rest skipped).
 # Parts (TIERS_PARTS, in order):
 #   hoststep = host AdamW variants at 0.5B params (torch fused whole-unit casts / the engine's piecewise fused step
 #              at 256K, 1M, 4M pieces / compiled one-pass / the step on the GPU with state streamed over PCIe),
 #              s per 1e9 params; its compile also warms Inductor's cache for the later parts.
+#   hybrid   = tests/nn/test_offload_hybrid.py as a script: half the units' AdamW on the GPU (state streamed) vs
+#              in-GPU training, 30 steps, losses within 2e-3 (PASS/FAIL lines).
 #   speed    = 3.49B stack of MLP blocks under an 8 GB cap vs in-GPU at 16k and 64k tokens, with the host step
-#              that was fastest in `hoststep` (VBHAL_HOST_STEP, VBHAL_HOST_STEP_CHUNK).
+#              that was fastest in `hoststep` (VBHAL_HOST_STEP, VBHAL_HOST_STEP_CHUNK) and the hybrid step on
+#              (gpu_step_fraction auto, decided after step 1; TIERS_GPU_STEP=0.3 etc. fixes it), then the same
+#              engine with every AdamW on the host at 16k (the comparison row).
 #   peers    = vbhal vs DeepSpeed ZeRO-3 offload (vs torchao) at 0.81B, if time is left.
 #   cuda / capacity / check / largest: as before, not in the default plan.
 # JSON: $RES/offload-gpu.json (speed, peers, hoststep); the compact table is printed last.
-PARTS=${TIERS_PARTS:-"hoststep speed peers"}
+PARTS=${TIERS_PARTS:-"hoststep hybrid speed peers"}
 START=$(date +%s)
 : "${RES:=/tmp/tiers-res}"
 mkdir -p "$RES"
@@ -43,7 +47,9 @@ run_part() {  # name, max seconds
         | grep -v "^\[\|Warning\|warn(\|^W1\|^  \"\"\"" | tail -n 40 ;;
     hoststep) timeout "$T" python3 benchmarks/bench_offload.py hoststep --hoststep-params 500000000 --out "$OUTJ" 2>&1 \
         | grep -v "Warning\|warn(" | tail -n 12 ;;
-    speed) timeout "$T" python3 benchmarks/bench_offload.py speed --steps 3 --out "$OUTJ" 2>&1 \
+    hybrid) timeout "$T" python3 tests/nn/test_offload_hybrid.py 2>&1 | grep -v "Warning\|warn(" | tail -n 6 ;;
+    speed) timeout "$T" python3 benchmarks/bench_offload.py speed --steps 3 --gpu-step "${TIERS_GPU_STEP:-auto}" \
+        --host-only-tokens "${TIERS_HOST_ONLY_TOKENS-16384}" --out "$OUTJ" 2>&1 \
         | grep -v "^\[\|Warning\|warn(\|^W1" | tail -n 30 ;;
     *) timeout "$T" python3 benchmarks/bench_offload.py "$1" --steps 3 --out "$OUTJ" 2>&1 \
         | grep -v "^\[\|Warning\|warn(\|^W1" | tail -n 30 ;;
@@ -69,10 +75,11 @@ PY
 for p in $PARTS; do
   case $p in speed|capacity|peers|largest) [ -n "$VBHAL_HOST_STEP" ] || pick_host_step ;; esac
   case $p in
-    hoststep) run_part hoststep 60 ;;
+    hoststep) run_part hoststep 45 ;;
+    hybrid) run_part hybrid 25 ;;
     cuda) run_part cuda 25 ;;
     check) run_part check 35 ;;
-    speed) run_part speed 100 ;;
+    speed) run_part speed 115 ;;
     capacity) run_part capacity 70 ;;
     peers) run_part peers 70 ;;
     largest) run_part largest 70 ;;
@@ -95,7 +102,11 @@ for r in rows:
     ratio = r["step_s"] / base["step_s"] if base and r.get("step_s") and r is not base else None
     print(f"speed      {r['peer']:22s} {r['params']/1e9:5.2f}B {r['tokens']:6d} tok  step {r.get('step_s', float('nan')):6.3f} s"
           f"  ratio {'-' if ratio is None else f'{ratio:.2f}x':6s} hostAdamW {r.get('host_adamw_s_per_step', 0):.3f} s"
-          f"  stall {r.get('stall_s_per_step', 0):.3f} s  h2d {r.get('h2d_GBps', 0):.1f} GB/s  {r.get('host_step', '')} {r.get('status')}")
+          f"  gpuAdamW {r.get('gpu_adamw_s_per_step', 0):.3f} s  gpuFrac {r.get('gpu_step_fraction', 0):.2f}"
+          f"  stall {r.get('stall_s_per_step', 0):.3f} s  h2d {r.get('h2d_GBps', 0):.1f} d2h {r.get('d2h_GBps', 0):.1f} GB/s"
+          f"  {r.get('host_step', '')} {r.get('status')}")
+    if r.get("gpu_step_auto"):
+        print(f"           auto: {json.dumps({k: round(v, 4) for k, v in r['gpu_step_auto'].items()})}")
 for r in d.get("peers", {}).get("rows", []):
     print(f"peers      {r['peer']:30s} {r.get('params', 0)/1e9:5.2f}B step {r.get('step_s', float('nan')):6.3f} s "
           f"vbhal speedup {r.get('vbhal_speedup', float('nan')):.2f}x {r.get('status')}")

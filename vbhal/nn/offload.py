@@ -44,6 +44,20 @@ time (or the host step time, if smaller) added per step, plus one device synchro
 :class:`OffloadStepInfo`; ``set_lr`` changes the learning rate between steps; ``state_dict`` /
 ``load_state_dict`` save and restore everything for a bitwise resume.
 
+Hybrid step (``gpu_step_fraction``): a share of the units (evenly spaced, unit 0 always: its gradients come last
+and its weights are needed first) do their AdamW on the device instead: their fp32 master, exp_avg and exp_avg_sq
+live in one pinned host block (still the authoritative copy: state_dict, master_state_dict and the host step read
+it), go up in pieces (8M elements, prefetched from the start of the unit's backward) through a small ring of device
+buffers (``gpu_step_buffer_bytes``), are stepped by torch's fused CUDA AdamW with the gradients where they are (no
+gradient copy down), and come home with the new working copy on their own copy streams; the next fetch of the
+unit waits on that copy's event. ~24 PCIe bytes per parameter instead of ~0.29 ns of host time per parameter:
+``None`` (default on accelerators) picks the share after step 1 from measured host-step time, copy bandwidth and
+compute time (see ``_auto_decide``); 0 on CPU, where a value > 0 runs the same pieces synchronously (bitwise equal to
+the host step, tested). CUDA's and the CPU's fused AdamW may differ in the last bit, so hybrid losses match
+in-GPU training within a tolerance, not bitwise. Off (host step, reported) with state on the disk tier or with
+gradient accumulation. ``memory_summary()["last_step"]`` / ``step_breakdown()``: host step s, device step s,
+stall s, H2D/D2H GB/s, the chosen share.
+
 Also: gradient accumulation (``grad_accum_steps``; fp32 sums on the host), units called several times per
 step (gradients summed before the step), tied weights (kept resident on the device), meta-device models
 materialised straight into host memory (``init_fn``), masters and AdamW state beyond a host budget in
@@ -89,6 +103,13 @@ MAX_PREFETCH_DEPTH = 4
 #: Elements per piece of the host AdamW step (a multiple of 64 so pieces keep the fused kernel's 64-byte task
 #: units): 4 MiB of fp32 gradient scratch, which with the piece's master stays in the cores' caches.
 HOST_STEP_CHUNK = 1 << 20
+#: Elements per piece of the device AdamW step of a GPU-stepped unit (a multiple of HOST_STEP_CHUNK): 8M
+#: elements = 160 MiB of device ring slot (fp32 master, exp_avg, exp_avg_sq, gradient + the working-copy piece).
+GPU_STEP_PIECE = 1 << 23
+#: Device ring bytes per piece element: fp32 master, exp_avg, exp_avg_sq, fp32 gradient, working copy (<= 4 bytes).
+_SLOT_BYTES_PER_ELEM = 20
+#: Auto mode leaves every unit on the host when the whole host step of a step takes less than this (seconds).
+AUTO_MIN_HOST_S = 0.05
 
 
 @dataclass
@@ -130,6 +151,12 @@ class OffloadConfig:
     poison: bool = False  # debug: fill each fresh device buffer with NaN before its copy (catches unwritten elements)
     max_grad_norm: float | None = None  # clip by global 2-norm (clip_grad_norm_ arithmetic); defers the host steps
     skip_nonfinite: bool = True  # skip the whole optimizer step when a gradient is inf/NaN; defers the host steps
+    # Share of the streamed units whose AdamW step runs on the device (fp32 master + state streamed up and back in
+    # pieces, torch's fused AdamW there; the host copy stays authoritative). None: auto on accelerators (decided
+    # from the first steps' measurements), 0 on CPU; 0.0: off. On CPU a value > 0 runs the same piece pipeline on
+    # the CPU (a test mode, bitwise equal to the host step).
+    gpu_step_fraction: float | None = None
+    gpu_step_buffer_bytes: int = 640 << 20  # device memory of the device step's ring of pieces
 
 
 @dataclass
@@ -178,6 +205,10 @@ class _Unit:
     fw_calls: int = 0  # grad-enabled forward calls this step
     bw_calls: int = 0  # backward calls seen this step
     grad_acc: list | None = None  # gradients summed over calls until the last backward of the step
+    gpu_step: bool = False  # AdamW of this unit runs on the device (state streamed from pinned host memory)
+    state_blk: HostBlock | None = None  # pinned host block holding master | exp_avg | exp_avg_sq (GPU-stepped units)
+    dev_done: Any = None  # event: the last device step's results (working copy, master, state) are back on the host
+    step_tag: int = 0  # optimizer step index of the queued host step (for the auto mode's measurement)
 
     @property
     def work_bytes(self) -> int:
@@ -583,9 +614,14 @@ class OffloadEngine:
         self._worker_error: BaseException | None = None
         self._lock = threading.Lock()
         self._h2d = self._d2h = None
+        self._up = self._opt = self._down = None  # the device step's streams: state up, AdamW, state down
         if self._accel:
             self._h2d = self._dm.Stream(self.device)
             self._d2h = self._dm.Stream(self.device)
+            self._up = self._dm.Stream(self.device)
+            self._opt = self._dm.Stream(self.device)
+            self._down = self._dm.Stream(self.device)
+        self.state_pool = HostPool(pin=pin, chunk_bytes=cfg.host_pool_chunk_bytes, name="offload-gpu-step-state")
         self._dummy = torch.empty(0, device=self.device, requires_grad=True)
         self._trace: list[tuple[int, str]] = []
         self._order: list[tuple[int, str]] | None = None
@@ -641,6 +677,7 @@ class OffloadEngine:
                 prefetch_depth=6, spill_root=cfg.spill_root,
             )
         self._build(report)
+        self._init_gpu_step(report)
 
     # ------------------------------------------------------------------------------------------- set-up
     def _build(self, report: Any) -> None:
@@ -830,6 +867,8 @@ class OffloadEngine:
         nbytes = unit.work_bytes
         if self._accel:
             with self._dm.stream(self._h2d):
+                if unit.dev_done is not None:
+                    self._h2d.wait_event(unit.dev_done)  # the device step's new working copy is home
                 buf = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
                 if self.cfg.poison:
                     buf.fill_(0xFF)  # all-ones bytes: NaN in every float format
@@ -895,6 +934,10 @@ class OffloadEngine:
         self.stats.add(0, hits=int(hit), misses=int(not hit))
         self._fetch(unit, block=True)
         self._bind(unit)
+        if phase == "B":
+            self._maybe_decide()
+            if unit.gpu_step and unit.bw_calls + 1 >= unit.fw_calls:
+                self._gpu_prefetch(unit)
         if self._learning_events() is not None:
             self._mark_compute(unit, phase, "start")
         # Prefetch: the learned window, or (first step) the neighbour in module order.
@@ -952,6 +995,14 @@ class OffloadEngine:
                 for j, g in enumerate(grads):
                     if g is not None:
                         self._norms[id(unit.params[j][1])] = torch._foreach_norm([g.float()], 2.0)[0]
+            if unit.gpu_step and not self._defer:
+                # Device step: the gradients stay on the device; state comes up, results go home (no host work).
+                self._device_step(unit, grads, self._lr, None)
+                if self._learning_events() is not None:
+                    self._mark_compute(unit, "B", "end")
+                if unit.idx not in self._upcoming():
+                    self._release(unit)
+                return
             done = None
             if self._accel:
                 cur = self._dm.current_stream(self.device)
@@ -959,6 +1010,8 @@ class OffloadEngine:
                 ready.record(cur)
                 with self._dm.stream(self._d2h):
                     self._d2h.wait_event(ready)
+                    if unit.dev_done is not None:  # a deferred device step may still read the last gradients
+                        self._d2h.wait_event(unit.dev_done)
                     for j, g in enumerate(grads):
                         dst = unit.view(gh, j)
                         if g is None:
@@ -982,12 +1035,14 @@ class OffloadEngine:
             if not last_micro:  # not the last micro-batch: accumulate only
                 unit.pending = self._worker.submit((self.step_count, unit.idx), self._host_accumulate, unit, done)
             elif self._defer:
-                unit.host_ready.clear()
+                if not unit.gpu_step:
+                    unit.host_ready.clear()
                 if self.cfg.grad_accum_steps > 1:  # the sum exists only on the host: its norms are taken there
                     unit.pending = self._worker.submit((self.step_count, unit.idx), self._host_accumulate, unit, done, True)
                 self._deferred.append((unit, done))
             else:
                 unit.host_ready.clear()
+                unit.step_tag = self.step_count
                 unit.pending = self._worker.submit((self.step_count, unit.idx), self._host_step, unit, done, self._lr, None)
         if self._learning_events() is not None:
             self._mark_compute(unit, "B", "end")
@@ -1040,11 +1095,11 @@ class OffloadEngine:
             t0 = time.perf_counter()
             if self._compiled_step is not None and unit.acc_count == 0 and coef is None:
                 self._host_step_compiled(unit, lr)
-                self.stats.add(1, busy_s=time.perf_counter() - t0)
+                self._host_busy(unit, time.perf_counter() - t0)
                 return
             if self._compiled_step is None and self.state_stack is None:
                 self._host_step_chunked(unit, lr, coef)
-                self.stats.add(1, busy_s=time.perf_counter() - t0)
+                self._host_busy(unit, time.perf_counter() - t0)
                 return
             if unit.acc_final:  # the fp32 sum (last micro-batch included) is complete already
                 g32 = unit.g_acc
@@ -1064,7 +1119,7 @@ class OffloadEngine:
                 g32.mul_(coef)  # clip_grad_norm_: grad * clamp(max_norm / (norm + 1e-6), max=1)
             if self._compiled_step is not None:
                 self._host_step_compiled(unit, lr, grad32=g32)
-                self.stats.add(1, busy_s=time.perf_counter() - t0)
+                self._host_busy(unit, time.perf_counter() - t0)
                 return
             with self._state_in_memory(unit):
                 unit.master.grad = g32
@@ -1074,11 +1129,16 @@ class OffloadEngine:
                 for j in range(unit.n_train):  # fp32 master -> working copy (rounded to nearest even for bf16)
                     n = math.prod(unit.shapes[j])
                     unit.view(unit.work_host.tensor, j).copy_(unit.master[unit.m_offsets[j] : unit.m_offsets[j] + n].view(unit.shapes[j]))
-            self.stats.add(1, busy_s=time.perf_counter() - t0)
+            self._host_busy(unit, time.perf_counter() - t0)
         except BaseException as e:  # noqa: BLE001 - surfaced on the main thread at the next fetch or step
             self._worker_error = e
         finally:
             unit.host_ready.set()
+
+    def _host_busy(self, unit: _Unit, busy: float) -> None:
+        self.stats.add(1, busy_s=busy)
+        if self._gpu_units is None and unit.step_tag <= self._auto_tag:  # the auto choice's measurement
+            self._host_meas.append((unit.step_tag, unit.train_numel, busy))
 
     def _adamw_state(self, unit: _Unit) -> dict:
         """The unit's AdamW state as torch.optim.AdamW(fused=True) keeps it (created on first use)."""
@@ -1188,6 +1248,355 @@ class OffloadEngine:
         if self._scratch is None or self._scratch.numel() < numel:
             self._scratch = torch.empty(max(numel, max(u.train_numel for u in self.units)), dtype=torch.float32)
         return self._scratch[:numel]
+
+    # ---------------------------------------------------------------------------- device (GPU) AdamW step
+    def _init_gpu_step(self, report: Any) -> None:
+        """Which units step on the device: explicit fraction now, auto (None, accelerators only) after step 1."""
+        cfg = self.cfg
+        self.gpu_step_note = ""
+        self.gpu_step_auto: dict[str, Any] | None = None
+        self._auto_tag = 1  # auto: decide from the host steps of this optimizer step (all units host-stepped)
+        self._gpu_units: set[int] | None = set()
+        self._ring: list[dict] | None = None
+        self._piece = GPU_STEP_PIECE
+        self._slot_next = 0
+        self._prefetched: tuple[int, list[int]] | None = None  # (unit index, ring slots already being filled)
+        self._gpu_events: list[tuple[Any, Any]] = []  # (start, end) timing events of launched device steps
+        self._gpu_step_s = 0.0  # device step time (span on the device, incl. waits for state uploads), this step
+        self._host_meas: list[tuple[int, int, float]] = []  # (step tag, params, busy s) of the first host steps
+        self.d2h_bandwidth = self._measure_d2h()
+        self._t_compute_est: float | None = None
+        f = cfg.gpu_step_fraction
+        if f is not None and not (isinstance(f, (int, float)) and math.isfinite(f) and 0.0 <= f <= 1.0):
+            raise TierError(f"gpu_step_fraction must be None (auto) or a number in [0, 1], got {f!r}")
+        if cfg.gpu_step_buffer_bytes < 2 * HOST_STEP_CHUNK * _SLOT_BYTES_PER_ELEM:
+            raise TierError(f"gpu_step_buffer_bytes must be at least {2 * HOST_STEP_CHUNK * _SLOT_BYTES_PER_ELEM} "
+                            f"(two ring slots of {HOST_STEP_CHUNK} elements), got {cfg.gpu_step_buffer_bytes}")
+        why = None
+        if self.state_stack is not None:
+            why = "optimizer state on the disk tier"
+        elif cfg.grad_accum_steps > 1:
+            why = "gradient accumulation sums gradients on the host"
+        if why is not None:
+            self.gpu_step_note = f"off: {why} (host step for every unit)"
+            if f:
+                warnings.warn(f"vbhal offload: gpu_step_fraction={f} ignored: {why}; every unit steps on the host",
+                              TierWarning, stacklevel=4)
+            return
+        if f is None:
+            if not self._accel:
+                self.gpu_step_note = "off (CPU device; auto applies to accelerators)"
+                return
+            self._gpu_units = None
+            self.gpu_step_note = f"auto: decided after optimizer step {self._auto_tag} from its measurements"
+            return
+        self._set_gpu_units(float(f), "fixed by gpu_step_fraction")
+        if report is not None and self._gpu_units:
+            report.add("offload", "gpu step", self.gpu_step_note)
+
+    def _set_gpu_units(self, f: float, why: str) -> None:
+        """Step an evenly spaced share `f` of the trainable units on the device, unit 0 always among them.
+
+        Why spread and why unit 0: unit 0's gradients arrive last in backward and its weights are needed first by
+        the next forward, so its host step can never overlap anything (it is the whole wait at the start of each
+        forward); on the device it takes milliseconds. The other device-stepped units are spread evenly (not the
+        next ones after unit 0) because each moves ~24 bytes per parameter over PCIe, more than its backward
+        compute time covers: spread out, that traffic interleaves with the weight fetches of the host-stepped
+        units in between; bunched at the end of backward it would stall it. Spreading also thins the host's
+        backlog evenly, so the next forward rarely waits for a host step."""
+        for u in self.units:
+            u.gpu_step = False
+        elig = [u for u in self.units if u.n_train]
+        c = 0 if f <= 0 or not elig else max(1, min(len(elig), round(f * len(elig))))
+        chosen = [elig[(i * len(elig)) // c] for i in range(c)]
+        for u in chosen:
+            u.gpu_step = True
+        self._gpu_units = {u.idx for u in chosen}
+        self.gpu_step_fraction = c / len(elig) if elig else 0.0
+        self.gpu_step_note = (f"{c} of {len(elig)} units step on the device ({why})" if c else f"off ({why})")
+
+    def set_gpu_step_fraction(self, f: float | None) -> None:
+        """Change the share of device-stepped units between optimizer steps (None: decide again automatically
+        from the next full host-stepped optimizer step). Waits for pending steps."""
+        if f is not None and not (isinstance(f, (int, float)) and math.isfinite(f) and 0.0 <= f <= 1.0):
+            raise TierError(f"gpu_step_fraction must be None (auto) or a number in [0, 1], got {f!r}")
+        self.synchronize()
+        self.cfg.gpu_step_fraction = f
+        for u in self.units:
+            u.gpu_step = False
+        self._host_meas = []
+        self._auto_tag = self.step_count + 1
+        self._init_gpu_step(None)
+
+    def _maybe_decide(self) -> None:
+        if self._gpu_units is None and self.step_count > self._auto_tag:
+            self._auto_decide()
+
+    def _auto_decide(self) -> None:
+        """Choose the device-stepped share from optimizer step `_auto_tag` (every unit on the host then).
+
+        host(f) = (1 - f) * N * H (H: measured host seconds per parameter, under that step's PCIe contention);
+        pcie(f) = (B + 12 f N) / bw per direction (B: that step's bytes in the busier direction, bw: 0.8 x the
+        measured copy bandwidth; a device-stepped parameter adds 12 bytes each way: fp32 master, exp_avg,
+        exp_avg_sq; its gradient no longer goes down but its working copy does). The host step hides behind
+        the rest of the step when host(f) <= max(0.8 T, pcie(f)) (T: device compute time per step measured in
+        step 0; 0.8: unit 0's host step cannot overlap, see _set_gpu_units): the smallest such f is taken."""
+        meas = [(n, t) for tag, n, t in self._host_meas if tag == self._auto_tag]
+        self._host_meas = []
+        elig = [u for u in self.units if u.n_train]
+        N = sum(u.train_numel for u in elig)
+        rows = self.stats.steps
+        if not meas or not N or len(rows) <= self._auto_tag:
+            self._set_gpu_units(0.0, "auto: nothing measured")
+            return
+        H = sum(t for _, t in meas) / max(1, sum(n for n, _ in meas))
+        row = rows[self._auto_tag]
+        B = max(row.get("l0_in", 0.0), row.get("l0_out", 0.0))
+        bw = 0.8 * min(self.h2d_bandwidth or 1e10, self.d2h_bandwidth or 1e10)
+        host = N * H
+        T = self._t_compute_est if self._t_compute_est is not None else row.get("step_s", 0.0)
+        f_pcie = (host - B / bw) / (host + 12 * N / bw)
+        f_gpu = 1.0 - 0.8 * T / host if host > 0 else 0.0
+        f = max(0.0, min(1.0, f_pcie, f_gpu)) if host >= AUTO_MIN_HOST_S else 0.0
+        self.gpu_step_auto = {"host_s_per_Bparams": H * 1e9, "host_s": host, "bytes_busier_direction": B,
+                              "bw_GBps": bw / 1e9, "compute_s": T, "f_pcie": f_pcie, "f_compute": f_gpu, "fraction": f}
+        self._set_gpu_units(f, f"auto: host {host:.3f} s/step, compute {T:.3f} s, pcie {B / bw:.3f} s")
+
+    def _measure_d2h(self) -> float | None:
+        """Device->host bandwidth of one 64 MiB pooled copy (bytes/s), for the auto choice of device-stepped units."""
+        if not self._accel:
+            return None
+        n = 64 << 20
+        blk = self.pool.alloc(n, torch.uint8)
+        try:
+            src = torch.zeros(n, dtype=torch.uint8, device=self.device)
+            blk.tensor.copy_(src, non_blocking=True)
+            self._dm.synchronize(self.device)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                blk.tensor.copy_(src, non_blocking=True)
+            self._dm.synchronize(self.device)
+            return 3 * n / (time.perf_counter() - t0)
+        finally:
+            self.pool.free(blk)
+
+    def _ensure_dev_state(self, unit: _Unit) -> dict:
+        """Put the unit's fp32 master, exp_avg and exp_avg_sq into one pinned host block (they stay the optimizer's
+        tensors: the host step, state_dict and master_state_dict read them as before). Only called when no host
+        step of the unit is running."""
+        state = self._adamw_state(unit)
+        n = unit.train_numel
+        blk = unit.state_blk
+        if blk is not None:
+            t = blk.tensor
+            if (unit.master.data_ptr() == t.data_ptr() and state["exp_avg"].data_ptr() == t[n:].data_ptr()
+                    and state["exp_avg_sq"].data_ptr() == t[2 * n:].data_ptr()):
+                return state
+        else:
+            blk = unit.state_blk = self.state_pool.alloc(3 * n, torch.float32)
+        t = blk.tensor
+        t[:n].copy_(unit.master)
+        t[n : 2 * n].copy_(state["exp_avg"])
+        t[2 * n :].copy_(state["exp_avg_sq"])
+        unit.master.data = t[:n]
+        state["exp_avg"], state["exp_avg_sq"] = t[n : 2 * n], t[2 * n :]
+        return state
+
+    def _get_ring(self) -> list[dict]:
+        """The device step's reusable device buffers: slots of one piece each (allocated once)."""
+        if self._ring is not None:
+            return self._ring
+        budget = self.cfg.gpu_step_buffer_bytes
+        largest = max(math.prod(u.shapes[j]) for u in self.units for j in range(u.n_train))
+        piece = min(GPU_STEP_PIECE, max(HOST_STEP_CHUNK, budget // 2 // _SLOT_BYTES_PER_ELEM // HOST_STEP_CHUNK * HOST_STEP_CHUNK))
+        piece = min(piece, -(-largest // 1024) * 1024)  # small models: one piece per parameter, less memory
+        n_slots = max(2, min(8, budget // (piece * _SLOT_BYTES_PER_ELEM)))
+        self._piece = piece
+        ring = []
+        for _ in range(n_slots):
+            f32 = torch.empty(4 * piece, dtype=torch.float32, device=self.device)
+            ring.append({"p": f32[:piece], "m": f32[piece : 2 * piece], "v": f32[2 * piece : 3 * piece],
+                         "g": f32[3 * piece :], "w": torch.empty(4 * piece, dtype=torch.uint8, device=self.device),
+                         "free": None})
+        if self._accel:  # allocated on the compute stream: the side streams start after its pending work
+            ev = self._dm.Event()
+            ev.record(self._dm.current_stream(self.device))
+            for st in (self._up, self._opt, self._down):
+                st.wait_event(ev)
+        self._ring = ring
+        return ring
+
+    def _pieces(self, unit: _Unit) -> list[tuple[int, int, int]]:
+        """(parameter, start, end) pieces of a unit's trainable parameters, starting at multiples of the piece size
+        from each parameter's start (so the fused kernel splits the elements as in the host step)."""
+        return [(j, a, min(math.prod(unit.shapes[j]), a + self._piece))
+                for j in range(unit.n_train) for a in range(0, math.prod(unit.shapes[j]), self._piece)]
+
+    def _upload_piece(self, unit: _Unit, piece: tuple[int, int, int], s: int) -> None:
+        """On the up stream: master, exp_avg, exp_avg_sq of one piece into ring slot `s` (after its last use)."""
+        ring, state = self._ring, unit.opt.state[unit.master]
+        j, a, b = piece
+        o, k = unit.m_offsets[j], b - a
+        slot = ring[s]
+        if slot["free"] is not None:
+            self._up.wait_event(slot["free"])
+        if self.cfg.poison:
+            for key in ("p", "m", "v", "g"):
+                slot[key].fill_(float("nan"))
+        for key, src in (("p", unit.master), ("m", state["exp_avg"]), ("v", state["exp_avg_sq"])):
+            slot[key][:k].copy_(src[o + a : o + b], non_blocking=True)
+        self.stats.add(0, bytes_in=12 * k)
+        self.stats.add(1, bytes_out=12 * k)
+
+    def _gpu_prefetch(self, unit: _Unit) -> None:
+        """At the start of a device-stepped unit's (last) backward: start uploading its first pieces' state, so
+        they are on the device when its gradients are."""
+        if not self._accel or self._defer or self._prefetched is not None:
+            return
+        self._ensure_dev_state(unit)
+        ring = self._get_ring()
+        pieces = self._pieces(unit)
+        slots = []
+        with self._dm.stream(self._up):
+            if unit.dev_done is not None:
+                self._up.wait_event(unit.dev_done)  # last step's results are home before they are read again
+            for pc in pieces[: len(ring)]:
+                s = self._slot_next
+                self._slot_next = (s + 1) % len(ring)
+                self._upload_piece(unit, pc, s)
+                slots.append(s)
+        self._prefetched = (unit.idx, slots)
+
+    def _device_step(self, unit: _Unit, grads: list[torch.Tensor | None] | None, lr: float,
+                     coef: torch.Tensor | None, done: Any = None) -> None:
+        """AdamW of a unit on the device, piece by piece through the ring: state up (up stream), torch's fused
+        AdamW + casts (opt stream), working copy and state down (down stream), no host synchronisation. `grads`:
+        the gradients on the device in the working dtypes (None: read them from the pinned gradient buffer once
+        event `done` fires, as the deferred steps do). On CPU the same pieces run synchronously (test mode:
+        bitwise equal to the host step)."""
+        state = self._ensure_dev_state(unit)
+        ring = self._get_ring()
+        pieces = self._pieces(unit)
+        b1, b2 = self.cfg.betas
+        kw = {"lr": lr, "beta1": b1, "beta2": b2, "weight_decay": self.cfg.weight_decay, "eps": self.cfg.eps,
+              "amsgrad": False, "maximize": False}
+        state["step"] += 1  # as AdamW.step does before the kernel
+        gh = unit.grad_host.tensor
+        if not self._accel:  # test mode: the device pipeline's arithmetic, synchronously on the CPU
+            t0 = time.perf_counter()
+            for (j, a, b) in pieces:
+                o, k = unit.m_offsets[j], b - a
+                slot = ring[0]
+                if self.cfg.poison:
+                    for key in ("p", "m", "v", "g"):
+                        slot[key].fill_(float("nan"))
+                p, m, v, g = slot["p"][:k], slot["m"][:k], slot["v"][:k], slot["g"][:k]
+                p.copy_(unit.master[o + a : o + b])
+                m.copy_(state["exp_avg"][o + a : o + b])
+                v.copy_(state["exp_avg_sq"][o + a : o + b])
+                src = unit.view(gh, j).reshape(-1) if grads is None else (None if grads[j] is None else grads[j].reshape(-1))
+                if src is None:
+                    g.zero_()
+                else:
+                    g.copy_(src[a:b])
+                if coef is not None:
+                    g.mul_(coef)
+                torch._fused_adamw_([p], [g], [m], [v], [], [state["step"]], **kw)
+                unit.view(unit.work_host.tensor, j).reshape(-1)[a:b].copy_(p)
+                unit.master[o + a : o + b].copy_(p)
+                state["exp_avg"][o + a : o + b].copy_(m)
+                state["exp_avg_sq"][o + a : o + b].copy_(v)
+            self._gpu_step_s += time.perf_counter() - t0
+            return
+        dm = self._dm
+        cur = dm.current_stream(self.device)
+        ready = dm.Event()
+        ready.record(cur)  # the gradients (and the clip coefficient) exist on the compute stream from here
+        pre = self._prefetched[1] if self._prefetched is not None and self._prefetched[0] == unit.idx else []
+        if self._prefetched is not None and self._prefetched[0] == unit.idx:
+            self._prefetched = None
+        else:  # another unit's prefetch (if any) is dropped: its uploads precede ours on the up stream
+            self._prefetched = None
+        t_start, t_end = dm.Event(enable_timing=True), dm.Event(enable_timing=True)
+        with dm.stream(self._opt):
+            self._opt.wait_event(ready)
+            step_t = torch.full((), float(state["step"]), dtype=torch.float32, device=self.device)
+            t_start.record(self._opt)
+        if grads is not None:
+            for g in grads:
+                if g is not None:
+                    g.record_stream(self._opt)  # the allocator keeps them until the opt stream is done
+        if coef is not None:
+            coef.record_stream(self._opt)
+        down_bytes = 0
+        for k_, (j, a, b) in enumerate(pieces):
+            o, k = unit.m_offsets[j], b - a
+            wdt = unit.dtypes[j]
+            with dm.stream(self._up):
+                if k_ < len(pre):
+                    s = pre[k_]
+                else:
+                    s = self._slot_next
+                    self._slot_next = (s + 1) % len(ring)
+                    if k_ == 0 and unit.dev_done is not None:
+                        self._up.wait_event(unit.dev_done)
+                    self._upload_piece(unit, (j, a, b), s)
+                slot = ring[s]
+                wv = slot["w"][: 4 * k].view(wdt)[:k]
+                if grads is None:  # deferred: the gradient comes up from the pinned buffer (working dtype)
+                    if done is not None and k_ == 0:
+                        self._up.wait_event(done)
+                    wv.copy_(unit.view(gh, j).reshape(-1)[a:b], non_blocking=True)
+                    self.stats.add(0, bytes_in=k * wv.element_size())
+                    self.stats.add(1, bytes_out=k * wv.element_size())
+                up_ev = dm.Event()
+                up_ev.record(self._up)
+            with dm.stream(self._opt):
+                self._opt.wait_event(up_ev)
+                p, m, v, g = slot["p"][:k], slot["m"][:k], slot["v"][:k], slot["g"][:k]
+                if grads is None:
+                    g.copy_(wv)
+                elif grads[j] is None:
+                    g.zero_()
+                else:
+                    g.copy_(grads[j].reshape(-1)[a:b])
+                if coef is not None:
+                    g.mul_(coef)
+                torch._fused_adamw_([p], [g], [m], [v], [], [step_t], **kw)
+                wv.copy_(p)  # fp32 master -> working copy (round to nearest even), as the host step
+                op_ev = dm.Event()
+                op_ev.record(self._opt)
+            with dm.stream(self._down):
+                self._down.wait_event(op_ev)
+                unit.view(unit.work_host.tensor, j).reshape(-1)[a:b].copy_(wv, non_blocking=True)
+                unit.master[o + a : o + b].copy_(p, non_blocking=True)
+                state["exp_avg"][o + a : o + b].copy_(m, non_blocking=True)
+                state["exp_avg_sq"][o + a : o + b].copy_(v, non_blocking=True)
+                free = dm.Event()
+                free.record(self._down)
+                slot["free"] = free
+            down_bytes += k * (12 + wv.element_size())
+        with dm.stream(self._down):
+            t_end.record(self._down)
+            fin = dm.Event()
+            fin.record(self._down)
+        unit.dev_done = fin  # the next fetch of the working copy waits for this
+        step_t.record_stream(self._opt)
+        self._gpu_events.append((t_start, t_end))
+        self.stats.add(0, bytes_out=down_bytes)
+        self.stats.add(1, bytes_in=down_bytes)
+
+    def _collect_gpu_times(self) -> float:
+        """Device-step seconds of launched steps that have finished (the rest are counted at a later step)."""
+        total, keep = self._gpu_step_s, []
+        self._gpu_step_s = 0.0
+        for a, b in self._gpu_events:
+            if b.query():
+                total += a.elapsed_time(b) / 1e3
+            else:
+                keep.append((a, b))
+        self._gpu_events = keep
+        return total
 
     # ------------------------------------------------------------------------------- activations
     def _save_inputs(self, ctx: Any, call: _Call, tensors: tuple[torch.Tensor, ...]) -> None:
@@ -1393,7 +1802,8 @@ class OffloadEngine:
             self._release(u)
         self.step_count += 1
         now = time.perf_counter()
-        self.stats.end_step(step_s=now - self._t_step)
+        self.stats.end_step(step_s=now - self._t_step, gpu_step_s=self._collect_gpu_times(),
+                            gpu_step_units=float(sum(u.gpu_step for u in self.units)))
         self._t_step = now
 
         return info
@@ -1445,6 +1855,10 @@ class OffloadEngine:
             self.resident_opt.zero_grad(set_to_none=True)
         coef = None if coef_dev is None else coef_dev.to("cpu", torch.float32)
         for u, done in sorted(deferred, key=lambda e: e[0].idx):
+            if u.gpu_step:  # launched now, in unit order like the host steps; gradients come up from pinned memory
+                self._device_step(u, None, lr, coef_dev, done)
+                continue
+            u.step_tag = self.step_count
             u.pending = self._worker.submit((self.step_count, u.idx), self._host_step, u, done, lr, coef)
         return OffloadStepInfo(norm, False, lr)
 
@@ -1552,6 +1966,8 @@ class OffloadEngine:
             for j in range(u.n_train):  # the working copy is the master rounded to its dtype
                 o, n = u.m_offsets[j], math.prod(u.shapes[j])
                 u.view(u.work_host.tensor, j).copy_(master[o : o + n].view(u.shapes[j]))
+            if u.state_blk is not None and u.opt.state.get(u.master):  # device-stepped: state back into its pinned block
+                self._ensure_dev_state(u)
         with torch.no_grad():
             for p, t in zip(self.resident, sd["resident"]):
                 p.copy_(t)
@@ -1583,6 +1999,8 @@ class OffloadEngine:
                     if w == "end" and ph in starts:
                         times.append(starts[ph].elapsed_time(e) / 1e3)
             t_compute = min(times) if times else 0.0
+            if times:  # device compute per step (median unit phase x phases), for the auto device-step choice
+                self._t_compute_est = sorted(times)[len(times) // 2] * len(times)
             t_copy = self.max_unit_bytes / self.h2d_bandwidth
             depth = math.ceil(t_copy / max(t_compute, 1e-6)) + 1
         budget = self.cfg.device_budget_bytes
@@ -1638,7 +2056,33 @@ class OffloadEngine:
             "host_step_chunk": HOST_STEP_CHUNK,
             "compile_wait_s": self.compile_wait_s,
             "deferred_steps": self._defer,
+            "gpu_step": {
+                "fraction": getattr(self, "gpu_step_fraction", 0.0) if self._gpu_units is not None else None,
+                "units": sorted(self._gpu_units) if self._gpu_units is not None else None,
+                "note": self.gpu_step_note,
+                "auto": self.gpu_step_auto,
+                "piece": self._piece if self._ring is not None else None,
+                "ring_slots": len(self._ring) if self._ring is not None else 0,
+                "ring_bytes": sum(r["p"].numel() * 16 + r["w"].numel() for r in self._ring) if self._ring else 0,
+                "pinned_state_bytes": self.state_pool.pinned_bytes,
+                "d2h_bandwidth": self.d2h_bandwidth,
+            },
+            "last_step": self.step_breakdown(),
         }
+
+    def step_breakdown(self, steps: int = 1) -> dict[str, float] | None:
+        """Where the time of the last `steps` steps went (means): step s, host AdamW busy s, device AdamW s
+        (device span of the device steps, waits for their state uploads included), stall s (the device waiting
+        for the host), host->device / device->host GB/s (all traffic: weights, activations, gradients, state)."""
+        rows = self.stats.steps[-steps:]
+        if not rows:
+            return None
+        mean = lambda k: sum(r.get(k, 0.0) for r in rows) / len(rows)
+        t = max(mean("step_s"), 1e-9)
+        return {"step_s": mean("step_s"), "host_step_s": mean("l1_busy"), "gpu_step_s": mean("gpu_step_s"),
+                "stall_s": mean("l1_stall"), "h2d_GBps": mean("l0_in") / t / 1e9, "d2h_GBps": mean("l0_out") / t / 1e9,
+                "gpu_step_units": mean("gpu_step_units"),
+                "gpu_step_fraction": getattr(self, "gpu_step_fraction", 0.0) if self._gpu_units else 0.0}
 
     def close(self) -> None:
         self.synchronize()
