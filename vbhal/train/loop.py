@@ -149,15 +149,32 @@ class _Signals:
 
     def __init__(self, log: _RunLog):
         self.received: int | None = None
+        self.pending: str | None = None
         self.log = log
         self.previous: dict[int, object] = {}
 
     def _handler(self, signum, frame):  # noqa: ARG002
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.received is not None:
+            return  # a repeated SIGTERM: already stopping
         self.received = signum
-        self.log(f"received {signal.Signals(signum).name}: finishing this step, saving a checkpoint, "
-                 f"then stopping (Ctrl-C again aborts without saving).")
+        # A handler runs between two bytecodes of whatever the main thread was doing, possibly inside a
+        # write to the log file (or deep inside torch.compile): writing to that file here would raise
+        # "reentrant call". Tell the console with one raw write and log to the file at the step boundary.
+        msg = (f"received {signal.Signals(signum).name}: finishing this step, saving a checkpoint, "
+               f"then stopping (Ctrl-C again aborts without saving).")
+        self.pending = msg
+        try:
+            os.write(2, (msg + "\n").encode())
+        except OSError:
+            pass
+
+    def flush(self) -> None:
+        """Write the deferred signal message to the run log (called from the loop, not the handler)."""
+        if self.pending is not None:
+            self.log(self.pending, console=False)
+            self.pending = None
 
     def __enter__(self):
         import threading
@@ -919,6 +936,7 @@ def _train(cfg, model_cfg, info, device, precision, corpus, train_set, val_set, 
                 if due_save:
                     save("periodic")
                 if halt:
+                    signals.flush()
                     if signals.received is not None:
                         stop_reason = f"signal {signal.Signals(signals.received).name}"
                     elif step == stop_at:
