@@ -47,7 +47,8 @@ from vbhal.train.loop import build_optimizer, peak_flops, run  # noqa: E402
 from vbhal.train.model import GPT, GPTConfig  # noqa: E402
 
 _KINDS = ("pytorch", "vbhal")
-_KEYS = {"heads": int, "seq": int, "batch": int, "compile": str, "sdpa": str, "fa": int}
+# rep=N only labels a repeat of the same peer (to see run-to-run noise in one run).
+_KEYS = {"heads": int, "seq": int, "batch": int, "compile": str, "sdpa": str, "fa": int, "rep": int}
 _VBHAL_ONLY = ("sdpa", "fa")
 
 
@@ -61,6 +62,7 @@ class Peer:
     compile: str          # "default", a torch.compile mode, or "off"
     sdpa: str = "auto"
     fa: int = 0
+    rep: int = 1
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -189,8 +191,12 @@ def _check_cudnn_attention(cfg: GPTConfig, batch: int, device) -> None:
 def format_table(payload: dict) -> str:
     """The compact table of a results JSON (also used by gpu/train.sh on a cut-short run)."""
     res = payload["results"]
-    base = {tuple(r["shape"]): r["tokens_per_s"] for r in res.values()
-            if r.get("kind") == "pytorch" and r.get("status") == "ok"}
+    # The baseline of a shape is the mean over its pytorch repeats (rep=N); the spread is printed too.
+    reps: dict = {}
+    for r in res.values():
+        if r.get("kind") == "pytorch" and r.get("status") == "ok":
+            reps.setdefault(tuple(r["shape"]), []).append(r["tokens_per_s"])
+    base = {k: sum(v) / len(v) for k, v in reps.items()}
     lines = [f"{payload['device']}, preset {payload['preset']} (hidden {payload['model']['hidden_size']} x "
              f"{payload['model']['num_layers']} layers), {payload['precision']}, torch {payload['torch']}, "
              f"peak {payload['peak_flops'] / 1e12 if payload['peak_flops'] else float('nan'):.0f} TFLOP/s"]
@@ -209,6 +215,9 @@ def format_table(payload: dict) -> str:
         mem = f"{r['peak_mem_gib']:.1f}" if "peak_mem_gib" in r else "-"
         lines.append(f"{name:<44} {hd:>4} {s:>5} {b:>3} {r['tokens_per_s']:>10,.0f} {r['step_ms']:>8.1f} "
                      f"{mfu:>6} {rel:>6} {mem:>5} {r['seconds']:>5.0f}")
+    for k, v in reps.items():
+        if len(v) > 1:
+            lines.append(f"pytorch baseline at hd/seq/mb {k}: {len(v)} runs, spread {(max(v) - min(v)) / base[k]:.1%}")
     return "\n".join(lines)
 
 
