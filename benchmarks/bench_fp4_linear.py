@@ -134,7 +134,7 @@ def import_bnb():
 
 
 # ---------------------------------------------------------------------------------------------------
-def host_overhead(device: str, calls: int = 2000, shape=(1024, 1024), stub: bool = False) -> dict:
+def host_overhead(device: str, calls: int = 400, shape=(1024, 1024), stub: bool = False) -> dict:
     """Host (Python + launch) time per call in us of FP4Linear / fp4_linear vs nn.Linear, eager.
 
     On a GPU: a layer small enough that the GPU finishes each call before the host issues the next, so
@@ -206,17 +206,54 @@ def _variant_name(path: str, cfg: dict | None, chunk=None) -> str:
     return path + "[" + ",".join(f"{short.get(k, k)}{v}" for k, v in cfg.items()) + "]"
 
 
-def sweep_variants(out_path: str, ms=(1, 16, 64, 1024), k: int = 8192, n: int = 8192, fmt: str = "mxfp4",
-                   budget_s: float = 90.0) -> list[dict]:
-    """Every candidate kernel variant / launch config at (K, N), bf16: GPU time from CUDA-graph replays
-    with L2 flushed before each call (``_bench_graph``), each result checked against an fp32 matmul of
-    the same dequantized weight (rel. Frobenius error; bf16 output rounding is ~2e-3). Rows as they
-    finish go to ``out_path`` (JSON) and stdout; a table of the best per M at the end. Stops starting
-    new variants after ``budget_s`` seconds."""
+SWEEP_MS = (1, 16, 64, 1024)
+
+
+def sweep_variant_list(ms=SWEEP_MS, k: int = 8192, fmt: str = "mxfp4") -> list[tuple]:
+    """(M, path, config, chunk) of every variant the sweep times, in order (the same list in the parent
+    and in each worker, so a worker can start at an index). Per M the runtime's own candidates first."""
+    from vbhal.backends.cuda import fp4_linear as L
+    from vbhal.formats import BLOCK_SIZES
+
+    nblocks = k // BLOCK_SIZES[fmt]
+    out = []
+    for m in ms:
+        variants = [("cublas_bf16", None, None)]
+        if m <= L.GEMV_MAX_M:
+            variants += [(p, cfg, None) for p in ("gemv_w32", "gemv_pf") for cfg in L._configs(p, m, fmt, nblocks)]
+        if m <= L.GEMV_MR_MAX_M:
+            extra = [{"BLOCK_N": bn, "NBK": nbk, "BLOCK_M": min(L._m_bucket(m), 16), "SPLIT_K": sp, "num_warps": wp,
+                      "num_stages": 2} for bn, nbk, sp, wp in ((128, 2, 16, 4), (32, 4, 32, 4))]
+            variants += [("gemv_mr", cfg, None) for cfg in L._configs("gemv_mr", m, fmt, nblocks) + extra]
+        if m <= L.GEMV_MAX_M:
+            variants += [("mm_t", cfg, None) for cfg in L._configs("mm_t", m, fmt, nblocks)[:2]]
+        elif m <= L.MM_T_SMALL_M:
+            variants += [("mm_t", cfg, None) for cfg in L._configs("mm_t", m, fmt, nblocks)]
+            variants += [("mm_w32", cfg, None) for cfg in L._configs("mm_w32", m, fmt, nblocks)]
+        else:
+            variants += [("mm_t", cfg, None) for cfg in L._configs("mm_t", m, fmt, nblocks)]
+            variants += [("dequant", None, None)] + [("dequant_pipelined", None, c) for c in (2048, 4096)]
+        out += [(m, p, cfg, chunk) for p, cfg, chunk in variants]
+    return out
+
+
+def _is_cuda_fatal(e: BaseException) -> bool:
+    """True for an error after which the CUDA context (or the RNG's capture state) cannot be trusted."""
+    s = f"{type(e).__name__}: {e}"
+    return any(t in s for t in ("AcceleratorError", "CUDA error", "illegal", "device-side assert", "capture",
+                                "Offset increment", "unspecified launch failure"))
+
+
+def sweep_worker(out_path: str, start: int, deadline: float, k: int = 8192, n: int = 8192,
+                 fmt: str = "mxfp4") -> int:
+    """Time sweep variants from index ``start`` on; rows appended to ``out_path`` (JSON) as they finish.
+    Returns the index to restart at after a CUDA error that poisons the context (the parent starts a
+    fresh process there), or -1 when done. Each M gets an equal share of the time left at its start."""
     from vbhal.backends.cuda import fp4_linear as L
     from vbhal.backends.cuda.fp4_quantize import dequantize_fp4, quantize_fp4, qw_operands
 
-    t_start = time.time()
+    variants = sweep_variant_list(k=k, fmt=fmt)
+    rows = json.load(open(out_path)) if os.path.exists(out_path) else []
     dev = torch.device("cuda")
     torch.manual_seed(0)
     w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
@@ -224,61 +261,101 @@ def sweep_variants(out_path: str, ms=(1, 16, 64, 1024), k: int = 8192, n: int = 
     qw = quantize_fp4(w, fmt)
     codes, scales, ts, fid = qw_operands(qw)
     wd = dequantize_fp4(qw, torch.float32)
-    nblocks = scales.shape[1]
-    rows = []
-    for m in ms:
-        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        ref = F.linear(x.float(), wd, bias.float())
-        variants = [("cublas_bf16", None, None)]
-        if m <= L.GEMV_MR_MAX_M:
-            extra = [{"BLOCK_N": bn, "NBK": nbk, "BLOCK_M": min(L._m_bucket(m), 16), "SPLIT_K": sp, "num_warps": wp, "num_stages": 2}
-                     for bn, nbk, sp, wp in ((128, 2, 16, 4), (32, 4, 32, 4), (64, 4, 16, 8), (16, 4, 64, 2))]
-            for cfg in L._configs("gemv_mr", m, fmt, nblocks) + extra:
-                variants.append(("gemv_mr", cfg, None))
-        if m <= L.GEMV_MAX_M:
-            variants += [("gemv_w32", None, None), ("gemv_pf", None, None)]
-        if 8 <= m <= L.MM_T_SMALL_M:
-            variants += [("mm_t", cfg, None) for cfg in L._configs("mm_t", m, fmt, nblocks)]
-            variants += [("mm_w32", cfg, None) for cfg in L._configs("mm_w32", m, fmt, nblocks)]
-        if m > L.MM_T_SMALL_M:
-            variants += [("mm_t", cfg, None) for cfg in L._configs("mm_t", m, fmt, nblocks)]
-            variants += [("dequant", None, None)] + [("dequant_pipelined", None, c) for c in (1024, 2048, 4096)]
-        base = None
-        for path, cfg, chunk in variants:
-            name = _variant_name(path, cfg, chunk)
-            if time.time() - t_start > budget_s:
-                print(f"sweep: budget {budget_s:.0f}s spent, skipping M={m} {name}")
-                continue
-            row = {"M": m, "K": k, "N": n, "fmt": fmt, "variant": name, "path": path, "config": cfg}
-            try:
-                if path == "cublas_bf16":
-                    fn = lambda: F.linear(x, w, bias)
-                elif path in ("gemv_w32", "gemv_pf"):
-                    fn = lambda path=path: L._linear_2d(x, codes, scales, ts, bias, fid, n, k, path)
-                else:
-                    run = L._make_runner(path, n, k, fmt, True, config=cfg, chunk_rows=chunk)
-                    fn = lambda run=run: run(x, codes, scales, ts, bias)
-                y = fn()
-                torch.cuda.synchronize()
-                row["rel_err"] = _rel(y, ref)
-                row["us_graph"] = _bench_graph(fn, n=10, reps=5)
-                if path == "cublas_bf16":
-                    base = row["us_graph"]
-                row["ratio_vs_cublas"] = base / row["us_graph"] if base and row["us_graph"] > 0 else None
-                row["ok"] = row["rel_err"] < 6e-3 if path != "cublas_bf16" else True
-            except Exception as e:  # noqa: BLE001 - reported, not fatal
-                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:160] if str(e).strip() else ''}"
-            rows.append(row)
-            if "error" in row:
-                print(f"sweep M={m:5d} {name:60s} FAILED {row['error']}", flush=True)
+    ms = sorted({v[0] for v in variants}, key=[v[0] for v in variants].index)
+    data = {}
+    m_deadline = {}
+    for i in range(start, len(variants)):
+        m, path, cfg, chunk = variants[i]
+        name = _variant_name(path, cfg, chunk)
+        if m not in m_deadline:
+            left = deadline - time.time()
+            m_deadline[m] = time.time() + left / (len(ms) - ms.index(m))
+        if time.time() > m_deadline[m]:
+            print(f"sweep M={m:5d} {name:60s} skipped (time share of this M spent)", flush=True)
+            continue
+        if m not in data:
+            g = torch.Generator(device="cpu").manual_seed(m)
+            x = torch.randn(m, k, generator=g, dtype=torch.float32).to(dev, torch.bfloat16)
+            data[m] = (x, F.linear(x.float(), wd, bias.float()))
+        x, ref = data[m]
+        base = next((r["us_graph"] for r in rows if r["M"] == m and r["path"] == "cublas_bf16" and "us_graph" in r),
+                    None)
+        row = {"M": m, "K": k, "N": n, "fmt": fmt, "variant": name, "path": path, "config": cfg}
+        fatal = False
+        try:
+            if path == "cublas_bf16":
+                fn = lambda x=x: F.linear(x, w, bias)
             else:
-                r = row["ratio_vs_cublas"]
-                print(f"sweep M={m:5d} {name:60s} {row['us_graph']:8.1f} us  {r or 0:5.2f}x  err {row['rel_err']:.1e}"
-                      f"{'' if row['ok'] else '  WRONG'}", flush=True)
-            with open(out_path + ".tmp", "w") as f:
-                json.dump(rows, f, indent=1)
-            os.replace(out_path + ".tmp", out_path)
-    print("\nsweep summary (graph us, L2 flushed; best correct variant per M and path):")
+                run = L._make_runner(path, n, k, fmt, True, config=cfg, chunk_rows=chunk)
+                fn = lambda run=run, x=x: run(x, codes, scales, ts, bias)
+            y = fn()
+            torch.cuda.synchronize()
+            row["rel_err"] = _rel(y, ref)
+            row["us_graph"] = _bench_graph(fn, n=10, reps=5)
+            if path == "cublas_bf16":
+                base = row["us_graph"]
+            row["ratio_vs_cublas"] = base / row["us_graph"] if base and row["us_graph"] > 0 else None
+            row["ok"] = row["rel_err"] < 6e-3 if path != "cublas_bf16" else True
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            row["error"] = f"{type(e).__name__}: {' | '.join(str(e).strip().splitlines()[:2])[:240]}"
+            fatal = _is_cuda_fatal(e)
+            if not fatal:  # is the context still usable?
+                try:
+                    torch.cuda.synchronize()
+                    torch.ones(1, device=dev).add_(1).item()
+                except Exception:  # noqa: BLE001
+                    fatal = True
+        rows.append(row)
+        if "error" in row:
+            print(f"sweep M={m:5d} {name:60s} FAILED{' (CUDA context lost: restarting)' if fatal else ''} "
+                  f"{row['error']}", flush=True)
+        else:
+            r = row["ratio_vs_cublas"]
+            print(f"sweep M={m:5d} {name:60s} {row['us_graph']:8.1f} us  {r or 0:5.2f}x  err {row['rel_err']:.1e}"
+                  f"{'' if row['ok'] else '  WRONG'}", flush=True)
+        with open(out_path + ".tmp", "w") as f:
+            json.dump(rows, f, indent=1)
+        os.replace(out_path + ".tmp", out_path)
+        if fatal:
+            return i + 1
+    return -1
+
+
+def sweep_variants(out_path: str, budget_s: float = 90.0) -> list[dict]:
+    """Every candidate kernel variant / launch config at K=N=8192 (mxfp4, bf16, M in SWEEP_MS): GPU time
+    from CUDA-graph replays with L2 flushed before each call (``_bench_graph``), each result checked
+    against an fp32 matmul of the same dequantized weight (rel. Frobenius error; bf16 rounding ~2e-3).
+
+    Isolated: the variants run in a worker process; a variant that kills the CUDA context (an
+    illegal address, a broken capture) is recorded as FAILED and a fresh worker continues with the
+    next one, so one bad kernel cannot hide the rest (R4). Stops starting variants after
+    ``budget_s``; a table of the best per M and path at the end."""
+    import subprocess
+
+    deadline = time.time() + budget_s
+    if os.path.exists(out_path):
+        os.remove(out_path)
+    start, restarts = 0, 0
+    while start >= 0 and time.time() < deadline - 5 and restarts < 6:
+        cmd = [sys.executable, os.path.abspath(__file__), "--sweep-worker", out_path, "--sweep-start", str(start),
+               "--sweep-deadline", f"{deadline:.3f}"]
+        try:
+            proc = subprocess.run(cmd, timeout=max(10.0, deadline - time.time() + 30))
+        except subprocess.TimeoutExpired:
+            print("sweep worker hung past the budget: stopped", flush=True)
+            break
+        if proc.returncode == 0:
+            break
+        if proc.returncode != 3:  # died without telling where: skip past the last row written
+            done = len(json.load(open(out_path))) if os.path.exists(out_path) else 0
+            print(f"sweep worker exited with {proc.returncode}; restarting after variant {done}", flush=True)
+            start = max(start + 1, done + 1)
+        else:
+            start = int(open(out_path + ".next").read())
+        restarts += 1
+    rows = json.load(open(out_path)) if os.path.exists(out_path) else []
+    ms = sorted({r["M"] for r in rows})
+    print("\nsweep summary (graph us, L2 flushed; best correct variant per M and path; FAILED variants listed):")
     for m in ms:
         base = next((r["us_graph"] for r in rows if r["M"] == m and r["path"] == "cublas_bf16" and "us_graph" in r), None)
         best = {}
@@ -292,6 +369,9 @@ def sweep_variants(out_path: str, ms=(1, 16, 64, 1024), k: int = 8192, n: int = 
         if best:
             top = min(best.values(), key=lambda r: r["us_graph"])
             print(f"          fastest: {top['variant']}")
+        bad = [r["variant"] for r in rows if r["M"] == m and ("error" in r or (r.get("ok") is False))]
+        if bad:
+            print(f"          FAILED/WRONG: {', '.join(bad)}")
     return rows
 
 
@@ -300,6 +380,9 @@ def main() -> int:
     ap.add_argument("--sweep", metavar="JSON", help="time every kernel variant/config at K=N=8192 (M 1, 16, 64, "
                     "1024), write the rows to JSON, then exit")
     ap.add_argument("--sweep-budget", type=float, default=90.0, help="seconds after which the sweep starts no variant")
+    ap.add_argument("--sweep-worker", metavar="JSON", help=argparse.SUPPRESS)
+    ap.add_argument("--sweep-start", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--sweep-deadline", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--host", metavar="JSON", help="measure eager host time per call (small layer), write JSON, exit")
     ap.add_argument("--host-stub", action="store_true",
                     help="CPU only: vbhal's Python time per call with the Triton launches stubbed out, then exit")
@@ -315,6 +398,14 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark measures GPU kernels; nothing to do")
         return 0
+    if args.sweep_worker:
+        nxt = sweep_worker(args.sweep_worker, args.sweep_start, args.sweep_deadline)
+        if nxt < 0:
+            return 0
+        with open(args.sweep_worker + ".next", "w") as f:
+            f.write(str(nxt))
+        sys.stdout.flush()
+        os._exit(3)  # the CUDA context is poisoned: no clean shutdown
     if args.sweep:
         sweep_variants(args.sweep, budget_s=args.sweep_budget)
         return 0
@@ -502,7 +593,10 @@ def main() -> int:
     _summary(out)
     out["auto_path_choices"] = _choices(L)
     out["path_failures"] = {str(key[:4] + key[-1:]): why for key, why in L._PATH_FAILURES.items()}
+    out["tuned_configs"] = {f"{key[0]} M<={key[1]} N={key[2]} K={key[3]} {key[4]}": [cfg, round(ms * 1e3, 1)]
+                            for key, (cfg, ms) in L.TUNED_CONFIGS.items() if key[5] == torch.bfloat16}
     print("auto path choices:", out["auto_path_choices"])
+    print("tuned configs (us, graph, L2 flushed):", out["tuned_configs"])
     if out["path_failures"]:
         print("paths that failed to compile/run (skipped):", out["path_failures"])
     print("dequantize bit-exact:", out.get("dequantize_bit_exact"))

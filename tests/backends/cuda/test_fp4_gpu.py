@@ -156,6 +156,35 @@ def test_gpu_split_k_workspace_clean_and_graph_capture():
         assert _rel(y_e, x.float() @ wd.t()) < REL_TOL[torch.bfloat16], i
 
 
+def test_gpu_first_call_inside_graph_capture():
+    """A shape never seen before, called first inside a CUDA-graph capture (auto and an explicit,
+    untuned path): nothing may be timed or synchronized there (R4: tuning inside the capture broke it
+    and killed the CUDA context); the graph replays correctly and eager calls afterwards still plan."""
+    import vbhal.formats as VF
+    from vbhal.backends.cuda import fp4_linear as L
+
+    n, k = 1536, 2560  # a shape no other test uses: no plan, no tuned runner yet
+    qw = L.quantize_fp4(torch.randn(n, k, device="cuda") * 0.02, "mxfp4")
+    wd = VF.dequantize(qw, torch.float32)
+    codes, scales, ts, fid = L.qw_operands(qw)
+    x = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
+    ys = {}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=side):
+        ys["auto"] = L.fp4_linear(x, qw)
+        ys["gemv_w32"] = L._linear_2d(x, codes, scales, ts, None, fid, n, k, "gemv_w32")
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        for name, y in ys.items():
+            assert _rel(y, x.float() @ wd.t()) < REL_TOL[torch.bfloat16], name
+    assert _rel(L.fp4_linear(x, qw), x.float() @ wd.t()) < REL_TOL[torch.bfloat16]
+    assert _rel(L._linear_2d(x, codes, scales, ts, None, fid, n, k, "gemv_w32"), x.float() @ wd.t()) < 6e-3
+
+
 def test_gpu_fp4linear_eager_matches_compiled():
     from vbhal.backends.cuda import fp4_linear as L
     from vbhal.nn import FP4Linear

@@ -222,13 +222,29 @@ def _(codes, scales, tensor_scale, fmt_id, k, dtype):
     return codes.new_empty((codes.shape[0], k), dtype=dtype)
 
 
+_ZERO_TS: dict[tuple, torch.Tensor] = {}
+
+
+def _zero_ts(device: torch.device) -> torch.Tensor:
+    """A 0-dim float32 zero on ``device`` (mxfp4's unused tensor-scale operand), made once per device
+    outside CUDA-graph capture (R4: a new one per call was an extra fill kernel and ~5 us of host
+    time on every mxfp4 linear); inside a capture a fresh one (the graph's pool owns it)."""
+    key = (device.type, device.index)
+    ts = _ZERO_TS.get(key)
+    if ts is None:
+        ts = torch.zeros((), dtype=torch.float32, device=device)
+        if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            _ZERO_TS[key] = ts
+    return ts
+
+
 def qw_operands(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """The kernel operands of a QuantizedWeight: (codes, scale bytes as uint8, tensor scale, format id)."""
     if not isinstance(qw, QuantizedWeight):
         raise QuantizationError(f"expected a vbhal.formats.QuantizedWeight, got {type(qw).__name__}")
     ts = qw.tensor_scale
     if ts is None:
-        ts = qw.codes.new_zeros((), dtype=torch.float32)
+        ts = _zero_ts(qw.codes.device)
     codes = qw.codes if qw.codes.is_contiguous() else qw.codes.contiguous()
     scales = qw.scales.view(torch.uint8)
     if not scales.is_contiguous():
