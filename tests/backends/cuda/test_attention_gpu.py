@@ -247,6 +247,22 @@ if pytest is not None:
         run_compile()
 
 
+def _with_env(env: dict, fn, *args):
+    """Run fn with environment overrides (the launcher reads VBHAL_ATTN_* at each call), then restore."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return fn(*args)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     quick = "--quick" in argv or "--minimal" in argv  # skip the off-by-default variants
@@ -271,11 +287,14 @@ def main(argv=None) -> int:
              ("pipe " + DENSE_CASES[2][0], run_pipe, DENSE_CASES[2]),
              ("pipe tma " + DENSE_CASES[4][0], lambda *a: run_pipe(*a, tma=True), DENSE_CASES[4]),
              ("tma " + DENSE_CASES[0][0], run_tma, DENSE_CASES[0])]
+    # L2 sections of one (batch, head) pair each (the default 32 MiB makes 2 sections of 16 here)
+    jobs += [("l2 1pair " + DENSE_CASES[0][0], lambda *a: _with_env({"VBHAL_ATTN_L2_MB": "1"}, run_dense, *a),
+              DENSE_CASES[0])]
     jobs += [("nan propagation", lambda: run_nan(), ()), ("torch.compile", lambda: run_compile(), ())]
     if "--minimal" in argv:  # the final round: one case of each kind, the full set ran in earlier rounds
         keep = {DENSE_CASES[0][0], DENSE_CASES[3][0], DENSE_CASES[4][0], DENSE_CASES[9][0], PACKED_CASES[0][0],
                 "dispatch " + DENSE_CASES[4][0], "nan propagation", "pipe " + DENSE_CASES[0][0],
-                "pipe tma " + DENSE_CASES[4][0]}
+                "pipe tma " + DENSE_CASES[4][0], "l2 1pair " + DENSE_CASES[0][0]}
         jobs = [j for j in jobs if j[0] in keep]
     failed = 0
     for name, fn, case in jobs:

@@ -125,6 +125,26 @@ def test_pipelined_forward_matches_float64(monkeypatch, case, tma):
 
 
 @kernel
+@pytest.mark.parametrize("section", [1, 2, 3, 64], ids=["s1", "s2", "s3-partial", "all"])
+def test_l2_sections_cover_every_block(monkeypatch, section):
+    """Grid in L2 sections (_tile): 5 (batch, head) pairs in sections of 1, 2, 3 (the last one partial)
+    or all; every block of the forward, dK/dV and dQ grids must be computed exactly once."""
+    from vbhal.backends.cpu.attention import reference_attention
+    from vbhal.backends.cuda import attention as A
+
+    monkeypatch.delenv("VBHAL_ATTN_L2_MB", raising=False)
+    monkeypatch.setattr(A, "_INTERPRET_SECTION", section)
+    for causal, (hq, hkv) in ((True, (5, 5)), (False, (10, 5))):  # dK/dV has 5 K/V pairs, fwd/dQ 5 or 10
+        q, k, v, do = _inputs((1, hq, 35, 16), (1, hkv, 35, 16), torch.float32, seed=section + hq)
+        _compare(lambda *t: A.flash_attention(*t, causal=causal),
+                 lambda *t: reference_attention(*t, causal=causal), q, k, v, do, torch.float32)
+    cu = _cu([20, 3, 33])  # packed: 3 documents x 2 heads = 6 pairs
+    q, k, v, do = _inputs((56, 2, 16), (56, 2, 16), torch.float32, seed=section)
+    _compare(lambda *x: A.flash_attention(*x, causal=True, cu_seqlens=cu),
+             lambda *x: reference_attention(*x, causal=True, cu_seqlens=cu), q, k, v, do, torch.float32)
+
+
+@kernel
 def test_custom_scale_and_strided_inputs():
     from vbhal.backends.cpu.attention import reference_attention
     from vbhal.backends.cuda.attention import flash_attention
@@ -302,3 +322,22 @@ def test_swap_into_vbhal_gpt_runs_the_triton_kernel_and_matches():
     loss_ref.backward()
     for (n, p), (_, pr) in zip(model.named_parameters(), ref.named_parameters()):
         assert torch.allclose(p.grad, pr.grad, atol=1e-5), n
+
+
+def test_config_keys_by_length_bucket_and_l2_sections(monkeypatch):
+    """Host-side launch choices: VBHAL_ATTN_CONFIG's most specific key (kernel@hd@causal@S bucket)
+    wins; the L2 section holds as many (batch, head) pairs as the budget allows, at least 1, at most all."""
+    from vbhal.backends.cuda import attention as A
+
+    assert [A._seq_bucket(s) for s in (17, 1024, 3001, 4096, 5000, 70000)] == [1024, 1024, 4096, 4096, 8192, 16384]
+    monkeypatch.setenv("VBHAL_ATTN_CONFIG", "fwd@128@1=128,64,8,3;fwd@128@1@4096=64,64,4,3")
+    assert A._config("fwd", 128, True, 4096) == (64, 64, 4, 3)
+    assert A._config("fwd", 128, True, 3000) == (64, 64, 4, 3)
+    assert A._config("fwd", 128, True, 8192) == (128, 64, 8, 3)
+    monkeypatch.setenv("VBHAL_ATTN_L2_MB", "32")
+    assert A._section("fwd", 64, 2 * 2**20) == 16
+    assert A._section("fwd", 8, 2 * 2**20) == 8
+    assert A._section("fwd", 64, 64 * 2**20) == 1
+    monkeypatch.setenv("VBHAL_ATTN_L2_MB", "fwd:16,dq:0")
+    assert A._section("fwd", 64, 2 * 2**20) == 8
+    assert A._section("dq", 64, 2 * 2**20) == 64  # 0: no sections (plain heads-fastest order)

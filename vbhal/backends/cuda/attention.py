@@ -22,8 +22,11 @@ which is the usual mask when Sq == Sk.
 
 Structure follows Triton's fused-attention tutorial (06) and FlashAttention-2, written for the plain
 pointer API of Triton 3.x (no tensor descriptors, so it also runs under ``TRITON_INTERPRET=1``):
-- forward: grid (batch * q heads, query blocks), heads fastest so that causal runs launch the longest
-  query blocks of all heads first; the key loop is split into blocks that need no mask (fully
+- grid order (all three kernels, ``_tile``): one flat grid over (batch * heads) x blocks, cut into
+  L2 sections of a few (batch, head) pairs whose K/V (or Q/dO) fit in L2 together; inside a
+  section heads run fastest and, causal, the longest blocks go first (FlashAttention-3's LPT tile
+  scheduler), so the programs resident at once share their inputs through L2.
+- forward: the key loop is split into blocks that need no mask (fully
   visible, fully inside the sequence) and the few blocks on the causal diagonal or the ragged end,
   so the hot loop carries no masking work (and with EVEN lengths no load masks anywhere). One inner
   loop serves pointer loads and TMA descriptor loads (``TMA`` constexpr); the per-block softmax
@@ -191,29 +194,48 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, kv_row, stride_kn, stride_vn, offs_m, off
 
 
 @triton.jit
+def _tile(pid, n_bh, n_blocks, section, REVERSE: tl.constexpr):
+    """Grid index -> (batch * head, block) in L2 sections (FlashAttention-3's LPT tile scheduler).
+
+    The (batch, head) pairs are cut into sections of ``section`` pairs whose K/V (forward, dQ) or
+    Q/dO (dK/dV) fit in L2 together; sections run one after another, and inside a section the
+    block index runs slowest and the pair fastest, so that the programs resident at once share a
+    few pairs' tensors through L2 instead of streaming every pair's from HBM. REVERSE (causal
+    forward and dQ) issues the last query blocks, the longest under the causal mask, first in each
+    section (longest-processing-time-first). ``section >= n_bh`` is the plain heads-fastest order.
+    """
+    per = section * n_blocks
+    sec = pid // per
+    r = pid - sec * per
+    width = tl.minimum(section, n_bh - sec * section)  # the last section may hold fewer pairs
+    blk = r // width
+    off_bh = sec * section + (r - blk * width)
+    if REVERSE:
+        blk = n_blocks - 1 - blk
+    return off_bh, blk
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CU,
                 stride_qb, stride_qh, stride_qm,
                 stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn,
                 stride_ob, stride_oh, stride_om,
                 stride_lb, stride_lh,
-                H, GROUP, SEQ_Q, SEQ_K, qk_scale,
+                H, GROUP, SEQ_Q, SEQ_K, qk_scale, N_BH, N_BLOCKS, SECTION,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, VARLEN: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr,
                 PIPE: tl.constexpr):
-    """Forward of one (query block, batch * q head). Grid: (B * Hq, query blocks).
+    """Forward of one (query block, batch * q head). Grid: (B * Hq * query blocks,), see ``_tile``.
 
-    The (batch, head) index runs fastest so that the first wave of programs takes the *same* query
-    block of many heads; with causal masking the longest blocks (last rows) are launched first over
-    all heads and the last wave is made of short ones (longest-processing-time-first scheduling).
+    Within an L2 section the (batch, head) index runs fastest so that the programs resident at once
+    take the *same* query block of several heads; with causal masking the longest blocks (last rows)
+    are launched first and each section ends with short ones (longest-processing-time-first).
     EVEN: dense, Sq % BLOCK_M == 0 and Sk % BLOCK_N == 0 (no sequence-end masks anywhere).
     TMA: Q/K/V/O are tensor descriptors over (B*H, S, D) views (dense, contiguous, sm_90+).
     PIPE: the unmasked key loop overlaps the next ``q @ k^T`` with the softmax (see ``_fwd_inner``).
     """
-    off_bh = tl.program_id(0)
-    start_m = tl.program_id(1)
-    if CAUSAL:
-        start_m = tl.num_programs(1) - 1 - start_m
+    off_bh, start_m = _tile(tl.program_id(0), N_BH, N_BLOCKS, SECTION, CAUSAL)
     off_b = off_bh // H
     off_h = off_bh % H
     off_hk = off_h // GROUP  # GQA: the K/V head this query head reads (no repeat)
@@ -366,13 +388,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, CU,
                      stride_dvb, stride_dvh, stride_dvn,
                      stride_dqb, stride_dqh, stride_dqm,
                      stride_lb, stride_lh,
-                     H_KV, GROUP, SEQ_Q, SEQ_K, qk_scale, sm_scale,
+                     H_KV, GROUP, SEQ_Q, SEQ_K, qk_scale, sm_scale, N_BH, N_BLOCKS, SECTION,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      CAUSAL: tl.constexpr, VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr):
-    # Grid (B * Hkv, key blocks): heads run fastest, so with causal masking the longest key blocks
-    # (the first ones, seen by the most queries) start first across all heads.
-    off_bh = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # Grid (B * Hkv * key blocks,) in L2 sections (``_tile``): heads run fastest within a section,
+    # so with causal masking the longest key blocks (the first ones, seen by the most queries)
+    # start first in each section.
+    off_bh, pid_n = _tile(tl.program_id(0), N_BH, N_BLOCKS, SECTION, False)
     off_b = off_bh // H_KV
     off_hk = off_bh % H_KV
     if VARLEN:
@@ -475,14 +497,11 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU,
                    stride_dob, stride_doh, stride_dom,
                    stride_dqb, stride_dqh, stride_dqm,
                    stride_lb, stride_lh,
-                   H, GROUP, SEQ_Q, SEQ_K, qk_scale, sm_scale,
+                   H, GROUP, SEQ_Q, SEQ_K, qk_scale, sm_scale, N_BH, N_BLOCKS, SECTION,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
-    # Grid (B * Hq, query blocks), heads fastest: longest causal blocks first across all heads.
-    off_bh = tl.program_id(0)
-    start_m = tl.program_id(1)
-    if CAUSAL:
-        start_m = tl.num_programs(1) - 1 - start_m
+    # Grid (B * Hq * query blocks,) in L2 sections (``_tile``): longest causal blocks first.
+    off_bh, start_m = _tile(tl.program_id(0), N_BH, N_BLOCKS, SECTION, CAUSAL)
     off_b = off_bh // H
     off_h = off_bh % H
     off_hk = off_h // GROUP
@@ -531,15 +550,19 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU,
 # --------------------------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim, for sm_90 (H100). Measured
-# choices live here (see benchmarks/tune_attention.py; round 1 kept dK/dV 64x128 and dQ 128x64, and
-# found the TMA forward and the atomic-dQ backward slower, so both stay off); VBHAL_ATTN_CONFIG="fwd=128,64,8,3;..." overrides
-# for tuning runs. Other GPUs get the same blocks with fewer stages (less shared memory).
+# choices live here (see benchmarks/tune_attention.py; round 1 found the TMA forward and the
+# atomic-dQ backward slower, so both stay off); VBHAL_ATTN_CONFIG="fwd=128,64,8,3;..." overrides for
+# tuning runs. Keys: (kernel, hd), (kernel, hd, causal) and (kernel, hd, causal, S bucket) (see
+# ``_seq_bucket``), the most specific present wins. Other GPUs get the same blocks.
 _GPU_CONFIGS: dict[tuple, tuple[int, int, int, int]] = {
-    # H100 sweep, round 1 (bf16, S=8k, 16k tokens): causal hd128 forward 404 TFLOP/s with 128x128
-    # blocks vs 393 with 128x64; non-causal prefers 128x64 (478 vs 465). Keys (kernel, hd, causal)
-    # win over (kernel, hd).
-    ("fwd", 128, True): (128, 128, 8, 3),
-    # round 2 sweep, hd64 causal: 128x64 blocks with 4 stages 351 TFLOP/s vs 327 with 3
+    # H100 sweep, round 4 (bf16, 16k tokens, S=4k/8k/16k, hd128 causal): forward 128x64 blocks 8 warps
+    # 3 stages 416/474/500 TFLOP/s vs 385/452/486 with 128x128 (the pipe and TMA variants slower);
+    # dK/dV 32x64 4 warps 3 stages 385 fwd+bwd TFLOP/s mean vs 373 with the old 64x128x8 (which
+    # spills at hd128); dQ 128x64x8x3 stays. Round 1: non-causal prefers 128x64 (478 vs 465).
+    ("fwd", 128, True): (128, 64, 8, 3),
+    ("dkdv", 128, True): (32, 64, 4, 3),
+    # round 2 sweep, hd64 causal: 128x64 blocks with 4 stages 351 TFLOP/s vs 327 with 3 (round 4: 396,
+    # best of five, pipe variant 350)
     ("fwd", 64, True): (128, 64, 4, 4),
     ("fwd", 16): (128, 64, 4, 3),
     ("fwd", 32): (128, 64, 4, 3),
@@ -561,6 +584,7 @@ for _d in SUPPORTED_HEAD_DIMS:
     _GPU_CONFIGS[("dkdv_atomic", _d)] = _GPU_CONFIGS[("dkdv", _d)]
 for _d in SUPPORTED_HEAD_DIMS:
     _GPU_CONFIGS[("fwd_tma", _d)] = _GPU_CONFIGS[("fwd", _d)]
+_GPU_CONFIGS[("fwd_tma", 128, True)] = _GPU_CONFIGS[("fwd", 128, True)]
 #: Head dims whose dense forward uses TMA descriptors on sm_90+ (measured choice; see tune_attention.py).
 TMA_FWD_HEAD_DIMS: frozenset = frozenset()
 #: Head dims whose forward issues the next q @ k^T before the softmax (measured choice; see tune_attention.py;
@@ -568,10 +592,17 @@ TMA_FWD_HEAD_DIMS: frozenset = frozenset()
 PIPE_QK_HEAD_DIMS: frozenset = frozenset()
 #: Whether dQ is accumulated with atomics in the dK/dV kernel (measured choice; see tune_attention.py).
 ATOMIC_DQ_DEFAULT = False
+#: L2 bytes one grid section's shared tensors may take (``_tile``): the pairs of a section read the
+#: same K/V (forward, dQ) or Q/dO (dK/dV) while resident together. FlashAttention-3 assumes 32 MiB of
+#: the H100's 50 MiB for this. VBHAL_ATTN_L2_MB overrides ("0": no sections, the plain heads-fastest
+#: order; "32" for every kernel; "fwd:32,dkdv:16,dq:0" per kernel).
+L2_SECTION_MB = {"fwd": 32.0, "dkdv": 32.0, "dq": 32.0}
 
 # Under the interpreter every block is simulated in numpy: small blocks keep CPU tests quick and make
 # short test sequences cross several blocks (diagonal, unmasked middle and ragged end all exercised).
 _INTERPRET_CONFIG = (16, 16, 4, 1)
+#: Interpreter section size (pairs): small, so that tests cross section boundaries and partial sections.
+_INTERPRET_SECTION = 2
 
 
 def _flag(var: str, default: bool, head_dim: int) -> bool:
@@ -606,25 +637,61 @@ def _atomic_dq() -> bool:
     return ATOMIC_DQ_DEFAULT if flag is None else flag == "1"
 
 
-def _config(kernel: str, head_dim: int, causal: Optional[bool] = None) -> tuple[int, int, int, int]:
+def _seq_bucket(seq: int) -> int:
+    """The S bucket of per-length configs: the power of two >= seq, clamped to [1024, 16384]."""
+    return min(16384, max(1024, 1 << max(0, int(seq) - 1).bit_length()))
+
+
+def _config(kernel: str, head_dim: int, causal: Optional[bool] = None,
+            seq: Optional[int] = None) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of one kernel.
 
-    VBHAL_ATTN_CONFIG overrides, for tuning runs: ``"fwd=128,64,8,3;dq@128=64,64,4,2;fwd@64@1=..."``;
-    a key names the kernel, optionally ``@head_dim`` and ``@causal`` (1/0); the most specific wins.
+    VBHAL_ATTN_CONFIG overrides, for tuning runs: ``"fwd=128,64,8,3;dq@128=64,64,4,2;fwd@64@1=...;
+    fwd@128@1@4096=..."``; a key names the kernel, optionally ``@head_dim``, ``@causal`` (1/0) and
+    ``@S bucket`` (``_seq_bucket``); the most specific wins.
     """
+    c = "" if causal is None else str(int(causal))
+    b = None if seq is None or causal is None else _seq_bucket(seq)
     override = os.environ.get("VBHAL_ATTN_CONFIG")
     if override:
         found = {}
         for part in filter(None, override.split(";")):
             name, _, values = part.partition("=")
             found[name.strip()] = tuple(int(x) for x in values.split(","))
-        c = "" if causal is None else str(int(causal))
-        for key in (f"{kernel}@{head_dim}@{c}", f"{kernel}@{head_dim}", kernel):
+        keys = ([f"{kernel}@{head_dim}@{c}@{b}"] if b else []) + [f"{kernel}@{head_dim}@{c}", f"{kernel}@{head_dim}", kernel]
+        for key in keys:
             if key in found:
                 return found[key]
     if _interpreting():
         return _INTERPRET_CONFIG
-    return _GPU_CONFIGS.get((kernel, head_dim, causal)) or _GPU_CONFIGS[(kernel, head_dim)]
+    return (_GPU_CONFIGS.get((kernel, head_dim, causal, b)) or _GPU_CONFIGS.get((kernel, head_dim, causal))
+            or _GPU_CONFIGS[(kernel, head_dim)])
+
+
+def _l2_budget_mb(kernel: str) -> Optional[float]:
+    """VBHAL_ATTN_L2_MB for one kernel ("32", or "fwd:32,dkdv:16"), else None (the default)."""
+    flag = os.environ.get("VBHAL_ATTN_L2_MB")
+    if not flag:
+        return None
+    if ":" not in flag:
+        return float(flag)
+    for part in flag.split(","):
+        name, _, mb = part.partition(":")
+        if name.strip() == kernel:
+            return float(mb)
+    return None
+
+
+def _section(kernel: str, n_bh: int, bytes_per_bh: int) -> int:
+    """(batch, head) pairs per grid section (``_tile``): as many as share L2 (at least 1, at most all)."""
+    mb = _l2_budget_mb(kernel)
+    if mb is None:
+        if _interpreting():
+            return min(n_bh, _INTERPRET_SECTION)
+        mb = L2_SECTION_MB.get(kernel, 32.0)
+    if mb <= 0:
+        return max(1, n_bh)
+    return max(1, min(n_bh, int(mb * 2**20) // max(1, bytes_per_bh)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -668,9 +735,13 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale):
     lse_shape, (slb, slh) = _lse_layout(q, varlen)
     lse = _empty(lse_shape, q, torch.float32)
     tma = not varlen and _use_tma(q, k, v)
-    bm, bn, warps, stages = _config("fwd_tma" if tma else "fwd", d, causal)
+    bm, bn, warps, stages = _config("fwd_tma" if tma else "fwd", d, causal, seq_grid)
     even = not varlen and sq % bm == 0 and sk % bn == 0
-    grid = (batch * hq, triton.cdiv(seq_grid, bm))
+    n_blocks = triton.cdiv(seq_grid, bm)
+    # L2 per q head: its share of the K/V head it reads (GQA: Hq / Hkv q heads share one).
+    kv_bytes = 2 * (seq_grid if varlen else sk) * d * k.element_size()
+    section = _section("fwd", batch * hq, kv_bytes * hkv // hq)
+    grid = (batch * hq * n_blocks,)
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -685,7 +756,7 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, causal, scale):
         args = (q, k, v, out, lse, cu,
                 *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen))
     _fwd_kernel[grid](
-        *args, slb, slh, hq, hq // hkv, sq, sk, scale * LOG2E,
+        *args, slb, slh, hq, hq // hkv, sq, sk, scale * LOG2E, batch * hq, n_blocks, section,
         HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, VARLEN=varlen, EVEN=even, TMA=tma, PIPE=_pipe_qk(d),
         num_warps=warps, num_stages=stages,
     )
@@ -729,25 +800,32 @@ def _backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale):
     # With atomic dQ the dK/dV kernel accumulates dQ in fp32 (zeroed); else the dQ kernel writes it.
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic_dq else _empty(q.shape, q)
     qk_scale = scale * LOG2E
-    bm, bn, warps, stages = _config("dkdv_atomic" if atomic_dq else "dkdv", d, causal)
+    bm, bn, warps, stages = _config("dkdv_atomic" if atomic_dq else "dkdv", d, causal, seq_grid)
     sk_grid = seq_grid if varlen else sk
-    _bwd_dkdv_kernel[(batch * hkv, triton.cdiv(sk_grid, bn))](
+    sq_len = seq_grid if varlen else sq
+    n_blocks = triton.cdiv(sk_grid, bn)
+    # L2 per K/V head: Q and dO of its Hq / Hkv query heads (plus LSE and delta, 8 bytes a row).
+    section = _section("dkdv", batch * hkv, (hq // hkv) * sq_len * (2 * d * q.element_size() + 8))
+    _bwd_dkdv_kernel[(batch * hkv * n_blocks,)](
         q, k, v, do, dk, dv, dq, lse, delta, cu,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
         *_strides(dk, varlen), *_strides(dv, varlen), *_strides(dq, varlen), slb, slh,
-        hkv, hq // hkv, sq, sk, qk_scale, scale,
+        hkv, hq // hkv, sq, sk, qk_scale, scale, batch * hkv, n_blocks, section,
         HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, VARLEN=varlen, ATOMIC_DQ=atomic_dq,
         num_warps=warps, num_stages=stages,
     )
     if atomic_dq:
         return dq.to(q.dtype), dk, dv
-    bm, bn, warps, stages = _config("dq", d, causal)
+    bm, bn, warps, stages = _config("dq", d, causal, seq_grid)
     sq_grid = seq_grid if varlen else sq
-    _bwd_dq_kernel[(batch * hq, triton.cdiv(sq_grid, bm))](
+    n_blocks = triton.cdiv(sq_grid, bm)
+    kv_bytes = 2 * (seq_grid if varlen else sk) * d * k.element_size()
+    section = _section("dq", batch * hq, kv_bytes * hkv // hq)
+    _bwd_dq_kernel[(batch * hq * n_blocks,)](
         q, k, v, do, dq, lse, delta, cu,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
         *_strides(dq, varlen), slb, slh,
-        hq, hq // hkv, sq, sk, qk_scale, scale,
+        hq, hq // hkv, sq, sk, qk_scale, scale, batch * hq, n_blocks, section,
         HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, VARLEN=varlen,
         num_warps=warps, num_stages=stages,
     )
