@@ -217,7 +217,13 @@ def vbhal_step_fn(model, eng):
     return step
 
 
-def run_vbhal(model, eng, tokens: int, cap: int | None, warmup=2, steps=3, chunk_tokens=16384, label="") -> dict:
+def run_vbhal(model, eng, tokens: int, cap: int | None, warmup=2, steps=3, chunk_tokens=16384, label="",
+              max_warmup=10) -> dict:
+    """Time `steps` steps of the engine at `tokens` tokens. Per row, the engine plans again (device-stepped share
+    and keep plan from this row's own measurements: eng.replan(), before the peak memory statistics are reset);
+    warm-up runs at least `warmup` steps and until the plan has settled plus one more step, so one-time costs
+    (pinning the device-stepped units' state, the ring, the first fetch of kept copies) stay out of the timing."""
+    eng.replan()
     reset_gpu()
     set_cap(cap)
     eng.cfg.chunks = max(1, tokens // chunk_tokens) if tokens > 16384 else 1
@@ -226,9 +232,18 @@ def run_vbhal(model, eng, tokens: int, cap: int | None, warmup=2, steps=3, chunk
     try:
         x = torch.randn(tokens, D_MODEL, device=DEV, dtype=torch.bfloat16)
         step = vbhal_step_fn(model, eng)
-        for _ in range(warmup):
+        done, settled, t_w = 0, None, time.perf_counter()
+        while True:
             step(x)
+            done += 1
+            if settled is None and not eng.plan_pending:
+                settled = done
+            if settled is not None and done >= max(warmup, settled + 1):
+                break
+            if done >= max_warmup:
+                break
         sync()
+        res.update(warmup_steps=done, plan_settled_after=settled, warmup_s=time.perf_counter() - t_w)
         times, losses, rows = [], [], []
         for _ in range(steps):
             t0 = time.perf_counter()
@@ -236,16 +251,19 @@ def run_vbhal(model, eng, tokens: int, cap: int | None, warmup=2, steps=3, chunk
             sync()
             times.append(time.perf_counter() - t0)
             rows.append(eng.stats.steps[-1])
+        eng.synchronize()  # resolves the device timing of the last step into its row
         t = sorted(times)[len(times) // 2]
-        h2d = sum(r.get("l0_in", 0) for r in rows) / len(rows)
-        d2h = sum(r.get("l0_out", 0) for r in rows) / len(rows)
+        mean = lambda k: sum(r.get(k, 0) for r in rows) / len(rows)
+        h2d, d2h = mean("l0_in"), mean("l0_out")
         summ = eng.memory_summary()
+        dev = {k: mean(k) for k in ("dev_compute_s", "dev_fwd_s", "dev_bwd_s", "dev_wait_w_s", "dev_wait_act_s",
+                                    "dev_idle_s", "dev_span_s", "alloc_retries", "device_mallocs", "kept_bytes")}
+        kinds = {k[6:]: mean(k) / GB for k in rows[-1] if k.startswith("bytes_")}
         res.update(
-            status="ok", step_s=t, losses=losses, h2d_bytes_per_step=h2d, d2h_bytes_per_step=d2h,
+            status="ok", step_s=t, step_times=times, losses=losses, h2d_bytes_per_step=h2d, d2h_bytes_per_step=d2h,
             h2d_GBps=h2d / t / GB, d2h_GBps=d2h / t / GB, both_GBps=(h2d + d2h) / t / GB,
-            host_adamw_s_per_step=sum(r.get("l1_busy", 0) for r in rows) / len(rows),
-            gpu_adamw_s_per_step=sum(r.get("gpu_step_s", 0) for r in rows) / len(rows),
-            stall_s_per_step=sum(r.get("l1_stall", 0) for r in rows) / len(rows),
+            host_adamw_s_per_step=mean("l1_busy"), gpu_adamw_s_per_step=mean("gpu_step_s"),
+            stall_s_per_step=mean("l1_stall"), GB_by_kind=kinds, **dev,
             gpu_step_fraction=(summ["gpu_step"]["fraction"] or 0.0), gpu_step_units=summ["gpu_step"]["units"],
             gpu_step_note=summ["gpu_step"]["note"], gpu_step_auto=summ["gpu_step"]["auto"],
             step_rows=rows, peak_gpu_bytes=torch.cuda.max_memory_allocated(), **summ,
@@ -362,17 +380,17 @@ def part_speed(args) -> dict:
     print(f"vbhal engine built in {t_build:.1f} s ({eng.pool.describe()}; host step: {eng.host_step_note}; "
           f"gpu step: {eng.gpu_step_note})", flush=True)
     label = " hybrid" if gpu_frac != 0.0 else ""
-    for i, tokens in enumerate(token_list):
-        # auto decides at the start of step 2's backward (from step 1, all on the host) and pins the chosen units'
-        # state then: 3 warm-up steps before the first timed one
-        rows.append(run_vbhal(model, eng, tokens, CAP_BYTES, warmup=3 if i == 0 else 1, steps=args.steps,
+    for tokens in token_list:
+        # per row: the engine plans again (auto share from this row's step, keep plan from its peak memory) and
+        # warms up until that has settled (run_vbhal)
+        rows.append(run_vbhal(model, eng, tokens, CAP_BYTES, warmup=2, steps=args.steps,
                               chunk_tokens=args.chunk_tokens, label=label))
         rows[-1]["build_s"] = t_build
         print(_row(rows[-1]), flush=True)
         _SAVE("speed", {"rows": rows})
     for tokens in [int(t) for t in args.host_only_tokens.split(",") if t] if label else []:
-        eng.set_gpu_step_fraction(0.0)  # the same engine, every AdamW on the host: the comparison row
-        rows.append(run_vbhal(model, eng, tokens, CAP_BYTES, warmup=1, steps=args.steps, chunk_tokens=args.chunk_tokens,
+        eng.cfg.gpu_step_fraction = 0.0  # the same engine, every AdamW on the host: the comparison row
+        rows.append(run_vbhal(model, eng, tokens, CAP_BYTES, warmup=2, steps=args.steps, chunk_tokens=args.chunk_tokens,
                               label=" host-only"))
         print(_row(rows[-1]), flush=True)
         _SAVE("speed", {"rows": rows})
@@ -432,7 +450,9 @@ def part_peers(args) -> dict:
     n, tokens = args.blocks or 10, args.cap_tokens
     rows = []
     model, eng, t_build = build_vbhal(n, tokens, offload_activations=True)
-    rows.append(run_vbhal(model, eng, tokens, CAP_BYTES, warmup=2, steps=args.steps))
+    # warm-up until the auto share and keep plan have settled (their one-time costs, e.g. pinning the state of the
+    # device-stepped units, stay out of the timed steps), then at least 3 timed steps (median)
+    rows.append(run_vbhal(model, eng, tokens, CAP_BYTES, warmup=2, steps=max(3, args.steps)))
     rows[-1]["build_s"] = t_build
     print(_row(rows[-1]), flush=True)
     _SAVE("peers", {"rows": rows})
@@ -763,7 +783,21 @@ def _row(r: dict) -> str:
             f"ratio={f('ratio_vs_in_gpu', '.2f')} vs_vbhal={f('vbhal_speedup', '.2f')} h2d={f('h2d_GBps', '.1f')}GB/s d2h={f('d2h_GBps', '.1f')}GB/s "
             f"hostAdamW={f('host_adamw_s_per_step', '.3f')}s gpuAdamW={f('gpu_adamw_s_per_step', '.3f')}s "
             f"gpuFrac={f('gpu_step_fraction', '.2f')} stall={f('stall_s_per_step', '.3f')}s "
-            f"peakGPU={f('peak_gpu_bytes', '.3e')} {r.get('error', '')}")
+            f"peakGPU={f('peak_gpu_bytes', '.3e')} {r.get('error', '')}"
+            + (f"\n{'':30s} device: compute={f('dev_compute_s', '.3f')}s (fwd {f('dev_fwd_s', '.3f')} bwd "
+               f"{f('dev_bwd_s', '.3f')}) waitW={f('dev_wait_w_s', '.3f')}s waitAct={f('dev_wait_act_s', '.3f')}s "
+               f"idle={f('dev_idle_s', '.3f')}s span={f('dev_span_s', '.3f')}s allocRetries={f('alloc_retries', '.1f')} "
+               f"mallocs={f('device_mallocs', '.1f')} warmup={r.get('warmup_steps')} chunks={r.get('chunks')} "
+               f"kept={f('kept_bytes', '.2e')}B\n{'':30s} GB/step: "
+               + " ".join(f"{k}={v:.2f}" for k, v in (r.get("GB_by_kind") or {}).items())
+               + f" | keep plan: {_plan_str(r.get('keep_plan'))}" if "dev_compute_s" in r or "GB_by_kind" in r else ""))
+
+
+def _plan_str(p) -> str:
+    if not p:
+        return "-"
+    return (f"budget {p.get('budget_bytes', 0) / GB:.2f} GB ({p.get('source')}), all={p.get('all')} "
+            f"acts={p.get('acts')} fb={p.get('fb')} used {p.get('used_bytes', 0) / GB:.2f} GB")
 
 
 def _smoke_mode() -> None:

@@ -1,24 +1,23 @@
 #!/bin/bash
-# GPU round for offloaded training (budget 236 s, hard; every part under `timeout`, the rest skipped).
+# GPU round for offloaded training (budget 240 s, hard; every part under `timeout`, the rest skipped).
 # Parts (TIERS_PARTS, in order):
-#   hoststep = host AdamW variants at 0.5B params (torch fused whole-unit casts / the engine's piecewise fused step
-#              at 256K, 1M, 4M pieces / compiled one-pass / the step on the GPU with state streamed over PCIe),
-#              s per 1e9 params; its compile also warms Inductor's cache for the later parts.
-#   hybrid   = tests/nn/test_offload_hybrid.py as a script: half the units' AdamW on the GPU (state streamed) vs
-#              in-GPU training, 30 steps, losses within 2e-3 (PASS/FAIL lines).
-#   speed    = 3.49B stack of MLP blocks under an 8 GB cap vs in-GPU at 16k and 64k tokens, with the host step
-#              that was fastest in `hoststep` (VBHAL_HOST_STEP, VBHAL_HOST_STEP_CHUNK) and the hybrid step on
-#              (gpu_step_fraction auto, decided after step 1; TIERS_GPU_STEP=0.3 etc. fixes it), then the same
-#              engine with every AdamW on the host at 16k (the comparison row).
-#   peers    = vbhal vs DeepSpeed ZeRO-3 offload (vs torchao) at 0.81B, if time is left.
+#   hybrid   = tests/nn/test_offload_hybrid.py as a script (short): half the units' AdamW on the GPU (state
+#              streamed) vs in-GPU training, 30 steps, losses within 2e-3; then the same engine with the keep plan
+#              (copies kept on the device) must give bit-identical losses (PASS/FAIL lines).
+#   speed    = 3.49B stack of MLP blocks under an 8 GB cap vs in-GPU at 16k and 64k tokens: vbhal rows with the
+#              auto share (TIERS_GPU_STEP=0.3 etc. fixes it) at 16k and 64k, then every AdamW on the host at 16k.
+#              Each row plans again (share + keep plan) and warms up until that settled (+1 step), 3 timed steps.
+#              Host step: torch fused in pieces of VBHAL_HOST_STEP_CHUNK (default 4M: fastest in round 4).
+#   peers    = vbhal vs DeepSpeed ZeRO-3 offload vs torchao at 0.81B.
+#   hoststep = host AdamW variants at 0.5B params (s per 1e9 params), only if time is left.
 #   cuda / capacity / check / largest: as before, not in the default plan.
 # JSON: $RES/offload-gpu.json (speed, peers, hoststep); the compact table is printed last.
-PARTS=${TIERS_PARTS:-"hoststep hybrid speed peers"}
+PARTS=${TIERS_PARTS:-"hybrid speed peers hoststep"}
 START=$(date +%s)
 : "${RES:=/tmp/tiers-res}"
 mkdir -p "$RES"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-left() { echo $(( 236 - ($(date +%s) - START) )); }
+left() { echo $(( 237 - ($(date +%s) - START) )); }
 OUTJ="$RES/offload-gpu.json"
 
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -43,20 +42,20 @@ run_part() {  # name, max seconds
     peers)
       wait  # the wheel install
       PATH="/tmp/site-tiers/bin:$PATH" PYTHONPATH="$PYTHONPATH:/tmp/site-tiers" timeout "$T" \
-        python3 benchmarks/bench_offload.py peers --blocks 6 --steps 2 --out "$OUTJ" 2>&1 \
-        | grep -v "^\[\|Warning\|warn(\|^W1\|^  \"\"\"" | tail -n 40 ;;
+        python3 benchmarks/bench_offload.py peers --blocks 6 --steps 3 --out "$OUTJ" 2>&1 \
+        | grep -v "^\[\|Warning\|warn(\|^W1\|^  \"\"\"\|^Failed to load" | tail -n 40 ;;
     hoststep) timeout "$T" python3 benchmarks/bench_offload.py hoststep --hoststep-params 500000000 --out "$OUTJ" 2>&1 \
         | grep -v "Warning\|warn(" | tail -n 12 ;;
     hybrid) timeout "$T" python3 tests/nn/test_offload_hybrid.py 2>&1 | grep -v "Warning\|warn(" | tail -n 6 ;;
     speed) timeout "$T" python3 benchmarks/bench_offload.py speed --steps 3 --gpu-step "${TIERS_GPU_STEP:-auto}" \
-        --host-only-tokens "${TIERS_HOST_ONLY_TOKENS-16384}" --out "$OUTJ" 2>&1 \
-        | grep -v "^\[\|Warning\|warn(\|^W1" | tail -n 30 ;;
+        --host-only-tokens "${TIERS_HOST_ONLY_TOKENS-16384}" --chunk-tokens "${TIERS_CHUNK_TOKENS:-8192}" --out "$OUTJ" 2>&1 \
+        | grep -v "^\[\|Warning\|warn(\|^W1" | tail -n 40 ;;
     *) timeout "$T" python3 benchmarks/bench_offload.py "$1" --steps 3 --out "$OUTJ" 2>&1 \
         | grep -v "^\[\|Warning\|warn(\|^W1" | tail -n 30 ;;
   esac
 }
 
-pick_host_step() {  # the fastest host step of the hoststep part (engine variants only), else torch 1M pieces
+pick_host_step() {  # the fastest host step of a hoststep part run earlier (engine variants only), else torch 4M pieces
   eval "$(python3 - "$OUTJ" <<'PY'
 import json, sys
 try:
@@ -64,9 +63,9 @@ try:
 except Exception:
     rows = []
 ok = [r for r in rows if "s_per_Bparams" in r and ("pieces" in r["variant"] or "compiled" in r["variant"])]
-best = min(ok, key=lambda r: r["s_per_Bparams"]) if ok else {"variant": "pieces", "chunk": 1 << 20}
+best = min(ok, key=lambda r: r["s_per_Bparams"]) if ok else {"variant": "pieces", "chunk": 1 << 22}
 step = "compiled" if "compiled" in best["variant"] else "torch"
-print(f"export VBHAL_HOST_STEP={step} VBHAL_HOST_STEP_CHUNK={best.get('chunk', 1 << 20)}")
+print(f"export VBHAL_HOST_STEP={step} VBHAL_HOST_STEP_CHUNK={best.get('chunk', 1 << 22)}")
 PY
 )"
   echo "host step for the timed parts: $VBHAL_HOST_STEP (pieces of $VBHAL_HOST_STEP_CHUNK)"
@@ -75,11 +74,11 @@ PY
 for p in $PARTS; do
   case $p in speed|capacity|peers|largest) [ -n "$VBHAL_HOST_STEP" ] || pick_host_step ;; esac
   case $p in
-    hoststep) run_part hoststep 45 ;;
+    hoststep) run_part hoststep 40 ;;
     hybrid) run_part hybrid 25 ;;
     cuda) run_part cuda 25 ;;
     check) run_part check 35 ;;
-    speed) run_part speed 115 ;;
+    speed) run_part speed 125 ;;
     capacity) run_part capacity 70 ;;
     peers) run_part peers 70 ;;
     largest) run_part largest 70 ;;
@@ -106,7 +105,17 @@ for r in rows:
           f"  stall {r.get('stall_s_per_step', 0):.3f} s  h2d {r.get('h2d_GBps', 0):.1f} d2h {r.get('d2h_GBps', 0):.1f} GB/s"
           f"  {r.get('host_step', '')} {r.get('status')}")
     if r.get("gpu_step_auto"):
-        print(f"           auto: {json.dumps({k: round(v, 4) for k, v in r['gpu_step_auto'].items()})}")
+        print(f"           auto: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r['gpu_step_auto'].items()})}")
+    if "dev_compute_s" in r:
+        print(f"           device: compute {r['dev_compute_s']:.3f} s (fwd {r['dev_fwd_s']:.3f} bwd {r['dev_bwd_s']:.3f})"
+              f"  waitW {r['dev_wait_w_s']:.3f}  waitAct {r['dev_wait_act_s']:.3f}  idle {r['dev_idle_s']:.3f}"
+              f"  span {r['dev_span_s']:.3f} s  allocRetries {r.get('alloc_retries', 0):.1f}  chunks {r.get('chunks')}"
+              f"  warmup {r.get('warmup_steps')}  peak {r.get('peak_gpu_bytes', 0) / 1e9:.2f} GB")
+    if r.get("GB_by_kind"):
+        kp = r.get("keep_plan") or {}
+        print("           GB/step: " + " ".join(f"{k} {v:.2f}" for k, v in r["GB_by_kind"].items() if v)
+              + f"  | keep: budget {kp.get('budget_bytes', 0) / 1e9:.2f} GB all {kp.get('all')} acts {len(kp.get('acts') or [])}"
+              f" fb {len(kp.get('fb') or [])} used {kp.get('used_bytes', 0) / 1e9:.2f} GB ({kp.get('source')})")
 for r in d.get("peers", {}).get("rows", []):
     print(f"peers      {r['peer']:30s} {r.get('params', 0)/1e9:5.2f}B step {r.get('step_s', float('nan')):6.3f} s "
           f"vbhal speedup {r.get('vbhal_speedup', float('nan')):.2f}x {r.get('status')}")

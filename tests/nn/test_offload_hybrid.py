@@ -214,24 +214,44 @@ def test_cuda_hybrid_matches_in_gpu_training(mode):
         opt.step()
         opt.zero_grad(set_to_none=True)
         lp.append(loss.item())
-    hyb = copy.deepcopy(base)
-    eng = apply_offload(hyb, device="cuda", lr=1e-3, work_dtype=torch.bfloat16, poison=True, gpu_step_fraction=0.5,
-                        gpu_step_buffer_bytes=4 << 20, **mode)  # small ring: many pieces, slots reused
-    lo = []
-    for x in xs:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = hyb(x)
-        loss.backward()
-        eng.step()
-        lo.append(loss.item())
-    assert sum(u.gpu_step for u in eng.units) == 3 and eng.units[0].gpu_step
+    def run(**kw):
+        hyb = copy.deepcopy(base)
+        # small ring (two slots of the largest parameter): four pieces per unit, slots reused
+        eng = apply_offload(hyb, device="cuda", lr=1e-3, work_dtype=torch.bfloat16, poison=True, gpu_step_fraction=0.5,
+                            gpu_step_buffer_bytes=2 * 256 * 1024 * 20, **mode, **kw)
+        lo = []
+        for x in xs:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = hyb(x)
+            loss.backward()
+            eng.step()
+            lo.append(loss.item())
+        return lo, eng
+
+    lo, eng = run(resident_cache_bytes=0)
+    assert sum(u.gpu_step for u in eng.units) == round(0.5 * sum(1 for u in eng.units if u.n_train)) and eng.units[0].gpu_step
     torch.testing.assert_close(torch.tensor(lo), torch.tensor(lp), rtol=2e-3, atol=1e-5)
     master = eng.master_state_dict()
     for n, p in plain.named_parameters():
         torch.testing.assert_close(master[n], p.detach().cpu(), rtol=0, atol=5e-3)
     s = eng.memory_summary()
     assert s["gpu_step"]["pinned_state_bytes"] > 0 and s["last_step"]["gpu_step_s"] >= 0
+    assert s["last_step"]["dev_compute_s"] > 0 and s["last_step"]["dev_span_s"] >= s["last_step"]["dev_compute_s"]
+    # Keep plan from the card's free memory (no cap here: everything fits): device-stepped working copies stay on
+    # the device across steps (written there by the device step, read by the next forward after its event), the
+    # last units' copies stay into their backward. Same arithmetic on the same device: bit for bit the same.
+    lk, ek = run(resident_cache_bytes=None)
+    plan = ek.keep_plan
+    assert plan["source"].startswith("cap") and plan["all"] == sorted(ek._gpu_units) and plan["fb"], plan
+    assert lk == lo, (lk, lo)
+    mk = ek.master_state_dict()
+    for n in master:
+        assert torch.equal(mk[n], master[n]), n
+    last = ek.memory_summary()["last_step"]
+    assert last["weights_down_GB"] == 0 and last["kept_bytes"] > 0
+    assert last["weights_up_GB"] < s["last_step"]["weights_up_GB"]
     eng.close()
+    ek.close()
 
 
 def main() -> int:

@@ -58,6 +58,22 @@ in-GPU training within a tolerance, not bitwise. Off (host step, reported) with 
 gradient accumulation. ``memory_summary()["last_step"]`` / ``step_breakdown()``: host step s, device step s,
 stall s, H2D/D2H GB/s, the chosen share.
 
+Keep plan (``resident_cache_bytes``): device memory the cap leaves unused keeps copies on the device instead of a
+round trip through host memory, chosen by PCIe bytes saved per device byte: (1) the working copies of device-stepped
+units stay on the device across steps (the device step writes the new copy there; no write-back, no fetch in the
+next forward or backward; the host copy is written back only when the plan is dropped: ``set_gpu_step_fraction``,
+``replan``), (2) the saved inputs of the last units of the forward stay on the device (``offload_activations``),
+(3) the working copies of the last units of the forward stay from their forward into their backward. On accelerators
+the budget is the per-process cap minus the peak of a planning step minus a margin, planned once the device-stepped
+share is known (``plan_pending``; ``replan()`` when the batch shape changes); on CPU only an explicit budget (test
+mode). Numbers are unchanged (tested bit for bit); ``memory_summary()["keep_plan"]`` says what stays.
+
+Per-step statistics (``stats.steps`` rows, ``step_breakdown``): bytes moved by kind (``bytes_weights_up``,
+``bytes_state_up`` ...), and on accelerators the compute stream's split from timing events (``dev_compute_s``,
+``dev_fwd_s``, ``dev_bwd_s``, ``dev_wait_w_s``: waiting for weight copies, ``dev_wait_act_s``: for saved inputs,
+``dev_idle_s``: nothing queued) plus caching-allocator retries (``alloc_retries``: memory pressure under a cap),
+resolved a step late without synchronising (or at ``synchronize()``).
+
 Also: gradient accumulation (``grad_accum_steps``; fp32 sums on the host), units called several times per
 step (gradients summed before the step), tied weights (kept resident on the device), meta-device models
 materialised straight into host memory (``init_fn``), masters and AdamW state beyond a host budget in
@@ -108,6 +124,12 @@ HOST_STEP_CHUNK = 1 << 20
 GPU_STEP_PIECE = 1 << 23
 #: Device ring bytes per piece element: fp32 master, exp_avg, exp_avg_sq, fp32 gradient, working copy (<= 4 bytes).
 _SLOT_BYTES_PER_ELEM = 20
+#: Kinds of traffic counted per step (stats rows: bytes_<kind>): working copies up, device-step state up/down,
+#: device-step working copies down, gradients down (host step) / up (deferred device step), saved inputs down/up.
+_BYTE_KINDS = ("weights_up", "state_up", "state_down", "weights_down", "grads_down", "grads_up", "acts_down", "acts_up")
+#: Keep plan margin under the cap: this share of the cap (at least KEEP_MARGIN_MIN bytes) stays free.
+KEEP_MARGIN_FRAC = 0.08
+KEEP_MARGIN_MIN = 512 << 20
 #: Auto mode leaves every unit on the host when the whole host step of a step takes less than this (seconds).
 AUTO_MIN_HOST_S = 0.05
 
@@ -157,6 +179,12 @@ class OffloadConfig:
     # the CPU (a test mode, bitwise equal to the host step).
     gpu_step_fraction: float | None = None
     gpu_step_buffer_bytes: int = 640 << 20  # device memory of the device step's ring of pieces
+    # Device memory for copies kept on the device between uses instead of a round trip through host memory:
+    # the working copies of device-stepped units (across steps: no write-back, no re-fetch), then the saved inputs
+    # and the working copies of the last units of the forward (into their backward). None: on accelerators, what
+    # the cap leaves (per-process memory fraction x device memory, minus the peak measured in a planning step,
+    # minus a margin), planned again by set_gpu_step_fraction; 0 off; on CPU (test mode) only an explicit value.
+    resident_cache_bytes: int | None = None
 
 
 @dataclass
@@ -209,6 +237,12 @@ class _Unit:
     state_blk: HostBlock | None = None  # pinned host block holding master | exp_avg | exp_avg_sq (GPU-stepped units)
     dev_done: Any = None  # event: the last device step's results (working copy, master, state) are back on the host
     step_tag: int = 0  # optimizer step index of the queued host step (for the auto mode's measurement)
+    keep: str = ""  # "all": working copy stays on the device across steps (device-stepped); "fb": forward -> backward
+    keep_act: bool = False  # saved inputs stay on the device even with offload_activations
+    host_stale: bool = False  # the device copy (keep "all") is newer than work_host's trainable prefix
+    act_bytes: int = 0  # bytes of offloadable saved inputs of this unit's calls in the last step
+    act_bytes_step: int = 0  # the same, counting this step
+    t_start: Any = None  # timing event: start of the current compute phase
 
     @property
     def work_bytes(self) -> int:
@@ -301,6 +335,7 @@ class _Call:
         "in_spec",
         "inner",
         "inner_in",
+        "offloaded",
         "orig",
         "out_leaves",
         "out_spec",
@@ -318,6 +353,7 @@ class _Call:
         self.inner_in = None
         self.done = False
         self.chunk_rows: int | None = None
+        self.offloaded = False
 
 
 def _rebuild(call: _Call, tensors: Iterable[torch.Tensor]) -> tuple[tuple, dict]:
@@ -623,6 +659,15 @@ class OffloadEngine:
             self._down = self._dm.Stream(self.device)
         self.state_pool = HostPool(pin=pin, chunk_bytes=cfg.host_pool_chunk_bytes, name="offload-gpu-step-state")
         self._dummy = torch.empty(0, device=self.device, requires_grad=True)
+        self._tcur: list[tuple[str, Any, Any]] = []  # this step's timed spans on the compute stream
+        self._tpend: list[tuple[dict, list]] = []  # (stats row, spans) of closed steps not yet resolved
+        self._bytes: dict[str, float] = dict.fromkeys(_BYTE_KINDS, 0.0)  # bytes moved this step, by kind
+        self._alloc_mark: tuple[int, int] | None = None  # allocator retries / device mallocs at the last step end
+        # Keep plan (see _plan_keep): decided once the share of device-stepped units is known.
+        self._keep_planned = False
+        self._keep_tag = 1  # the step whose peak memory the plan reads (accelerators, resident_cache_bytes=None)
+        self._keep_peak: tuple[int, bool] | None = None  # (peak allocated bytes, ring allocated then)
+        self.keep_plan: dict[str, Any] | None = None
         self._trace: list[tuple[int, str]] = []
         self._order: list[tuple[int, str]] | None = None
         self._pos = 0
@@ -883,21 +928,24 @@ class OffloadEngine:
         self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
         self.stats.add(0, promotions=1, bytes_in=nbytes)
         self.stats.add(1, bytes_out=nbytes)
+        self._bytes["weights_up"] += nbytes
         return True
 
-    def _bind(self, unit: _Unit) -> None:
+    def _bind(self, unit: _Unit, timed: bool = True) -> None:
         buf = unit.dev_buf
         if self._accel and unit.dev_event is not None:
             cur = self._dm.current_stream(self.device)
+            e0 = self._tev() if timed else None
             cur.wait_event(unit.dev_event)
+            self._tspan("wait_w", e0)
             buf.record_stream(cur)  # the allocator must not hand this block out before compute is done with it
             unit.dev_event = None
         for j, (_, p) in enumerate(unit.params):
             p.data = unit.view(buf, j)
         unit.bound = True
 
-    def _release(self, unit: _Unit) -> None:
-        if unit.dev_buf is None:
+    def _release(self, unit: _Unit, force: bool = False) -> None:
+        if unit.dev_buf is None or (unit.keep == "all" and not force):
             return
         for j, (_, p) in enumerate(unit.params):
             p.data = self._placeholder(unit.dtypes[j])
@@ -940,6 +988,7 @@ class OffloadEngine:
                 self._gpu_prefetch(unit)
         if self._learning_events() is not None:
             self._mark_compute(unit, phase, "start")
+        unit.t_start = self._tev()
         # Prefetch: the learned window, or (first step) the neighbour in module order.
         if self._order is not None:
             for u in self._upcoming():
@@ -952,7 +1001,19 @@ class OffloadEngine:
     def _after_forward(self, unit: _Unit) -> None:
         if self._learning_events() is not None:
             self._mark_compute(unit, "F", "end")
-        if unit.idx not in self._upcoming():
+        self._phase_end(unit, "fwd")
+        if unit.idx not in self._upcoming() and not unit.keep:
+            self._release(unit)
+
+    def _after_phase(self, unit: _Unit, final: bool) -> None:
+        """End of a backward call: release the working copy unless it is prefetched for what comes next or kept
+        (keep "fb" lasts until the unit's last backward of the step, keep "all" across steps)."""
+        if self._learning_events() is not None:
+            self._mark_compute(unit, "B", "end")
+        self._phase_end(unit, "bwd")
+        if unit.keep == "all" or (unit.keep == "fb" and not final):
+            return
+        if unit.keep == "fb" or unit.idx not in self._upcoming():
             self._release(unit)
 
     def _after_backward(self, unit: _Unit, grads: list[torch.Tensor | None]) -> None:
@@ -963,10 +1024,7 @@ class OffloadEngine:
             grads = [a if b is None else (b if a is None else a + b) for a, b in zip(unit.grad_acc, grads)]
         if unit.bw_calls < unit.fw_calls:
             unit.grad_acc = grads
-            if self._learning_events() is not None:
-                self._mark_compute(unit, "B", "end")
-            if unit.idx not in self._upcoming():
-                self._release(unit)
+            self._after_phase(unit, False)
             return
         unit.grad_acc = None
         unit.fw_calls = unit.bw_calls = 0
@@ -998,10 +1056,7 @@ class OffloadEngine:
             if unit.gpu_step and not self._defer:
                 # Device step: the gradients stay on the device; state comes up, results go home (no host work).
                 self._device_step(unit, grads, self._lr, None)
-                if self._learning_events() is not None:
-                    self._mark_compute(unit, "B", "end")
-                if unit.idx not in self._upcoming():
-                    self._release(unit)
+                self._after_phase(unit, True)
                 return
             done = None
             if self._accel:
@@ -1032,6 +1087,7 @@ class OffloadEngine:
                         nbytes += g.numel() * g.element_size()
             self.stats.add(0, bytes_out=nbytes)
             self.stats.add(1, bytes_in=nbytes)
+            self._bytes["grads_down"] += nbytes
             if not last_micro:  # not the last micro-batch: accumulate only
                 unit.pending = self._worker.submit((self.step_count, unit.idx), self._host_accumulate, unit, done)
             elif self._defer:
@@ -1044,10 +1100,7 @@ class OffloadEngine:
                 unit.host_ready.clear()
                 unit.step_tag = self.step_count
                 unit.pending = self._worker.submit((self.step_count, unit.idx), self._host_step, unit, done, self._lr, None)
-        if self._learning_events() is not None:
-            self._mark_compute(unit, "B", "end")
-        if unit.idx not in self._upcoming():
-            self._release(unit)
+        self._after_phase(unit, True)
 
     def _host_accumulate(self, unit: _Unit, done: Any, final: bool = False) -> None:
         """Gradient accumulation: add this micro-batch's gradient to an fp32 sum. `final` (last micro-batch of a
@@ -1264,14 +1317,19 @@ class OffloadEngine:
         self._gpu_events: list[tuple[Any, Any]] = []  # (start, end) timing events of launched device steps
         self._gpu_step_s = 0.0  # device step time (span on the device, incl. waits for state uploads), this step
         self._host_meas: list[tuple[int, int, float]] = []  # (step tag, params, busy s) of the first host steps
-        self.d2h_bandwidth = self._measure_d2h()
+        if not hasattr(self, "d2h_bandwidth"):
+            self.d2h_bandwidth = self._measure_d2h()
         self._t_compute_est: float | None = None
         f = cfg.gpu_step_fraction
         if f is not None and not (isinstance(f, (int, float)) and math.isfinite(f) and 0.0 <= f <= 1.0):
             raise TierError(f"gpu_step_fraction must be None (auto) or a number in [0, 1], got {f!r}")
-        if cfg.gpu_step_buffer_bytes < 2 * HOST_STEP_CHUNK * _SLOT_BYTES_PER_ELEM:
-            raise TierError(f"gpu_step_buffer_bytes must be at least {2 * HOST_STEP_CHUNK * _SLOT_BYTES_PER_ELEM} "
-                            f"(two ring slots of {HOST_STEP_CHUNK} elements), got {cfg.gpu_step_buffer_bytes}")
+        # Two ring slots of the smallest piece the ring uses: HOST_STEP_CHUNK elements, or (small models) the
+        # largest trainable parameter rounded up to 1024 elements (see _get_ring).
+        sizes = [math.prod(u.shapes[j]) for u in self.units for j in range(u.n_train)]
+        min_piece = min(HOST_STEP_CHUNK, -(-max(sizes) // 1024) * 1024) if sizes else HOST_STEP_CHUNK
+        if cfg.gpu_step_buffer_bytes < 2 * min_piece * _SLOT_BYTES_PER_ELEM:
+            raise TierError(f"gpu_step_buffer_bytes must be at least {2 * min_piece * _SLOT_BYTES_PER_ELEM} "
+                            f"(two ring slots of {min_piece} elements), got {cfg.gpu_step_buffer_bytes}")
         why = None
         if self.state_stack is not None:
             why = "optimizer state on the disk tier"
@@ -1321,12 +1379,25 @@ class OffloadEngine:
         if f is not None and not (isinstance(f, (int, float)) and math.isfinite(f) and 0.0 <= f <= 1.0):
             raise TierError(f"gpu_step_fraction must be None (auto) or a number in [0, 1], got {f!r}")
         self.synchronize()
+        self._unkeep_all()
         self.cfg.gpu_step_fraction = f
         for u in self.units:
             u.gpu_step = False
         self._host_meas = []
-        self._auto_tag = self.step_count + 1
+        if f == 0.0:
+            self._ring = None  # its device memory goes back to the keep plan
         self._init_gpu_step(None)
+        # Auto measures the step after the next one (the next still finishes the host steps of the old share).
+        self._auto_tag = self.step_count + 1
+        if self._gpu_units is None:
+            self.gpu_step_note = f"auto: decided after optimizer step {self._auto_tag} from its measurements"
+        # The keep plan is made again from a step of the new configuration (the auto decision's step, or the next).
+        self._keep_tag = self._auto_tag if self._gpu_units is None else self.step_count
+
+    def replan(self) -> None:
+        """Decide the device-stepped share (auto, or the configured fraction) and the keep plan again from the next
+        steps' measurements: call it when the batch shape changes (activation memory and compute time change)."""
+        self.set_gpu_step_fraction(self.cfg.gpu_step_fraction if self.cfg.gpu_step_fraction is not None else None)
 
     def _maybe_decide(self) -> None:
         if self._gpu_units is None and self.step_count > self._auto_tag:
@@ -1354,12 +1425,19 @@ class OffloadEngine:
         B = max(row.get("l0_in", 0.0), row.get("l0_out", 0.0))
         bw = 0.8 * min(self.h2d_bandwidth or 1e10, self.d2h_bandwidth or 1e10)
         host = N * H
-        T = self._t_compute_est if self._t_compute_est is not None else row.get("step_s", 0.0)
+        self._resolve_timing()  # the compute stream's time of step _auto_tag, when its events have completed
+        if row.get("dev_compute_s"):
+            T, src = row["dev_compute_s"], f"measured in step {self._auto_tag}"
+        elif self._t_compute_est is not None:
+            T, src = self._t_compute_est, "step 0 phases"
+        else:
+            T, src = row.get("step_s", 0.0), "step time"
         f_pcie = (host - B / bw) / (host + 12 * N / bw)
         f_gpu = 1.0 - 0.8 * T / host if host > 0 else 0.0
         f = max(0.0, min(1.0, f_pcie, f_gpu)) if host >= AUTO_MIN_HOST_S else 0.0
         self.gpu_step_auto = {"host_s_per_Bparams": H * 1e9, "host_s": host, "bytes_busier_direction": B,
-                              "bw_GBps": bw / 1e9, "compute_s": T, "f_pcie": f_pcie, "f_compute": f_gpu, "fraction": f}
+                              "bw_GBps": bw / 1e9, "compute_s": T, "f_pcie": f_pcie, "f_compute": f_gpu, "fraction": f,
+                              "compute_from": src}
         self._set_gpu_units(f, f"auto: host {host:.3f} s/step, compute {T:.3f} s, pcie {B / bw:.3f} s")
 
     def _measure_d2h(self) -> float | None:
@@ -1447,6 +1525,7 @@ class OffloadEngine:
             slot[key][:k].copy_(src[o + a : o + b], non_blocking=True)
         self.stats.add(0, bytes_in=12 * k)
         self.stats.add(1, bytes_out=12 * k)
+        self._bytes["state_up"] += 12 * k
 
     def _gpu_prefetch(self, unit: _Unit) -> None:
         """At the start of a device-stepped unit's (last) backward: start uploading its first pieces' state, so
@@ -1482,6 +1561,12 @@ class OffloadEngine:
               "amsgrad": False, "maximize": False}
         state["step"] += 1  # as AdamW.step does before the kernel
         gh = unit.grad_host.tensor
+        # Kept on the device ("all"): the new working copy is written into the resident buffer and not sent home
+        # (the host copy is stale until _unkeep writes it back); the next forward binds it without a fetch.
+        kept = unit.keep == "all" and unit.dev_buf is not None
+        if kept:
+            unit.host_stale = True
+        w_all = unit.dev_buf if kept else unit.work_host.tensor
         if not self._accel:  # test mode: the device pipeline's arithmetic, synchronously on the CPU
             t0 = time.perf_counter()
             for (j, a, b) in pieces:
@@ -1502,7 +1587,7 @@ class OffloadEngine:
                 if coef is not None:
                     g.mul_(coef)
                 torch._fused_adamw_([p], [g], [m], [v], [], [state["step"]], **kw)
-                unit.view(unit.work_host.tensor, j).reshape(-1)[a:b].copy_(p)
+                unit.view(w_all, j).reshape(-1)[a:b].copy_(p)
                 unit.master[o + a : o + b].copy_(p)
                 state["exp_avg"][o + a : o + b].copy_(m)
                 state["exp_avg_sq"][o + a : o + b].copy_(v)
@@ -1549,6 +1634,7 @@ class OffloadEngine:
                     wv.copy_(unit.view(gh, j).reshape(-1)[a:b], non_blocking=True)
                     self.stats.add(0, bytes_in=k * wv.element_size())
                     self.stats.add(1, bytes_out=k * wv.element_size())
+                    self._bytes["grads_up"] += k * wv.element_size()
                 up_ev = dm.Event()
                 up_ev.record(self._up)
             with dm.stream(self._opt):
@@ -1563,19 +1649,26 @@ class OffloadEngine:
                 if coef is not None:
                     g.mul_(coef)
                 torch._fused_adamw_([p], [g], [m], [v], [], [step_t], **kw)
-                wv.copy_(p)  # fp32 master -> working copy (round to nearest even), as the host step
+                # fp32 master -> working copy (round to nearest even), as the host step
+                (unit.view(w_all, j).reshape(-1)[a:b] if kept else wv).copy_(p)
                 op_ev = dm.Event()
                 op_ev.record(self._opt)
             with dm.stream(self._down):
                 self._down.wait_event(op_ev)
-                unit.view(unit.work_host.tensor, j).reshape(-1)[a:b].copy_(wv, non_blocking=True)
+                if not kept:
+                    unit.view(unit.work_host.tensor, j).reshape(-1)[a:b].copy_(wv, non_blocking=True)
                 unit.master[o + a : o + b].copy_(p, non_blocking=True)
                 state["exp_avg"][o + a : o + b].copy_(m, non_blocking=True)
                 state["exp_avg_sq"][o + a : o + b].copy_(v, non_blocking=True)
                 free = dm.Event()
                 free.record(self._down)
                 slot["free"] = free
-            down_bytes += k * (12 + wv.element_size())
+            down_bytes += k * (12 if kept else 12 + wv.element_size())
+            self._bytes["state_down"] += 12 * k
+            if not kept:
+                self._bytes["weights_down"] += k * wv.element_size()
+        if kept:
+            unit.dev_event = op_ev  # the next forward's compute waits for the new working copy
         with dm.stream(self._down):
             t_end.record(self._down)
             fin = dm.Event()
@@ -1603,6 +1696,12 @@ class OffloadEngine:
         if not self.cfg.offload_activations:
             ctx.save_for_backward(*tensors)
             return
+        call.unit.act_bytes_step += sum(t.numel() * t.element_size() for t in tensors
+                                        if t.device == self.device and t.numel() * t.element_size() >= MIN_OFFLOAD_ACT_BYTES)
+        if call.unit.keep_act:  # the keep plan leaves this unit's saved inputs on the device (no round trip)
+            ctx.save_for_backward(*tensors)
+            return
+        call.offloaded = True
         keep: list[torch.Tensor | None] = []
         call.act_host = []
         if self._accel:
@@ -1622,6 +1721,7 @@ class OffloadEngine:
                 keep.append(None)
                 self.stats.add(0, bytes_out=t.numel() * t.element_size())
                 self.stats.add(1, bytes_in=t.numel() * t.element_size())
+                self._bytes["acts_down"] += t.numel() * t.element_size()
             else:
                 call.act_host.append(None)
                 keep.append(t)
@@ -1656,11 +1756,12 @@ class OffloadEngine:
         n = sum(b.tensor.numel() * b.tensor.element_size() for b in call.act_host if b is not None)
         self.stats.add(0, bytes_in=n)
         self.stats.add(1, bytes_out=n)
+        self._bytes["acts_up"] += n
         call.act_dev = devs
 
     def _load_inputs(self, ctx: Any, call: _Call) -> list[torch.Tensor]:
         saved = list(ctx.saved_tensors)
-        if not self.cfg.offload_activations:
+        if not call.offloaded:
             return saved
         # Prefetch the saved inputs of the next units backward will reach (reverse forward order).
         try:
@@ -1672,7 +1773,9 @@ class OffloadEngine:
             self._prefetch_acts(self._act_calls[j])
         if self._accel and call.act_event is not None:
             cur = self._dm.current_stream(self.device)
+            e0 = self._tev()
             cur.wait_event(call.act_event)
+            self._tspan("wait_act", e0)
         out = []
         for t, blk, d, req in zip(saved, call.act_host, call.act_dev, ctx.requires):
             if blk is None:
@@ -1739,6 +1842,53 @@ class OffloadEngine:
 
         return _Ctx()
 
+    # ------------------------------------------------------------------------- per-step device timing
+    def _tev(self) -> Any:
+        """A timing event recorded on the compute stream now (None on CPU)."""
+        if not self._accel:
+            return None
+        ev = self._dm.Event(enable_timing=True)
+        ev.record(self._dm.current_stream(self.device))
+        return ev
+
+    def _tspan(self, kind: str, e0: Any) -> None:
+        """Close a timed span on the compute stream that started at event `e0` (a phase or a wait)."""
+        if e0 is None:
+            return
+        self._tcur.append((kind, e0, self._tev()))
+
+    def _phase_end(self, unit: _Unit, kind: str) -> None:
+        e0, unit.t_start = unit.t_start, None
+        self._tspan(kind, e0)
+
+    def _resolve_timing(self, block: bool = False) -> None:
+        """Write the compute stream's time split of finished steps into their stats rows (no host synchronisation
+        unless `block`): dev_fwd_s / dev_bwd_s (unit phases; backward includes recompute and the wait for its saved
+        inputs), dev_wait_w_s (waiting for weight copies), dev_wait_act_s (waiting for saved inputs coming back),
+        dev_compute_s (phases minus those waits), dev_span_s (first to last event of the step) and dev_idle_s (span
+        minus compute and waits: the device had nothing queued, e.g. the host waited for a host step)."""
+        keep = []
+        for row, evs in self._tpend:
+            if keep or not evs:
+                if evs:
+                    keep.append((row, evs))
+                continue
+            last = evs[-1][2]
+            if block:
+                last.synchronize()
+            elif not last.query():
+                keep.append((row, evs))
+                continue
+            sums: dict[str, float] = {}
+            for kind, a, b in evs:
+                sums[kind] = sums.get(kind, 0.0) + a.elapsed_time(b) / 1e3
+            span = evs[0][1].elapsed_time(last) / 1e3
+            fwd, bwd = sums.get("fwd", 0.0), sums.get("bwd", 0.0)
+            ww, wa = sums.get("wait_w", 0.0), sums.get("wait_act", 0.0)
+            row.update(dev_fwd_s=fwd, dev_bwd_s=bwd, dev_wait_w_s=ww, dev_wait_act_s=wa, dev_compute_s=fwd + bwd - wa,
+                       dev_span_s=span, dev_idle_s=max(0.0, span - (fwd + bwd) - ww))
+        self._tpend = keep
+
     def _learning_events(self) -> dict | None:
         if self._order is not None or not self._accel or self.cfg.prefetch_depth is not None:
             return None
@@ -1754,7 +1904,7 @@ class OffloadEngine:
         hit = unit.dev_buf is not None
         self.stats.add(0, hits=int(hit), misses=int(not hit))
         self._fetch(unit, block=True)
-        self._bind(unit)
+        self._bind(unit, timed=False)
         if unit.idx + 1 < len(self.units):
             self._fetch(self.units[unit.idx + 1], block=False)
         try:
@@ -1797,16 +1947,159 @@ class OffloadEngine:
         if self.state_stack is not None:  # after this step's host steps (the worker runs tasks in order)
             self._worker.submit((self.step_count, math.inf), self.state_stack.end_step)
         self._pos = 0
-        # Release anything still resident so each step starts from the same state.
+        # Release anything still resident (except working copies kept across steps) so each step starts alike.
         for u in self.units:
             self._release(u)
+            if self.cfg.offload_activations:
+                u.act_bytes, u.act_bytes_step = u.act_bytes_step, 0
+        if last_micro:
+            self._keep_step_end()
         self.step_count += 1
         now = time.perf_counter()
-        self.stats.end_step(step_s=now - self._t_step, gpu_step_s=self._collect_gpu_times(),
-                            gpu_step_units=float(sum(u.gpu_step for u in self.units)))
+        extra = {f"bytes_{k}": v for k, v in self._bytes.items()}
+        self._bytes = dict.fromkeys(_BYTE_KINDS, 0.0)
+        extra.update(self._alloc_counts())
+        extra["kept_bytes"] = float(sum(u.work_bytes for u in self.units if u.keep == "all" and u.dev_buf is not None))
+        row = self.stats.end_step(step_s=now - self._t_step, gpu_step_s=self._collect_gpu_times(),
+                                  gpu_step_units=float(sum(u.gpu_step for u in self.units)), **extra)
+        self._tpend.append((row, self._tcur))
+        self._tcur = []
+        self._resolve_timing()
         self._t_step = now
 
         return info
+
+    def _alloc_counts(self) -> dict[str, float]:
+        """Caching-allocator events since the last step end (CUDA): retries (a failed allocation that freed cached
+        blocks and synchronised the device: memory pressure under the cap) and device mallocs."""
+        if self.device.type != "cuda":
+            return {}
+        ms = torch.cuda.memory_stats(self.device)
+        now = (int(ms.get("num_alloc_retries", 0)), int(ms.get("num_device_alloc", 0)))
+        last, self._alloc_mark = self._alloc_mark, now
+        if last is None:
+            return {}
+        return {"alloc_retries": float(now[0] - last[0]), "device_mallocs": float(now[1] - last[1])}
+
+    # --------------------------------------------------------------------------------- keep plan
+    @property
+    def plan_pending(self) -> bool:
+        """True while a one-time decision is still to come (prefetch order, auto device-step share, keep plan):
+        time steps only once this is False and one more step has run."""
+        return self._order is None or self._gpu_units is None or not self._keep_planned
+
+    def _cap_bytes(self) -> int | None:
+        """Device memory this process may use: the per-process fraction (CUDA) of the device's memory, bounded by
+        what is physically free plus what this process holds; None when the fraction cannot be read (no keep)."""
+        dm = self._dm
+        if not (hasattr(dm, "get_device_properties") and hasattr(dm, "get_per_process_memory_fraction")):
+            return None
+        try:
+            total = dm.get_device_properties(self.device).total_memory
+            cap = int(total * float(dm.get_per_process_memory_fraction(self.device)))
+            if hasattr(dm, "mem_get_info") and hasattr(dm, "memory_reserved"):
+                free, _ = dm.mem_get_info(self.device)
+                cap = min(cap, int(free + dm.memory_reserved(self.device)))
+            return cap
+        except (RuntimeError, TypeError, AttributeError):
+            return None
+
+    def _keep_step_end(self) -> None:
+        """At the end of an optimizer step: record the planning step's peak memory, and plan once the prefetch order
+        and the device-stepped share are known."""
+        if self._keep_planned:
+            return
+        budget = self.cfg.resident_cache_bytes
+        if budget is None and self._accel and self.step_count >= self._keep_tag and self._keep_peak is None:
+            peak_fn = getattr(self._dm, "max_memory_allocated", None)
+            peak = int(peak_fn(self.device)) if peak_fn is not None else 1 << 62  # unknown: nothing is kept
+            self._keep_peak = (peak, self._ring is not None)
+        if self._order is None or self._gpu_units is None:
+            return
+        if budget is None and self._accel and self._keep_peak is None:
+            return
+        self._plan_keep()
+
+    def _plan_keep(self) -> None:
+        """Choose what stays on the device between uses, within the budget (resident_cache_bytes, or what the cap
+        leaves above the planning step's peak minus a margin), by PCIe bytes saved per device byte:
+
+        1. working copies of device-stepped units across steps ("all"): no write-back and no fetch in forward or
+           backward (2 bytes up and 1 down saved per byte kept);
+        2. saved inputs of the last units of the forward (offload_activations): no round trip (1 up, 1 down);
+        3. working copies of the last units of the forward, from their forward into their backward ("fb"): no
+           re-fetch (1 up).
+        The plan adds its bytes to the measured peak (conservative: kept data coexists with the peak)."""
+        self._keep_planned = True
+        cfg = self.cfg
+        info: dict[str, Any] = {"all": [], "acts": [], "fb": []}
+        if cfg.resident_cache_bytes is not None:
+            budget = int(cfg.resident_cache_bytes)
+            info["source"] = "resident_cache_bytes"
+        elif not self._accel or self._keep_peak is None:
+            budget = 0
+            info["source"] = "off (CPU without resident_cache_bytes)"
+        elif self._cap_bytes() is None:
+            budget = 0
+            info["source"] = "off (the device's per-process memory cap cannot be read)"
+        else:
+            cap = self._cap_bytes()
+            peak, ring_then = self._keep_peak
+            ring = 0
+            if self._gpu_units and not ring_then:
+                ring = (sum(r["p"].numel() * 16 + r["w"].numel() for r in self._ring) if self._ring is not None
+                        else cfg.gpu_step_buffer_bytes)
+                # a device-stepped unit's gradients live until its device step has read them (the state upload
+                # paces that), overlapping the backward of the next units: two units' worth on top of the peak
+                ring += 2 * self.max_unit_bytes
+            margin = max(KEEP_MARGIN_MIN, int(KEEP_MARGIN_FRAC * cap))
+            budget = max(0, cap - peak - ring - margin)
+            info.update(source="cap - peak - margin", cap_bytes=cap, peak_bytes=peak, device_step_bytes_added=ring,
+                        margin_bytes=margin)
+        if cfg.device_budget_bytes is not None:  # the streamed weights' own budget also bounds what stays
+            budget = min(budget, max(0, cfg.device_budget_bytes - (self.depth + 1) * self.max_unit_bytes))
+        info["budget_bytes"] = budget
+        left = budget
+        for u in self.units:
+            if u.gpu_step and u.work_bytes <= left:
+                u.keep = "all"
+                left -= u.work_bytes
+                info["all"].append(u.idx)
+        fwd: list[int] = []
+        for idx, ph in self._order or []:
+            if ph == "F" and idx not in fwd:
+                fwd.append(idx)
+        if cfg.offload_activations:
+            for idx in reversed(fwd):
+                u = self.units[idx]
+                if 0 < u.act_bytes <= left:
+                    u.keep_act = True
+                    left -= u.act_bytes
+                    info["acts"].append(idx)
+        for idx in reversed(fwd):
+            u = self.units[idx]
+            if not u.keep and u.work_bytes <= left:
+                u.keep = "fb"
+                left -= u.work_bytes
+                info["fb"].append(idx)
+        info["used_bytes"] = budget - left
+        self.keep_plan = info
+
+    def _unkeep_all(self) -> None:
+        """Drop the keep plan: write stale working copies home, release everything (waits for the device)."""
+        if self._accel:
+            self._dm.synchronize(self.device)
+        for u in self.units:
+            if u.keep == "all" and u.dev_buf is not None and u.host_stale:
+                u.work_host.tensor[: u.train_nbytes].copy_(u.dev_buf[: u.train_nbytes])
+            u.host_stale = False
+            was = u.keep
+            u.keep, u.keep_act = "", False
+            if was:
+                self._release(u, force=True)
+        self._keep_planned = False
+        self._keep_peak = None
+        self.keep_plan = None
 
     def _close_optimizer_step(self) -> OffloadStepInfo:
         lr = self._lr
@@ -1968,6 +2261,9 @@ class OffloadEngine:
                 u.view(u.work_host.tensor, j).copy_(master[o : o + n].view(u.shapes[j]))
             if u.state_blk is not None and u.opt.state.get(u.master):  # device-stepped: state back into its pinned block
                 self._ensure_dev_state(u)
+            if u.dev_buf is not None and u.keep == "all":  # the resident working copy follows the restored one
+                u.dev_buf.copy_(u.work_host.tensor)
+                u.host_stale = False
         with torch.no_grad():
             for p, t in zip(self.resident, sd["resident"]):
                 p.copy_(t)
@@ -1992,15 +2288,18 @@ class OffloadEngine:
         depth = 2
         if self._accel and self._learn_events and self.h2d_bandwidth:
             self._dm.synchronize(self.device)
-            times = []
+            times, by_phase = [], {}
             for evs in self._learn_events.values():
                 starts = {ph: e for ph, w, e in evs if w == "start"}
                 for ph, w, e in evs:
                     if w == "end" and ph in starts:
                         times.append(starts[ph].elapsed_time(e) / 1e3)
+                        by_phase.setdefault(ph, []).append(times[-1])
             t_compute = min(times) if times else 0.0
-            if times:  # device compute per step (median unit phase x phases), for the auto device-step choice
-                self._t_compute_est = sorted(times)[len(times) // 2] * len(times)
+            if times:  # device compute per step for the auto device-step choice when no later step was measured:
+                # median x count per phase kind (a backward phase, with its recompute, takes ~3 forward phases: one
+                # median over both kinds would land on the boundary and overstate the total ~1.5x)
+                self._t_compute_est = sum(sorted(v)[len(v) // 2] * len(v) for v in by_phase.values())
             t_copy = self.max_unit_bytes / self.h2d_bandwidth
             depth = math.ceil(t_copy / max(t_compute, 1e-6)) + 1
         budget = self.cfg.device_budget_bytes
@@ -2018,6 +2317,7 @@ class OffloadEngine:
         self._check_worker()
         if self._accel:
             self._dm.synchronize(self.device)
+            self._resolve_timing(block=True)
 
     def master_state_dict(self) -> dict[str, torch.Tensor]:
         """fp32 master weights by qualified parameter name (host tensors; waits for pending steps)."""
@@ -2067,6 +2367,7 @@ class OffloadEngine:
                 "pinned_state_bytes": self.state_pool.pinned_bytes,
                 "d2h_bandwidth": self.d2h_bandwidth,
             },
+            "keep_plan": self.keep_plan,
             "last_step": self.step_breakdown(),
         }
 
@@ -2079,10 +2380,19 @@ class OffloadEngine:
             return None
         mean = lambda k: sum(r.get(k, 0.0) for r in rows) / len(rows)
         t = max(mean("step_s"), 1e-9)
-        return {"step_s": mean("step_s"), "host_step_s": mean("l1_busy"), "gpu_step_s": mean("gpu_step_s"),
-                "stall_s": mean("l1_stall"), "h2d_GBps": mean("l0_in") / t / 1e9, "d2h_GBps": mean("l0_out") / t / 1e9,
-                "gpu_step_units": mean("gpu_step_units"),
-                "gpu_step_fraction": getattr(self, "gpu_step_fraction", 0.0) if self._gpu_units else 0.0}
+        out = {"step_s": mean("step_s"), "host_step_s": mean("l1_busy"), "gpu_step_s": mean("gpu_step_s"),
+               "stall_s": mean("l1_stall"), "h2d_GBps": mean("l0_in") / t / 1e9, "d2h_GBps": mean("l0_out") / t / 1e9,
+               "h2d_GB": mean("l0_in") / 1e9, "d2h_GB": mean("l0_out") / 1e9, "gpu_step_units": mean("gpu_step_units"),
+               "gpu_step_fraction": getattr(self, "gpu_step_fraction", 0.0) if self._gpu_units else 0.0}
+        # Device time split (resolved a step late, or at synchronize()), traffic by kind, allocator events.
+        for k in ("dev_compute_s", "dev_fwd_s", "dev_bwd_s", "dev_wait_w_s", "dev_wait_act_s", "dev_idle_s", "dev_span_s",
+                  "alloc_retries", "device_mallocs", "kept_bytes"):
+            have = [r[k] for r in rows if k in r]
+            if have:
+                out[k] = sum(have) / len(have)
+        for kind in _BYTE_KINDS:
+            out[f"{kind}_GB"] = mean(f"bytes_{kind}") / 1e9
+        return out
 
     def close(self) -> None:
         self.synchronize()
