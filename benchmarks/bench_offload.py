@@ -192,6 +192,8 @@ def build_vbhal(n_blocks: int, tokens: int, *, threads: int | None = None, **cfg
     # skip_nonfinite=False: the non-finite check (default on) defers every host step until backward ends, which
     # costs about the backward time per step; the speed rows measure the overlapped engine.
     cfg.setdefault("skip_nonfinite", False)
+    if os.environ.get("VBHAL_BENCH_KEEP_BYTES"):  # the keep plan's device budget (default: what the cap leaves)
+        cfg.setdefault("resident_cache_bytes", int(float(os.environ["VBHAL_BENCH_KEEP_BYTES"])))
     eng = apply_offload(
         model,
         device=DEV,

@@ -596,7 +596,10 @@ ATOMIC_DQ_DEFAULT = False
 #: same K/V (forward, dQ) or Q/dO (dK/dV) while resident together. FlashAttention-3 assumes 32 MiB of
 #: the H100's 50 MiB for this. VBHAL_ATTN_L2_MB overrides ("0": no sections, the plain heads-fastest
 #: order; "32" for every kernel; "fwd:32,dkdv:16,dq:0" per kernel).
-L2_SECTION_MB = {"fwd": 32.0, "dkdv": 32.0, "dq": 32.0}
+#: Off by default: on the H100 (R5, bf16 hd128 causal, 16k tokens per batch) 32 MiB sections measured slower than
+#: the plain order in the benchmark grid (forward 344/418/442 TFLOP/s at S=4k/8k/16k against 381/417/456, and
+#: forward+backward 0.61-0.66x cuDNN against 0.72-0.78x), so the plain heads-fastest order stays.
+L2_SECTION_MB = {"fwd": 0.0, "dkdv": 0.0, "dq": 0.0}
 
 # Under the interpreter every block is simulated in numpy: small blocks keep CPU tests quick and make
 # short test sequences cross several blocks (diagonal, unmasked middle and ragged end all exercised).
