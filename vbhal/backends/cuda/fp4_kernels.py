@@ -11,7 +11,9 @@ scale is loaded once per block, never gathered per element.
 Kernels: ``fp4_quantize_kernel``, ``fp4_dequantize_kernel``; for the linear (see fp4_linear.py for
 when each runs) the GEMVs ``fp4_gemv_kernel`` / ``fp4_gemv_w32_kernel`` / ``fp4_gemv_pf_kernel`` and
 the tensor-core kernels ``fp4_mm_t_kernel`` (swap-AB, the one used) and ``fp4_mm_kernel`` /
-``fp4_mm_w32_kernel`` (x @ W^T form; triton 3.6 cannot compile it with BLOCK_M >= 64).
+``fp4_mm_w32_kernel`` (x @ W^T form; triton 3.6 cannot compile it with BLOCK_M >= 64); with SPLIT_K > 1
+each adds its float32 part into a workspace and ``fp4_splitk_finalize_kernel``, launched next on the
+same stream, writes y (see ``_write_out``).
 
 Decoding E2M1 without a lookup table (``_e2m1_decode``): the three magnitude bits of a code
 (exponent e1 e0, mantissa m) placed at bits 11..9 of a float16 and the sign at bit 15 make the
@@ -201,29 +203,38 @@ def _bias(bias_ptr, rows, rmask, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _write_out(acc, bias, y_ptrs, ws_ptrs, mask, cnt_ptr, tile, SPLIT_K: tl.constexpr):
-    """Store ``acc + bias`` (float32) into y, or with SPLIT_K > 1 add this split's part into it.
+def _write_out(acc, bias, y_ptrs, ws_ptrs, mask, SPLIT_K: tl.constexpr):
+    """Store ``acc + bias`` (float32) into y, or with SPLIT_K > 1 add this split's part into the
+    float32 workspace ``ws`` (zero at rest) with relaxed atomics; the launcher then runs
+    ``fp4_splitk_finalize_kernel`` (stream-ordered after this kernel, so every split's atomics are
+    complete and visible), which adds the bias, writes y and zeroes ws again.
 
-    Split-K without a memset or a cast kernel (the threadfence-reduction pattern): each split
-    atomically adds its float32 part into the workspace ``ws`` (zero at rest), then, after a CTA
-    barrier, counts itself done on the tile's counter with one acquire-release atomic; the split
-    that arrives last reads the sum back with volatile (L2, never a stale L1 line) vector loads,
-    stores zeros over it, writes y in its dtype with the bias, and resets the counter -- so the
-    workspace is zero again for the next call in stream order. (R4: reading the sum back with a
-    per-element acq_rel atomic exchange serialised each thread's 16+ round trips to L2/HBM and cost
-    ~6 us under a CUDA graph and ~40 us eager, where the L2 flush had evicted the workspace.)
+    R5: the one-launch "last split finalizes the tile" scheme (arrival counter, then plain/volatile
+    loads of the sum) raced on the H100 -- nothing orders the other CTAs' atomic adds before the
+    counter increment that the last CTA observes -- and gave relative errors of 4e-2..3e-1. Two
+    launches cost one small kernel and cannot race.
     """
     if SPLIT_K == 1:
         tl.store(y_ptrs, (acc + bias).to(y_ptrs.dtype.element_ty), mask=mask)
     else:
         tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
-        tl.debug_barrier()
-        done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if done == SPLIT_K - 1:
-            tot = tl.load(ws_ptrs, mask=mask, other=0.0, volatile=True)
-            tl.store(ws_ptrs, tl.zeros_like(acc), mask=mask)
-            tl.store(y_ptrs, (tot + bias).to(y_ptrs.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
+
+
+@triton.jit
+def fp4_splitk_finalize_kernel(ws_ptr, bias_ptr, y_ptr, TOTAL, N, stride_ym, HAS_BIAS: tl.constexpr,
+                               BLOCK: tl.constexpr):
+    """Split-K epilogue, launched after a split kernel on the same stream: y[m, n] = ws[m, n] (+ bias[n])
+    in y's dtype, and ws[m, n] = 0 (the workspace is zero at rest for the next call). ws is float32
+    (M, N) contiguous, TOTAL = M * N; program p handles BLOCK consecutive elements of it."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < TOTAL
+    row = offs // N
+    col = offs - row * N
+    tot = tl.load(ws_ptr + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        tot += tl.load(bias_ptr + col, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_ym + col, tot.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(ws_ptr + offs, tl.zeros_like(tot), mask=mask)
 
 
 @triton.jit
@@ -357,11 +368,11 @@ def fp4_dequantize_kernel(
 #
 # Common arguments: x (M, K) with row stride stride_xm; codes (N, Kp/2) bytes (the _w32/_pf/_mr
 # kernels: the int32 view, stride in words); scale bytes (N, NUM_BLOCKS); y (M, N) in x's dtype;
-# ws float32 (M, N) contiguous and cnt int32 (one per output tile), both zero at rest (_write_out).
+# ws float32 (M, N) contiguous, zero at rest (_write_out, fp4_splitk_finalize_kernel).
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
 def fp4_gemv_kernel(
-    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym,
     IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, NBK: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -398,12 +409,12 @@ def fp4_gemv_kernel(
         acc += tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2) * sc
     out = tl.sum(acc, axis=1) * (E2M1_F16_UNSCALE * _tensor_scale(ts_ptr, IS_NV))
     _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS), y_ptr + m.to(tl.int64) * stride_ym + rows,
-               ws_ptr + m.to(tl.int64) * N + rows, rmask, cnt_ptr, pid_n + m * tl.num_programs(0), SPLIT_K)
+               ws_ptr + m.to(tl.int64) * N + rows, rmask, SPLIT_K)
 
 
 @triton.jit
 def fp4_gemv_w32_kernel(
-    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym,
     IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, NBK: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -427,12 +438,12 @@ def fp4_gemv_w32_kernel(
         acc += _word_dot(w, x8, NBK, WPB) * _scale_f32_x2p14(sb, IS_NV)
     out = tl.sum(acc, axis=1) * _tensor_scale(ts_ptr, IS_NV)
     _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS), y_ptr + m.to(tl.int64) * stride_ym + rows,
-               ws_ptr + m.to(tl.int64) * N + rows, rmask, cnt_ptr, pid_n + m * tl.num_programs(0), SPLIT_K)
+               ws_ptr + m.to(tl.int64) * N + rows, rmask, SPLIT_K)
 
 
 @triton.jit
 def fp4_gemv_pf_kernel(
-    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym,
     IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, NBK: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -461,12 +472,12 @@ def fp4_gemv_pf_kernel(
         w, sb, x8 = w_n, sb_n, x8_n
     out = tl.sum(acc, axis=1) * _tensor_scale(ts_ptr, IS_NV)
     _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS), y_ptr + m.to(tl.int64) * stride_ym + rows,
-               ws_ptr + m.to(tl.int64) * N + rows, rmask, cnt_ptr, pid_n + m * tl.num_programs(0), SPLIT_K)
+               ws_ptr + m.to(tl.int64) * N + rows, rmask, SPLIT_K)
 
 
 @triton.jit
 def fp4_gemv_mr_kernel(
-    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym,
     IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, NBK: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -513,8 +524,7 @@ def fp4_gemv_mr_kernel(
     omask = mmask[:, None] & rmask[None, :]
     _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS)[None, :],
                y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :],
-               ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :], omask, cnt_ptr,
-               pid_n + pid_m * tl.num_programs(0), SPLIT_K)
+               ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :], omask, SPLIT_K)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -555,7 +565,7 @@ def _weight_tile(codes_ptr, scales_ptr, r3, r2, rmask, blk0, blk_hi, stride_cn, 
 
 @triton.jit
 def fp4_mm_w32_kernel(
-    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym, M_BUCKET,
     IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBK: tl.constexpr, GROUP_M: tl.constexpr,
@@ -588,13 +598,12 @@ def fp4_mm_w32_kernel(
     acc = acc * _tensor_scale(ts_ptr, IS_NV)
     _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[None, :],
                y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :],
-               ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :], mmask[:, None] & rmask[None, :],
-               cnt_ptr, pid, SPLIT_K)
+               ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :], mmask[:, None] & rmask[None, :], SPLIT_K)
 
 
 @triton.jit
 def fp4_mm_t_kernel(
-    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym, M_BUCKET,
     IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBK: tl.constexpr, GROUP_M: tl.constexpr,
@@ -632,5 +641,4 @@ def fp4_mm_t_kernel(
     acc = acc * _tensor_scale(ts_ptr, IS_NV)
     _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[:, None],
                y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + rows[:, None],
-               ws_ptr + offs_m[None, :].to(tl.int64) * N + rows[:, None], mmask[None, :] & rmask[:, None],
-               cnt_ptr, pid, SPLIT_K)
+               ws_ptr + offs_m[None, :].to(tl.int64) * N + rows[:, None], mmask[None, :] & rmask[:, None], SPLIT_K)

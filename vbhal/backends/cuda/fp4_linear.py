@@ -6,10 +6,13 @@ call for an (M bucket, N, K, format, dtype, bias, device) times every candidate 
 each kernel's launch configuration, itself picked by timing the path's config list -- in ``_PLANS``
 (the choices in ``PATH_CHOICES``). A path or config that fails to compile is skipped. The paths:
 
-- ``gemv_mr`` (M <= 16): split-K GEMV, BLOCK_M activation rows per program so the weights are read
-  and decoded once for all rows, codes as int32 words (16-byte loads), the split parts summed by a
-  self-cleaning workspace (see ``_workspace``). ``gemv``/``gemv_w32``/``gemv_pf``: one program
-  column per activation row (bytes / int32 words / words with register double buffering).
+- ``gemv_pf``/``gemv_w32``/``gemv`` (M <= 4): one program column per activation row (int32 words
+  with register double buffering / int32 words / bytes). ``gemv_mr`` (timed at M = 1 only; forced
+  paths take any M): split-K GEMV, BLOCK_M activation rows per program.
+- Split-K (any kernel with SPLIT_K > 1): the splits add float32 parts into a workspace that is zero at
+  rest, then a second, small kernel (stream-ordered after them) adds the bias, writes y and zeroes
+  the workspace (``_workspace``, ``_finalize``). R5: the one-launch "last split finalizes" variant
+  raced on the H100 (wrong results); two launches cannot.
 - ``mm_t`` (bf16/fp16, any M): the "swap-AB" tensor-core kernel, y^T = W x^T with the decoded weight
   tile as the MMA's first operand (wgmma on Hopper) so the weight rows fill its 64-row side and the
   batch only the narrow one; split-K for small M so a few row tiles still fill every SM; large tiles
@@ -74,23 +77,30 @@ def _m_bucket(m: int) -> int:
 
 
 def _candidates(m: int, dtype: torch.dtype) -> tuple[str, ...]:
-    """Paths worth timing for M activation rows (the rest lose by construction: see the module doc)."""
+    """Paths worth timing for M activation rows (the rest lose by construction: see the module doc).
+
+    gemv_mr only at M = 1: at M = 8..16 it measured 730-1370 us on the H100 (R5, K = N = 8192), 13-25x
+    slower than cuBLAS, so it is never worth the time of timing it there."""
     if dtype == torch.float32:  # tl.dot on fp32 would be TF32: FMA GEMVs or cuBLAS
-        small = ("gemv_mr", "gemv_w32", "gemv_pf") if m <= GEMV_MAX_M else ("gemv_mr",)
-        return small + ("dequant",) if m <= GEMV_MR_MAX_M else ("dequant",)
+        if m == 1:
+            return ("gemv_pf", "gemv_w32", "gemv_mr", "dequant")
+        if m <= GEMV_MAX_M:
+            return ("gemv_pf", "gemv_w32", "dequant")
+        return ("dequant",)
+    if m == 1:
+        return ("gemv_pf", "gemv_w32", "gemv_mr", "mm_t")
     if m <= GEMV_MAX_M:
-        return ("gemv_mr", "gemv_w32", "gemv_pf", "mm_t")
-    if m <= GEMV_MR_MAX_M:
-        return ("gemv_mr", "mm_t", "mm_w32")
+        return ("gemv_pf", "gemv_w32", "mm_t", "mm_w32")
     if m <= MM_T_SMALL_M:
         return ("mm_t", "mm_w32")
     return ("mm_t", "dequant", "dequant_pipelined")
 
 
 def _static_path(m: int, dtype: torch.dtype) -> str:
-    """The path when none can be measured (CPU interpreter, CUDA-graph capture): by shape only."""
-    if m <= GEMV_MR_MAX_M:
-        return "gemv_mr"
+    """The path when none can be measured (CPU interpreter, CUDA-graph capture): by shape only (the
+    R5 H100 winners: gemv_pf at M = 1, mm_t at M = 16..256, dequant + cuBLAS at large M)."""
+    if m <= GEMV_MAX_M and (m == 1 or dtype == torch.float32):
+        return "gemv_pf"
     return "dequant" if dtype == torch.float32 or m > 512 else "mm_t"
 
 
@@ -173,9 +183,11 @@ def _short_error(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# split-K workspace: float32 partial sums + per-tile arrival counters, zero at rest
+# split-K workspace: float32 partial sums, zero at rest
 # ---------------------------------------------------------------------------------------------------
-_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_WORKSPACES: dict[tuple, torch.Tensor] = {}
+#: elements per program of fp4_splitk_finalize_kernel
+_FINALIZE_BLOCK = 1024
 
 
 def _raw_stream(device: torch.device) -> int:
@@ -183,29 +195,35 @@ def _raw_stream(device: torch.device) -> int:
                                               torch.cuda.current_device())
 
 
-def _workspace(m: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ws float32 >= m*n, cnt int32 >= m*n/4 + 16) for a split-K kernel, both all-zero.
+def _workspace(m: int, n: int, device: torch.device) -> torch.Tensor:
+    """A float32 buffer of >= m*n zeros for a split-K kernel's partial sums.
 
-    The kernels leave them zero again (_write_out in fp4_kernels.py: the last split of a tile reads
-    the sum with an atomic exchange against 0 and resets its counter), so one pair per (device,
-    stream) serves every call in stream order without a memset. Inside CUDA-graph capture each call
-    gets its own pair (zeroed by a memset recorded in the graph), so graphs replayed on different
-    streams never share one."""
-    need_ws, need_cnt = m * n, m * n // 4 + 16
+    The split kernels add into it; the finalize kernel launched right after them on the same stream
+    (``_finalize``) reads it, writes y and zeroes it again, so one buffer per (device, stream) serves
+    every call in stream order without a memset. Inside CUDA-graph capture each call gets its own
+    (zeroed by a memset recorded in the graph), so graphs replayed on different streams never share one."""
     if device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():
-            return (torch.zeros(need_ws, dtype=torch.float32, device=device),
-                    torch.zeros(need_cnt, dtype=torch.int32, device=device))
+            return torch.zeros(m * n, dtype=torch.float32, device=device)
         key = (device.index, _raw_stream(device))
     else:
         key = (device.type, 0)
     cur = _WORKSPACES.get(key)
-    if cur is None or cur[0].numel() < need_ws or cur[1].numel() < need_cnt:
-        size_ws = max(need_ws, 2 * cur[0].numel() if cur is not None else 0)
-        size_cnt = max(need_cnt, 2 * cur[1].numel() if cur is not None else 0)
-        cur = _WORKSPACES[key] = (torch.zeros(size_ws, dtype=torch.float32, device=device),
-                                  torch.zeros(size_cnt, dtype=torch.int32, device=device))
+    if cur is None or cur.numel() < m * n:
+        cur = _WORKSPACES[key] = torch.zeros(max(m * n, 2 * cur.numel() if cur is not None else 0),
+                                             dtype=torch.float32, device=device)
     return cur
+
+
+def _finalize(ws: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+    """Second launch of split-K: y = ws (+ bias) in y's dtype, ws zeroed (fp4_splitk_finalize_kernel).
+    Stream order after the split kernel is what makes the sums complete: no in-kernel synchronisation."""
+    m, n = y.shape
+    total = m * n
+    kw = {} if is_interpreter() else {"num_warps": 4}
+    kernels_module().fp4_splitk_finalize_kernel[(triton_cdiv(total, _FINALIZE_BLOCK),)](
+        ws, bias if bias is not None else ws, y, total, n, y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK=_FINALIZE_BLOCK, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -347,13 +365,15 @@ class _KernelLaunch:
             codes = codes.view(torch.int32)
         split = self._split(m, nblocks, x2.device)
         y = _q.new_output((m, n), x2.dtype, x2.device)
-        ws, cnt = _workspace(m, n, x2.device) if split > 1 else (y, y)
-        args = (x2, codes, scales, ts, bias if bias is not None else x2, y, ws, cnt,
+        ws = _workspace(m, n, x2.device) if split > 1 else y
+        args = (x2, codes, scales, ts, bias if bias is not None else x2, y, ws,
                 m, n, self.k, nblocks, x2.stride(0), codes.stride(0), scales.stride(0), y.stride(0))
         if self.mm:
             args += (_m_bucket(m),)
         cfg = self.cfg if self.cfg.get("SPLIT_K", 1) is not None else {**self.cfg, "SPLIT_K": split}
         self.kernel[self._grid(m, split)](*args, **cfg, **self.launch_kw)
+        if split > 1:
+            _finalize(ws, bias, y)
         return y
 
     def _tune(self, x2, codes, scales, ts, bias) -> None:
