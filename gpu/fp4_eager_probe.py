@@ -6,6 +6,7 @@ torch.manual_seed(0)
 for fmt in ("mxfp4", "nvfp4"):
     lin = nn.Linear(8192, 8192, bias=False, device=dev, dtype=torch.bfloat16)
     q = FP4Linear.from_linear(lin, fmt=fmt)
+    print(fmt, "kernel:", q.kernel_key, flush=True)
     for m in (1, 16, 64):
         x = torch.randn(m, 8192, device=dev, dtype=torch.bfloat16)
         with torch.no_grad():

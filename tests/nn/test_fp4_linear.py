@@ -408,3 +408,29 @@ def test_swap_handles_transformers_conv1d_exactly():
     want = torch.nn.functional.linear(x, quantize(w_t, "mxfp4").dequantize(), model[0].bias)
     torch.testing.assert_close(model(x), want, rtol=0, atol=1e-5)
     assert transformers is not None
+
+
+def test_from_linear_on_an_accelerator_binds_the_hal_kernels(monkeypatch):
+    """kernels=None on a non-CPU weight asks the HAL for that device's kernels (the CPU reference would run
+    there otherwise: right but ~30x slower); on CPU the reference stays."""
+    import vbhal.nn.fp4_linear as F4
+    from vbhal import hal
+
+    asked = []
+
+    def fake_get_kernel(name, device=None):
+        asked.append((name, device))
+        return F4.fp4_linear_reference if name == "fp4_linear" else None
+
+    monkeypatch.setattr(hal, "get_kernel", fake_get_kernel)
+    assert F4._device_kernels(torch.device("cpu")) is None and asked == []
+    got = F4._device_kernels(torch.device("cuda", 1))
+    assert [n for n, _ in asked] == list(F4._KERNEL_NAMES) and all(d == "cuda:1" for _, d in asked)
+    assert got["fp4_linear"] is F4.fp4_linear_reference
+
+    def broken(name, device=None):
+        raise RuntimeError("no such device")
+
+    monkeypatch.setattr(hal, "get_kernel", broken)
+    with pytest.warns(UserWarning, match="CPU reference"):
+        assert F4._device_kernels(torch.device("cuda", 0)) is None

@@ -25,6 +25,7 @@ The backward is the exact gradient of the reference: dL/dx = dL/dy @ W in float3
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -209,6 +210,28 @@ def _tracing() -> bool:
 # ------------------------------------------------------------------------------------------------
 # The module
 # ------------------------------------------------------------------------------------------------
+_KERNEL_NAMES = ("quantize_fp4", "fp4_linear", "dequantize_fp4")
+
+
+def _device_kernels(device: torch.device) -> Mapping[str, Any] | None:
+    """The HAL's FP4 kernels for an accelerator ``device`` when the caller bound none; None on CPU.
+
+    An FP4Linear built directly on a GPU (``FP4Linear.from_linear(cuda_linear)``) would otherwise run the CPU
+    reference there: right, but a gather-based dequantize plus a matmul, ~30x slower than the fused kernel
+    (measured 838 us vs 27.5 us per call at 8192x8192 on an H100). ``optimize`` binds the same kernels.
+    """
+    if device.type in ("cpu", "meta"):
+        return None
+    from vbhal import hal
+
+    try:
+        return {name: hal.get_kernel(name, str(device)) for name in _KERNEL_NAMES}
+    except Exception as e:  # noqa: BLE001 - no backend for this device: the reference still computes it
+        warnings.warn(f"FP4Linear on {device}: no FP4 kernels from the HAL ({type(e).__name__}: {e}); using the "
+                      "CPU reference implementation there (same numbers, much slower)", stacklevel=3)
+        return None
+
+
 class FP4Linear(nn.Module):
     """``nn.Linear`` with a frozen FP4 weight (see the module docstring). Build with :meth:`from_linear`.
 
@@ -271,11 +294,14 @@ class FP4Linear(nn.Module):
         and return an FP4Linear on the same device; the bias is copied as a trainable Parameter.
 
         ``kernels`` maps kernel names (``quantize_fp4``, ``fp4_linear``, ``dequantize_fp4``) to callables
-        or ``vbhal.hookspecs.Kernel`` objects; missing ones use the CPU reference.
+        or ``vbhal.hookspecs.Kernel`` objects; missing ones use the CPU reference. ``kernels=None`` (the
+        default) binds the HAL's kernels for the weight's device (on CPU: the reference).
         """
         if not isinstance(linear, nn.Linear):
             raise QuantizationError(f"FP4Linear.from_linear takes an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
+        if kernels is None:
+            kernels = _device_kernels(w.device)
         qfn = _unwrap((kernels or {}).get("quantize_fp4"))
         if qfn is None:
             qw = quantize(w, fmt, scale_rule=scale_rule, name=name)
@@ -301,6 +327,8 @@ class FP4Linear(nn.Module):
     ) -> FP4Linear:
         """Wrap an existing QuantizedWeight (and optional bias, copied) in an FP4Linear."""
         qw.validate()
+        if kernels is None:
+            kernels = _device_kernels(qw.device)
         n, k = qw.shape
         mod = cls.__new__(cls)
         nn.Module.__init__(mod)
