@@ -65,8 +65,9 @@ def _train_plain(model, data, lr=1e-2, autocast=False):
     return losses
 
 
-def _train_offload(model, data, lr=1e-2, autocast=False, **cfg):
-    eng = apply_offload(model, device="cpu", lr=lr, weight_decay=0.01, **cfg)
+def _train_offload(model, data, lr=1e-2, autocast=False, *, eng=None, **cfg):
+    """Train through the offload engine (a new one on CPU unless `eng` is given); (losses, engine)."""
+    eng = eng or apply_offload(model, device="cpu", lr=lr, weight_decay=0.01, **cfg)
     losses = []
     for x, y in data:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

@@ -15,7 +15,7 @@ try:
     import pytest
 
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    from test_offload import TinyLM, _batches, _loss, _train_plain
+    from test_offload import TinyLM, _batches, _loss, _train_offload, _train_plain
 except ImportError:  # the GPU image may lack pytest: main() below runs the CUDA cases without it
     class _Mark:
         def __getattr__(self, name):
@@ -29,17 +29,7 @@ from vbhal.nn import offload as off_mod
 from vbhal.nn.offload import apply_offload
 
 
-def _run(model, data, *, eng=None, autocast=False, lr=1e-2, **cfg):
-    eng = eng or apply_offload(model, device="cpu", lr=lr, weight_decay=0.01, **cfg)
-    losses = []
-    for x, y in data:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = _loss(model, x, y)
-        loss.backward()
-        eng.step()
-        losses.append(loss.item())
-    eng.synchronize()
-    return losses, eng
+_run = _train_offload  # (model, data, *, eng=None, autocast=False, lr=1e-2, **cfg) -> (losses, engine)
 
 
 def _state_equal(a: dict, b: dict) -> None:
