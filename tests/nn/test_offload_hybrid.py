@@ -121,7 +121,10 @@ def test_gpu_step_config_checks_and_fallbacks(tmp_path):
         apply_offload(copy.deepcopy(m), device="cpu", gpu_step_fraction=1.5)
     with pytest.raises(TierError, match="gpu_step_buffer_bytes"):
         apply_offload(copy.deepcopy(m), device="cpu", gpu_step_fraction=0.5, gpu_step_buffer_bytes=1000)
-    eng = apply_offload(copy.deepcopy(m), device="cpu")  # default on CPU: off (auto is for accelerators)
+    eng = apply_offload(copy.deepcopy(m), device="cpu")  # default: off (opt in with None or a share)
+    assert not any(u.gpu_step for u in eng.units) and eng.gpu_step_note.startswith("off")
+    eng.close()
+    eng = apply_offload(copy.deepcopy(m), device="cpu", gpu_step_fraction=None)  # auto is for accelerators
     assert not any(u.gpu_step for u in eng.units) and "CPU" in eng.gpu_step_note
     eng.close()
     with pytest.warns(UserWarning, match="disk tier"):  # state on the disk tier: host step, reported

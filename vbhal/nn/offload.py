@@ -177,7 +177,11 @@ class OffloadConfig:
     # pieces, torch's fused AdamW there; the host copy stays authoritative). None: auto on accelerators (decided
     # from the first steps' measurements), 0 on CPU; 0.0: off. On CPU a value > 0 runs the same piece pipeline on
     # the CPU (a test mode, bitwise equal to the host step).
-    gpu_step_fraction: float | None = None
+    # Default 0.0 (off; opt in with None or a share): the H100 check of the hybrid against in-GPU training (30 steps,
+    # bf16 autocast, tests/nn/test_offload_hybrid.py) missed its 2e-3 loss tolerance in R5 (3.2e-3 without
+    # clipping, 1.2e-2 with it), and whether that is last-bit divergence (CPU vs CUDA fused AdamW) or a bug is not
+    # settled; the host-only default is bitwise equal to torch's fused AdamW on the host.
+    gpu_step_fraction: float | None = 0.0
     gpu_step_buffer_bytes: int = 640 << 20  # device memory of the device step's ring of pieces
     # Device memory for copies kept on the device between uses instead of a round trip through host memory:
     # the working copies of device-stepped units (across steps: no write-back, no re-fetch), then the saved inputs
