@@ -51,10 +51,12 @@ it), go up in pieces (8M elements, prefetched from the start of the unit's backw
 buffers (``gpu_step_buffer_bytes``), are stepped by torch's fused CUDA AdamW with the gradients where they are (no
 gradient copy down), and come home with the new working copy on their own copy streams; the next fetch of the
 unit waits on that copy's event. ~24 PCIe bytes per parameter instead of ~0.29 ns of host time per parameter:
-``None`` (default on accelerators) picks the share after step 1 from measured host-step time, copy bandwidth and
-compute time (see ``_auto_decide``); 0 on CPU, where a value > 0 runs the same pieces synchronously (bitwise equal to
-the host step, tested). CUDA's and the CPU's fused AdamW may differ in the last bit, so hybrid losses match
-in-GPU training within a tolerance, not bitwise. Off (host step, reported) with state on the disk tier or with
+off by default (0.0); ``None`` opts in to an automatic share, picked after step 1 from measured host-step time,
+copy bandwidth and compute time (see ``_auto_decide``; on CPU it stays 0), and a value > 0 fixes it (on CPU the same
+pieces then run synchronously, bitwise equal to the host step, tested). CUDA's and the CPU's fused AdamW may differ in
+the last bit, so hybrid losses match in-GPU training within a tolerance, not bitwise; the H100 check of that
+(tests/nn/test_offload_hybrid.py, 2e-3 over 30 steps) failed in its one run (3.2e-3, 1.2e-2 with clipping), which is
+why it is opt-in until that is explained. Off (host step, reported) with state on the disk tier or with
 gradient accumulation. ``memory_summary()["last_step"]`` / ``step_breakdown()``: host step s, device step s,
 stall s, H2D/D2H GB/s, the chosen share.
 
@@ -63,8 +65,8 @@ round trip through host memory, chosen by PCIe bytes saved per device byte: (1) 
 units stay on the device across steps (the device step writes the new copy there; no write-back, no fetch in the
 next forward or backward; the host copy is written back only when the plan is dropped: ``set_gpu_step_fraction``,
 ``replan``), (2) the saved inputs of the last units of the forward stay on the device (``offload_activations``),
-(3) the working copies of the last units of the forward stay from their forward into their backward. On accelerators
-the budget is the per-process cap minus the peak of a planning step minus a margin, planned once the device-stepped
+(3) the working copies of the last units of the forward stay from their forward into their backward. Off by default
+(0); with ``None`` on accelerators the budget is the per-process cap minus the peak of a planning step minus a margin, planned once the device-stepped
 share is known (``plan_pending``; ``replan()`` when the batch shape changes); on CPU only an explicit budget (test
 mode). Numbers are unchanged (tested bit for bit); ``memory_summary()["keep_plan"]`` says what stays.
 
