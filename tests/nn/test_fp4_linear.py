@@ -434,3 +434,27 @@ def test_from_linear_on_an_accelerator_binds_the_hal_kernels(monkeypatch):
     monkeypatch.setattr(hal, "get_kernel", broken)
     with pytest.warns(UserWarning, match="CPU reference"):
         assert F4._device_kernels(torch.device("cuda", 0)) is None
+
+
+def test_auto_bound_kernels_follow_the_weight_to_another_device(monkeypatch):
+    """kernels=None: bind_kernels asks for the weight's device and binds again when .to() moves the weight;
+    explicitly bound kernels stay where they are."""
+    import vbhal.nn.fp4_linear as F4
+
+    asked = []
+
+    def fake_device_kernels(device):
+        asked.append(device.type)
+        return {"fp4_linear": F4.fp4_linear_reference} if device.type == "meta" else None
+
+    monkeypatch.setattr(F4, "_device_kernels", fake_device_kernels)
+    q = FP4Linear.from_linear(torch.nn.Linear(64, 32), "mxfp4")
+    assert asked == ["cpu", "cpu"] and q.kernel_key == F4.REFERENCE_KEY   # quantize choice, then the binding
+    q.to(torch.float64)                                                    # same device: nothing rebound
+    assert asked == ["cpu", "cpu"]
+    q.to("meta")
+    assert asked[-1] == "meta" and q.kernel_key != F4.REFERENCE_KEY
+    fixed = FP4Linear.from_linear(torch.nn.Linear(64, 32), "mxfp4", kernels={})
+    n = len(asked)
+    fixed.to("meta")
+    assert len(asked) == n and fixed.kernel_key == F4.REFERENCE_KEY

@@ -295,14 +295,13 @@ class FP4Linear(nn.Module):
 
         ``kernels`` maps kernel names (``quantize_fp4``, ``fp4_linear``, ``dequantize_fp4``) to callables
         or ``vbhal.hookspecs.Kernel`` objects; missing ones use the CPU reference. ``kernels=None`` (the
-        default) binds the HAL's kernels for the weight's device (on CPU: the reference).
+        default) quantizes with and binds the HAL's kernels for the weight's device (see :meth:`bind_kernels`).
         """
         if not isinstance(linear, nn.Linear):
             raise QuantizationError(f"FP4Linear.from_linear takes an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
-        if kernels is None:
-            kernels = _device_kernels(w.device)
-        qfn = _unwrap((kernels or {}).get("quantize_fp4"))
+        chosen = kernels if kernels is not None else _device_kernels(w.device)
+        qfn = _unwrap((chosen or {}).get("quantize_fp4"))
         if qfn is None:
             qw = quantize(w, fmt, scale_rule=scale_rule, name=name)
         elif _takes_name(qfn):
@@ -327,8 +326,6 @@ class FP4Linear(nn.Module):
     ) -> FP4Linear:
         """Wrap an existing QuantizedWeight (and optional bias, copied) in an FP4Linear."""
         qw.validate()
-        if kernels is None:
-            kernels = _device_kernels(qw.device)
         n, k = qw.shape
         mod = cls.__new__(cls)
         nn.Module.__init__(mod)
@@ -346,7 +343,13 @@ class FP4Linear(nn.Module):
         return mod
 
     def bind_kernels(self, kernels: Mapping[str, Any] | None) -> None:
-        """Bind ``fp4_linear`` / ``dequantize_fp4`` kernels (missing ones: the CPU reference)."""
+        """Bind ``fp4_linear`` / ``dequantize_fp4`` kernels (missing ones: the CPU reference).
+
+        ``None`` binds the HAL's kernels for the device the weight is on (on CPU: the reference) and keeps
+        following it: ``module.to(device)`` / ``.cuda()`` bind again for the new device."""
+        self._auto_kernels = kernels is None
+        if kernels is None:
+            kernels = _device_kernels(self.codes.device)
         kernels = kernels or {}
         lin, deq = _unwrap(kernels.get("fp4_linear")), _unwrap(kernels.get("dequantize_fp4"))
         if lin is None and deq is None:
@@ -414,6 +417,7 @@ class FP4Linear(nn.Module):
 
     # -- dtypes never change: the bytes ARE the format ---------------------------------------------
     def _apply(self, fn, recurse=True):
+        before = self._buffers["codes"].device
         saved = {k: self._buffers.pop(k) for k in self._QBUFFERS if k in self._buffers}
         try:
             super()._apply(fn, recurse)
@@ -424,6 +428,8 @@ class FP4Linear(nn.Module):
                     # module.to(dtype)/.half() would re-cast scales/tensor_scale: keep the dtype, move only.
                     t = moved if moved.dtype == t.dtype else t.to(moved.device)
                 self._buffers[k] = t
+        if self.__dict__.get("_auto_kernels") and self._buffers["codes"].device != before:
+            self.bind_kernels(None)  # the kernels follow the weight to its new device
         return self
 
     # -- persistence: header in extra state, strict and checked ---------------------------------
