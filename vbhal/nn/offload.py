@@ -1406,7 +1406,7 @@ class OffloadEngine:
     def replan(self) -> None:
         """Decide the device-stepped share (auto, or the configured fraction) and the keep plan again from the next
         steps' measurements: call it when the batch shape changes (activation memory and compute time change)."""
-        self.set_gpu_step_fraction(self.cfg.gpu_step_fraction if self.cfg.gpu_step_fraction is not None else None)
+        self.set_gpu_step_fraction(self.cfg.gpu_step_fraction)
 
     def _maybe_decide(self) -> None:
         if self._gpu_units is None and self.step_count > self._auto_tag:
