@@ -24,12 +24,12 @@ import argparse
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-TABLE = ROOT / "vbhal" / "backends" / "cuda" / "attention_table.json"
-CANDIDATES = ("sdpa_default", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "vbhal")
-#: Default margin: above the spread of the identical default call timed twice in one run (H100, round 4:
-#: 0.970-1.047), so a pick away from the default is a real gain.
-MARGIN = 0.06
+# The dispatcher's own names: where its table lives, what it can run, and the margin it re-applies when it reads
+# an entry (MIN_MARGIN: above the spread of the identical default call timed twice in one run, H100 round 4:
+# 0.970-1.047, so a pick away from the default is a real gain).
+from vbhal.backends.cuda.attention_dispatch import IMPLEMENTATIONS as CANDIDATES
+from vbhal.backends.cuda.attention_dispatch import MIN_MARGIN as MARGIN
+from vbhal.backends.cuda.attention_dispatch import TABLE_PATH as TABLE
 RULE = ("route away from sdpa_default only where an implementation beats the best measurement of the "
         "identical default call (sdpa_default, sdpa_default2, dispatcher rows that ran the default) by >= margin; "
         "a pinned SDPA backend equal to SDPA's own choice never routes away")
