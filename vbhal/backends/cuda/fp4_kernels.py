@@ -642,3 +642,216 @@ def fp4_mm_t_kernel(
     _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[:, None],
                y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + rows[:, None],
                ws_ptr + offs_m[None, :].to(tl.int64) * N + rows[:, None], mmask[None, :] & rmask[:, None], SPLIT_K)
+
+
+# ---------------------------------------------------------------------------------------------------
+# byte-permute decode (GPU): E2M1 codes -> bfloat16 with PRMT table lookups, no conversion instruction
+#
+# The float16 decode above costs a float16 -> float32 conversion per element (and the tensor-core
+# path one float32 -> bfloat16 more); on the H100 these conversions, not HBM, bound the small-M
+# kernels. A bfloat16 E2M1 value has only two interesting bytes, and each is a function of the
+# code's three magnitude bits: high byte [00 3F 3F 3F 40 40 40 40], low byte [00 00 80 C0 00 40 80
+# C0] for magnitudes 0..7 (0, 0.5, 1, 1.5, 2, 3, 4, 6). PRMT picks 4 bytes out of 8 by 4 selector
+# nibbles, so ONE prmt looks up a byte for four codes at once, the codes' own nibbles (sign masked
+# off) being the selectors. Per 4 bytes (8 codes): 4 table lookups, 2 sign lookups (the sign bits
+# shifted down to nibble bit 0 select 0x00 or 0x80), 2 ors, 4 prmts to interleave low and high
+# bytes into bf16 pairs -- 17 integer instructions -- then the block scale, a power of two (mxfp4)
+# or an E4M3 (nvfp4), multiplied in packed bf16 (mul.rn.bf16x2: exact, the product of a 2-bit and
+# a <= 4-bit significand).
+#
+# Elementwise contract (so it is right in ANY register layout): inputs are the code bytes (pack of
+# 4) and, per byte, the block scale as int32 holding its bf16 bits in both halves; outputs are the
+# value of each byte's LOW nibble (element 2i) and of its HIGH nibble (element 2i + 1). Registers:
+# $0,$1 low-nibble values of bytes (0,1),(2,3); $2,$3 high-nibble values; $4 the 4 code bytes;
+# $5..$8 the scales of bytes 0..3.
+# ---------------------------------------------------------------------------------------------------
+_E2M1_BF16_PRMT = """{
+.reg .b32 m, mh, sg, g0, g1, h0, h1, l0, l1, p01, p23;
+and.b32 m, $4, 0x77777777;
+and.b32 sg, $4, 0x88888888;
+shr.u32 mh, m, 16;
+prmt.b32 h0, 0x3F3F3F00, 0x40404040, m;
+prmt.b32 h1, 0x3F3F3F00, 0x40404040, mh;
+prmt.b32 l0, 0xC0800000, 0xC0804000, m;
+prmt.b32 l1, 0xC0800000, 0xC0804000, mh;
+shr.u32 g0, sg, 3;
+shr.u32 g1, sg, 19;
+prmt.b32 g0, 0x8000, 0, g0;
+prmt.b32 g1, 0x8000, 0, g1;
+or.b32 h0, h0, g0;
+or.b32 h1, h1, g1;
+prmt.b32 $0, l0, h0, 0x6240;
+prmt.b32 $1, l1, h1, 0x6240;
+prmt.b32 $2, l0, h0, 0x7351;
+prmt.b32 $3, l1, h1, 0x7351;
+prmt.b32 p01, $5, $6, 0x5410;
+prmt.b32 p23, $7, $8, 0x5410;
+mul.rn.bf16x2 $0, $0, p01;
+mul.rn.bf16x2 $1, $1, p23;
+mul.rn.bf16x2 $2, $2, p01;
+mul.rn.bf16x2 $3, $3, p23;
+}"""
+
+
+@triton.jit
+def _scale_bf16x2(s, IS_NV: tl.constexpr):
+    """Scale bytes -> int32 holding the bf16 bits of the block scale in both halves (exact: an E8M0
+    power of two is a bf16 -- 2^-127 a subnormal, 0xFF NaN -- and an E4M3 has 3 mantissa bits)."""
+    if IS_NV:
+        b = _e4m3_to_f32(s).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    else:
+        c = s.to(tl.int32)
+        b = tl.where(c == 0, 0x40, tl.where(c == 255, 0x7FC0, c << 7))
+    return b | (b << 16)
+
+
+@triton.jit
+def _e2m1_scaled(b, sb, IS_NV: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr):
+    """Code bytes ``b`` [R, NBK, HB] (uint8) and their block's scale bytes ``sb`` [R, NBK] -> (value of
+    each byte's low nibble, of its high nibble) in DT, ``code * scale``. USE_ASM (GPU, DT = bfloat16):
+    the PRMT decode, exact. Otherwise (interpreter, any DT) the float16 decode times the float32
+    scale, rounded once to DT: the same values."""
+    if USE_ASM:
+        s2 = tl.broadcast_to(_scale_bf16x2(sb, IS_NV)[:, :, None], b.shape)
+        return tl.inline_asm_elementwise(_E2M1_BF16_PRMT, "=r,=r,=r,=r,r,r,r,r,r", [b, s2],
+                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        sc = _scale_f32_x2p14(sb, IS_NV)[:, :, None]
+        lo, hi = _e2m1_decode(b)
+        return (lo * sc).to(DT), (hi * sc).to(DT)
+
+
+@triton.jit
+def fp4_mm_tb_kernel(
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
+    M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym, M_BUCKET,
+    IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBK: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr, USE_ASM: tl.constexpr,
+):
+    """fp4_mm_t_kernel (swap-AB) for bfloat16 activations with the byte-permute decode: the weight
+    tile is read as code bytes [BLOCK_N, NBK, BLOCK/2] (one block's bytes contiguous) and decoded
+    straight to bf16 ``code * scale`` (_e2m1_scaled) -- no float conversion per element."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    HB: tl.constexpr = BLOCK // 2
+    BK: tl.constexpr = NBK * BLOCK
+    pid_n, pid_m = _grouped_tile(pid, tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < M
+    rmask = rows < N
+    r3 = rows[:, None, None].to(tl.int64)
+    r2 = rows[:, None].to(tl.int64)
+    jj = tl.arange(0, HB)
+    kk = tl.arange(0, BK)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    blk_lo, blk_hi = _k_range(pid_k, NUM_BLOCKS, SPLIT_K, NBK)
+    x_cols = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm
+    for blk0 in range(blk_lo, blk_hi, NBK):
+        blks = blk0 + tl.arange(0, NBK)
+        bmask = blks < blk_hi
+        b = tl.load(codes_ptr + r3 * stride_cn + (blks[None, :, None] * HB + jj[None, None, :]),
+                    mask=rmask[:, None, None] & bmask[None, :, None], other=0)
+        sb = tl.load(scales_ptr + r2 * stride_sn + blks[None, :], mask=rmask[:, None] & bmask[None, :], other=0)
+        lo, hi = _e2m1_scaled(b, sb, IS_NV, x_ptr.dtype.element_ty, USE_ASM)
+        wt = tl.reshape(tl.join(lo, hi), (BLOCK_N, BK))
+        k1 = blk0 * BLOCK + kk
+        xt = tl.load(x_cols + k1[:, None], mask=mmask[None, :] & (k1[:, None] < blk_hi * BLOCK) & (k1[:, None] < K),
+                     other=0.0)
+        acc = tl.dot(wt, xt, acc)
+    acc = acc * _tensor_scale(ts_ptr, IS_NV)
+    _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[:, None],
+               y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + rows[:, None],
+               ws_ptr + offs_m[None, :].to(tl.int64) * N + rows[:, None], mmask[None, :] & rmask[:, None], SPLIT_K)
+
+
+@triton.jit
+def fp4_gemv_b_kernel(
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
+    M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym,
+    IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr, NBK: tl.constexpr, SPLIT_K: tl.constexpr, USE_ASM: tl.constexpr,
+):
+    """fp4_gemv_kernel with the byte-permute decode (USE_ASM): codes -> bf16 E2M1 values (scale 1),
+    widened to float32 by a shift (bf16 is the top half of a float32), FMA with x in float32, the
+    block scale applied once per block sum. Without USE_ASM (interpreter) the float16 decode."""
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    HB: tl.constexpr = BLOCK // 2
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    r3 = rows[:, None, None].to(tl.int64)
+    r2 = rows[:, None].to(tl.int64)
+    bb = tl.arange(0, NBK)
+    jj = tl.arange(0, HB)
+    kk = tl.arange(0, BLOCK)
+    one = tl.full((BLOCK_N, NBK, HB), 0x3F803F80, tl.int32)  # bf16x2 1.0: the scale comes after the sum
+    acc = tl.zeros((BLOCK_N, NBK), dtype=tl.float32)
+    blk_lo, blk_hi = _k_range(pid_k, NUM_BLOCKS, SPLIT_K, NBK)
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    for blk0 in range(blk_lo, blk_hi, NBK):
+        blks = blk0 + bb
+        bmask = blks < blk_hi
+        b = tl.load(codes_ptr + r3 * stride_cn + (blks[None, :, None] * HB + jj[None, None, :]),
+                    mask=rmask[:, None, None] & bmask[None, :, None], other=0)
+        sc = _block_scale(scales_ptr + r2 * stride_sn + blks[None, :], rmask[:, None] & bmask[None, :], 1.0, IS_NV)
+        k2 = blks[:, None] * BLOCK + kk[None, :]
+        xv = tl.load(x_row + k2, mask=bmask[:, None] & (k2 < K), other=0.0).to(tl.float32)
+        xe, xo = tl.split(tl.reshape(xv, (NBK, HB, 2)))
+        if USE_ASM:
+            lo, hi = tl.inline_asm_elementwise(_E2M1_BF16_PRMT, "=r,=r,=r,=r,r,r,r,r,r", [b, one],
+                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            lo = lo.to(tl.float32)
+            hi = hi.to(tl.float32)
+        else:
+            lo, hi = _e2m1_decode(b)
+            lo = lo * E2M1_F16_UNSCALE
+            hi = hi * E2M1_F16_UNSCALE
+        acc += tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2) * sc
+    out = tl.sum(acc, axis=1) * _tensor_scale(ts_ptr, IS_NV)
+    _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS), y_ptr + m.to(tl.int64) * stride_ym + rows,
+               ws_ptr + m.to(tl.int64) * N + rows, rmask, SPLIT_K)
+
+
+@triton.jit
+def fp4_mm_ds_kernel(
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
+    M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym, M_BUCKET,
+    IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBK: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """Swap-AB with Triton's own microscaling dot (``tl.dot_scaled``): mxfp4 weight bytes and E8M0
+    scales as the e2m1 left operand, bf16 activations (transposed tile) the right one; on Hopper
+    Triton upcasts the weight to bf16 in registers and runs wgmma. mxfp4 + bfloat16 only."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    HB: tl.constexpr = BLOCK // 2
+    BK: tl.constexpr = NBK * BLOCK
+    pid_n, pid_m = _grouped_tile(pid, tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < M
+    rmask = rows < N
+    r2 = rows[:, None].to(tl.int64)
+    jb = tl.arange(0, BK // 2)
+    kk = tl.arange(0, BK)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    blk_lo, blk_hi = _k_range(pid_k, NUM_BLOCKS, SPLIT_K, NBK)
+    x_cols = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm
+    for blk0 in range(blk_lo, blk_hi, NBK):
+        blks = blk0 + tl.arange(0, NBK)
+        j1 = blk0 * HB + jb
+        wq = tl.load(codes_ptr + r2 * stride_cn + j1[None, :], mask=rmask[:, None] & (j1[None, :] < blk_hi * HB),
+                     other=0)
+        sb = tl.load(scales_ptr + r2 * stride_sn + blks[None, :], mask=rmask[:, None] & (blks[None, :] < blk_hi),
+                     other=0)
+        k1 = blk0 * BLOCK + kk
+        xt = tl.load(x_cols + k1[:, None], mask=mmask[None, :] & (k1[:, None] < blk_hi * BLOCK) & (k1[:, None] < K),
+                     other=0.0)
+        acc = tl.dot_scaled(wq, sb, "e2m1", xt, None, "bf16", acc)
+    _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[:, None],
+               y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + rows[:, None],
+               ws_ptr + offs_m[None, :].to(tl.int64) * N + rows[:, None], mmask[None, :] & rmask[:, None], SPLIT_K)
