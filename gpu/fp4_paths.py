@@ -38,7 +38,10 @@ for k, n in shapes:
             ref = (x.float() @ wd.t())
             row = {"fmt": fmt, "K": k, "N": n, "M": m}
             row["cublas_us"] = L._gpu_time(lambda: torch.nn.functional.linear(x, wb), x.device) * 1e3
+            only = os.environ.get("FP4PATHS_ONLY")
             for path in L._candidates(m, torch.bfloat16, fmt):
+                if only and path not in only.split(","):
+                    continue
                 if time.time() - t0 > budget:
                     break
                 try:

@@ -665,7 +665,7 @@ def fp4_mm_t_kernel(
 # $0,$1 low-nibble values of bytes (0,1),(2,3); $2,$3 high-nibble values; $4 the 4 code bytes;
 # $5..$8 the scales of bytes 0..3.
 # ---------------------------------------------------------------------------------------------------
-_E2M1_BF16_PRMT = """{
+_E2M1_BF16_PRMT = tl.constexpr("""{
 .reg .b32 m, mh, sg, g0, g1, h0, h1, l0, l1, p01, p23;
 and.b32 m, $4, 0x77777777;
 and.b32 sg, $4, 0x88888888;
@@ -690,7 +690,7 @@ mul.rn.bf16x2 $0, $0, p01;
 mul.rn.bf16x2 $1, $1, p23;
 mul.rn.bf16x2 $2, $2, p01;
 mul.rn.bf16x2 $3, $3, p23;
-}"""
+}""")
 
 
 @triton.jit
