@@ -59,12 +59,11 @@ if importlib.util.find_spec("triton") is None:  # the KernelTable reports this a
 __all__ = ["KERNELS", "PATHS", "fp4_linear", "native_fp4_linear"]
 
 #: Paths of the fused linear; "auto" picks by measurement (``_choose_path``). VBHAL_FP4_LINEAR_PATH overrides.
-PATHS = ("auto", "gemv", "gemv_w32", "gemv_pf", "gemv_mr", "gemv_b", "mm_w32", "mm_t", "mm_tb", "mm_ds", "dequant",
-         "dequant_pipelined")
-_GEMV_PATHS = ("gemv", "gemv_w32", "gemv_pf", "gemv_mr", "gemv_b")
-_MM_PATHS = ("mm_w32", "mm_t", "mm_tb", "mm_ds")
+PATHS = ("auto", "gemv", "gemv_w32", "gemv_pf", "gemv_mr", "mm_w32", "mm_t", "mm_tb", "dequant", "dequant_pipelined")
+_GEMV_PATHS = ("gemv", "gemv_w32", "gemv_pf", "gemv_mr")
+_MM_PATHS = ("mm_w32", "mm_t", "mm_tb")
 #: kernels with the byte-permute (PRMT) decode: a USE_ASM switch, off in the interpreter
-_ASM_KINDS = ("gemv_b", "mm_tb")
+_ASM_KINDS = ("mm_tb",)
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 #: Largest M for the one-row-per-program GEMVs / the multi-row GEMV / the split-K tensor-core tiles.
@@ -84,25 +83,23 @@ def _candidates(m: int, dtype: torch.dtype, fmt: str = "mxfp4") -> tuple[str, ..
     """Paths worth timing for M activation rows (the rest lose by construction: see the module doc).
 
     gemv_mr only at M = 1: at M = 8..16 it measured 730-1370 us on the H100 (R5, K = N = 8192), 13-25x
-    slower than cuBLAS, so it is never worth the time of timing it there. The byte-permute kernels
-    (gemv_b any dtype, mm_tb bfloat16) and Triton's dot_scaled (mm_ds: mxfp4 x bfloat16) join where
-    they apply."""
+    slower than cuBLAS, so it is never worth the time of timing it there. mm_tb (the byte-permute
+    decode, bfloat16 only) at M <= 64: the only M where it won on the H100 (session 3: M=64 mxfp4
+    51.0 vs mm_t 54.8 us; at M >= 256 it lost, for nvfp4 by up to 1.3x)."""
     if dtype == torch.float32:  # tl.dot on fp32 would be TF32: FMA GEMVs or cuBLAS
         if m == 1:
-            return ("gemv_pf", "gemv_w32", "gemv_b", "gemv_mr", "dequant")
+            return ("gemv_pf", "gemv_w32", "gemv_mr", "dequant")
         if m <= GEMV_MAX_M:
-            return ("gemv_pf", "gemv_w32", "gemv_b", "dequant")
+            return ("gemv_pf", "gemv_w32", "dequant")
         return ("dequant",)
-    tc = ("mm_tb", "mm_t") if dtype == torch.bfloat16 else ("mm_t",)
-    if dtype == torch.bfloat16 and fmt == "mxfp4":
-        tc += ("mm_ds",)
+    tc = ("mm_t", "mm_tb") if dtype == torch.bfloat16 else ("mm_t",)
     if m == 1:
-        return ("gemv_pf", "gemv_w32", "gemv_b", "gemv_mr") + tc
+        return ("gemv_pf", "gemv_w32", "gemv_mr") + tc
     if m <= GEMV_MAX_M:
-        return ("gemv_pf", "gemv_w32", "gemv_b") + tc + ("mm_w32",)
+        return ("gemv_pf", "gemv_w32") + tc + ("mm_w32",)
     if m <= MM_T_SMALL_M:
         return tc + ("mm_w32",)
-    return tc + ("dequant", "dequant_pipelined")
+    return ("mm_t", "dequant", "dequant_pipelined")
 
 
 def _static_path(m: int, dtype: torch.dtype) -> str:
@@ -244,11 +241,20 @@ def _configs(kind: str, m: int, fmt: str, nblocks: int) -> list[dict]:
     NBK counts blocks: nvfp4's are half as long, so its NBK doubles to keep the same bytes per step.
     """
     nv = 2 if fmt == "nvfp4" else 1
-    if kind in ("gemv", "gemv_w32", "gemv_pf", "gemv_b"):
+    if kind in ("gemv", "gemv_w32", "gemv_pf"):
         # Bytes in flight ~ N * NBK * 16 per sweep: NBK large enough to cover HBM latency; BLOCK_N large
-        # enough that each thread reuses its x values across rows. SPLIT_K from _gemv_split.
-        return [{"BLOCK_N": 32, "NBK": 8, "num_warps": 4, "num_stages": 3}, {"BLOCK_N": 16, "NBK": 16, "num_warps": 4, "num_stages": 3},
-                {"BLOCK_N": 64, "NBK": 8, "num_warps": 8, "num_stages": 3}]
+        # enough that each thread reuses its x values across rows. SPLIT_K from _gemv_split unless given.
+        # Session 3's M=1 sweep (K=N=8192, 66 configs x 4 kernels, H100): gemv_pf (16, 32, 4 warps) 24.8 us,
+        # (16, 16, 2 warps, split 2) 25.8, (16, 32, 2) 26.4, (8, 16, 2) 26.7; the old first choice 27.1.
+        tried = [(16, 32, 4, None), (16, 16, 2, 2), (16, 32, 2, None), (8, 16, 2, None), (8, 32, 2, None),
+                 (16, 16, 4, None), (16, 8, 4, None), (32, 8, 4, None), (64, 8, 8, None)]
+        out = []
+        for bn, nbk, warps, split in tried:
+            cfg = {"BLOCK_N": bn, "NBK": nbk * nv, "num_warps": warps, "num_stages": 3}
+            if split is not None:
+                cfg["SPLIT_K"] = split
+            out.append(cfg)
+        return out
     if kind == "gemv_mr":
         # many programs in flight, a few K steps each: (BLOCK_N, NBK, SPLIT_K, warps)
         bm = min(_m_bucket(m), GEMV_MR_BLOCK_M)
@@ -270,7 +276,7 @@ def _configs(kind: str, m: int, fmt: str, nblocks: int) -> list[dict]:
         cands = [(16, 64, 4, 1), (16, 128, 2, 1), (32, 64, 4, 1), (16, 64, 4, 4), (32, 64, 4, 2), (32, 128, 2, 4)]
         return [{"BLOCK_M": bm, "BLOCK_N": bn, "NBK": nbk * nv, "GROUP_M": 8, "SPLIT_K": s, "num_warps": 4, "num_stages": 4}
                 for bm, bn, nbk, s in cands if bm <= max(16, _m_bucket(m)) and nblocks // (s * nbk * nv) >= 2]
-    if kind in ("mm_t", "mm_tb", "mm_ds"):
+    if kind in ("mm_t", "mm_tb"):
         if m <= MM_T_SMALL_M:
             # split K so that the few row tiles of a small batch fill every SM; BLOCK_M <= M's bucket
             cands = [(16, 64, 4, 4, 4, 4), (16, 64, 4, 8, 4, 4), (16, 128, 2, 4, 4, 4), (16, 128, 4, 8, 4, 3),
@@ -295,9 +301,7 @@ _INTERP_CONFIGS = {
     "gemv_mr": {"BLOCK_N": 8, "NBK": 2, "BLOCK_M": 4, "SPLIT_K": 2},
     "mm_w32": {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 2, "GROUP_M": 2, "SPLIT_K": 1},
     "mm_t": {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 2, "GROUP_M": 2, "SPLIT_K": 2},
-    "gemv_b": {"BLOCK_N": 4, "NBK": 2},
     "mm_tb": {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 2, "GROUP_M": 2, "SPLIT_K": 2},
-    "mm_ds": {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 2, "GROUP_M": 2, "SPLIT_K": 2},
 }
 
 
@@ -333,7 +337,7 @@ class _KernelLaunch:
     def __init__(self, kind: str, n: int, k: int, fmt: str, has_bias: bool, config: dict | None = None,
                  split: int | None = None):
         self.kind, self.n, self.k, self.fmt = kind, n, k, fmt
-        self.words = kind not in ("gemv", "gemv_b", "mm_tb", "mm_ds")  # int32 view of the codes: 8 codes per word
+        self.words = kind not in ("gemv", "mm_tb")  # int32 view of the codes: 8 codes per word
         self.mm = kind.startswith("mm")
         self.kernel = getattr(kernels_module(), f"fp4_{kind}_kernel")
         self.consts = {"IS_NV": fmt == "nvfp4", "HAS_BIAS": has_bias, "BLOCK": BLOCK_SIZES[fmt]}
@@ -345,7 +349,7 @@ class _KernelLaunch:
     def _fix(self, cfg: dict) -> None:
         cfg = dict(cfg)
         warps, stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 3)
-        if self.kind in ("gemv", "gemv_w32", "gemv_pf", "gemv_b") and "SPLIT_K" not in cfg:
+        if self.kind in ("gemv", "gemv_w32", "gemv_pf") and "SPLIT_K" not in cfg:
             cfg["SPLIT_K"] = None  # per call: _gemv_split, unless split_override
         cfg.setdefault("SPLIT_K", 1)
         self.cfg = cfg
@@ -371,9 +375,6 @@ class _KernelLaunch:
         return (triton_cdiv(n, c["BLOCK_N"]), m, split)
 
     def __call__(self, x2, codes, scales, ts, bias):
-        if self.kind == "mm_ds" and (self.fmt != "mxfp4" or x2.dtype != torch.bfloat16):
-            raise KernelError(f"fp4_linear path mm_ds (tl.dot_scaled) takes mxfp4 weights and bfloat16 activations, "
-                              f"got {self.fmt} and {x2.dtype}; use another path (VBHAL_FP4_LINEAR_PATH=auto)")
         if self.cfg is None:
             self._tune(x2, codes, scales, ts, bias)
         m, n = x2.shape[0], self.n
