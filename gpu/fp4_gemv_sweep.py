@@ -30,7 +30,7 @@ print("cublas", res["cublas"], flush=True)
 nv = 2 if fmt == "nvfp4" else 1
 grid = [(8, 16), (8, 32), (16, 8), (16, 16), (16, 32), (32, 4), (32, 8), (32, 16), (64, 4), (64, 8), (128, 2)]
 rows = []
-for kind in ("gemv_pf", "gemv_w32", "gemv", "gemv_b"):
+for kind in ("gemv_pf", "gemv_w32", "gemv"):
     for (bn, nbk), warps, split in itertools.product(grid, (2, 4, 8), (1, 2)):
         if time.time() - t0 > budget:
             break
@@ -51,7 +51,7 @@ print(f"\n{fmt} M=1 K=N=8192: cuBLAS {res['cublas']:.1f} us; best 12:")
 for r in good[:12]:
     print(f"  {r['kind']:9s} BN={r['BLOCK_N']:3d} NBK={r['NBK']:2d} w={r['warps']} split={r['split']}  {r['us']:.2f} us "
           f"x{res['cublas'] / r['us']:.2f} err={r['err']:.1e}")
-for kind in ("gemv_pf", "gemv_w32", "gemv", "gemv_b"):
+for kind in ("gemv_pf", "gemv_w32", "gemv"):
     b = [r for r in good if r["kind"] == kind]
     if b:
         print(f"  best {kind}: {b[0]['us']:.2f} us {b[0]}")

@@ -39,7 +39,7 @@ for k, n in shapes:
             row = {"fmt": fmt, "K": k, "N": n, "M": m}
             row["cublas_us"] = L._gpu_time(lambda: torch.nn.functional.linear(x, wb), x.device) * 1e3
             only = os.environ.get("FP4PATHS_ONLY")
-            for path in L._candidates(m, torch.bfloat16, fmt):
+            for path in L._candidates(m, torch.bfloat16):
                 if only and path not in only.split(","):
                     continue
                 if time.time() - t0 > budget:

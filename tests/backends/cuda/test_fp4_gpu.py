@@ -61,11 +61,6 @@ MM_CONFIGS = {  # fixed tiles (the autotuned choice is checked by "auto"): (path
                      "num_stages": 4}),
     "t128": ("mm_t", {"BLOCK_M": 128, "BLOCK_N": 128, "NBK": 2, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": 8,
                       "num_stages": 3}),
-    # the byte-permute (PRMT) decode: bf16 through the inline asm, fp16 through the portable decode
-    "tb16": ("mm_tb", {"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 4, "GROUP_M": 8, "SPLIT_K": 4, "num_warps": 4,
-                       "num_stages": 4}),
-    "tb64": ("mm_tb", {"BLOCK_M": 64, "BLOCK_N": 64, "NBK": 2, "GROUP_M": 8, "SPLIT_K": 8, "num_warps": 4,
-                       "num_stages": 4}),
 }
 
 
@@ -73,8 +68,7 @@ MM_CONFIGS = {  # fixed tiles (the autotuned choice is checked by "auto"): (path
 @pytest.mark.parametrize("path,dtype", [("auto", torch.bfloat16), ("gemv", torch.bfloat16), ("gemv_w32", torch.bfloat16),
                                         ("gemv_w32", torch.float16), ("gemv_pf", torch.bfloat16), ("gemv_mr", torch.bfloat16),
                                         ("gemv_mr", torch.float16), ("mm16", torch.bfloat16),
-                                        ("t16", torch.bfloat16), ("tb16", torch.bfloat16), ("tb64", torch.bfloat16),
-                                        ("tb16", torch.float16),
+                                        ("t16", torch.bfloat16),
                                         ("t128", torch.bfloat16), ("t16", torch.float16), ("dequant", torch.bfloat16),
                                         ("dequant_pipelined", torch.bfloat16)])
 def test_gpu_linear_paths(fmt, path, dtype):

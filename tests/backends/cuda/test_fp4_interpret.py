@@ -195,7 +195,7 @@ def _check_linear(y, x, qw, bias):
 @pytest.mark.parametrize("path,dtype", [("gemv", torch.float32), ("gemv", torch.float16), ("gemv_w32", torch.float32),
                                         ("gemv_w32", torch.float16), ("gemv_pf", torch.float16), ("gemv_mr", torch.float32), ("gemv_mr", torch.float16),
                                         ("mm_w32", torch.float16),
-                                        ("mm_t", torch.float16), ("mm_tb", torch.float16),
+                                        ("mm_t", torch.float16),
                                         ("dequant", torch.float32), ("dequant", torch.float16)])
 @pytest.mark.parametrize("m", [1, 3, 19])
 def test_linear_paths_match_reference(fmt, path, dtype, m):
@@ -274,7 +274,7 @@ def test_split_k_workspace_survives_many_calls():
         codes, scales, ts, fid = _operands(qw)
         x = torch.randn(m, k, generator=g).to(torch.float16)
         bias = torch.randn(n, generator=g).to(torch.float16)
-        for path in ("gemv_w32", "gemv_pf", "gemv_mr", "mm_t", "mm_tb", "mm_w32"):
+        for path in ("gemv_w32", "gemv_pf", "gemv_mr", "mm_t", "mm_w32"):
             for b in (None, bias):
                 y = L._linear_2d(x, codes, scales, ts, b, fid, n, k, path, split_k=2)
                 _check_linear(y, x, qw, b)
@@ -339,7 +339,7 @@ def test_linear_mm_multi_tile_config():
     # both kernels: direct tiles, and split-K into the float32 workspace + the finalize kernel (M * N =
     # 1400 elements: more than one finalize program), with and without bias, workspace zero afterwards
     bias = torch.randn(n, dtype=torch.float16)
-    for path in ("mm_t", "mm_tb", "mm_w32"):
+    for path in ("mm_t", "mm_w32"):
         for split in (1, 3):
             for b in (None, bias):
                 y = L._linear_2d(x, codes, scales, ts, b, fid, n, k, path, config={**cfg, "SPLIT_K": split})

@@ -59,11 +59,9 @@ if importlib.util.find_spec("triton") is None:  # the KernelTable reports this a
 __all__ = ["KERNELS", "PATHS", "fp4_linear", "native_fp4_linear"]
 
 #: Paths of the fused linear; "auto" picks by measurement (``_choose_path``). VBHAL_FP4_LINEAR_PATH overrides.
-PATHS = ("auto", "gemv", "gemv_w32", "gemv_pf", "gemv_mr", "mm_w32", "mm_t", "mm_tb", "dequant", "dequant_pipelined")
+PATHS = ("auto", "gemv", "gemv_w32", "gemv_pf", "gemv_mr", "mm_w32", "mm_t", "dequant", "dequant_pipelined")
 _GEMV_PATHS = ("gemv", "gemv_w32", "gemv_pf", "gemv_mr")
-_MM_PATHS = ("mm_w32", "mm_t", "mm_tb")
-#: kernels with the byte-permute (PRMT) decode: a USE_ASM switch, off in the interpreter
-_ASM_KINDS = ("mm_tb",)
+_MM_PATHS = ("mm_w32", "mm_t")
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 #: Largest M for the one-row-per-program GEMVs / the multi-row GEMV / the split-K tensor-core tiles.
@@ -79,26 +77,23 @@ def _m_bucket(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
 
-def _candidates(m: int, dtype: torch.dtype, fmt: str = "mxfp4") -> tuple[str, ...]:
+def _candidates(m: int, dtype: torch.dtype) -> tuple[str, ...]:
     """Paths worth timing for M activation rows (the rest lose by construction: see the module doc).
 
     gemv_mr only at M = 1: at M = 8..16 it measured 730-1370 us on the H100 (R5, K = N = 8192), 13-25x
-    slower than cuBLAS, so it is never worth the time of timing it there. mm_tb (the byte-permute
-    decode, bfloat16 only) at M <= 64: the only M where it won on the H100 (session 3: M=64 mxfp4
-    51.0 vs mm_t 54.8 us; at M >= 256 it lost, for nvfp4 by up to 1.3x)."""
+    slower than cuBLAS, so it is never worth the time of timing it there."""
     if dtype == torch.float32:  # tl.dot on fp32 would be TF32: FMA GEMVs or cuBLAS
         if m == 1:
             return ("gemv_pf", "gemv_w32", "gemv_mr", "dequant")
         if m <= GEMV_MAX_M:
             return ("gemv_pf", "gemv_w32", "dequant")
         return ("dequant",)
-    tc = ("mm_t", "mm_tb") if dtype == torch.bfloat16 else ("mm_t",)
     if m == 1:
-        return ("gemv_pf", "gemv_w32", "gemv_mr") + tc
+        return ("gemv_pf", "gemv_w32", "gemv_mr", "mm_t")
     if m <= GEMV_MAX_M:
-        return ("gemv_pf", "gemv_w32") + tc + ("mm_w32",)
+        return ("gemv_pf", "gemv_w32", "mm_t", "mm_w32")
     if m <= MM_T_SMALL_M:
-        return tc + ("mm_w32",)
+        return ("mm_t", "mm_w32")
     return ("mm_t", "dequant", "dequant_pipelined")
 
 
@@ -276,7 +271,7 @@ def _configs(kind: str, m: int, fmt: str, nblocks: int) -> list[dict]:
         cands = [(16, 64, 4, 1), (16, 128, 2, 1), (32, 64, 4, 1), (16, 64, 4, 4), (32, 64, 4, 2), (32, 128, 2, 4)]
         return [{"BLOCK_M": bm, "BLOCK_N": bn, "NBK": nbk * nv, "GROUP_M": 8, "SPLIT_K": s, "num_warps": 4, "num_stages": 4}
                 for bm, bn, nbk, s in cands if bm <= max(16, _m_bucket(m)) and nblocks // (s * nbk * nv) >= 2]
-    if kind in ("mm_t", "mm_tb"):
+    if kind == "mm_t":
         if m <= MM_T_SMALL_M:
             # split K so that the few row tiles of a small batch fill every SM; BLOCK_M <= M's bucket
             cands = [(16, 64, 4, 4, 4, 4), (16, 64, 4, 8, 4, 4), (16, 128, 2, 4, 4, 4), (16, 128, 4, 8, 4, 3),
@@ -301,7 +296,6 @@ _INTERP_CONFIGS = {
     "gemv_mr": {"BLOCK_N": 8, "NBK": 2, "BLOCK_M": 4, "SPLIT_K": 2},
     "mm_w32": {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 2, "GROUP_M": 2, "SPLIT_K": 1},
     "mm_t": {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 2, "GROUP_M": 2, "SPLIT_K": 2},
-    "mm_tb": {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 2, "GROUP_M": 2, "SPLIT_K": 2},
 }
 
 
@@ -337,7 +331,7 @@ class _KernelLaunch:
     def __init__(self, kind: str, n: int, k: int, fmt: str, has_bias: bool, config: dict | None = None,
                  split: int | None = None):
         self.kind, self.n, self.k, self.fmt = kind, n, k, fmt
-        self.words = kind not in ("gemv", "mm_tb")  # int32 view of the codes: 8 codes per word
+        self.words = kind != "gemv"  # int32 view of the codes: 8 codes per word
         self.mm = kind.startswith("mm")
         self.kernel = getattr(kernels_module(), f"fp4_{kind}_kernel")
         self.consts = {"IS_NV": fmt == "nvfp4", "HAS_BIAS": has_bias, "BLOCK": BLOCK_SIZES[fmt]}
@@ -354,8 +348,6 @@ class _KernelLaunch:
         cfg.setdefault("SPLIT_K", 1)
         self.cfg = cfg
         kw = dict(self.consts)
-        if self.kind in _ASM_KINDS:
-            kw["USE_ASM"] = not is_interpreter()
         if not is_interpreter():
             kw.update(num_warps=warps, num_stages=stages)
         self.launch_kw = kw
@@ -389,10 +381,7 @@ class _KernelLaunch:
         if self.mm:
             args += (_m_bucket(m),)
         cfg = self.cfg if self.cfg.get("SPLIT_K", 1) is not None else {**self.cfg, "SPLIT_K": split}
-        kw = self.launch_kw
-        if self.kind == "mm_tb" and x2.dtype != torch.bfloat16 and kw.get("USE_ASM"):
-            kw = {**kw, "USE_ASM": False}  # the PRMT decode makes bf16; other dtypes take the float decode
-        self.kernel[self._grid(m, split)](*args, **cfg, **kw)
+        self.kernel[self._grid(m, split)](*args, **cfg, **self.launch_kw)
         if split > 1:
             _finalize(ws, bias, y)
         return y
@@ -520,7 +509,7 @@ def _choose_path(key, x2, codes, scales, ts, bias, fmt_id, n, k):
             raise KernelError(f"VBHAL_FP4_LINEAR_PATH={forced!r}; use one of {PATHS}")
         if not (forced.startswith("mm") and x2.dtype == torch.float32):
             return forced, _make_runner(forced, n, k, fmt, bias is not None)
-    cands = _candidates(m, x2.dtype, fmt)
+    cands = _candidates(m, x2.dtype)
     if len(cands) == 1 or x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         path = cands[0] if len(cands) == 1 else _static_path(m, x2.dtype)
         return path, _make_runner(path, n, k, fmt, bias is not None)
