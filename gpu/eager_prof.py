@@ -54,6 +54,18 @@ for size in (1024, 8192):
     for name, ts in times.items():
         print(f"  {name:22s} {min(ts):7.1f} / {statistics.median(ts):7.1f}")
     res[size] = {k: (min(v), statistics.median(v)) for k, v in times.items()}
+import triton  # noqa: E402
+
+rt = getattr(getattr(triton, "knobs", None), "runtime", None)
+print("triton", triton.__version__, "launch hooks:", rt and (rt.launch_enter_hook, rt.launch_exit_hook))
+for key, run in L._PLANS.items():
+    la = getattr(run, "launch", None)
+    if la is not None:
+        print("plan", key[:4], "direct", la.direct, "compiled kernels kept", len(la.compiled), "const_names", la.const_names)
+        if la.compiled:
+            (k0, ck), = list(la.compiled.items())[:1]
+            print("  run signature:", getattr(ck, "run", None), "function", getattr(ck, "function", None))
+L.DIRECT_DEBUG = True
 with torch.no_grad():
     pr = cProfile.Profile()
     pr.enable()

@@ -222,6 +222,7 @@ def _workspace(m: int, n: int, device: torch.device) -> torch.Tensor:
 #: VBHAL_FP4_DIRECT_LAUNCH=0 turns the direct launches off (every launch through ``kernel[grid](...)``)
 _DIRECT = os.environ.get("VBHAL_FP4_DIRECT_LAUNCH", "1") != "0"
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+DIRECT_DEBUG = False
 
 
 def _spec_key(args: tuple) -> tuple:
@@ -272,8 +273,10 @@ class _DirectLauncher:
                     try:
                         ck.run(grid[0], g1, g2, stream, ck.function, ck.packed_metadata, None, None, None, *args, *tail)
                         return
-                    except TypeError:  # another launcher convention: use the JIT front end from now on
+                    except TypeError as e:  # another launcher convention: use the JIT front end from now on
                         self.direct = False
+                        if DIRECT_DEBUG:
+                            print("direct launch disabled:", repr(e))
                 ck = self.kernel[grid](*args, **consts)
                 if self.const_names is None:
                     names = list(self.kernel.arg_names)
