@@ -65,7 +65,7 @@ for key, run in L._PLANS.items():
         if la.compiled:
             (k0, ck), = list(la.compiled.items())[:1]
             print("  run signature:", getattr(ck, "run", None), "function", getattr(ck, "function", None))
-L.DIRECT_DEBUG = True
+
 with torch.no_grad():
     pr = cProfile.Profile()
     pr.enable()

@@ -222,7 +222,7 @@ def _workspace(m: int, n: int, device: torch.device) -> torch.Tensor:
 #: VBHAL_FP4_DIRECT_LAUNCH=0 turns the direct launches off (every launch through ``kernel[grid](...)``)
 _DIRECT = os.environ.get("VBHAL_FP4_DIRECT_LAUNCH", "1") != "0"
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
-DIRECT_DEBUG = False
+DIRECT_DEBUG = os.environ.get("VBHAL_FP4_DIRECT_DEBUG") == "1"
 
 
 def _spec_key(args: tuple) -> tuple:
