@@ -240,6 +240,11 @@ def _spec_key(args: tuple) -> tuple:
     return tuple(key)
 
 
+def _idle(hook) -> bool:
+    """No launch hook installed: None (triton < 3.5) or an empty HookChain (3.5+, never None)."""
+    return hook is None or (hasattr(hook, "calls") and not hook.calls)
+
+
 class _DirectLauncher:
     """Launches one ``@triton.jit`` kernel with fixed constexprs. The first launch per specialization
     key goes through ``kernel[grid](...)`` (compiling if needed) and keeps the compiled kernel it
@@ -263,7 +268,7 @@ class _DirectLauncher:
             import triton
 
             hooks = getattr(getattr(triton, "knobs", None), "runtime", None)
-            if hooks is None or (hooks.launch_enter_hook is None and hooks.launch_exit_hook is None):
+            if hooks is None or (_idle(hooks.launch_enter_hook) and _idle(hooks.launch_exit_hook)):
                 key = (_spec_key(args), tuple(consts.items()))
                 ck = self.compiled.get(key)
                 if ck is not None:
