@@ -194,6 +194,19 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, kv_row, stride_kn, stride_vn, offs_m, off
 
 
 @triton.jit
+def _sequence(CU, off_b, SEQ_Q, SEQ_K, VARLEN: tl.constexpr):
+    """(first token, query length, key length) of batch entry ``off_b``: read from the cumulative
+    offsets CU when VARLEN (packed documents: queries and keys are the same tokens), else the fixed
+    lengths from a token offset of 0."""
+    if VARLEN:
+        tok0 = tl.load(CU + off_b).to(tl.int64)
+        seq = (tl.load(CU + off_b + 1) - tl.load(CU + off_b)).to(tl.int32)
+        return tok0, seq, seq
+    else:
+        return 0, SEQ_Q, SEQ_K
+
+
+@triton.jit
 def _tile(pid, n_bh, n_blocks, section, REVERSE: tl.constexpr):
     """Grid index -> (batch * head, block) in L2 sections (FlashAttention-3's LPT tile scheduler).
 
@@ -239,14 +252,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU,
     off_b = off_bh // H
     off_h = off_bh % H
     off_hk = off_h // GROUP  # GQA: the K/V head this query head reads (no repeat)
-    if VARLEN:
-        tok0 = tl.load(CU + off_b).to(tl.int64)
-        seq_q = (tl.load(CU + off_b + 1) - tl.load(CU + off_b)).to(tl.int32)
-        seq_k = seq_q
-    else:
-        tok0 = 0
-        seq_q = SEQ_Q
-        seq_k = SEQ_K
+    tok0, seq_q, seq_k = _sequence(CU, off_b, SEQ_Q, SEQ_K, VARLEN)
     if start_m * BLOCK_M < seq_q:
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -397,14 +403,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, CU,
     off_bh, pid_n = _tile(tl.program_id(0), N_BH, N_BLOCKS, SECTION, False)
     off_b = off_bh // H_KV
     off_hk = off_bh % H_KV
-    if VARLEN:
-        tok0 = tl.load(CU + off_b).to(tl.int64)
-        seq_q = (tl.load(CU + off_b + 1) - tl.load(CU + off_b)).to(tl.int32)
-        seq_k = seq_q
-    else:
-        tok0 = 0
-        seq_q = SEQ_Q
-        seq_k = SEQ_K
+    tok0, seq_q, seq_k = _sequence(CU, off_b, SEQ_Q, SEQ_K, VARLEN)
     start_n = pid_n * BLOCK_N
     if start_n < seq_k:
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -505,14 +504,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU,
     off_b = off_bh // H
     off_h = off_bh % H
     off_hk = off_h // GROUP
-    if VARLEN:
-        tok0 = tl.load(CU + off_b).to(tl.int64)
-        seq_q = (tl.load(CU + off_b + 1) - tl.load(CU + off_b)).to(tl.int32)
-        seq_k = seq_q
-    else:
-        tok0 = 0
-        seq_q = SEQ_Q
-        seq_k = SEQ_K
+    tok0, seq_q, seq_k = _sequence(CU, off_b, SEQ_Q, SEQ_K, VARLEN)
     if start_m * BLOCK_M < seq_q:
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)

@@ -564,6 +564,59 @@ def _weight_tile(codes_ptr, scales_ptr, r3, r2, rmask, blk0, blk_hi, stride_cn, 
 
 
 @triton.jit
+def _fp4_mm(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
+            M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym,
+            IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBK: tl.constexpr, GROUP_M: tl.constexpr,
+            SPLIT_K: tl.constexpr, SWAP: tl.constexpr):
+    """The tensor-core linear in either orientation (SWAP is a constexpr, so each kernel below compiles
+    only its own branch): SWAP=False y tile = x tile @ W tile^T; SWAP=True y^T tile = W tile @ x^T tile.
+    K stepped NBK blocks at a time, the weight tile decoded in registers (_weight_tile), float32
+    accumulation, grouped tile order, SPLIT_K parts summed by _write_out."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    WPB: tl.constexpr = BLOCK // 8
+    BK: tl.constexpr = NBK * BLOCK
+    if SWAP:
+        pid_n, pid_m = _grouped_tile(pid, tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_M)
+    else:
+        pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < M
+    rmask = rows < N
+    kk = tl.arange(0, BK)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        x_base = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_base = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    blk_lo, blk_hi = _k_range(pid_k, NUM_BLOCKS, SPLIT_K, NBK)
+    for blk0 in range(blk_lo, blk_hi, NBK):
+        wt = _weight_tile(codes_ptr, scales_ptr, rows[:, None, None], rows[:, None], rmask, blk0, blk_hi, stride_cn,
+                          stride_sn, x_ptr.dtype.element_ty, IS_NV, BLOCK_N, NBK, WPB)
+        k1 = blk0 * BLOCK + kk
+        if SWAP:
+            xt = tl.load(x_base + k1[:, None], mask=mmask[None, :] & (k1[:, None] < blk_hi * BLOCK) & (k1[:, None] < K),
+                         other=0.0)
+            acc = tl.dot(wt, xt, acc)
+        else:
+            xv = tl.load(x_base + k1[None, :], mask=mmask[:, None] & (k1[None, :] < blk_hi * BLOCK) & (k1[None, :] < K),
+                         other=0.0)
+            acc = tl.dot(xv, tl.trans(wt), acc)
+    acc = acc * _tensor_scale(ts_ptr, IS_NV)
+    if SWAP:
+        _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[:, None],
+                   y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + rows[:, None],
+                   ws_ptr + offs_m[None, :].to(tl.int64) * N + rows[:, None], mmask[None, :] & rmask[:, None], SPLIT_K)
+    else:
+        _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[None, :],
+                   y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :],
+                   ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :], mmask[:, None] & rmask[None, :], SPLIT_K)
+
+
+@triton.jit
 def fp4_mm_w32_kernel(
     x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym, M_BUCKET,
@@ -571,34 +624,11 @@ def fp4_mm_w32_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBK: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    """y = x @ dequant(W)^T (+ bias): (BLOCK_M x BLOCK_N) tiles, K stepped NBK blocks at a time, the
-    weight tile decoded (code * block scale in float32, cast to x's dtype) and fed to tl.dot as the
-    second operand; float32 accumulation; grouped tile order. M_BUCKET (M rounded up to a power of
+    """y = x @ dequant(W)^T (+ bias): (BLOCK_M x BLOCK_N) tiles, the decoded weight tile (code * block
+    scale in float32, cast to x's dtype) the dot's second operand. M_BUCKET (M rounded up to a power of
     two) is only an autotuning key. Triton 3.6 cannot compile this form with BLOCK_M >= 64."""
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    WPB: tl.constexpr = BLOCK // 8
-    BK: tl.constexpr = NBK * BLOCK
-    pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mmask = offs_m < M
-    rmask = rows < N
-    kk = tl.arange(0, BK)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    blk_lo, blk_hi = _k_range(pid_k, NUM_BLOCKS, SPLIT_K, NBK)
-    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-    for blk0 in range(blk_lo, blk_hi, NBK):
-        wt = _weight_tile(codes_ptr, scales_ptr, rows[:, None, None], rows[:, None], rmask, blk0, blk_hi, stride_cn,
-                          stride_sn, x_ptr.dtype.element_ty, IS_NV, BLOCK_N, NBK, WPB)
-        k1 = blk0 * BLOCK + kk
-        xv = tl.load(x_rows + k1[None, :], mask=mmask[:, None] & (k1[None, :] < blk_hi * BLOCK) & (k1[None, :] < K),
-                     other=0.0)
-        acc = tl.dot(xv, tl.trans(wt), acc)
-    acc = acc * _tensor_scale(ts_ptr, IS_NV)
-    _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[None, :],
-               y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :],
-               ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :], mmask[:, None] & rmask[None, :], SPLIT_K)
+    _fp4_mm(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, M, N, K, NUM_BLOCKS, stride_xm, stride_cn,
+            stride_sn, stride_ym, IS_NV, HAS_BIAS, BLOCK, BLOCK_M, BLOCK_N, NBK, GROUP_M, SPLIT_K, False)
 
 
 @triton.jit
@@ -618,27 +648,5 @@ def fp4_mm_t_kernel(
     are grouped (the activation tiles they share stay in L2). SPLIT_K > 1 splits K over grid axis 1
     (parts summed by _write_out), so that the few row tiles of a small batch fill every SM.
     """
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    WPB: tl.constexpr = BLOCK // 8
-    BK: tl.constexpr = NBK * BLOCK
-    pid_n, pid_m = _grouped_tile(pid, tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mmask = offs_m < M
-    rmask = rows < N
-    kk = tl.arange(0, BK)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    blk_lo, blk_hi = _k_range(pid_k, NUM_BLOCKS, SPLIT_K, NBK)
-    x_cols = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm
-    for blk0 in range(blk_lo, blk_hi, NBK):
-        wt = _weight_tile(codes_ptr, scales_ptr, rows[:, None, None], rows[:, None], rmask, blk0, blk_hi, stride_cn,
-                          stride_sn, x_ptr.dtype.element_ty, IS_NV, BLOCK_N, NBK, WPB)
-        k1 = blk0 * BLOCK + kk
-        xt = tl.load(x_cols + k1[:, None], mask=mmask[None, :] & (k1[:, None] < blk_hi * BLOCK) & (k1[:, None] < K),
-                     other=0.0)
-        acc = tl.dot(wt, xt, acc)
-    acc = acc * _tensor_scale(ts_ptr, IS_NV)
-    _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[:, None],
-               y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + rows[:, None],
-               ws_ptr + offs_m[None, :].to(tl.int64) * N + rows[:, None], mmask[None, :] & rmask[:, None], SPLIT_K)
+    _fp4_mm(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, M, N, K, NUM_BLOCKS, stride_xm, stride_cn,
+            stride_sn, stride_ym, IS_NV, HAS_BIAS, BLOCK, BLOCK_M, BLOCK_N, NBK, GROUP_M, SPLIT_K, True)
