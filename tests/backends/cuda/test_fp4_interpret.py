@@ -324,7 +324,7 @@ def test_fp4linear_with_cuda_kernels_eager_fast_path(fmt):
 
 
 @kernel
-def test_linear_mm_multi_tile_config():
+def test_linear_mm_multi_tile_config(monkeypatch):
     """Several M and N tiles and several K steps with a grouped tile order."""
     import vbhal.formats as VF
     from vbhal.backends.cuda import fp4_linear as L
@@ -336,8 +336,10 @@ def test_linear_mm_multi_tile_config():
     cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 1, "GROUP_M": 2}
     y = L._linear_2d(x, codes, scales, ts, None, fid, n, k, "mm_w32", config={**cfg, "SPLIT_K": 1})
     _check_linear(y, x, qw, None)
-    # both kernels: direct tiles, and split-K into the float32 workspace + the finalize kernel (M * N =
-    # 1400 elements: more than one finalize program), with and without bias, workspace zero afterwards
+    # both kernels: direct tiles, and split-K into the float32 workspace + the finalize kernel (one program
+    # per row and column block: 16 columns per block here, so N = 40 takes three, the last one partial),
+    # with and without bias, workspace zero afterwards
+    monkeypatch.setattr(L, "_FINALIZE_BLOCK", 16)
     bias = torch.randn(n, dtype=torch.float16)
     for path in ("mm_t", "mm_w32"):
         for split in (1, 3):

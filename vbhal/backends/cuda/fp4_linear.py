@@ -189,7 +189,7 @@ def _short_error(e: BaseException) -> str:
 # split-K workspace: float32 partial sums, zero at rest
 # ---------------------------------------------------------------------------------------------------
 _WORKSPACES: dict[tuple, torch.Tensor] = {}
-#: elements per program of fp4_splitk_finalize_kernel
+#: columns per program of fp4_splitk_finalize_kernel (one row per program row of the grid)
 _FINALIZE_BLOCK = 1024
 
 
@@ -291,14 +291,13 @@ def _finalize(ws: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> N
     """Second launch of split-K: y = ws (+ bias) in y's dtype, ws zeroed (fp4_splitk_finalize_kernel).
     Stream order after the split kernel is what makes the sums complete: no in-kernel synchronisation."""
     m, n = y.shape
-    total = m * n
     run = _FINALIZE_LAUNCHERS.get(0)
     if run is None:
         run = _FINALIZE_LAUNCHERS[0] = _DirectLauncher(kernels_module().fp4_splitk_finalize_kernel)
     consts = {"HAS_BIAS": bias is not None, "BLOCK": _FINALIZE_BLOCK}
     if not is_interpreter():
         consts["num_warps"] = 4
-    run((triton_cdiv(total, _FINALIZE_BLOCK),), (ws, bias if bias is not None else ws, y, total, n, y.stride(0)),
+    run((m, triton_cdiv(n, _FINALIZE_BLOCK)), (ws, bias if bias is not None else ws, y, n, y.stride(0)),
         consts, _raw_stream(y.device) if y.device.type == "cuda" else None)
 
 
