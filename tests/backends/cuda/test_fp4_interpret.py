@@ -243,7 +243,7 @@ def _workspaces_are_zero():
 def test_linear_gemv_mr_tiles_and_splits(fmt, dtype):
     """The multi-row GEMV over several M tiles, N tiles and K splits (a split with no K blocks left
     included), called twice in a row: the split-K workspace must be zero again after every call
-    (the finalize kernel resets it), or the second call would be wrong."""
+    (_finalize resets it), or the second call would be wrong."""
     import vbhal.formats as VF
     from vbhal.backends.cuda import fp4_linear as L
 
@@ -264,7 +264,7 @@ def test_linear_gemv_mr_tiles_and_splits(fmt, dtype):
 @kernel
 def test_split_k_workspace_survives_many_calls():
     """The same workspace serves gemv, gemv_mr, mm_t and mm_w32 split-K calls of different shapes back to
-    back (split kernels add into it, the finalize kernel writes y and zeroes it)."""
+    back (split kernels add into it, _finalize writes y and zeroes it)."""
     import vbhal.formats as VF
     from vbhal.backends.cuda import fp4_linear as L
 
@@ -324,7 +324,7 @@ def test_fp4linear_with_cuda_kernels_eager_fast_path(fmt):
 
 
 @kernel
-def test_linear_mm_multi_tile_config(monkeypatch):
+def test_linear_mm_multi_tile_config():
     """Several M and N tiles and several K steps with a grouped tile order."""
     import vbhal.formats as VF
     from vbhal.backends.cuda import fp4_linear as L
@@ -336,10 +336,8 @@ def test_linear_mm_multi_tile_config(monkeypatch):
     cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 1, "GROUP_M": 2}
     y = L._linear_2d(x, codes, scales, ts, None, fid, n, k, "mm_w32", config={**cfg, "SPLIT_K": 1})
     _check_linear(y, x, qw, None)
-    # both kernels: direct tiles, and split-K into the float32 workspace + the finalize kernel (one program
-    # per row and column block: 16 columns per block here, so N = 40 takes three, the last one partial),
-    # with and without bias, workspace zero afterwards
-    monkeypatch.setattr(L, "_FINALIZE_BLOCK", 16)
+    # both kernels: direct tiles, and split-K into the float32 workspace + _finalize, with and without
+    # bias, workspace zero afterwards
     bias = torch.randn(n, dtype=torch.float16)
     for path in ("mm_t", "mm_w32"):
         for split in (1, 3):
@@ -350,12 +348,12 @@ def test_linear_mm_multi_tile_config(monkeypatch):
 
 
 @kernel
-def test_split_k_finalize_kernel_alone():
-    """fp4_splitk_finalize_kernel: y = ws (+ bias) cast, ws zeroed, on a poisoned y whose row stride is
-    wider than N (every element written, nothing outside the (M, N) view touched)."""
+def test_split_k_finalize_alone():
+    """_finalize: y = ws (+ bias) cast, ws zeroed, on a poisoned y whose row stride is wider than N (every
+    element written, nothing outside the (M, N) view touched)."""
     from vbhal.backends.cuda import fp4_linear as L
 
-    m, n = 5, 700  # 3500 elements: four programs, the last one partly masked
+    m, n = 5, 700
     ws = torch.randn(m * n + 7)  # longer than needed, as a grown shared workspace is
     tail = ws[m * n:].clone()
     bias = torch.randn(n, dtype=torch.float16)

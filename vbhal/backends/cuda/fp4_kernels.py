@@ -12,8 +12,8 @@ Kernels: ``fp4_quantize_kernel``, ``fp4_dequantize_kernel``; for the linear (see
 when each runs) the GEMVs ``fp4_gemv_kernel`` / ``fp4_gemv_w32_kernel`` / ``fp4_gemv_pf_kernel`` and
 the tensor-core kernels ``fp4_mm_t_kernel`` (swap-AB, the one used) and ``fp4_mm_kernel`` /
 ``fp4_mm_w32_kernel`` (x @ W^T form; triton 3.6 cannot compile it with BLOCK_M >= 64); with SPLIT_K > 1
-each adds its float32 part into a workspace and ``fp4_splitk_finalize_kernel``, launched next on the
-same stream, writes y (see ``_write_out``).
+each adds its float32 part into a workspace, and the launcher's ``_finalize`` (torch ops, next on the
+same stream) writes y (see ``_write_out``).
 
 Decoding E2M1 without a lookup table (``_e2m1_decode``): the three magnitude bits of a code
 (exponent e1 e0, mantissa m) placed at bits 11..9 of a float16 and the sign at bit 15 make the
@@ -206,39 +206,20 @@ def _bias(bias_ptr, rows, rmask, HAS_BIAS: tl.constexpr):
 def _write_out(acc, bias, y_ptrs, ws_ptrs, mask, SPLIT_K: tl.constexpr):
     """Store ``acc + bias`` (float32) into y, or with SPLIT_K > 1 add this split's part into the
     float32 workspace ``ws`` (zero at rest) with relaxed atomics; the launcher then runs
-    ``fp4_splitk_finalize_kernel`` (stream-ordered after this kernel, so every split's atomics are
+    ``fp4_linear._finalize`` (stream-ordered after this kernel, so every split's atomics are
     complete and visible), which adds the bias, writes y and zeroes ws again.
 
     R5: the one-launch "last split finalizes the tile" scheme (arrival counter, then plain/volatile
     loads of the sum) raced on the H100 -- nothing orders the other CTAs' atomic adds before the
-    counter increment that the last CTA observes -- and gave relative errors of 4e-2..3e-1. Two
-    launches cost one small kernel and cannot race.
+    counter increment that the last CTA observes -- and gave relative errors of 4e-2..3e-1. Session 3:
+    a Triton finalize kernel (load ws, store y, store zeros to ws) then gave wrong rows from M ~ 512 on
+    the H100 (rel. error 1-6e-2, run to run different) although the workspace was verified right just
+    before it ran; torch's copy and zero_ in its place were right in every run, so they do it now.
     """
     if SPLIT_K == 1:
         tl.store(y_ptrs, (acc + bias).to(y_ptrs.dtype.element_ty), mask=mask)
     else:
         tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
-
-
-@triton.jit
-def fp4_splitk_finalize_kernel(ws_ptr, bias_ptr, y_ptr, N, stride_ym, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """Split-K epilogue, launched after a split kernel on the same stream: y[m, n] = ws[m, n] (+ bias[n])
-    in y's dtype, and ws[m, n] = 0 (the workspace is zero at rest for the next call). ws is float32
-    (M, N) contiguous. Program (m, c) handles columns c*BLOCK .. c*BLOCK + BLOCK - 1 of row m.
-
-    Session 3: the first version walked ws as one flat range (row = offset // N per element) and gave
-    wrong rows on the H100 from M ~ 768 up (rel. error 1-6e-2, varying run to run, the workspace
-    itself verified right just before it ran; a torch copy in its place was right); rows on the grid
-    need no division and cannot straddle a row."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
-    w_offs = row * N + cols
-    tot = tl.load(ws_ptr + w_offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        tot += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_ym + cols, tot.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(ws_ptr + w_offs, tl.zeros_like(tot), mask=mask)
 
 
 @triton.jit
@@ -372,7 +353,7 @@ def fp4_dequantize_kernel(
 #
 # Common arguments: x (M, K) with row stride stride_xm; codes (N, Kp/2) bytes (the _w32/_pf/_mr
 # kernels: the int32 view, stride in words); scale bytes (N, NUM_BLOCKS); y (M, N) in x's dtype;
-# ws float32 (M, N) contiguous, zero at rest (_write_out, fp4_splitk_finalize_kernel).
+# ws float32 (M, N) contiguous, zero at rest (_write_out, fp4_linear._finalize).
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
 def fp4_gemv_kernel(

@@ -10,9 +10,9 @@ each kernel's launch configuration, itself picked by timing the path's config li
   with register double buffering / int32 words / bytes). ``gemv_mr`` (timed at M = 1 only; forced
   paths take any M): split-K GEMV, BLOCK_M activation rows per program.
 - Split-K (any kernel with SPLIT_K > 1): the splits add float32 parts into a workspace that is zero at
-  rest, then a second, small kernel (stream-ordered after them) adds the bias, writes y and zeroes
-  the workspace (``_workspace``, ``_finalize``). R5: the one-launch "last split finalizes" variant
-  raced on the H100 (wrong results); two launches cannot.
+  rest, then torch ops stream-ordered after them add the bias, write y and zero the workspace
+  (``_workspace``, ``_finalize``). R5: the one-launch "last split finalizes" variant raced on the H100
+  (wrong results); session 3: a Triton finalize kernel went wrong at M >= ~512 (see ``_finalize``).
 - ``mm_t`` (bf16/fp16, any M): the "swap-AB" tensor-core kernel, y^T = W x^T with the decoded weight
   tile as the MMA's first operand (wgmma on Hopper) so the weight rows fill its 64-row side and the
   batch only the narrow one; split-K for small M so a few row tiles still fill every SM; large tiles
@@ -189,8 +189,6 @@ def _short_error(e: BaseException) -> str:
 # split-K workspace: float32 partial sums, zero at rest
 # ---------------------------------------------------------------------------------------------------
 _WORKSPACES: dict[tuple, torch.Tensor] = {}
-#: columns per program of fp4_splitk_finalize_kernel (one row per program row of the grid)
-_FINALIZE_BLOCK = 1024
 
 
 def _raw_stream(device: torch.device) -> int:
@@ -201,8 +199,8 @@ def _raw_stream(device: torch.device) -> int:
 def _workspace(m: int, n: int, device: torch.device) -> torch.Tensor:
     """A float32 buffer of >= m*n zeros for a split-K kernel's partial sums.
 
-    The split kernels add into it; the finalize kernel launched right after them on the same stream
-    (``_finalize``) reads it, writes y and zeroes it again, so one buffer per (device, stream) serves
+    The split kernels add into it; ``_finalize``, right after them on the same stream, reads it,
+    writes y and zeroes it again, so one buffer per (device, stream) serves
     every call in stream order without a memset. Inside CUDA-graph capture each call gets its own
     (zeroed by a memset recorded in the graph), so graphs replayed on different streams never share one."""
     if device.type == "cuda":
@@ -284,21 +282,19 @@ class _DirectLauncher:
         self.kernel[grid](*args, **consts)
 
 
-_FINALIZE_LAUNCHERS: dict = {}
-
-
 def _finalize(ws: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
-    """Second launch of split-K: y = ws (+ bias) in y's dtype, ws zeroed (fp4_splitk_finalize_kernel).
-    Stream order after the split kernel is what makes the sums complete: no in-kernel synchronisation."""
+    """Second step of split-K: y = ws (+ bias, added in float32) in y's dtype, then ws zeroed, as torch
+    ops on the current stream -- after the split kernel, so every split's part is in. Session 3, H100: a
+    Triton kernel doing the same (load ws, store y, store zeros to ws; flat or per-row grid, with or
+    without the direct launch) gave wrong rows from M ~ 512 (rel. error 1-6e-2, different each run)
+    while the workspace was verified right just before it ran, and these ops were right every time
+    (gpu/splitk_diag2.py). At the M that split-K serves (<= 64) their extra launches cost microseconds."""
     m, n = y.shape
-    run = _FINALIZE_LAUNCHERS.get(0)
-    if run is None:
-        run = _FINALIZE_LAUNCHERS[0] = _DirectLauncher(kernels_module().fp4_splitk_finalize_kernel)
-    consts = {"HAS_BIAS": bias is not None, "BLOCK": _FINALIZE_BLOCK}
-    if not is_interpreter():
-        consts["num_warps"] = 4
-    run((m, triton_cdiv(n, _FINALIZE_BLOCK)), (ws, bias if bias is not None else ws, y, n, y.stride(0)),
-        consts, _raw_stream(y.device) if y.device.type == "cuda" else None)
+    part = ws[: m * n].view(m, n)
+    if bias is not None:
+        part.add_(bias.to(torch.float32))
+    y.copy_(part)
+    part.zero_()
 
 
 # ---------------------------------------------------------------------------------------------------
