@@ -61,10 +61,10 @@ print("triton", triton.__version__, "launch hooks:", rt and (rt.launch_enter_hoo
 for key, run in L._PLANS.items():
     la = getattr(run, "launch", None)
     if la is not None:
-        print("plan", key[:4], "direct", la.direct, "compiled kernels kept", len(la.compiled), "const_names", la.const_names)
+        print("plan", key[:4], "direct", la.direct, "compiled kernels kept", len(la.compiled))
         if la.compiled:
-            (k0, ck), = list(la.compiled.items())[:1]
-            print("  run signature:", getattr(ck, "run", None), "function", getattr(ck, "function", None))
+            ck, tail = next(iter(la.compiled.values()))
+            print("  launcher:", getattr(ck, "run", None), "constexpr values:", tail)
 
 with torch.no_grad():
     pr = cProfile.Profile()

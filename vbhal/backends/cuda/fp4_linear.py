@@ -240,46 +240,43 @@ def _idle(hook) -> bool:
 class _DirectLauncher:
     """Launches one ``@triton.jit`` kernel with fixed constexprs. The first launch per specialization
     key goes through ``kernel[grid](...)`` (compiling if needed) and keeps the compiled kernel it
-    returns; later launches call that compiled kernel's ``run`` directly -- what ``JITFunction.run``
-    does after its binder, cache-key and launch-metadata work (triton >= 3.3 convention: every bound
-    argument, constexprs included, in the kernel's parameter order). Eager host time per FP4 call is
-    what this saves (session 3, H100 host: 45-145 us per fp4_linear call, most of it in that front
-    end). Off under the interpreter, with a launch hook set (profilers see every launch), when the
-    first direct call raises (another triton), and with VBHAL_FP4_DIRECT_LAUNCH=0."""
+    returns, with the constexpr values in parameter order; later launches call that compiled kernel's
+    ``run`` directly -- what ``JITFunction.run`` does after its binder, cache-key and launch-metadata
+    work (triton >= 3.3 convention: every bound argument, constexprs included, in the kernel's
+    parameter order). Session 3, H100 host: FP4Linear host time per call at M=1 52 -> 38 us (min of 7
+    interleaved rounds). Off under the interpreter, with a launch hook set (profilers see every
+    launch), when the first direct call raises (another triton), and with VBHAL_FP4_DIRECT_LAUNCH=0."""
 
-    __slots__ = ("compiled", "const_names", "direct", "kernel")
+    __slots__ = ("compiled", "direct", "kernel", "runtime")
 
     def __init__(self, kernel):
+        import triton
+
         self.kernel = kernel
-        self.compiled: dict = {}
+        self.compiled: dict = {}  # (specialization, constexprs) -> (compiled kernel, constexpr values)
         self.direct = not is_interpreter()
-        self.const_names = None
+        self.runtime = getattr(getattr(triton, "knobs", None), "runtime", None)  # launch hooks live here
 
     def __call__(self, grid: tuple, args: tuple, consts: dict, stream: int | None) -> None:
-        if self.direct and _DIRECT and stream is not None:
-            import triton
-
-            hooks = getattr(getattr(triton, "knobs", None), "runtime", None)
-            if hooks is None or (_idle(hooks.launch_enter_hook) and _idle(hooks.launch_exit_hook)):
-                key = (_spec_key(args), tuple(consts.items()))
-                ck = self.compiled.get(key)
-                if ck is not None:
-                    tail = tuple(consts[n] for n in self.const_names)
-                    g1 = grid[1] if len(grid) > 1 else 1
-                    g2 = grid[2] if len(grid) > 2 else 1
-                    try:
-                        ck.run(grid[0], g1, g2, stream, ck.function, ck.packed_metadata, None, None, None, *args, *tail)
-                        return
-                    except TypeError:  # another launcher convention: use the JIT front end from now on
-                        self.direct = False
-                ck = self.kernel[grid](*args, **consts)
-                if self.const_names is None:
-                    names = list(self.kernel.arg_names)
-                    self.const_names = tuple(names[len(args):])
-                if ck is not None and all(n in consts for n in self.const_names):
-                    self.compiled[key] = ck
+        rt = self.runtime
+        if (not (self.direct and _DIRECT and stream is not None)
+                or (rt is not None and not (_idle(rt.launch_enter_hook) and _idle(rt.launch_exit_hook)))):
+            self.kernel[grid](*args, **consts)
+            return
+        key = (_spec_key(args), tuple(consts.items()))
+        hit = self.compiled.get(key)
+        if hit is not None:
+            ck, tail = hit
+            try:
+                ck.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+                       ck.function, ck.packed_metadata, None, None, None, *args, *tail)
                 return
-        self.kernel[grid](*args, **consts)
+            except TypeError:  # another launcher convention: use the JIT front end from now on
+                self.direct = False
+        ck = self.kernel[grid](*args, **consts)
+        names = self.kernel.arg_names[len(args):]
+        if ck is not None and all(n in consts for n in names):
+            self.compiled[key] = (ck, tuple(consts[n] for n in names))
 
 
 def _finalize(ws: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
