@@ -2,11 +2,15 @@
 
 * ``register(key, tensor)`` puts a tensor in the stack (at level 0 when it fits, else lower);
 * ``access(key)`` returns it on level 0, promoting it (a *miss*) unless it is there already (a *hit*);
-* room is made by LRU demotion, level by level, under each level's byte budget; pinned keys never move;
+* room is made by demotion, level by level, under each level's byte budget; pinned keys never move. The victim
+  is the least recently used key until the stack has learned the access order, then the key whose next use
+  lies furthest ahead in that order (Belady's choice; for the cyclic pattern of training steps plain LRU
+  evicts exactly the key needed next, so every access would miss once the keys outgrow a level);
 * ``prefetch(key)`` starts the promotion in the background (copy stream + event on accelerators, a
   worker thread for disk reads), and ``access`` then waits only for what is not there yet;
 * after the first step (``end_step()``) the stack knows the access order and prefetches the next
-  ``prefetch_depth`` keys on every access by itself;
+  ``prefetch_depth`` keys on every access by itself; a later step that accesses keys the order lacks (tensors
+  registered during the first step) teaches it again;
 * nothing is ever lost: a demotion that fails (disk full) keeps the tensor where it was, warns, and lets
   that level run over its budget while memory allows; a corrupted spill file raises, naming the tensor.
 
@@ -26,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 import warnings
@@ -46,6 +51,8 @@ from vbhal.tiers.stats import TierStats
 LEVEL_DEVICE, LEVEL_HOST, LEVEL_DISK = 0, 1, 2
 #: Prefetch depth used after the first step when none is given.
 DEFAULT_PREFETCH_DEPTH = 2
+#: Accesses recorded per step for learning the order (a caller that never calls end_step() stays bounded).
+_MAX_TRACE = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------------- tiers
@@ -128,9 +135,12 @@ class TierStack:
         for t in self.tiers:
             self.stats.level(t.level, t.name)
         self.prefetch_depth = prefetch_depth
-        self._trace: list[Hashable] = []
-        self._order: list[Hashable] | None = None
-        self._index: dict[Hashable, int] = {}
+        self._trace: list[Hashable] = []  # this step's accesses
+        self._order: list[Hashable] | None = None  # the learned access order of one step
+        self._positions: dict[Hashable, list[int]] = {}  # key -> its (sorted) positions in the order
+        self._pos = -1  # position in the order of the last access
+        self._current: Hashable | None = None  # the last key accessed: never the next victim
+        self._relearn = False
         self._closed = False
         self._finalizer = weakref.finalize(self, _cleanup, self.spill, self._pool_exec)
 
@@ -309,8 +319,9 @@ class TierStack:
         self._check_open()
         with self._lock:
             e = self._entry(key)
-            if self._order is None:
+            if len(self._trace) < _MAX_TRACE:
                 self._trace.append(key)
+            self._advance(key)
             pending = e.moving
         t0 = time.perf_counter()
         if pending is not None:
@@ -354,7 +365,8 @@ class TierStack:
             try:
                 with self._lock:
                     e.moving = None
-                    self._promote_locked(e)
+                    if self._worth_promoting(e):
+                        self._promote_locked(e)
                 fut.set_result(None)
             except BaseException as exc:  # noqa: BLE001 - surfaced by access() through the future
                 fut.set_exception(exc)
@@ -362,14 +374,34 @@ class TierStack:
         self._pool_exec.submit(run)
         return fut
 
-    def _auto_prefetch(self, key: Hashable) -> None:
+    def _advance(self, key: Hashable) -> None:
+        """Move the position in the learned order to `key`'s next occurrence (lock held)."""
+        self._current = key
         if self._order is None:
             return
-        i = self._index.get(key)
-        if i is None:
+        pos = self._positions.get(key)
+        if pos is None:
+            self._relearn = True  # a key the order does not know: learn the order again at the end of this step
             return
-        depth = self.prefetch_depth or DEFAULT_PREFETCH_DEPTH
-        for nxt in self._order[i + 1 : i + 1 + depth]:
+        i = bisect.bisect_right(pos, self._pos)
+        self._pos = pos[i] if i < len(pos) else pos[0]
+
+    def _next_use(self, key: Hashable) -> int:
+        """How many accesses ahead `key` is used next in the learned order (len(order) + 1: not in it)."""
+        n = len(self._order)
+        pos = self._positions.get(key)
+        if pos is None:
+            return n + 1
+        i = bisect.bisect_right(pos, self._pos)
+        return pos[i] - self._pos if i < len(pos) else pos[0] + n - self._pos
+
+    def _auto_prefetch(self, key: Hashable) -> None:
+        with self._lock:
+            if self._order is None or key not in self._positions:
+                return
+            n, depth = len(self._order), self.prefetch_depth or DEFAULT_PREFETCH_DEPTH
+            ahead = [self._order[(self._pos + j) % n] for j in range(1, min(depth, n - 1) + 1)]
+        for nxt in ahead:
             if nxt in self._entries and nxt != key:
                 try:
                     self.prefetch(nxt)
@@ -387,13 +419,17 @@ class TierStack:
             return self._demote_locked(e, target)
 
     def end_step(self) -> dict[str, float]:
-        """Close a step: the first one teaches the stack the access order (used to prefetch from then on)."""
+        """Close a step: the first one teaches the stack the access order (used to prefetch and to choose
+        victims from then on); a step that met keys the order lacks teaches it again."""
         with self._lock:
-            if self._order is None and self._trace:
+            if (self._order is None or self._relearn) and self._trace:
                 self._order = list(self._trace)
-                self._index = {}
+                self._positions = {}
                 for i, k in enumerate(self._order):
-                    self._index.setdefault(k, i)
+                    self._positions.setdefault(k, []).append(i)
+                self._pos = -1
+            self._relearn = False
+            self._trace = []
         return self.stats.end_step()
 
     # -------------------------------------------------------------------------------------- moves (lock held)
@@ -487,7 +523,7 @@ class TierStack:
                         "below refused): unpin tensors, raise the budget, or free disk space"
                     )
                 return  # run over the budget, within the hard limit
-            victim = min(victims, key=lambda x: x.last_use)
+            victim = self._victim(victims)
             if level + 1 >= len(self.tiers) or not self._demote_locked(victim, level + 1):
                 # The level below refused: allow running over the budget while memory allows.
                 if tier.hard_limit_bytes is not None and tier.used_bytes + nbytes <= tier.hard_limit_bytes:
@@ -497,6 +533,26 @@ class TierStack:
                     f"{victim.key!r} could not move to level {level + 1}: free disk space, raise the budgets, "
                     "or use a smaller model"
                 )
+
+    def _worth_promoting(self, e: _Entry) -> bool:
+        """A prefetch only evicts keys needed later than `e`: with a level 0 smaller than the prefetch window it
+        would otherwise push out a key that is needed sooner, which is then read again (lock held)."""
+        tier = self.tiers[0]
+        free = tier.capacity_bytes - tier.used_bytes
+        if e.level == 0 or free >= e.nbytes or self._order is None or e.key == self._current:
+            return True  # (the current key: an access is waiting for this prefetch)
+        d = self._next_use(e.key)
+        later = sum(x.nbytes for x in self._entries.values()
+                    if x.level == 0 and not x.pinned and x is not e and x.key != self._current
+                    and self._next_use(x.key) > d)
+        return free + later >= e.nbytes
+
+    def _victim(self, victims: list[_Entry]) -> _Entry:
+        if self._order is None:
+            return min(victims, key=lambda x: x.last_use)  # LRU until the order is known
+        others = [x for x in victims if x.key != self._current] or victims
+        # Furthest next use first (keys outside the order count as furthest); ties: least recently used.
+        return max(others, key=lambda x: (self._next_use(x.key), -x.last_use))
 
     def _read(self, e: _Entry, *, to_host: bool = False) -> torch.Tensor:
         """The current value of `e` as a tensor (host tensor when reading from disk or when `to_host`)."""
