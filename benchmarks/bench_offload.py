@@ -7,7 +7,8 @@ Parts (run in separate processes so host memory of one does not count against th
 * ``speed``    — ~3.5B-param stack of MLP blocks (d=4096): in-GPU on the uncapped card vs vbhal under the
                  8 GB cap, at 16k and 64k tokens/step; host<->device traffic per step.
 * ``capacity`` — under the 8 GB cap: plain AdamW at 0.40B (fits) and at >= 4.7B (OOM), vbhal at >= 4.7B.
-* ``largest``  — the largest model the whole machine trains with AdamW (GPU + host), with its step time.
+* ``largest``  — the largest model the whole machine trains with AdamW (GPU + host RAM + disk tier): fp32
+                 masters and AdamW state beyond the RAM budget live on disk; per-step times and disk traffic.
 * ``peers``    — torchao CPUOffloadOptimizer and DeepSpeed ZeRO-3 offload, where importable.
 * ``hoststep`` — the host AdamW step variants on ``--hoststep-params`` parameters (bf16 gradient in, bf16
                  working copy out): torch fused AdamW with whole-tensor casts (the old engine path), the engine's
@@ -442,8 +443,85 @@ def _largest_blocks() -> int:
     return max(36, int(host_memory_available() * 0.8 // per_block))
 
 
+def largest_plan(tokens: int, host_avail: int, disk_free: int, host_frac: float = 0.8, disk_frac: float = 0.85) -> dict:
+    """The most blocks the whole machine trains with AdamW: pinned bf16 weights + grads (4 B/param) and the saved
+    activations stay in host RAM; fp32 masters and AdamW m, v (12 B/param) fill the rest of `host_frac` of the
+    available RAM, then `disk_frac` of the spill directory's free space."""
+    p = params_of(1)
+    pinned, state = 4 * p + tokens * D_MODEL * 2, 12 * p
+    host, disk = int(host_avail * host_frac), int(disk_free * disk_frac)
+    n = max(1, min((host + disk) // (pinned + state), host // pinned))
+    budget = max(0, host - n * pinned)
+    return {"blocks": int(n), "params": params_of(n), "state_budget_bytes": int(budget),
+            "state_on_disk_bytes": max(0, n * state - budget), "host_bytes": host, "disk_bytes": disk,
+            "host_available": host_avail, "disk_free": disk_free}
+
+
 def part_largest(args) -> dict:
-    return part_capacity(args)
+    """The largest model this whole machine (GPU + pinned host + disk) fully trains with AdamW, with its step
+    times. Masters and AdamW state that do not fit the RAM budget live in checksummed files on the disk tier and
+    are read and written back every step, so the step is bound by disk bandwidth: steps run until --deadline-s
+    (each one's time, loss and disk traffic recorded; the third is the first with the learned order complete)."""
+    from vbhal._sysinfo import disk_free, host_memory_available, spill_root
+
+    root = Path(os.environ.get("VBHAL_SPILL_DIR") or spill_root())
+    plan = largest_plan(args.cap_tokens, host_memory_available(), disk_free(root))
+    if args.blocks:
+        plan = dict(plan, blocks=args.blocks, params=params_of(args.blocks),
+                    state_budget_bytes=max(0, plan["host_bytes"] - args.blocks * (4 * params_of(1) + args.cap_tokens * D_MODEL * 2)))
+    if args.smoke:  # toy sizes: a budget of one block's state, so the disk tier is exercised
+        plan = dict(plan, blocks=4, params=params_of(4), state_budget_bytes=12 * params_of(1))
+    n = plan["blocks"]
+    print(f"plan: {n} blocks = {plan['params'] / 1e9:.2f}B params; state in RAM {plan['state_budget_bytes'] / GB:.1f} GB, "
+          f"on disk {max(0, 12 * plan['params'] - plan['state_budget_bytes']) / GB:.1f} GB ({root}); "
+          f"RAM available {plan['host_available'] / GB:.1f} GB, disk free {plan['disk_free'] / GB:.1f} GB", flush=True)
+    res = {"plan": plan, "params": plan["params"], "tokens": args.cap_tokens, "spill_root": str(root), "rows": []}
+    _SAVE("largest", res)
+    deadline = time.perf_counter() + args.deadline_s
+    reset_gpu()
+    model, eng, t_build = build_vbhal(n, args.cap_tokens, offload_activations=True, gpu_step_fraction=0.0,
+                                      state_budget_bytes=plan["state_budget_bytes"], spill_root=str(root))
+    res["build_s"] = t_build
+    res["host_step"] = eng.host_step_note
+    print(f"built in {t_build:.1f} s ({eng.host_step_note})", flush=True)
+    st = eng.state_stack
+    try:
+        x = torch.randn(args.cap_tokens, D_MODEL, device=DEV, dtype=torch.bfloat16)
+        step = vbhal_step_fn(model, eng)
+        last = None
+        while True:
+            lv = {lvl: (s.bytes_in, s.bytes_out, s.stall_s) for lvl, s in st.stats.levels.items()} if st else {}
+            t0 = time.perf_counter()
+            loss = float(step(x))
+            sync()
+            eng.synchronize()  # the step's host AdamW (and its disk traffic) is done
+            dt = time.perf_counter() - t0
+            row = {"step": len(res["rows"]) + 1, "step_s": dt, "loss": loss}
+            if st is not None:
+                d = st.stats.levels[1]
+                row.update(disk_read_GB=(d.bytes_out - lv[1][1]) / GB, disk_write_GB=(d.bytes_in - lv[1][0]) / GB,
+                           state_stall_s=sum(s.stall_s for s in st.stats.levels.values()) - sum(v[2] for v in lv.values()))
+                row["disk_GBps"] = (row["disk_read_GB"] + row["disk_write_GB"]) / dt
+            res["rows"].append(row)
+            _SAVE("largest", res)
+            print("  step {step}: {step_s:.1f} s  loss {loss:.4f}".format(**row)
+                  + (f"  disk read {row['disk_read_GB']:.1f} GB write {row['disk_write_GB']:.1f} GB "
+                     f"({row['disk_GBps']:.2f} GB/s)  stall {row['state_stall_s']:.1f} s" if st is not None else ""), flush=True)
+            if not math.isfinite(loss):
+                res["status"] = "non-finite loss"
+                break
+            last = dt
+            if len(res["rows"]) >= args.steps or time.perf_counter() + 1.2 * last > deadline:
+                break
+        res["status"] = res.get("status", "ok")
+        res["step_s"] = res["rows"][-1]["step_s"]
+        res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+        res["state_stack"] = {t.name: t.used_bytes for t in st.tiers} if st else None
+    except torch.OutOfMemoryError as e:
+        res.update(status="OOM", error=str(e).splitlines()[0][:200])
+    finally:
+        eng.close()
+    return res
 
 
 def part_peers(args) -> dict:
@@ -832,6 +910,7 @@ def main() -> int:
     ap.add_argument("--cap-tokens", type=int, default=16384)
     ap.add_argument("--blocks", type=int, default=None)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--deadline-s", type=float, default=420.0, help="largest: no new step after this many seconds")
     ap.add_argument("--chunk-tokens", type=int, default=8192)
     ap.add_argument("--gpu-step", default="auto", help="speed: gpu_step_fraction of the vbhal rows ('auto' or 0..1)")
     ap.add_argument("--host-only-tokens", default="16384",

@@ -10,14 +10,16 @@
 #              Host step: torch fused in pieces of VBHAL_HOST_STEP_CHUNK (default 4M: fastest in round 4).
 #   peers    = vbhal vs DeepSpeed ZeRO-3 offload vs torchao at 0.81B.
 #   hoststep = host AdamW variants at 0.5B params (s per 1e9 params), only if time is left.
-#   cuda / capacity / check / largest: as before, not in the default plan.
+#   largest  = the largest model the whole machine trains (GPU + RAM + disk tier), per-step times and disk traffic;
+#              TIERS_LARGEST_S seconds (default 70), TIERS_BUDGET the whole script's (default 237).
+#   cuda / capacity / check: as before, not in the default plan.
 # JSON: $RES/offload-gpu.json (speed, peers, hoststep); the compact table is printed last.
 PARTS=${TIERS_PARTS:-"hybrid speed peers hoststep"}
 START=$(date +%s)
 : "${RES:=/tmp/tiers-res}"
 mkdir -p "$RES"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-left() { echo $(( 237 - ($(date +%s) - START) )); }
+left() { echo $(( ${TIERS_BUDGET:-237} - ($(date +%s) - START) )); }
 OUTJ="$RES/offload-gpu.json"
 
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -44,6 +46,8 @@ run_part() {  # name, max seconds
       PATH="/tmp/site-tiers/bin:$PATH" PYTHONPATH="$PYTHONPATH:/tmp/site-tiers" timeout "$T" \
         python3 benchmarks/bench_offload.py peers --blocks 6 --steps 3 --out "$OUTJ" 2>&1 \
         | grep -v "^\[\|Warning\|warn(\|^W1\|^  \"\"\"\|^Failed to load" | tail -n 40 ;;
+    largest) timeout "$T" python3 benchmarks/bench_offload.py largest --steps 4 --deadline-s $(( T - 40 )) --out "$OUTJ" 2>&1 \
+        | grep -v "^\[\|Warning\|warn(\|^W1" | tail -n 20 ;;
     hoststep) timeout "$T" python3 benchmarks/bench_offload.py hoststep --hoststep-params 500000000 --out "$OUTJ" 2>&1 \
         | grep -v "Warning\|warn(" | tail -n 12 ;;
     hybrid) timeout "$T" python3 tests/nn/test_offload_hybrid.py 2>&1 | grep -v "Warning\|warn(" | tail -n 6 ;;
@@ -81,7 +85,7 @@ for p in $PARTS; do
     speed) run_part speed 125 ;;
     capacity) run_part capacity 70 ;;
     peers) run_part peers 70 ;;
-    largest) run_part largest 70 ;;
+    largest) run_part largest ${TIERS_LARGEST_S:-70} ;;
   esac
 done
 
@@ -116,6 +120,14 @@ for r in rows:
         print("           GB/step: " + " ".join(f"{k} {v:.2f}" for k, v in r["GB_by_kind"].items() if v)
               + f"  | keep: budget {kp.get('budget_bytes', 0) / 1e9:.2f} GB all {kp.get('all')} acts {len(kp.get('acts') or [])}"
               f" fb {len(kp.get('fb') or [])} used {kp.get('used_bytes', 0) / 1e9:.2f} GB ({kp.get('source')})")
+lg = d.get("largest", {})
+if lg.get("plan"):
+    p = lg["plan"]
+    print(f"largest    {p['blocks']} blocks = {p['params'] / 1e9:.2f}B params, state in RAM {p['state_budget_bytes'] / 1e9:.1f} GB, "
+          f"on disk {p['state_on_disk_bytes'] / 1e9:.1f} GB; build {lg.get('build_s', float('nan')):.1f} s; {lg.get('status')}")
+for r in lg.get("rows", []):
+    print(f"largest    step {r['step']}: {r['step_s']:.1f} s loss {r['loss']:.4f} disk read {r.get('disk_read_GB', 0):.1f} GB "
+          f"write {r.get('disk_write_GB', 0):.1f} GB ({r.get('disk_GBps', 0):.2f} GB/s) stall {r.get('state_stall_s', 0):.1f} s")
 for r in d.get("peers", {}).get("rows", []):
     print(f"peers      {r['peer']:30s} {r.get('params', 0)/1e9:5.2f}B step {r.get('step_s', float('nan')):6.3f} s "
           f"vbhal speedup {r.get('vbhal_speedup', float('nan')):.2f}x {r.get('status')}")
