@@ -39,6 +39,8 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch
 from torch import nn
 
+from vbhal.conformance._reference import split_adamw_reference
+
 GB = 1e9
 _SAVE = None  # set by main(): save(part, partial_result) writes the JSON after every row
 CAP_BYTES = 8 * 10**9  # "GPU capped at 8 GB"
@@ -305,30 +307,9 @@ def part_check(args) -> dict:
             return (model(x).float() - y.float()).pow(2).mean()
 
     def plain_run(host_adam: bool) -> list[float]:
-        plain = copy.deepcopy(base).to(DEV)
-        params = list(plain.parameters())
-        if host_adam:
-            masters = [p.detach().cpu().clone().requires_grad_(True) for p in params]
-            opt = torch.optim.AdamW(masters, lr=lr, fused=True)
-        else:
-            opt = torch.optim.AdamW(params, lr=lr, fused=True)
-        out = []
-        for x, y in zip(xs, ys):
-            loss = loss_of(plain, x, y)
-            loss.backward()
-            if host_adam:
-                for m, p in zip(masters, params):
-                    m.grad = p.grad.cpu()
-                    p.grad = None
-                opt.step()
-                with torch.no_grad():
-                    for m, p in zip(masters, params):
-                        p.copy_(m)
-            else:
-                opt.step()
-                opt.zero_grad()
-            out.append(loss.item())
-        return out
+        # AdamW on fp32 CPU copies (the engine's host step: same arithmetic) or all of it fused on the device
+        names = frozenset() if host_adam else frozenset(n for n, _ in base.named_parameters())
+        return split_adamw_reference(base, list(zip(xs, ys)), lambda m, b: loss_of(m, *b), DEV, lr, names)[0]
 
     def vbhal_run(**kw) -> list[float]:
         off = copy.deepcopy(base)

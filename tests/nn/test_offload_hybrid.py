@@ -24,6 +24,7 @@ except ImportError:  # the GPU image may lack pytest: main() below runs the CUDA
     class pytest:
         mark = _Mark()
 
+from vbhal.conformance._reference import autocast_loss, split_adamw_reference
 from vbhal.errors import TierError
 from vbhal.nn import offload as off_mod
 from vbhal.nn.offload import apply_offload
@@ -184,39 +185,6 @@ class _MLP(nn.Module):
         return self.head(x).float().pow(2).mean()
 
 
-def _mixed_reference(base: nn.Module, xs: list, dev: str, device_names: set, lr: float, clip: float | None) -> tuple[list[float], dict]:
-    """Ordinary training on `dev` (fp32 params, bf16 autocast) whose AdamW is split like the hybrid engine's: the
-    parameters of device-stepped units by torch's fused AdamW on `dev`, the others by the fused CPU kernel on fp32
-    CPU copies (the engine's host step). Clipping by clip_grad_norm_ on the fp32 gradients, before either step.
-    The hybrid must match this bit for bit: what is left between it and all-on-device training is only the CPU
-    vs CUDA kernel's last bits, which compound (tests/nn/test_offload_hybrid.py docstring of the CUDA test)."""
-    plain = copy.deepcopy(base).to(dev)
-    dev_p = [p for n, p in plain.named_parameters() if n in device_names]
-    host_p = [p for n, p in plain.named_parameters() if n not in device_names]
-    assert dev_p and host_p
-    masters = [p.detach().cpu().clone().requires_grad_(True) for p in host_p]
-    opt_d = torch.optim.AdamW(dev_p, lr=lr, fused=True)
-    opt_h = torch.optim.AdamW(masters, lr=lr, fused=True)
-    losses = []
-    for x in xs:
-        with torch.autocast(dev, dtype=torch.bfloat16):
-            loss = plain(x)
-        loss.backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(plain.parameters(), clip)
-        opt_d.step()
-        opt_d.zero_grad(set_to_none=True)
-        for m, p in zip(masters, host_p):
-            m.grad = p.grad.cpu()
-            p.grad = None
-        opt_h.step()
-        with torch.no_grad():
-            for m, p in zip(masters, host_p):
-                p.copy_(m)
-        losses.append(loss.item())
-    return losses, {n: p.detach().cpu() for n, p in plain.named_parameters()}
-
-
 def _hybrid_vs_mixed(dev: str, steps: int, mode: dict) -> None:
     torch.manual_seed(0)
     base = _MLP()
@@ -232,7 +200,11 @@ def _hybrid_vs_mixed(dev: str, steps: int, mode: dict) -> None:
         eng.step()
         lo.append(loss.item())
     names = {f"{u.name}.{pn}" for u in eng.units if u.gpu_step for pn, _ in u.params}
-    lp, ref = _mixed_reference(base, xs, dev, names, 1e-3, mode.get("max_grad_norm"))
+    # Ordinary training whose AdamW is split like the hybrid's (device-stepped units on `dev`, the rest on fp32 CPU
+    # copies): what is left between the hybrid and all-on-device training is only the CPU vs CUDA kernels' last
+    # bits, which compound (the CUDA test's docstring).
+    assert names and any(n not in names for n, _ in base.named_parameters())
+    lp, ref = split_adamw_reference(base, xs, autocast_loss(dev), dev, 1e-3, names, mode.get("max_grad_norm"))
     diffs = [i for i, (a, b) in enumerate(zip(lo, lp)) if a != b]
     assert not diffs, f"first differing step {diffs[0]}: {lo[diffs[0]]} vs {lp[diffs[0]]}; losses {lo} vs {lp}"
     master = eng.master_state_dict()

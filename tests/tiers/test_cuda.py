@@ -13,6 +13,7 @@ import threading
 import torch
 from torch import nn
 
+from vbhal.conformance._reference import autocast_loss, split_adamw_reference
 from vbhal.tiers import Tier, TierStack
 
 try:
@@ -100,29 +101,6 @@ class _Net(nn.Module):
         return self.head(x).float().pow(2).mean()
 
 
-def _plain_with_host_adamw(base: nn.Module, xs: list, lr: float) -> list[float]:
-    """Ordinary GPU training (fp32 params, bf16 autocast) whose AdamW step runs on CPU copies with torch's fused
-    CPU kernel: the same arithmetic as the offload engine, so the losses must agree exactly."""
-    plain = copy.deepcopy(base).cuda()
-    params = list(plain.parameters())
-    masters = [p.detach().cpu().clone().requires_grad_(True) for p in params]
-    opt = torch.optim.AdamW(masters, lr=lr, fused=True)
-    losses = []
-    for x in xs:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = plain(x)
-        loss.backward()
-        for m, p in zip(masters, params):
-            m.grad = p.grad.cpu()
-            p.grad = None
-        opt.step()
-        with torch.no_grad():
-            for m, p in zip(masters, params):
-                p.copy_(m)
-        losses.append(loss.item())
-    return losses
-
-
 @_parametrize("mode", [{}, {"checkpoint": False}, {"offload_activations": True, "chunks": 2}])
 def test_cuda_offload_bf16_autocast_matches_plain(mode):
     from vbhal.nn.offload import apply_offload
@@ -130,7 +108,9 @@ def test_cuda_offload_bf16_autocast_matches_plain(mode):
     torch.manual_seed(0)
     base = _Net()
     xs = [torch.randn(64, 256, device="cuda") for _ in range(8)]
-    lp = _plain_with_host_adamw(base, xs, 1e-3)
+    # ordinary GPU training whose AdamW runs on fp32 CPU copies with torch's fused CPU kernel: the engine's
+    # arithmetic, so the losses must agree exactly
+    lp, _ = split_adamw_reference(base, xs, autocast_loss("cuda"), "cuda", 1e-3)
     off = copy.deepcopy(base)
     eng = apply_offload(off, device="cuda", lr=1e-3, work_dtype=torch.bfloat16, poison=True, **mode)
     lo = []

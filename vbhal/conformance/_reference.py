@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -39,3 +41,49 @@ def attention_reference(q, k, v, *, causal=False, scale=None, cu_seqlens=None):
         outs.append(F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, scale=scale,
                                                    enable_gqa=True).transpose(0, 1))
     return torch.cat(outs)
+
+
+def split_adamw_reference(base: torch.nn.Module, batches: list, loss_fn, device, lr: float,
+                          device_names: frozenset[str] | set[str] = frozenset(), clip: float | None = None):
+    """Ordinary training of a copy of `base` on `device` (its own parameter dtypes; the caller's `loss_fn(model,
+    batch)` does any autocast) whose AdamW is split the way vbhal's offload engine splits it: parameters named in
+    `device_names` by torch's fused AdamW on `device`, the rest by the fused CPU kernel on fp32 CPU copies (the
+    engine's host step), copied back after each step. Clipping by clip_grad_norm_ before either step. The engine
+    must match this bit for bit (the arithmetic is the same). Returns (losses, {name: CPU parameter})."""
+    plain = copy.deepcopy(base).to(device)
+    named = list(plain.named_parameters())
+    dev_p = [p for n, p in named if n in device_names]
+    host_p = [p for n, p in named if n not in device_names]
+    masters = [p.detach().cpu().clone().requires_grad_(True) for p in host_p]
+    opt_d = torch.optim.AdamW(dev_p, lr=lr, fused=True) if dev_p else None
+    opt_h = torch.optim.AdamW(masters, lr=lr, fused=True) if masters else None
+    losses = []
+    for batch in batches:
+        loss = loss_fn(plain, batch)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(plain.parameters(), clip)
+        if opt_d is not None:
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+        if opt_h is not None:
+            for m, p in zip(masters, host_p):
+                m.grad = p.grad.cpu()
+                p.grad = None
+            opt_h.step()
+            with torch.no_grad():
+                for m, p in zip(masters, host_p):
+                    p.copy_(m)
+        losses.append(loss.item())
+    return losses, {n: p.detach().cpu() for n, p in named}
+
+
+def autocast_loss(device, dtype: torch.dtype = torch.bfloat16):
+    """loss_fn for split_adamw_reference: the model's own output (a loss) under autocast to `dtype`."""
+    dev_type = torch.device(device).type
+
+    def loss_fn(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(dev_type, dtype=dtype):
+            return model(x)
+
+    return loss_fn
