@@ -29,7 +29,6 @@ from vbhal.errors import TierError
 from vbhal.nn import offload as off_mod
 from vbhal.nn.offload import apply_offload
 
-
 _run = _train_offload  # (model, data, *, eng=None, autocast=False, lr=1e-2, **cfg) -> (losses, engine)
 
 
@@ -226,7 +225,7 @@ def test_cpu_hybrid_matches_mixed_reference(mode):
 def test_cuda_hybrid_matches_in_gpu_training(mode):
     """Hybrid (half the units' AdamW on the GPU) vs ordinary in-GPU training (fp32 params, bf16 autocast) whose
     AdamW is split the same way: device-stepped units' parameters by CUDA fused AdamW, the others by the fused CPU
-    kernel on CPU copies (_mixed_reference), 30 steps: bit for bit. (Against all-CUDA AdamW the losses differ by
+    kernel on CPU copies (split_adamw_reference), 30 steps: bit for bit. (Against all-CUDA AdamW the losses differ by
     ~3e-3 relative, ~1e-2 with clipping: on CPU, swapping the AdamW kernel of 3 of the 7 units for another one
     with different last bits gives the same 3e-3 / 8e-3 on this model, whose loss overshoots 0.4 -> 4.7 (2.5 clipped)
     and then falls to ~0.02 (~0.005): a relative loss tolerance there measures chaos, not correctness.)"""
@@ -250,7 +249,7 @@ def test_cuda_hybrid_matches_in_gpu_training(mode):
     lo, eng = run(resident_cache_bytes=0)
     assert sum(u.gpu_step for u in eng.units) == round(0.5 * sum(1 for u in eng.units if u.n_train)) and eng.units[0].gpu_step
     names = {f"{u.name}.{pn}" for u in eng.units if u.gpu_step for pn, _ in u.params}
-    lp, ref = _mixed_reference(base, xs, "cuda", names, 1e-3, mode.get("max_grad_norm"))
+    lp, ref = split_adamw_reference(base, xs, autocast_loss("cuda"), "cuda", 1e-3, names, mode.get("max_grad_norm"))
     diffs = [i for i, (a, b) in enumerate(zip(lo, lp)) if a != b]
     assert not diffs, f"first differing step {diffs[0]}: {lo[diffs[0]]} vs {lp[diffs[0]]}; losses {lo} vs {lp}"
     master = eng.master_state_dict()
