@@ -45,6 +45,10 @@ GB = 1e9
 _SAVE = None  # set by main(): save(part, partial_result) writes the JSON after every row
 CAP_BYTES = 8 * 10**9  # "GPU capped at 8 GB"
 D_MODEL = 4096
+#: lr of the deep stacks (capacity, largest): AdamW's first, sign-like update moves each of 72 d=4096 blocks
+#: coherently; at 1e-4 the loss went to inf at step 2 (a deep-stack scale effect, not the tiers; timing does not
+#: depend on lr).
+DEEP_LR = 2e-6
 D_FFN = 4 * D_MODEL
 DEV = "cuda"  # --smoke runs every code path on CPU with tiny sizes (no timings worth reading)
 
@@ -406,8 +410,9 @@ def part_capacity(args) -> dict:
     rows.append(run_plain(n_big, args.cap_tokens, CAP_BYTES, warmup=0, steps=1))
     print(_row(rows[-1]), flush=True)
     _SAVE("capacity", {"rows": rows})
-    model, eng, t_build = build_vbhal(n_big, args.cap_tokens, offload_activations=True)
+    model, eng, t_build = build_vbhal(n_big, args.cap_tokens, offload_activations=True, lr=DEEP_LR)
     rows.append(run_vbhal(model, eng, args.cap_tokens, CAP_BYTES, warmup=1, steps=min(2, args.steps)))
+    rows[-1]["lr"] = DEEP_LR
     rows[-1]["build_s"] = t_build
     rows[-1]["host_step"] = eng.host_step_note
     print(_row(rows[-1]), flush=True)
@@ -464,9 +469,7 @@ def part_largest(args) -> dict:
     _SAVE("largest", res)
     deadline = time.perf_counter() + args.deadline_s
     reset_gpu()
-    # lr 2e-6: AdamW's first, sign-like update moves each of 72 d=4096 blocks coherently; at 1e-4 the loss
-    # jumped to inf at step 2 (a deep-stack scale effect, not the tiers: timing does not depend on lr).
-    res["lr"] = 2e-6
+    res["lr"] = DEEP_LR
     model, eng, t_build = build_vbhal(n, args.cap_tokens, offload_activations=True, gpu_step_fraction=0.0, lr=res["lr"],
                                       state_budget_bytes=plan["state_budget_bytes"], spill_root=str(root))
     res["build_s"] = t_build

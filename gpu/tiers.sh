@@ -83,7 +83,7 @@ for p in $PARTS; do
     cuda) run_part cuda 25 ;;
     check) run_part check 35 ;;
     speed) run_part speed 125 ;;
-    capacity) run_part capacity 70 ;;
+    capacity) run_part capacity ${TIERS_CAPACITY_S:-70} ;;
     peers) run_part peers 70 ;;
     largest) run_part largest ${TIERS_LARGEST_S:-70} ;;
   esac
