@@ -406,7 +406,7 @@ def part_capacity(args) -> dict:
         if rows[-1].get("status") != "ok":
             break
     fits = [r["params"] for r in rows if r.get("status") == "ok"]
-    n_big = args.blocks or _largest_blocks()
+    n_big = args.blocks or (4 if args.smoke else _largest_blocks())
     rows.append(run_plain(n_big, args.cap_tokens, CAP_BYTES, warmup=0, steps=1))
     print(_row(rows[-1]), flush=True)
     _SAVE("capacity", {"rows": rows})
