@@ -13,8 +13,7 @@ Triton's own bf16 GEMM reaches against cuBLAS.
     Each decoded bf16 element is widened and added into a float32 [BLOCK_N, BK] accumulator (one FADD per
     element; summed over K at the end, so the decode cannot be eliminated). SPLIT_K > 1 (grid axis 1) writes
     per-split partial row sums (no atomics), as the split-K tensor-core configs split K to fill the SMs.
-    Same run: the read-only floor (``read_only_kernel`` of gpu/fp4_stream_floor.py, copied: that module runs
-    its measurement at import), cuBLAS bf16 ``F.linear`` at M = 1, 16, 64, and vbhal's FP4 linear
+    Same run: the read-only floor (``read_only_kernel`` of gpu/fp4_stream_floor.py), cuBLAS bf16 ``F.linear`` at M = 1, 16, 64, and vbhal's FP4 linear
     (``fp4_linear._linear_2d``, the planner's own path, as fp4_stream_floor.py calls it) at M = 16, 64.
     GPU check: the decode floor's row sums vs ``qw.dequantize(float32).sum(1)`` (vbhal's torch reference),
     relative error (norm over rows) < 1e-3, PASS/FAIL.
@@ -68,6 +67,9 @@ from vbhal.backends.cuda.fp4_kernels import (
     _weight_tile,
 )
 from vbhal.backends.cuda.fp4_quantize import quantize_fp4, qw_operands
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fp4_stream_floor import read_only_kernel
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -125,24 +127,6 @@ def decode_floor_bytes_kernel(codes_ptr, scales_ptr, ts_ptr, out_ptr, N, NUM_BLO
         acc += (lo * s3).to(tl.bfloat16).to(tl.float32) + (hi * s3).to(tl.bfloat16).to(tl.float32)
     tot = tl.sum(tl.sum(acc, axis=2), axis=1) * _tensor_scale(ts_ptr, IS_NV)
     tl.store(out_ptr + pid_k * N + rows, tot, mask=rmask)
-
-
-@triton.jit
-def read_only_kernel(codes_ptr, scales_ptr, out_ptr, N, WORDS, NB, stride_c, stride_s,
-                     BLOCK_N: tl.constexpr, WK: tl.constexpr):
-    """Copied from gpu/fp4_stream_floor.py (that module measures at import): reads the code words and scale
-    bytes in the GEMV's tiling, xor-reduced so the loads stay; no decode."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_N, WK), dtype=tl.int32)
-    sacc = tl.zeros((BLOCK_N, WK // 4), dtype=tl.int32)
-    for w0 in range(0, WORDS, WK):
-        cols = w0 + tl.arange(0, WK)
-        acc ^= tl.load(codes_ptr + rows[:, None].to(tl.int64) * stride_c + cols[None, :],
-                       mask=(rows[:, None] < N) & (cols[None, :] < WORDS), other=0)
-        sc = w0 // 4 + tl.arange(0, WK // 4)
-        sacc ^= tl.load(scales_ptr + rows[:, None].to(tl.int64) * stride_s + sc[None, :],
-                        mask=(rows[:, None] < N) & (sc[None, :] < NB), other=0).to(tl.int32)
-    tl.store(out_ptr + rows, tl.xor_sum(acc, axis=1) ^ tl.xor_sum(sacc, axis=1), mask=rows < N)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -533,21 +517,21 @@ def compile_sm90() -> int:
     for is_nv in (False, True):
         nv = 2 if is_nv else 1
         for bn, nbk, split, warps, stages in DECODE_W32:
-            c = dict(IS_NV=is_nv, BLOCK=16 if is_nv else 32, BLOCK_N=bn, NBK=nbk * nv, SPLIT_K=split)
+            c = {"IS_NV": is_nv, "BLOCK": 16 if is_nv else 32, "BLOCK_N": bn, "NBK": nbk * nv, "SPLIT_K": split}
             jobs.append(("decode_floor_w32", decode_floor_w32_kernel, dec_sig, c, warps, stages))
         for bn, nbk, split, warps, stages in DECODE_BYTES:
-            c = dict(IS_NV=is_nv, BLOCK=16 if is_nv else 32, BLOCK_N=bn, NBK=nbk * nv, SPLIT_K=split)
+            c = {"IS_NV": is_nv, "BLOCK": 16 if is_nv else 32, "BLOCK_N": bn, "NBK": nbk * nv, "SPLIT_K": split}
             jobs.append(("decode_floor_bytes", decode_floor_bytes_kernel, {**dec_sig, "codes_ptr": "*u8"}, c, warps,
                          stages))
     ro_sig = {"codes_ptr": "*i32", "scales_ptr": "*u8", "out_ptr": "*i32", "N": "i32", "WORDS": "i32", "NB": "i32",
               "stride_c": "i32", "stride_s": "i32"}
     for bn, wk, warps in READ_ONLY:
-        jobs.append(("read_only", read_only_kernel, ro_sig, dict(BLOCK_N=bn, WK=wk), warps, 3))
+        jobs.append(("read_only", read_only_kernel, ro_sig, {"BLOCK_N": bn, "WK": wk}, warps, 3))
     mm_sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
               "stride_am": "i32", "stride_bn": "i32", "stride_cm": "i32"}
     for bm, bn, bk, warps, stages in GEMM:
-        jobs.append(("matmul", matmul_kernel, mm_sig, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
-                                                           stride_ak=1, stride_bk=1, stride_cn=1), warps, stages))
+        jobs.append(("matmul", matmul_kernel, mm_sig, {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M,
+                                                           "stride_ak": 1, "stride_bk": 1, "stride_cn": 1}, warps, stages))
     for name, fn, sig, consts, warps, stages in jobs:
         t = time.time()
         try:

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from vbhal.backends.cuda import fp4_linear as L
-from vbhal.backends.cuda.fp4_quantize import qw_operands, quantize_fp4
+from vbhal.backends.cuda.fp4_quantize import quantize_fp4, qw_operands
 
 
 @triton.jit
@@ -29,33 +29,38 @@ def read_only_kernel(codes_ptr, scales_ptr, out_ptr, N, WORDS, NB, stride_c, str
     tl.store(out_ptr + rows, tl.xor_sum(acc, axis=1) ^ tl.xor_sum(sacc, axis=1), mask=rows < N)
 
 
-torch.manual_seed(0)
-k = n = 8192
-w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-qw = quantize_fp4(w, "mxfp4")
-codes, scales, ts, fid = qw_operands(qw)
-cw = codes.view(torch.int32)
-nbytes = codes.numel() + scales.numel()
-out = torch.empty(n, dtype=torch.int32, device="cuda")
-res = {"bytes": nbytes}
-best = None
-for bn, wk, warps in ((16, 128, 4), (16, 256, 4), (32, 128, 4), (8, 256, 2), (64, 64, 4), (16, 512, 8), (32, 256, 8)):
-    f = lambda: read_only_kernel[(triton.cdiv(n, bn),)](cw, scales, out, n, cw.shape[1], scales.shape[1],  # noqa: E731
-                                                      cw.stride(0), scales.stride(0), BLOCK_N=bn, WK=wk, num_warps=warps)
-    t = L._gpu_time(f, w.device) * 1e3
-    res[f"triton_read bn={bn} wk={wk} w={warps}"] = t
-    best = t if best is None else min(best, t)
-res["triton_read best"] = best
-res["torch int32 sum"] = L._gpu_time(lambda: cw.sum(dtype=torch.int64), w.device) * 1e3
-buf = torch.empty_like(codes)
-res["d2d copy of codes (read+write)"] = L._gpu_time(lambda: buf.copy_(codes), w.device) * 1e3
-wb = w
-x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-res["cublas bf16 M=1 (134 MB)"] = L._gpu_time(lambda: torch.nn.functional.linear(x, wb), w.device) * 1e3
-res["vbhal mxfp4 M=1"] = L._gpu_time(lambda: L._linear_2d(x, codes, scales, ts, None, fid, n, k), w.device) * 1e3
-for key, v in res.items():
-    if key != "bytes":
-        print(f"{key:40s} {v:7.2f} us" + (f"  {nbytes / v / 1e6:5.2f} TB/s of FP4 bytes" if "cublas" not in key and "copy" not in key else ""))
-print(f"cuBLAS effective bandwidth: {2 * k * n / res['cublas bf16 M=1 (134 MB)'] / 1e6:.2f} TB/s")
-with open(os.path.join(os.environ.get("RES", "/tmp"), "stream_floor.json"), "w") as fh:
-    json.dump({"device": torch.cuda.get_device_name(), **res}, fh, indent=1)
+def main() -> None:
+    torch.manual_seed(0)
+    k = n = 8192
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    qw = quantize_fp4(w, "mxfp4")
+    codes, scales, ts, fid = qw_operands(qw)
+    cw = codes.view(torch.int32)
+    nbytes = codes.numel() + scales.numel()
+    out = torch.empty(n, dtype=torch.int32, device="cuda")
+    res = {"bytes": nbytes}
+    best = None
+    for bn, wk, warps in ((16, 128, 4), (16, 256, 4), (32, 128, 4), (8, 256, 2), (64, 64, 4), (16, 512, 8), (32, 256, 8)):
+        f = lambda bn=bn, wk=wk, warps=warps: read_only_kernel[(triton.cdiv(n, bn),)](cw, scales, out, n, cw.shape[1], scales.shape[1],
+                                                          cw.stride(0), scales.stride(0), BLOCK_N=bn, WK=wk, num_warps=warps)
+        t = L._gpu_time(f, w.device) * 1e3
+        res[f"triton_read bn={bn} wk={wk} w={warps}"] = t
+        best = t if best is None else min(best, t)
+    res["triton_read best"] = best
+    res["torch int32 sum"] = L._gpu_time(lambda: cw.sum(dtype=torch.int64), w.device) * 1e3
+    buf = torch.empty_like(codes)
+    res["d2d copy of codes (read+write)"] = L._gpu_time(lambda: buf.copy_(codes), w.device) * 1e3
+    wb = w
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    res["cublas bf16 M=1 (134 MB)"] = L._gpu_time(lambda: torch.nn.functional.linear(x, wb), w.device) * 1e3
+    res["vbhal mxfp4 M=1"] = L._gpu_time(lambda: L._linear_2d(x, codes, scales, ts, None, fid, n, k), w.device) * 1e3
+    for key, v in res.items():
+        if key != "bytes":
+            print(f"{key:40s} {v:7.2f} us" + (f"  {nbytes / v / 1e6:5.2f} TB/s of FP4 bytes" if "cublas" not in key and "copy" not in key else ""))
+    print(f"cuBLAS effective bandwidth: {2 * k * n / res['cublas bf16 M=1 (134 MB)'] / 1e6:.2f} TB/s")
+    with open(os.path.join(os.environ.get("RES", "/tmp"), "stream_floor.json"), "w") as fh:
+        json.dump({"device": torch.cuda.get_device_name(), **res}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

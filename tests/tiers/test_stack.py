@@ -171,6 +171,24 @@ def test_measure_bandwidth_fills_tiers_and_table(stack):
     assert list(stack.spill.path.iterdir()) == []  # the probe file is gone
 
 
+@pytest.fixture
+def level1_stack(tmp_path):
+    """make(n, cap, **kw): a stack whose level 0 holds `cap` of the 1024-float tensors, with keys 0..n-1
+    registered on level 1 (closed at teardown)."""
+    made = []
+
+    def make(n: int, cap: int, keys=None, **kw) -> TierStack:
+        st = TierStack.for_device("cpu", device_bytes=cap * KB4, host_bytes=1 << 20, spill_root=tmp_path, **kw)
+        made.append(st)
+        for i in (range(n) if keys is None else keys):
+            st.register(i, _val(i if keys is None else i[1]), level=1)
+        return st
+
+    yield make
+    for st in made:
+        st.close()
+
+
 def _cycle_promotions(stack, keys, steps):
     """Promotions into level 0 per step (the traffic) while cycling through `keys`, values checked each time."""
     out = []
@@ -183,77 +201,56 @@ def _cycle_promotions(stack, keys, steps):
     return out
 
 
-def test_learned_order_evicts_furthest_next_use_not_lru(tmp_path):
+def test_learned_order_evicts_furthest_next_use_not_lru(level1_stack):
     # 20 keys cycled through a level 0 that holds 12. LRU evicts exactly the key needed next: all 20 are read
     # again every step. Once the order is known the victim is the key used furthest ahead, so about 20 - 12 + 1
     # are read per step (the prefetch thread's timing adds a few), and accesses wait on none of them.
-    st = TierStack.for_device("cpu", device_bytes=12 * KB4, host_bytes=1 << 20, spill_root=tmp_path)
-    try:
-        for i in range(20):
-            st.register(i, _val(i), level=1)
-        promos = _cycle_promotions(st, range(20), 5)
-        assert promos[0] == 20  # the first step: LRU; the order is learned at its end
-        assert max(promos[2:]) <= 15, promos
-        misses = st.stats.levels[0].misses
-        _cycle_promotions(st, range(20), 1)
-        assert st.stats.levels[0].misses - misses <= 2  # prefetched ahead
-        st.check_consistency()
-    finally:
-        st.close()
+    st = level1_stack(20, 12)
+    promos = _cycle_promotions(st, range(20), 5)
+    assert promos[0] == 20  # the first step: LRU; the order is learned at its end
+    assert max(promos[2:]) <= 15, promos
+    misses = st.stats.levels[0].misses
+    _cycle_promotions(st, range(20), 1)
+    assert st.stats.levels[0].misses - misses <= 2  # prefetched ahead
+    st.check_consistency()
 
 
-def test_lru_thrashes_on_cycles_without_a_learned_order(tmp_path):
+def test_lru_thrashes_on_cycles_without_a_learned_order(level1_stack):
     # The same pattern with end_step() never called (no order learned): plain LRU re-reads every key.
-    st = TierStack.for_device("cpu", device_bytes=12 * KB4, host_bytes=1 << 20, spill_root=tmp_path)
-    try:
-        for i in range(20):
-            st.register(i, _val(i), level=1)
-        for _ in range(3):
-            before = st.stats.levels[0].promotions
-            for k in range(20):
-                st.access(k)
-            assert st.stats.levels[0].promotions - before == 20
-    finally:
-        st.close()
+    st = level1_stack(20, 12)
+    for _ in range(3):
+        before = st.stats.levels[0].promotions
+        for k in range(20):
+            st.access(k)
+        assert st.stats.levels[0].promotions - before == 20
 
 
-def test_keys_new_after_the_first_step_teach_the_order_again(tmp_path):
+def test_keys_new_after_the_first_step_teach_the_order_again(level1_stack):
     # Tensors registered during step 1 (e.g. optimizer state created by the first step) are not in step 1's
     # order; the step that first accesses them relearns it, so from then on they are prefetched too.
-    st = TierStack.for_device("cpu", device_bytes=3 * KB4, host_bytes=1 << 20, spill_root=tmp_path, prefetch_depth=2)
-    try:
-        for i in range(4):
-            st.register(("w", i), _val(i), level=1)
-        for i in range(4):
-            st.access(("w", i))
-        for i in range(4):
-            st.register(("s", i), _val(10 + i), level=1)
-        st.end_step()
-        order = [(kind, i) for i in range(4) for kind in ("w", "s")]
-        for k in order:
-            st.access(k)
-        st.end_step()
-        assert st._order == order
-        hits = st.stats.levels[0].hits
-        for k in order:
-            assert torch.equal(st.access(k), _val(k[1] + (10 if k[0] == "s" else 0)))
-        st.end_step()
-        assert st.stats.levels[0].hits - hits >= 6  # all but the first ones were prefetched
-        st.check_consistency()
-    finally:
-        st.close()
+    st = level1_stack(4, 3, keys=[("w", i) for i in range(4)], prefetch_depth=2)
+    for i in range(4):
+        st.access(("w", i))
+    for i in range(4):
+        st.register(("s", i), _val(10 + i), level=1)
+    st.end_step()
+    order = [(kind, i) for i in range(4) for kind in ("w", "s")]
+    for k in order:
+        st.access(k)
+    st.end_step()
+    assert st._order == order
+    hits = st.stats.levels[0].hits
+    for k in order:
+        assert torch.equal(st.access(k), _val(k[1] + (10 if k[0] == "s" else 0)))
+    st.end_step()
+    assert st.stats.levels[0].hits - hits >= 6  # all but the first ones were prefetched
+    st.check_consistency()
 
 
-def test_repeated_keys_in_a_step_use_their_next_occurrence(tmp_path):
+def test_repeated_keys_in_a_step_use_their_next_occurrence(level1_stack):
     # forward then backward: each key is used twice per step (0 1 2 3 3 2 1 0); victims and prefetch follow the
     # occurrence after the current position; values stay intact and the traffic is no worse than LRU's.
-    st = TierStack.for_device("cpu", device_bytes=3 * KB4, host_bytes=1 << 20, spill_root=tmp_path)
-    try:
-        for i in range(4):
-            st.register(i, _val(i), level=1)
-        seq = [0, 1, 2, 3, 3, 2, 1, 0]
-        promos = _cycle_promotions(st, seq, 4)
-        assert promos[0] == 5 and max(promos[2:]) <= 3, promos  # LRU: 5 per step
-        st.check_consistency()
-    finally:
-        st.close()
+    st = level1_stack(4, 3)
+    promos = _cycle_promotions(st, [0, 1, 2, 3, 3, 2, 1, 0], 4)
+    assert promos[0] == 5 and max(promos[2:]) <= 3, promos  # LRU: 5 per step
+    st.check_consistency()
