@@ -372,14 +372,16 @@ def part_speed(args) -> dict:
     print(f"vbhal engine built in {t_build:.1f} s ({eng.pool.describe()}; host step: {eng.host_step_note}; "
           f"gpu step: {eng.gpu_step_note})", flush=True)
     label = " hybrid" if gpu_frac != 0.0 else ""
+    caps = [int(float(c) * 10**9) for c in args.caps.split(",")] if args.caps else [CAP_BYTES]
     for tokens in token_list:
-        # per row: the engine plans again (auto share from this row's step, keep plan from its peak memory) and
-        # warms up until that has settled (run_vbhal)
-        rows.append(run_vbhal(model, eng, tokens, CAP_BYTES, warmup=2, steps=args.steps,
-                              chunk_tokens=args.chunk_tokens, label=label))
-        rows[-1]["build_s"] = t_build
-        print(_row(rows[-1]), flush=True)
-        _SAVE("speed", {"rows": rows})
+        for cap in caps:
+            # per row: the engine plans again (auto share from this row's step, keep plan from its peak memory) and
+            # warms up until that has settled (run_vbhal)
+            rows.append(run_vbhal(model, eng, tokens, cap, warmup=2, steps=args.steps, chunk_tokens=args.chunk_tokens,
+                                  label=label + ("" if cap == CAP_BYTES else f" cap {cap / 10**9:g} GB")))
+            rows[-1]["build_s"] = t_build
+            print(_row(rows[-1]), flush=True)
+            _SAVE("speed", {"rows": rows})
     for tokens in [int(t) for t in args.host_only_tokens.split(",") if t] if label else []:
         eng.cfg.gpu_step_fraction = 0.0  # the same engine, every AdamW on the host: the comparison row
         rows.append(run_vbhal(model, eng, tokens, CAP_BYTES, warmup=2, steps=args.steps, chunk_tokens=args.chunk_tokens,
@@ -901,6 +903,8 @@ def main() -> int:
     ap.add_argument("--cap-tokens", type=int, default=16384)
     ap.add_argument("--blocks", type=int, default=None)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--caps", default="", help="speed: GPU caps in GB for the vbhal rows (comma list; default the 8 GB "
+                    "cap), e.g. 8,12,20 to see what memory pressure (allocator retries, chunking) costs")
     ap.add_argument("--deadline-s", type=float, default=420.0, help="largest: no new step after this many seconds")
     ap.add_argument("--chunk-tokens", type=int, default=8192)
     ap.add_argument("--gpu-step", default="auto", help="speed: gpu_step_fraction of the vbhal rows ('auto' or 0..1)")
