@@ -100,7 +100,8 @@ def fast_host_init(d: int | None = None, ffn: int | None = None):
         k = _TILE.numel()
         # Each parameter starts at its own place in the pattern: identical blocks would compound one direction
         # through a deep residual stack (72 identical blocks reached a loss of 8e6 before the first update).
-        tile = _TILE.roll(zlib.crc32(name.encode()) % k)
+        roll = os.environ.get("VBHAL_BENCH_INIT_ROLL", "1") != "0"  # 0: every block the same (the pre-session-4 init)
+        tile = _TILE.roll(zlib.crc32(name.encode()) % k) if roll else _TILE
         for i in range(0, flat.numel(), k):
             j = min(flat.numel(), i + k)
             torch.mul(tile[: j - i], std, out=flat[i:j])
