@@ -28,6 +28,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import traceback
 import zlib
@@ -791,6 +792,23 @@ def part_hoststep(args) -> dict:
         timed("compiled one-pass", compiled, compile_s=t_compile)
     else:
         rows.append({"variant": "compiled one-pass", "status": "compile failed", "compile_s": t_compile})
+    # AdamW state decayed into the subnormal range (zero gradients for a while: rare embedding rows, unrouted
+    # experts), stepped in a fresh thread as the engine's host-step thread does, without and with its FTZ/DAZ
+    # (OffloadConfig.host_flush_denormal, on by default).
+    g.zero_()
+    for flush in (False, True):
+        def decayed(flush=flush) -> None:
+            def run() -> None:
+                if flush:
+                    torch.set_flush_denormal(True)
+                torch.set_num_threads(threads)
+                m.fill_(1e-39)
+                v.fill_(1e-40)
+                chunked(1 << 22)()
+            th = threading.Thread(target=run)
+            th.start()
+            th.join()
+        timed(f"pieces of 4096K, subnormal state{', flushed' if flush else ''} (+ m, v refill)", decayed, flush=flush)
     gc.collect()
     return {"rows": rows, "threads": threads}
 

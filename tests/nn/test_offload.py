@@ -397,3 +397,21 @@ def test_gradient_accumulation_matches_plain(host_step):
     eng.synchronize()  # the last host steps run in the background until here
     assert all(u.acc_count == 0 for u in eng.units)
     eng.close()
+
+
+def _subnormal_sum() -> float:
+    # 4096 copies of 1e-39 (a float32 subnormal) times 1: 4.1e-36 with subnormals, 0.0 when flushed to zero
+    return (torch.full((4096,), 1e-39) * 1.0).sum().item()
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_host_step_thread_flushes_subnormals_only_there(flush):
+    # AdamW state decayed into the subnormal range made torch's fused CPU AdamW ~17x slower; the host step's
+    # thread (and the intra-op threads it starts) flushes them by default. The caller's threads are untouched.
+    eng = apply_offload(TinyLM(), device="cpu", host_flush_denormal=flush)
+    try:
+        in_worker = eng._worker.submit((0, 0), _subnormal_sum).result()
+        assert (in_worker == 0.0) is flush, in_worker
+        assert _subnormal_sum() > 0.0
+    finally:
+        eng.close()

@@ -25,7 +25,9 @@ match bit for bit (tested over 50 steps on CPU), and so do they with bf16 autoca
 bf16 only for matmul/conv weights (exactly what autocast makes from the fp32 masters), fp32 for norms and
 embeddings. The default host step runs torch's fused CPU AdamW kernel piece by piece (1M elements), casting
 the gradient in and the working copy out while the piece is in cache (~28 bytes of memory traffic per
-parameter instead of ~40), bitwise equal to ``AdamW(fused=True)``. Options that trade that identity for speed
+parameter instead of ~40), bitwise equal to ``AdamW(fused=True)`` (for values in the subnormal range too with
+``host_flush_denormal=False``; by default the host step flushes subnormals to zero, see the option). Options that
+trade that identity for speed
 say so: ``host_step="compiled"`` (one torch.compile'd pass over master, state, gradient and working copy,
 compiled in a background thread at engine build; the first host step waits for it, a failed compile falls
 back to the torch step with a warning. Not bitwise: Inductor's C++ evaluates ``exp_avg + (1-b1)(g - exp_avg)``
@@ -173,6 +175,12 @@ class OffloadConfig:
     spill_root: str | None = None  # where the disk tier's private directory goes (default: VBHAL_SPILL_DIR / tmp)
     grad_accum_steps: int = 1  # micro-batches (backward + engine.step() each) per optimizer step
     host_step: str = "torch"  # "torch": torch's fused AdamW (bit-exact with it); "compiled": one fused pass (faster)
+    # The host step's threads flush subnormal floats to zero (FTZ/DAZ). AdamW state of parameters whose gradients
+    # are zero or tiny for a while (rare embedding rows, unrouted experts) decays into the subnormal range, where
+    # the CPU's fused AdamW ran 17x slower (20M elements with exp_avg / exp_avg_sq at 1e-39 / 1e-40 and zero
+    # gradients, this repo's 2-core CPU: 11.1 s against 0.65 s per 1e9; flushed: 0.64). Values below 1.2e-38
+    # become 0 there, nothing else changes; False keeps them (bitwise torch in that range too).
+    host_flush_denormal: bool = True
     poison: bool = False  # debug: fill each fresh device buffer with NaN before its copy (catches unwritten elements)
     max_grad_norm: float | None = None  # clip by global 2-norm (clip_grad_norm_ arithmetic); defers the host steps
     skip_nonfinite: bool = True  # skip the whole optimizer step when a gradient is inf/NaN; defers the host steps
@@ -591,9 +599,10 @@ class _HostWorker:
     Each step uses torch's intra-op thread pool, so one worker thread keeps every core busy.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, flush_denormal: bool = False) -> None:
         import heapq
 
+        self._flush_denormal = flush_denormal
         self._heapq = heapq
         self._heap: list = []
         self._seq = 0
@@ -611,6 +620,10 @@ class _HostWorker:
         return fut
 
     def _run(self) -> None:
+        if self._flush_denormal:
+            # This thread's (x86: MXCSR FTZ/DAZ) setting, inherited by the intra-op threads it starts: set before
+            # its first parallel region. The caller's threads are untouched.
+            torch.set_flush_denormal(True)
         while True:
             with self._cv:
                 while not self._heap and not self._stop:
@@ -655,7 +668,7 @@ class OffloadEngine:
         self.stats.level(1, "pinned host" if pin else "host")
         if cfg.optimizer_threads:
             torch.set_num_threads(cfg.optimizer_threads)
-        self._worker = _HostWorker()
+        self._worker = _HostWorker(flush_denormal=cfg.host_flush_denormal)
         self._worker_error: BaseException | None = None
         self._lock = threading.Lock()
         self._h2d = self._d2h = None
