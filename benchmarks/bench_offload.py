@@ -374,7 +374,10 @@ def part_speed(args) -> dict:
     print(f"vbhal engine built in {t_build:.1f} s ({eng.pool.describe()}; host step: {eng.host_step_note}; "
           f"gpu step: {eng.gpu_step_note})", flush=True)
     label = " hybrid" if gpu_frac != 0.0 else ""
-    caps = [int(float(c) * 10**9) for c in args.caps.split(",")] if args.caps else [CAP_BYTES]
+    caps = [int(float(c) * 10**9) for c in args.caps.split(",") if c.strip()] or [CAP_BYTES]
+    total = torch.cuda.get_device_properties(0).total_memory
+    if any(c > total for c in caps):
+        raise ValueError(f"--caps {args.caps}: a cap above the device's {total / 10**9:.1f} GB")
     for tokens in token_list:
         for cap in caps:
             # per row: the engine plans again (auto share from this row's step, keep plan from its peak memory) and
@@ -437,14 +440,26 @@ def _largest_blocks() -> int:
     return max(36, int(host_memory_available() * 0.8 // per_block))
 
 
-def largest_plan(tokens: int, host_avail: int, disk_free: int, host_frac: float = 0.8, disk_frac: float = 0.85) -> dict:
-    """The most blocks the whole machine trains with AdamW: pinned bf16 weights + grads (4 B/param) and the saved
-    activations stay in host RAM; fp32 masters and AdamW m, v (12 B/param) fill the rest of `host_frac` of the
-    available RAM, then `disk_frac` of the spill directory's free space."""
+#: Blocks' worth of master + AdamW state that the RAM budget keeps at least: the one being stepped and the next
+#: ones read ahead from disk (the engine refuses a budget below one).
+LARGEST_MIN_STATE_BLOCKS = 3
+
+
+def largest_plan(tokens: int, host_avail: int, disk_free: int, host_frac: float = 0.8, disk_frac: float = 0.85,
+                 blocks: int | None = None) -> dict:
+    """The most blocks the whole machine trains with AdamW (or the plan for `blocks`): pinned bf16 weights + grads
+    (4 B/param) and the saved activations stay in host RAM; fp32 masters and AdamW m, v (12 B/param) fill the rest
+    of `host_frac` of the available RAM (at least LARGEST_MIN_STATE_BLOCKS blocks' worth), then `disk_frac` of the
+    spill directory's free space. Raises ValueError when `blocks` does not fit."""
     p = params_of(1)
     pinned, state = 4 * p + tokens * D_MODEL * 2, 12 * p
     host, disk = int(host_avail * host_frac), int(disk_free * disk_frac)
-    n = max(1, min((host + disk) // (pinned + state), host // pinned))
+    keep = LARGEST_MIN_STATE_BLOCKS * state
+    most = max(0, min((host + disk) // (pinned + state), (host - keep) // pinned))
+    n = most if blocks is None else blocks
+    if n < 1 or n > most:
+        raise ValueError(f"{n} blocks of {p} params do not fit this machine: at most {most} (RAM budget {host} bytes, "
+                         f"disk {disk} bytes, {pinned} pinned + {state} state bytes per block)")
     budget = max(0, host - n * pinned)
     return {"blocks": int(n), "params": params_of(n), "state_budget_bytes": int(budget),
             "state_on_disk_bytes": max(0, n * state - budget), "host_bytes": host, "disk_bytes": disk,
@@ -459,10 +474,7 @@ def part_largest(args) -> dict:
     from vbhal._sysinfo import disk_free, host_memory_available, spill_root
 
     root = Path(os.environ.get("VBHAL_SPILL_DIR") or spill_root())
-    plan = largest_plan(args.cap_tokens, host_memory_available(), disk_free(root))
-    if args.blocks:
-        plan = dict(plan, blocks=args.blocks, params=params_of(args.blocks),
-                    state_budget_bytes=max(0, plan["host_bytes"] - args.blocks * (4 * params_of(1) + args.cap_tokens * D_MODEL * 2)))
+    plan = largest_plan(args.cap_tokens, host_memory_available(), disk_free(root), blocks=args.blocks)
     if args.smoke:  # toy sizes: a budget of one block's state, so the disk tier is exercised
         plan = dict(plan, blocks=4, params=params_of(4), state_budget_bytes=12 * params_of(1))
     n = plan["blocks"]
@@ -798,12 +810,14 @@ def part_hoststep(args) -> dict:
     g.zero_()
     for flush in (False, True):
         def decayed(flush=flush) -> None:
+            # filled here, on a thread without FTZ: under FTZ the fill itself would store zeros
+            m.fill_(1e-39)
+            v.fill_(1e-40)
+
             def run() -> None:
                 if flush:
                     torch.set_flush_denormal(True)
                 torch.set_num_threads(threads)
-                m.fill_(1e-39)
-                v.fill_(1e-40)
                 chunked(1 << 22)()
             th = threading.Thread(target=run)
             th.start()

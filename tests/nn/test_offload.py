@@ -399,14 +399,18 @@ def test_gradient_accumulation_matches_plain(host_step):
     eng.close()
 
 
+_SUBNORMALS = torch.full((1 << 22,), 1e-39)  # made here, on a thread that keeps subnormals
+
+
 def _subnormal_sum() -> float:
-    # 4096 copies of 1e-39 (a float32 subnormal) times 1: 4.1e-36 with subnormals, 0.0 when flushed to zero
-    return (torch.full((4096,), 1e-39) * 1.0).sum().item()
+    # 4M copies of 1e-39 (a float32 subnormal) times 1, large enough to run on every intra-op thread: about 4e-33
+    # with subnormals, 0.0 when each thread flushes them (inputs too: DAZ)
+    return (_SUBNORMALS * 1.0).sum().item()
 
 
 @pytest.mark.parametrize("flush", [True, False])
 def test_host_step_thread_flushes_subnormals_only_there(flush):
-    # AdamW state decayed into the subnormal range made torch's fused CPU AdamW ~17x slower; the host step's
+    # AdamW state decayed into the subnormal range made torch's fused CPU AdamW ~13x slower; the host step's
     # thread (and the intra-op threads it starts) flushes them by default. The caller's threads are untouched.
     eng = apply_offload(TinyLM(), device="cpu", host_flush_denormal=flush)
     try:

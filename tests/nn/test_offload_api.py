@@ -247,6 +247,36 @@ def test_checkpoint_with_state_on_the_disk_tier(tmp_path):
     eng_2.close()
 
 
+@pytest.mark.parametrize("units", [3, 4, 6])
+def test_load_state_dict_into_a_trained_engine_with_state_on_disk(tmp_path, units):
+    # Rolling back an engine that has trained (the stack knows the order, so it evicts the key used furthest
+    # ahead -- the one just read): every master and AdamW tensor must come back, wherever it lives.
+    torch.manual_seed(25)
+    base = TinyLM(n=5)
+    data = _batches(8)
+    budget = units * (16 * 64 + 64 + 64 * 16 + 16 + 32) * 4
+    _, _, e0 = _offload(copy.deepcopy(base), data[:2], state_budget_bytes=budget, spill_root=str(tmp_path))
+    sd, want = e0.state_dict(), e0.master_state_dict()
+    e0.close()
+    _, _, eng = _offload(copy.deepcopy(base), data, state_budget_bytes=budget, spill_root=str(tmp_path))
+    assert eng.state_stack._order is not None
+    eng.load_state_dict(sd)
+    got = eng.master_state_dict()
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
+    back = eng.state_dict()
+    for a, b in zip(sd["units"], back["units"]):
+        for k in ("master", "exp_avg", "exp_avg_sq"):
+            assert (a[k] is None and b[k] is None) or torch.equal(a[k], b[k]), k
+    eng.state_stack.check_consistency()
+    eng.close()
+
+
+def test_a_state_budget_below_one_unit_is_a_clear_error(tmp_path):
+    unit_state = 3 * (16 * 64 + 64 + 64 * 16 + 16 + 32) * 4  # the largest unit's master + exp_avg + exp_avg_sq
+    with pytest.raises(TierError, match="state_budget_bytes"):
+        apply_offload(TinyLM(n=5), device="cpu", state_budget_bytes=unit_state - 4, spill_root=str(tmp_path))
+
+
 def test_loading_a_state_of_another_layout_is_a_clear_error():
     eng = apply_offload(TinyLM(n=4), device="cpu")
     sd = eng.state_dict()

@@ -15,7 +15,7 @@ try:
     import pytest
 
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    from test_offload import TinyLM, _batches, _loss, _train_offload, _train_plain
+    from test_offload import TinyLM, _batches, _train_offload, _train_plain
 except ImportError:  # the GPU image may lack pytest: main() below runs the CUDA cases without it
     class _Mark:
         def __getattr__(self, name):
@@ -128,8 +128,8 @@ def test_gpu_step_config_checks_and_fallbacks(tmp_path):
     assert not any(u.gpu_step for u in eng.units) and "CPU" in eng.gpu_step_note
     eng.close()
     with pytest.warns(UserWarning, match="disk tier"):  # state on the disk tier: host step, reported
-        eng = apply_offload(copy.deepcopy(m), device="cpu", gpu_step_fraction=0.5, state_budget_bytes=4096,
-                            spill_root=str(tmp_path))
+        eng = apply_offload(copy.deepcopy(m), device="cpu", gpu_step_fraction=0.5, spill_root=str(tmp_path),
+                            state_budget_bytes=12 * sum(p.numel() for p in m.parameters()))
     assert not any(u.gpu_step for u in eng.units) and "disk tier" in eng.memory_summary()["gpu_step"]["note"]
     eng.close()
     with pytest.warns(UserWarning, match="accumulation"):

@@ -52,8 +52,8 @@ def split_adamw_reference(base: torch.nn.Module, batches: list, loss_fn, device,
     must match this bit for bit (the arithmetic is the same). Returns (losses, {name: CPU parameter})."""
     plain = copy.deepcopy(base).to(device)
     named = list(plain.named_parameters())
-    dev_p = [p for n, p in named if n in device_names]
-    host_p = [p for n, p in named if n not in device_names]
+    dev_p = [p for n, p in named if n in device_names and p.requires_grad]
+    host_p = [p for n, p in named if n not in device_names and p.requires_grad]
     masters = [p.detach().cpu().clone().requires_grad_(True) for p in host_p]
     opt_d = torch.optim.AdamW(dev_p, lr=lr, fused=True) if dev_p else None
     opt_h = torch.optim.AdamW(masters, lr=lr, fused=True) if masters else None

@@ -98,6 +98,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -171,15 +172,15 @@ class OffloadConfig:
     pin_memory: bool | None = None  # None: pin when the device is an accelerator
     host_pool_chunk_bytes: int = 256 << 20
     optimizer_threads: int | None = None  # torch intra-op threads for the host step (None: leave as is)
-    state_budget_bytes: int | None = None  # host RAM for fp32 masters + AdamW state; the rest goes to disk (LRU)
+    state_budget_bytes: int | None = None  # host RAM for fp32 masters + AdamW state; the rest on disk
     spill_root: str | None = None  # where the disk tier's private directory goes (default: VBHAL_SPILL_DIR / tmp)
     grad_accum_steps: int = 1  # micro-batches (backward + engine.step() each) per optimizer step
     host_step: str = "torch"  # "torch": torch's fused AdamW (bit-exact with it); "compiled": one fused pass (faster)
     # The host step's threads flush subnormal floats to zero (FTZ/DAZ). AdamW state of parameters whose gradients
     # are zero or tiny for a while (rare embedding rows, unrouted experts) decays into the subnormal range, where
-    # the CPU's fused AdamW ran 17x slower (20M elements with exp_avg / exp_avg_sq at 1e-39 / 1e-40 and zero
-    # gradients, this repo's 2-core CPU: 11.1 s against 0.65 s per 1e9; flushed: 0.64). Values below 1.2e-38
-    # become 0 there, nothing else changes; False keeps them (bitwise torch in that range too).
+    # the CPU's fused AdamW ran 13x slower (20M elements with exp_avg / exp_avg_sq at 1e-39 / 1e-40 and zero
+    # gradients, this repo's 2-core CPU: 11.1 s per 1e9 against 0.83 with normal state; flushed: 0.83). Values
+    # below 1.2e-38 become 0 there, nothing else changes; False keeps them (bitwise torch in that range too).
     host_flush_denormal: bool = True
     poison: bool = False  # debug: fill each fresh device buffer with NaN before its copy (catches unwritten elements)
     max_grad_norm: float | None = None  # clip by global 2-norm (clip_grad_norm_ arithmetic); defers the host steps
@@ -768,6 +769,15 @@ class OffloadEngine:
             for bn, b in list(m._buffers.items()):
                 if b is not None:
                     m._buffers[bn] = b.to(self.device)
+        if self.cfg.state_budget_bytes is not None:
+            # A unit's master and AdamW state are held in RAM together for its step: the budget must fit one.
+            need = max(sum(p.numel() for p in m.parameters() if id(p) not in res_ids and p.requires_grad)
+                       for _, m in units) * _STATE_BYTES_PER_PARAM
+            if self.cfg.state_budget_bytes < need:
+                raise TierError(
+                    f"state_budget_bytes={self.cfg.state_budget_bytes} cannot hold the largest unit's fp32 master and "
+                    f"AdamW state ({need} bytes), which its host step needs in RAM at once: raise it to at least "
+                    f"{need} (better a few units more, so the next ones can be read ahead)")
         self.units: list[_Unit] = []
         for i, (name, module) in enumerate(units):
             ps = [(pn, p) for pn, p in module.named_parameters() if id(p) not in res_ids]
@@ -2205,17 +2215,26 @@ class OffloadEngine:
             "resident": [[names.get(id(p), "?"), list(p.shape), bool(p.requires_grad)] for p in self.resident],
         }
 
-    def _unit_state(self, u: _Unit) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
-        """(master, exp_avg, exp_avg_sq, step) of a unit on the host (state tensors are None before its first step)."""
+    @contextlib.contextmanager
+    def _unit_state(self, u: _Unit):
+        """(master, exp_avg, exp_avg_sq, step) of a unit on the host (state tensors are None before its first step),
+        held in host memory while the block runs: with state on the disk tier, reading one key can push out another
+        one read a moment ago (the stack evicts the key used furthest ahead), so each is pinned until the end."""
         st = self.state_stack
-        master = u.master if st is None else st.access((u.idx, "master"))
         state = u.opt.state.get(u.master, {})
         step = int(state["step"].item()) if "step" in state else 0
         if st is None:
-            return master, state.get("exp_avg"), state.get("exp_avg_sq"), step
-        m = st.access((u.idx, "exp_avg")) if (u.idx, "exp_avg") in st else None
-        v = st.access((u.idx, "exp_avg_sq")) if (u.idx, "exp_avg_sq") in st else None
-        return master, m, v, step
+            yield u.master, state.get("exp_avg"), state.get("exp_avg_sq"), step
+            return
+        got: dict[str, torch.Tensor] = {}
+        try:
+            for k in ("master", "exp_avg", "exp_avg_sq"):
+                if (u.idx, k) in st:
+                    got[k] = st.access((u.idx, k), pin=True)
+            yield got["master"], got.get("exp_avg"), got.get("exp_avg_sq"), step
+        finally:
+            for k in got:
+                st.unpin((u.idx, k))
 
     def state_dict(self) -> dict:
         """Everything needed to continue training bit for bit: fp32 masters, AdamW ``exp_avg``/``exp_avg_sq`` and
@@ -2230,9 +2249,9 @@ class OffloadEngine:
         for u in self.units:
             entry: dict[str, Any] = {"step": 0, "master": None, "exp_avg": None, "exp_avg_sq": None}
             if u.n_train:
-                master, m, v, step = self._unit_state(u)
-                entry.update(step=step, master=master.clone(), exp_avg=None if m is None else m.clone(),
-                             exp_avg_sq=None if v is None else v.clone())
+                with self._unit_state(u) as (master, m, v, step):
+                    entry.update(step=step, master=master.clone(), exp_avg=None if m is None else m.clone(),
+                                 exp_avg_sq=None if v is None else v.clone())
             entry["frozen"] = [u.view(u.work_host.tensor, j).clone() for j in range(u.n_train, len(u.params))]
             units.append(entry)
         return {
@@ -2260,8 +2279,11 @@ class OffloadEngine:
                 u.view(u.work_host.tensor, j).copy_(t)
             if not u.n_train:
                 continue
-            master, _, _, _ = self._unit_state(u)
-            master.copy_(entry["master"])
+            if self.state_stack is None:
+                u.master.copy_(entry["master"])
+            else:
+                self.state_stack.update((u.idx, "master"), entry["master"])  # wherever it lives now
+            master = entry["master"]
             m, v, step = entry["exp_avg"], entry["exp_avg_sq"], int(entry["step"])
             if self.state_stack is None:
                 u.opt.state.pop(u.master, None)
@@ -2274,7 +2296,7 @@ class OffloadEngine:
                 if m is not None:
                     for k, t in (("exp_avg", m), ("exp_avg_sq", v)):
                         if (u.idx, k) in st:
-                            st.access((u.idx, k)).copy_(t)
+                            st.update((u.idx, k), t)
                         else:
                             st.register((u.idx, k), t.clone())
                     u.opt.state[u.master] = {"step": torch.tensor(float(step), dtype=torch.float32)}
@@ -2347,13 +2369,13 @@ class OffloadEngine:
         out: dict[str, torch.Tensor] = {}
         for u in self.units:
             prefix = f"{u.name}." if u.name else ""
-            master = u.master if self.state_stack is None or not u.n_train else self.state_stack.access((u.idx, "master"))
-            for j, ((pn, _), shape) in enumerate(zip(u.params, u.shapes)):
-                if j < u.n_train:
-                    off, n = u.m_offsets[j], math.prod(shape)
-                    out[prefix + pn] = master[off : off + n].view(shape).clone()
-                else:  # frozen: only the working copy exists
-                    out[prefix + pn] = u.view(u.work_host.tensor, j).to(torch.float32).clone()
+            if u.n_train:
+                with self._unit_state(u) as (master, _, _, _):
+                    for j in range(u.n_train):
+                        off, n = u.m_offsets[j], math.prod(u.shapes[j])
+                        out[prefix + u.params[j][0]] = master[off : off + n].view(u.shapes[j]).clone()
+            for j in range(u.n_train, len(u.params)):  # frozen: only the working copy exists
+                out[prefix + u.params[j][0]] = u.view(u.work_host.tensor, j).to(torch.float32).clone()
         names = {id(p): n for n, p in self.model.named_parameters()}
         for p in self.resident:
             out[names.get(id(p), f"resident{id(p)}")] = p.detach().to("cpu", torch.float32).clone()

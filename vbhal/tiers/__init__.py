@@ -1,7 +1,7 @@
 """The memory hierarchy ("VGPU stack"): device memory -> pinned host memory -> disk.
 
-* :class:`TierStack` — a directory of tensors by key over the levels, LRU demotion under byte budgets,
-  asynchronous prefetch learned from the first step, per-level statistics.
+* :class:`TierStack` — a directory of tensors by key over the levels, demotion under byte budgets (LRU,
+  then by the learned access order), asynchronous prefetch learned from the first step, per-level statistics.
 * :class:`HostPool` — pinned host memory from chunks we size (counted against RAM and the cgroup limit).
 * :func:`format_tier_stats` / :func:`plot_tier_traffic` — what ``vbhal.print_stats()`` shows, and a PNG.
 * Offloaded training (weights streamed per layer, AdamW on the host) is ``vbhal.nn.offload.apply_offload``.

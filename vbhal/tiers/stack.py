@@ -5,7 +5,7 @@
 * room is made by demotion, level by level, under each level's byte budget; pinned keys never move. The victim
   is the least recently used key until the stack has learned the access order, then the key whose next use
   lies furthest ahead in that order (Belady's choice; for the cyclic pattern of training steps plain LRU
-  evicts exactly the key needed next, so every access would miss once the keys outgrow a level);
+  evicts exactly the key needed next, so every key is read again every step once the keys outgrow a level);
 * ``prefetch(key)`` starts the promotion in the background (copy stream + event on accelerators, a
   worker thread for disk reads), and ``access`` then waits only for what is not there yet;
 * after the first step (``end_step()``) the stack knows the access order and prefetches the next
@@ -58,7 +58,7 @@ _MAX_TRACE = 1 << 20
 # ---------------------------------------------------------------------------------------------------- tiers
 @dataclass
 class Tier:
-    """One level of the stack. ``capacity_bytes`` is the budget LRU demotion keeps to; ``hard_limit_bytes``
+    """One level of the stack. ``capacity_bytes`` is the budget demotion keeps to; ``hard_limit_bytes``
     is how far the level may run over it when the level below refuses a tensor (None: no further)."""
 
     name: str
@@ -352,7 +352,9 @@ class TierStack:
         return data
 
     def prefetch(self, key: Hashable) -> Future | None:
-        """Start promoting `key` to level 0 in the background; ``access`` waits for it only if needed."""
+        """Start promoting `key` to level 0 in the background; ``access`` waits for it only if needed. Once the
+        order is learned, a promotion that would evict only keys needed sooner than `key` is skipped (the future
+        completes without moving it; ``access`` then promotes it)."""
         self._check_open()
         with self._lock:
             e = self._entry(key)
@@ -422,7 +424,7 @@ class TierStack:
         """Close a step: the first one teaches the stack the access order (used to prefetch and to choose
         victims from then on); a step that met keys the order lacks teaches it again."""
         with self._lock:
-            if (self._order is None or self._relearn) and self._trace:
+            if (self._order is None or self._relearn) and self._trace and len(self._trace) < _MAX_TRACE:
                 self._order = list(self._trace)
                 self._positions = {}
                 for i, k in enumerate(self._order):
