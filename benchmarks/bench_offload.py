@@ -91,6 +91,7 @@ def fast_host_init(d: int | None = None, ffn: int | None = None):
     (drawing billions of normals on the host would take minutes; timing does not depend on the values)."""
 
     d, ffn = d or D_MODEL, ffn or D_FFN
+    roll = os.environ.get("VBHAL_BENCH_INIT_ROLL", "1") != "0"  # 0: every block the same (the pre-session-4 init)
 
     def init(name: str, t: torch.Tensor) -> None:
         global _TILE
@@ -101,7 +102,6 @@ def fast_host_init(d: int | None = None, ffn: int | None = None):
         k = _TILE.numel()
         # Each parameter starts at its own place in the pattern: identical blocks would compound one direction
         # through a deep residual stack (72 identical blocks reached a loss of 8e6 before the first update).
-        roll = os.environ.get("VBHAL_BENCH_INIT_ROLL", "1") != "0"  # 0: every block the same (the pre-session-4 init)
         tile = _TILE.roll(zlib.crc32(name.encode()) % k) if roll else _TILE
         for i in range(0, flat.numel(), k):
             j = min(flat.numel(), i + k)
@@ -476,10 +476,11 @@ def part_largest(args) -> dict:
     root = Path(os.environ.get("VBHAL_SPILL_DIR") or spill_root())
     plan = largest_plan(args.cap_tokens, host_memory_available(), disk_free(root), blocks=args.blocks)
     if args.smoke:  # toy sizes: a budget of one block's state, so the disk tier is exercised
-        plan = dict(plan, blocks=4, params=params_of(4), state_budget_bytes=12 * params_of(1))
+        plan = dict(plan, blocks=4, params=params_of(4), state_budget_bytes=12 * params_of(1),
+                    state_on_disk_bytes=12 * params_of(3))
     n = plan["blocks"]
     print(f"plan: {n} blocks = {plan['params'] / 1e9:.2f}B params; state in RAM {plan['state_budget_bytes'] / GB:.1f} GB, "
-          f"on disk {max(0, 12 * plan['params'] - plan['state_budget_bytes']) / GB:.1f} GB ({root}); "
+          f"on disk {plan['state_on_disk_bytes'] / GB:.1f} GB ({root}); "
           f"RAM available {plan['host_available'] / GB:.1f} GB, disk free {plan['disk_free'] / GB:.1f} GB", flush=True)
     res = {"plan": plan, "params": plan["params"], "tokens": args.cap_tokens, "spill_root": str(root), "rows": []}
     _SAVE("largest", res)
@@ -495,7 +496,6 @@ def part_largest(args) -> dict:
     try:
         x = torch.randn(args.cap_tokens, D_MODEL, device=DEV, dtype=torch.bfloat16)
         step = vbhal_step_fn(model, eng)
-        last = None
         while True:
             lv = {lvl: (s.bytes_in, s.bytes_out, s.stall_s) for lvl, s in st.stats.levels.items()} if st else {}
             t0 = time.perf_counter()
@@ -517,8 +517,7 @@ def part_largest(args) -> dict:
             if not math.isfinite(loss):
                 res["status"] = "non-finite loss"
                 break
-            last = dt
-            if len(res["rows"]) >= args.steps or time.perf_counter() + 1.2 * last > deadline:
+            if len(res["rows"]) >= args.steps or time.perf_counter() + 1.2 * dt > deadline:
                 break
         res["status"] = res.get("status", "ok")
         res["step_s"] = res["rows"][-1]["step_s"]

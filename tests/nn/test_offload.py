@@ -24,6 +24,10 @@ class Block(nn.Module):
         return x + self.drop(self.fc2(torch.nn.functional.gelu(self.fc1(self.ln(x)))))
 
 
+#: fp32 bytes of one Block(16)'s parameters (fc1, fc2, LayerNorm): a TinyLM unit's master; its AdamW state is 2x that
+BLOCK_MASTER_BYTES = (16 * 64 + 64 + 64 * 16 + 16 + 32) * 4
+
+
 class TinyLM(nn.Module):
     def __init__(self, vocab: int = 37, d: int = 16, n: int = 4, dropout: float = 0.0, tied: bool = False) -> None:
         super().__init__()
@@ -266,8 +270,7 @@ def test_master_and_adamw_state_on_disk_tier_bitwise(tmp_path):
     off = copy.deepcopy(ref)
     data = _batches(12)
     l_ref = _train_plain(ref, data)
-    unit_bytes = (16 * 64 + 64 + 64 * 16 + 16 + 32) * 4
-    l_off, eng = _train_offload(off, data, state_budget_bytes=6 * unit_bytes, spill_root=str(tmp_path))
+    l_off, eng = _train_offload(off, data, state_budget_bytes=6 * BLOCK_MASTER_BYTES, spill_root=str(tmp_path))
     assert l_off == l_ref
     st = eng.state_stack
     assert st.stats.levels[1].bytes_in > 0 and st.stats.levels[0].promotions > 0  # state went to disk and back

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from test_offload import TinyLM, _batches, _loss
+from test_offload import BLOCK_MASTER_BYTES, TinyLM, _batches, _loss
 from torch import nn
 
 from vbhal.errors import TierError
@@ -231,7 +231,7 @@ def test_checkpoint_with_state_on_the_disk_tier(tmp_path):
     torch.manual_seed(25)
     base = TinyLM(n=5)
     data = _batches(8)
-    budget = 6 * (16 * 64 + 64 + 64 * 16 + 16 + 32) * 4
+    budget = 6 * BLOCK_MASTER_BYTES
     l_all, _, eng_all = _offload(copy.deepcopy(base), data, state_budget_bytes=budget, spill_root=str(tmp_path))
     m1 = copy.deepcopy(base)
     l_1, _, eng_1 = _offload(m1, data[:4], state_budget_bytes=budget, spill_root=str(tmp_path))
@@ -254,7 +254,7 @@ def test_load_state_dict_into_a_trained_engine_with_state_on_disk(tmp_path, unit
     torch.manual_seed(25)
     base = TinyLM(n=5)
     data = _batches(8)
-    budget = units * (16 * 64 + 64 + 64 * 16 + 16 + 32) * 4
+    budget = units * BLOCK_MASTER_BYTES
     _, _, e0 = _offload(copy.deepcopy(base), data[:2], state_budget_bytes=budget, spill_root=str(tmp_path))
     sd, want = e0.state_dict(), e0.master_state_dict()
     e0.close()
@@ -272,7 +272,7 @@ def test_load_state_dict_into_a_trained_engine_with_state_on_disk(tmp_path, unit
 
 
 def test_a_state_budget_below_one_unit_is_a_clear_error(tmp_path):
-    unit_state = 3 * (16 * 64 + 64 + 64 * 16 + 16 + 32) * 4  # the largest unit's master + exp_avg + exp_avg_sq
+    unit_state = 3 * BLOCK_MASTER_BYTES  # the largest unit's master + exp_avg + exp_avg_sq
     with pytest.raises(TierError, match="state_budget_bytes"):
         apply_offload(TinyLM(n=5), device="cpu", state_budget_bytes=unit_state - 4, spill_root=str(tmp_path))
 

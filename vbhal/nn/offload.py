@@ -1294,11 +1294,30 @@ class OffloadEngine:
             w = unit.view(unit.work_host.tensor, j).reshape(-1)
             self._compiled_step(unit.master[o : o + n], m_all[o : o + n], v_all[o : o + n], g, w, hp)
 
+    @contextlib.contextmanager
+    def _pinned_state(self, u: _Unit, names: tuple[str, ...]):
+        """{name: tensor} of the unit's master and AdamW state among `names` ("master", "exp_avg", "exp_avg_sq";
+        state that does not exist yet is left out), on the host. From the state stack each is pinned in host memory
+        until the block ends: with state on the disk tier, reading one key can push out another one read a moment
+        ago (the stack evicts the key used furthest ahead)."""
+        st = self.state_stack
+        if st is None:
+            state = u.opt.state.get(u.master, {})
+            yield {k: u.master if k == "master" else state[k] for k in names if k == "master" or k in state}
+            return
+        got: dict[str, torch.Tensor] = {}
+        try:
+            for k in names:
+                if (u.idx, k) in st:
+                    got[k] = st.access((u.idx, k), pin=True)
+            yield got
+        finally:
+            for k in got:
+                st.unpin((u.idx, k))
+
     def _state_in_memory(self, unit: _Unit):
         """Bring the unit's master and AdamW state into host memory from the state stack (pinned there for the
         step); after the step, state created by the first step is registered with the stack."""
-        import contextlib
-
         st = self.state_stack
         if st is None:
             return contextlib.nullcontext()
@@ -1306,25 +1325,23 @@ class OffloadEngine:
 
         @contextlib.contextmanager
         def ctx():
-            keys = [(unit.idx, "master")]
             state = unit.opt.state.get(unit.master)
-            names = [k for k in ("exp_avg", "exp_avg_sq") if state is not None and (unit.idx, k) in st]
-            unit.master.data = st.access(keys[0], pin=True)
-            for k in names:
-                state[k] = st.access((unit.idx, k), pin=True)
-                keys.append((unit.idx, k))
-            try:
-                yield
-            finally:
-                state = unit.opt.state.get(unit.master, {})
-                for k in ("exp_avg", "exp_avg_sq"):
-                    if k in state and (unit.idx, k) not in st:
-                        st.register((unit.idx, k), state[k])  # the stack keeps its own copy
-                    state.pop(k, None)  # the optimizer holds no state between steps
-                for k in keys:
-                    st.unpin(k)
-                unit.master.data = torch.empty(0)
-                eng._state_steps += 1
+            names = ("master",) + (("exp_avg", "exp_avg_sq") if state is not None else ())
+            with eng._pinned_state(unit, names) as got:
+                unit.master.data = got["master"]
+                for k in names[1:]:
+                    if k in got:
+                        state[k] = got[k]
+                try:
+                    yield
+                finally:
+                    state = unit.opt.state.get(unit.master, {})
+                    for k in ("exp_avg", "exp_avg_sq"):
+                        if k in state and (unit.idx, k) not in st:
+                            st.register((unit.idx, k), state[k])  # the stack keeps its own copy
+                        state.pop(k, None)  # the optimizer holds no state between steps
+                    unit.master.data = torch.empty(0)
+                    eng._state_steps += 1
 
         return ctx()
 
@@ -1852,8 +1869,6 @@ class OffloadEngine:
 
     def _rng_ctx(self, rng: tuple | None):
         if rng is None:
-            import contextlib
-
             return contextlib.nullcontext()
         eng = self
 
@@ -2218,23 +2233,11 @@ class OffloadEngine:
     @contextlib.contextmanager
     def _unit_state(self, u: _Unit):
         """(master, exp_avg, exp_avg_sq, step) of a unit on the host (state tensors are None before its first step),
-        held in host memory while the block runs: with state on the disk tier, reading one key can push out another
-        one read a moment ago (the stack evicts the key used furthest ahead), so each is pinned until the end."""
-        st = self.state_stack
+        held in host memory (pinned in the state stack) while the block runs."""
         state = u.opt.state.get(u.master, {})
         step = int(state["step"].item()) if "step" in state else 0
-        if st is None:
-            yield u.master, state.get("exp_avg"), state.get("exp_avg_sq"), step
-            return
-        got: dict[str, torch.Tensor] = {}
-        try:
-            for k in ("master", "exp_avg", "exp_avg_sq"):
-                if (u.idx, k) in st:
-                    got[k] = st.access((u.idx, k), pin=True)
+        with self._pinned_state(u, ("master", "exp_avg", "exp_avg_sq")) as got:
             yield got["master"], got.get("exp_avg"), got.get("exp_avg_sq"), step
-        finally:
-            for k in got:
-                st.unpin((u.idx, k))
 
     def state_dict(self) -> dict:
         """Everything needed to continue training bit for bit: fp32 masters, AdamW ``exp_avg``/``exp_avg_sq`` and
@@ -2369,8 +2372,9 @@ class OffloadEngine:
         out: dict[str, torch.Tensor] = {}
         for u in self.units:
             prefix = f"{u.name}." if u.name else ""
-            if u.n_train:
-                with self._unit_state(u) as (master, _, _, _):
+            if u.n_train:  # the master only: no AdamW state read from disk for it
+                with self._pinned_state(u, ("master",)) as got:
+                    master = got["master"]
                     for j in range(u.n_train):
                         off, n = u.m_offsets[j], math.prod(u.shapes[j])
                         out[prefix + u.params[j][0]] = master[off : off + n].view(u.shapes[j]).clone()

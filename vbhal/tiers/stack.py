@@ -381,12 +381,10 @@ class TierStack:
         self._current = key
         if self._order is None:
             return
-        pos = self._positions.get(key)
-        if pos is None:
+        if key not in self._positions:
             self._relearn = True  # a key the order does not know: learn the order again at the end of this step
             return
-        i = bisect.bisect_right(pos, self._pos)
-        self._pos = pos[i] if i < len(pos) else pos[0]
+        self._pos = (self._pos + self._next_use(key)) % len(self._order)
 
     def _next_use(self, key: Hashable) -> int:
         """How many accesses ahead `key` is used next in the learned order (len(order) + 1: not in it)."""

@@ -28,10 +28,9 @@ Host time per call (eager): the entry points validate, then ``_apply`` runs the 
 ``autograd.Function`` when a gradient is needed, a plain call otherwise -- and only a traced call
 (``torch.compile``, a dispatch mode) goes through the custom op ``vbhal::fp4_linear_cuda`` (which a
 Python custom op makes cost tens of microseconds). A launcher keeps, per M, the split, grid and
-constexprs, and after the first launch calls Triton's compiled kernel directly (``_DirectLauncher``:
-session 3, H100 host, FP4Linear M=1 host time per call 75 -> 58 us, min of 7 interleaved rounds). The op has a fake (meta) implementation and
-autograd w.r.t. x and bias: grad_x = grad_y @ dequant(W) (Triton dequantize + cuBLAS); the FP4
-weight is frozen. ``KERNELS`` is what the CUDA plugin binds: quantize_fp4, dequantize_fp4,
+constexprs, and after the first launch calls Triton's compiled kernel directly (``_DirectLauncher``, with
+its measured saving). The op has a fake (meta) implementation and autograd w.r.t. x and bias:
+grad_x = grad_y @ dequant(W) (Triton dequantize + cuBLAS); the FP4 weight is frozen. ``KERNELS`` is what the CUDA plugin binds: quantize_fp4, dequantize_fp4,
 fp4_linear (which carries ``fp4_linear.from_operands`` for FP4Linear's buffers).
 
 Native FP4 (compute capability 10.x, Blackwell): ``native_fp4_linear`` hands the same code and scale
