@@ -14,8 +14,10 @@ Just before a unit's forward its working copy is copied to the device on a side 
 down to pinned host memory on a second stream as soon as they are produced, and a worker thread runs
 the unit's AdamW step on the host while the device goes on with the backward of earlier units.
 
-Every cross-stream use waits on an event (``wait_event``) and records the consuming stream on the
-buffer (``record_stream``), so a buffer is never reused while a kernel may still read it; the host
+Every cross-stream use waits on an event (``wait_event``), so a buffer is never reused while a kernel
+may still read it: the buffers streamed in come from the compute stream's pool (the copy stream first
+waits for the compute stream, see ``_compute_mark``) and are freed there; tensors the compute stream
+made and a side stream reads (gradients going down) carry that stream (``record_stream``). The host
 worker waits on the copy's event before it reads the gradients. The hot path never synchronises the
 device with the host, except where a unit's optimizer step is genuinely not finished yet (counted as
 stall time).
@@ -240,6 +242,7 @@ class _Unit:
     opt: torch.optim.Optimizer | None = None
     dev_buf: torch.Tensor | None = None
     dev_event: Any = None
+    dev_stream: Any = None  # the stream whose pool dev_buf came from (the compute stream of the fetch)
     host_ready: threading.Event = field(default_factory=threading.Event)
     pending: Future | None = None
     bound: bool = False
@@ -345,6 +348,7 @@ class _Call:
         "act_dev",
         "act_event",
         "act_host",
+        "act_stream",
         "autocast",
         "chunk_rows",
         "done",
@@ -367,6 +371,7 @@ class _Call:
         self.act_host: list[HostBlock | None] = []
         self.act_dev: list[torch.Tensor | None] | None = None
         self.act_event = None
+        self.act_stream = None
         self.inner = None
         self.inner_in = None
         self.done = False
@@ -883,6 +888,20 @@ class OffloadEngine:
             ph = self._placeholders[dtype] = torch.empty(0, dtype=dtype, device=self.device)
         return ph
 
+    def _compute_mark(self) -> Any:
+        """An event on the compute stream, for a copy stream to wait on before it writes into memory just taken
+        from the compute stream's pool (compute work that has not run yet may have freed that memory).
+
+        Every buffer the engine streams in (working copies, saved inputs) comes from the compute stream's pool and
+        is freed on that stream, so no ``record_stream`` is needed and a freed block is reused at once. Taken from
+        the copy stream's pool instead, each stream's (expandable) segment keeps its own pages: under a memory cap
+        the forward's copies and the backward's compute could then not reuse each other's freed memory without
+        the caching allocator's retry (a device synchronisation and a release of every cached block), which the
+        H100 runs under the 8 GB cap showed about 3 times per step."""
+        ev = self._dm.Event()
+        ev.record(self._dm.current_stream(self.device))
+        return ev
+
     def _measure_h2d(self) -> float | None:
         """Host->device bandwidth of one 64 MiB pooled copy (bytes/s), used to learn the prefetch depth."""
         if not self._accel:
@@ -943,16 +962,19 @@ class OffloadEngine:
             self._check_worker()
         nbytes = unit.work_bytes
         if self._accel:
+            buf = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)  # the compute stream's pool
+            if self.cfg.poison:
+                buf.fill_(0xFF)  # all-ones bytes: NaN in every float format
+            alloc = self._compute_mark()
             with self._dm.stream(self._h2d):
+                self._h2d.wait_event(alloc)
                 if unit.dev_done is not None:
                     self._h2d.wait_event(unit.dev_done)  # the device step's new working copy is home
-                buf = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
-                if self.cfg.poison:
-                    buf.fill_(0xFF)  # all-ones bytes: NaN in every float format
                 buf.copy_(unit.work_host.tensor, non_blocking=True)
                 ev = self._dm.Event()
                 ev.record(self._h2d)
             unit.dev_event = ev
+            unit.dev_stream = self._dm.current_stream(self.device)
         else:
             buf = unit.work_host.tensor.clone()
         unit.dev_buf = buf
@@ -970,7 +992,8 @@ class OffloadEngine:
             e0 = self._tev() if timed else None
             cur.wait_event(unit.dev_event)
             self._tspan("wait_w", e0)
-            buf.record_stream(cur)  # the allocator must not hand this block out before compute is done with it
+            if cur != unit.dev_stream:  # allocated on another stream's pool: it must outlive this stream's work
+                buf.record_stream(cur)
             unit.dev_event = None
         for j, (_, p) in enumerate(unit.params):
             p.data = unit.view(buf, j)
@@ -979,6 +1002,10 @@ class OffloadEngine:
     def _release(self, unit: _Unit, force: bool = False) -> None:
         if unit.dev_buf is None or (unit.keep == "all" and not force):
             return
+        if self._accel and unit.dev_event is not None:
+            # Fetched but never bound: the copy into the buffer may still run. The buffer goes back to the compute
+            # stream's pool, so that stream waits for the copy before anything there can reuse the memory.
+            self._dm.current_stream(self.device).wait_event(unit.dev_event)
         for j, (_, p) in enumerate(unit.params):
             p.data = self._placeholder(unit.dtypes[j])
         self.resident_bytes -= unit.work_bytes
@@ -1787,19 +1814,20 @@ class OffloadEngine:
             return
         devs: list[torch.Tensor | None] = []
         if self._accel:
+            devs = [None if blk is None else torch.empty(blk.tensor.shape, dtype=blk.tensor.dtype, device=self.device)
+                    for blk in call.act_host]  # the compute stream's pool (_compute_mark)
+            alloc = self._compute_mark()
             with self._dm.stream(self._h2d):
+                self._h2d.wait_event(alloc)
                 if call.act_event is not None:
                     self._h2d.wait_event(call.act_event)
-                for blk in call.act_host:
-                    if blk is None:
-                        devs.append(None)
-                        continue
-                    d = torch.empty(blk.tensor.shape, dtype=blk.tensor.dtype, device=self.device)
-                    d.copy_(blk.tensor, non_blocking=True)
-                    devs.append(d)
+                for blk, d in zip(call.act_host, devs):
+                    if d is not None:
+                        d.copy_(blk.tensor, non_blocking=True)
                 ev = self._dm.Event()
                 ev.record(self._h2d)
             call.act_event = ev
+            call.act_stream = self._dm.current_stream(self.device)
         else:
             devs = [None if b is None else b.tensor.clone() for b in call.act_host]
         n = sum(b.tensor.numel() * b.tensor.element_size() for b in call.act_host if b is not None)
@@ -1830,8 +1858,8 @@ class OffloadEngine:
             if blk is None:
                 out.append(t)
                 continue
-            if self._accel:
-                d.record_stream(self._dm.current_stream(self.device))
+            if self._accel and self._dm.current_stream(self.device) != call.act_stream:
+                d.record_stream(self._dm.current_stream(self.device))  # allocated on another stream's pool
             out.append(d.requires_grad_(req) if d.is_floating_point() else d)
         # The host copies are no longer needed once the device copies have landed (event waited above by compute);
         # free them after the host knows the copy is done: the worker-free path is to free at step end.
