@@ -208,13 +208,15 @@ def build_vbhal(n_blocks: int, tokens: int, *, threads: int | None = None, **cfg
     if os.environ.get("VBHAL_BENCH_KEEP_BYTES"):  # the keep plan's device budget (default: what the cap leaves)
         cfg.setdefault("resident_cache_bytes", int(float(os.environ["VBHAL_BENCH_KEEP_BYTES"])))
     cfg.setdefault("lr", 1e-4)
+    if os.environ.get("VBHAL_BENCH_RESERVE_CORES"):  # cores the host step leaves to the training thread
+        cfg.setdefault("reserve_cores", int(os.environ["VBHAL_BENCH_RESERVE_CORES"]))
     eng = apply_offload(
         model,
         device=DEV,
         work_dtype=torch.bfloat16,
         checkpoint=True,
         init_fn=fast_host_init(),
-        optimizer_threads=threads or int(os.environ.get("VBHAL_BENCH_OPT_THREADS", 0)) or max(1, (os.cpu_count() or 2) - 1),
+        optimizer_threads=threads or int(os.environ.get("VBHAL_BENCH_OPT_THREADS", "0")) or max(1, (os.cpu_count() or 2) - 1),
         host_step=os.environ.get("VBHAL_HOST_STEP", "compiled"),
         **cfg,
     )

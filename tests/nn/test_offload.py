@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -422,3 +423,37 @@ def test_host_step_thread_flushes_subnormals_only_there(flush):
         assert _subnormal_sum() > 0.0
     finally:
         eng.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux CPU affinity and at least 2 usable cores")
+def test_host_step_leaves_reserved_cores_to_the_caller():
+    # The host step's intra-op threads on every core starved the thread that launches the device's work (H100 host,
+    # session 5); reserve_cores keeps the host step's thread (and the threads it starts) off the lowest cores.
+    allowed = sorted(os.sched_getaffinity(0))
+    threads = torch.get_num_threads()
+    eng = apply_offload(TinyLM(), device="cpu", reserve_cores=1)
+    try:
+        assert eng.host_cpus == set(allowed[1:])
+        cpus, n = eng._worker.submit((0, 0), lambda: (os.sched_getaffinity(0), torch.get_num_threads())).result()
+        assert cpus == set(allowed[1:]) and n == len(allowed) - 1
+        assert sorted(os.sched_getaffinity(0)) == allowed  # the caller's thread keeps every core
+        assert eng.memory_summary()["host_step_cpus"] == len(allowed) - 1
+    finally:
+        eng.close()
+        torch.set_num_threads(threads)
+
+
+def test_reserve_cores_defaults_and_errors():
+    from vbhal.nn.offload import _host_step_cpus
+
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no Linux CPU affinity")
+    n = len(os.sched_getaffinity(0))
+    assert _host_step_cpus(None, accel=False) is None  # CPU training: nothing launches device work
+    assert _host_step_cpus(0, accel=True) is None
+    assert _host_step_cpus(None, accel=True) == (set(sorted(os.sched_getaffinity(0))[1:]) if n >= 4 else None)
+    with pytest.raises(ValueError, match="leaves the host step no core"):
+        _host_step_cpus(n, accel=True)
+    with pytest.raises(ValueError, match=">= 0"):
+        _host_step_cpus(-1, accel=True)
