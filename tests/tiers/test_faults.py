@@ -101,6 +101,35 @@ def test_corrupted_spill_file_raises_naming_the_tensor(tmp_path, damage):
     st.close()
 
 
+@pytest.mark.parametrize("damage", ["none", "first_piece", "last_piece", "truncate_mid", "header_crc"])
+def test_spill_checksum_beside_the_io_in_pieces(tmp_path, monkeypatch, damage):
+    # Payloads larger than one piece are checksummed on a helper thread while they are written (the header's CRC
+    # is filled in afterwards) and read (piece by piece behind the reads): every piece must still be covered.
+    from vbhal.tiers import spill
+
+    monkeypatch.setattr(spill, "_CRC_PIECE", 4096)
+    t = torch.randn(10_000)  # 40000 bytes: 10 pieces, the last one partial
+    path = tmp_path / "x.spill"
+    spill.write_spill(path, "blk.w", t)
+    data = bytearray(path.read_bytes())
+    start = len(data) - t.numel() * 4
+    if damage == "first_piece":
+        data[start + 5] ^= 0x10
+    elif damage == "last_piece":
+        data[-1] ^= 0x01
+    elif damage == "truncate_mid":
+        data = data[: start + 4096 * 3 + 100]
+    elif damage == "header_crc":
+        i = data.index(b'"crc32": "') + len(b'"crc32": "')
+        data[i] = ord("0") if data[i] != ord("0") else ord("1")
+    path.write_bytes(bytes(data))
+    if damage == "none":
+        assert torch.equal(spill.read_spill(path, "blk.w", tuple(t.shape), t.dtype), t)
+        return
+    with pytest.raises(SpillCorruptionError, match="blk.w"):
+        spill.read_spill(path, "blk.w", tuple(t.shape), t.dtype)
+
+
 def test_spill_file_header_mismatch_is_corruption(tmp_path):
     st = _stack(tmp_path)
     st.register("a", _val(0), level=2)

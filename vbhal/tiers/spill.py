@@ -10,7 +10,7 @@ File format (little endian)::
 
     8 bytes  magic b"VBHSPIL1"
     4 bytes  header length H (uint32)
-    H bytes  JSON header: {"key", "shape", "dtype", "nbytes", "crc32", "owner"}
+    H bytes  JSON header: {"key", "shape", "dtype", "nbytes", "crc32" (8 hex digits), "owner"}
     nbytes   raw tensor bytes (C-contiguous)
 
 A file is written to a temporary name and renamed into place, so a reader never sees half a file;
@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import struct
+import threading
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -34,8 +37,36 @@ from vbhal.errors import TierError
 
 SPILL_MAGIC = b"VBHSPIL1"
 _HDR = struct.Struct("<8sI")
-#: Payload is checksummed in pieces of this size (zlib.crc32 over a memoryview, no copy).
+#: Payload is checksummed in pieces of this size (zlib.crc32 over a memoryview, no copy), on a helper thread
+#: beside the file I/O (write: the whole payload while it is written; read: each piece once it is in).
 _CRC_PIECE = 64 << 20
+#: Helper threads for those checksums (zlib releases the GIL): one per concurrent spill read or write.
+_CRC_THREADS = 4
+_CRC_POOL: ThreadPoolExecutor | None = None
+_CRC_POOL_LOCK = threading.Lock()
+
+
+def _crc_pool() -> ThreadPoolExecutor:
+    global _CRC_POOL
+    with _CRC_POOL_LOCK:
+        if _CRC_POOL is None:
+            _CRC_POOL = ThreadPoolExecutor(max_workers=_CRC_THREADS, thread_name_prefix="vbhal-spill-crc")
+        return _CRC_POOL
+
+
+def _crc32(buf: memoryview) -> int:
+    crc = 0
+    for i in range(0, len(buf), _CRC_PIECE):
+        crc = zlib.crc32(buf[i : i + _CRC_PIECE], crc)
+    return crc
+
+
+def _crc32_pieces(buf: memoryview, pieces: queue.SimpleQueue) -> int:
+    """CRC-32 of the pieces of `buf` whose offsets arrive on `pieces`, in order, until None."""
+    crc = 0
+    while (i := pieces.get()) is not None:
+        crc = zlib.crc32(buf[i : i + _CRC_PIECE], crc)
+    return crc
 
 
 class SpillCorruptionError(TierError):
@@ -129,13 +160,18 @@ def write_spill(path: Path, key: object, tensor: torch.Tensor, *, owner: str = "
     if t.device.type != "cpu":
         raise TierError(f"write_spill expects a host tensor for {key!r}, got one on {t.device}")
     payload = memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
-    crc = 0
-    for i in range(0, len(payload), _CRC_PIECE):
-        crc = zlib.crc32(payload[i : i + _CRC_PIECE], crc)
-    header = json.dumps(
-        {"key": str(key), "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-         "nbytes": len(payload), "crc32": crc, "owner": owner}
-    ).encode()
+    # The CRC runs on a helper thread while the payload is written (zlib releases the GIL): the header, written
+    # first, holds a fixed-width placeholder that is overwritten in place once the CRC is known.
+    crc_fut = _crc_pool().submit(_crc32, payload) if len(payload) > _CRC_PIECE else None
+    crc = None if crc_fut is not None else _crc32(payload)
+
+    def header_bytes(c: int) -> bytes:
+        return json.dumps(
+            {"key": str(key), "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+             "nbytes": len(payload), "crc32": f"{c:08x}", "owner": owner}
+        ).encode()
+
+    header = header_bytes(crc if crc is not None else 0)
     tmp = path.with_suffix(".tmp")
     try:
         if fault_hook is not None:
@@ -145,6 +181,11 @@ def write_spill(path: Path, key: object, tensor: torch.Tensor, *, owner: str = "
             f.write(_HDR.pack(SPILL_MAGIC, len(header)))
             f.write(header)
             f.write(payload)
+            if crc_fut is not None:
+                final = header_bytes(crc_fut.result())
+                assert len(final) == len(header)  # fixed-width CRC field
+                f.seek(_HDR.size)
+                f.write(final)
         os.replace(tmp, path)
     except OSError as e:
         try:
@@ -154,6 +195,9 @@ def write_spill(path: Path, key: object, tensor: torch.Tensor, *, owner: str = "
         if isinstance(e, DiskFullError):
             raise
         raise DiskFullError(f"writing {key!r} to the disk tier ({path.parent}) failed: {e}") from e
+    finally:
+        if crc_fut is not None:
+            crc_fut.cancel()
     return len(payload)
 
 
@@ -187,15 +231,26 @@ def read_spill(path: Path, key: object, shape: tuple[int, ...], dtype: torch.dty
             raw = t.view(torch.uint8).reshape(-1) if t.numel() else torch.empty(0, dtype=torch.uint8)
             if raw.numel() != meta["nbytes"]:
                 raise bad(f"payload size {meta['nbytes']} does not match the tensor's {raw.numel()} bytes")
-            buf = memoryview(raw.numpy())
-            got = f.readinto(buf) if raw.numel() else 0
+            buf = memoryview(raw.numpy()) if raw.numel() else memoryview(b"")
+            # Read piece by piece; a helper thread checksums each piece once it is in, under the next read.
+            pieces: queue.SimpleQueue = queue.SimpleQueue()
+            crc_fut = _crc_pool().submit(_crc32_pieces, buf, pieces) if len(buf) > _CRC_PIECE else None
+            got = 0
+            try:
+                for i in range(0, len(buf), _CRC_PIECE):
+                    n = f.readinto(buf[i : i + _CRC_PIECE])
+                    got += n
+                    if n != len(buf[i : i + _CRC_PIECE]):
+                        break
+                    pieces.put(i)
+            finally:
+                pieces.put(None)
+            crc = crc_fut.result() if crc_fut is not None else _crc32(buf)
             if got != raw.numel():
                 raise bad(f"truncated payload ({got} of {raw.numel()} bytes)")
     except FileNotFoundError:
         raise SpillCorruptionError(f"spill file of tensor {key!r} ({path}) is missing") from None
-    crc = 0
-    for i in range(0, len(buf) if raw.numel() else 0, _CRC_PIECE):
-        crc = zlib.crc32(buf[i : i + _CRC_PIECE], crc)
-    if crc != meta["crc32"]:
-        raise bad(f"CRC-32 {crc:#010x} != {meta['crc32']:#010x}")
+    want = meta.get("crc32")
+    if not isinstance(want, str) or f"{crc:08x}" != want:
+        raise bad(f"CRC-32 {crc:08x} != {want}")
     return t
