@@ -14,14 +14,16 @@ sys.path.insert(0, "benchmarks")
 import bench_offload as B  # noqa: E402
 
 frac = os.environ.get("FRAC")
-cfg = {} if frac is None else {"gpu_step_fraction": float(frac)}
+cfg = {"offload_activations": True}  # as the bench's speed part
+if frac is not None:
+    cfg["gpu_step_fraction"] = float(frac)
 model, eng, t_build = B.build_vbhal(26, 16384, **cfg)
 eng.replan()
 B.reset_gpu()
 B.set_cap(B.CAP_BYTES)
 x = torch.randn(16384, B.D_MODEL, device="cuda", dtype=torch.bfloat16)
 step = B.vbhal_step_fn(model, eng)
-for i in range(int(os.environ.get("WARM", "4"))):
+for i in range(int(os.environ.get("WARM", "5"))):
     t0 = time.perf_counter()
     step(x)
     torch.cuda.synchronize()
@@ -56,6 +58,7 @@ trace = snap["device_traces"][0]
 acts = collections.Counter(e["action"] for e in trace)
 print("trace events:", dict(acts))
 live = {}
+requested = {}  # freed by Python but held by the allocator until other streams' uses are done (record_stream)
 reported = 0
 out = {"actions": dict(acts), "events": []}
 for i, e in enumerate(trace):
@@ -64,7 +67,11 @@ for i, e in enumerate(trace):
         live[e["addr"]] = (e["size"], e["stream"], where(e))
     elif a in ("free_completed",):
         live.pop(e["addr"], None)
-    elif a in ("segment_unmap", "segment_free", "oom") and reported < 2:
+        requested.pop(e["addr"], None)
+    elif a == "free_requested":
+        requested[e["addr"]] = (e["size"], where(e))
+    elif a in ("segment_unmap", "segment_free", "oom") and (reported == 0 or trace[i - 1]["action"] not in
+                                                            ("segment_unmap", "segment_free")) and reported < 3:
         reported += 1
         by_stream = collections.Counter()
         by_site = collections.Counter()
@@ -73,7 +80,11 @@ for i, e in enumerate(trace):
             by_site[w] += size
         nxt = next((t for t in trace[i:] if t["action"] == "alloc"), None)
         prev = [t for t in trace[max(0, i - 40):i] if t["action"] in ("alloc", "free_requested", "free_completed")][-12:]
+        held = collections.Counter()
+        for size, w in requested.values():
+            held[w] += size
         info = {"event": a, "index": i, "size": e.get("size"), "live_bytes": sum(v[0] for v in live.values()),
+                "freed_but_held": held.most_common(6),
                 "live_by_stream": {str(k): v for k, v in by_stream.most_common()},
                 "live_by_site": by_site.most_common(14),
                 "next_alloc": None if nxt is None else (nxt["size"], nxt["stream"], where(nxt)),
@@ -87,3 +98,4 @@ for e in trace:  # blocks whose free was requested but completed only later (rec
 print("free_requested bytes by site:", pending.most_common(8))
 with open(os.path.join(os.environ.get("RES", "/tmp"), "alloc_trace.json"), "w") as f:
     json.dump(out, f, indent=1, default=str)
+eng.close()
