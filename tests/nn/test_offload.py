@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from vbhal.errors import TierError
+from vbhal.tiers import TierWarning
 from vbhal.nn.offload import apply_offload
 
 
@@ -453,7 +454,37 @@ def test_reserve_cores_defaults_and_errors():
     assert _host_step_cpus(None, accel=False) is None  # CPU training: nothing launches device work
     assert _host_step_cpus(0, accel=True) is None
     assert _host_step_cpus(None, accel=True) == (set(sorted(os.sched_getaffinity(0))[1:]) if n >= 4 else None)
-    with pytest.raises(ValueError, match="leaves the host step no core"):
+    with pytest.raises(TierError, match="leaves the host step no core"):
         _host_step_cpus(n, accel=True)
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(TierError, match=">= 0"):
         _host_step_cpus(-1, accel=True)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux CPU affinity and at least 2 usable cores")
+def test_host_step_thread_count_is_restored_and_a_bad_cpuset_does_not_hang():
+    from vbhal.nn.offload import _HostWorker
+
+    import threading
+
+    def in_new_thread() -> int:  # what a thread started now gets (torch's count is process-wide)
+        got = []
+        th = threading.Thread(target=lambda: got.append(torch.get_num_threads()))
+        th.start()
+        th.join()
+        return got[0]
+
+    threads = torch.get_num_threads()
+    eng = apply_offload(TinyLM(), device="cpu", reserve_cores=1)
+    eng._worker.submit((0, 0), lambda: None).result(timeout=30)  # the worker has set itself up
+    assert in_new_thread() <= len(os.sched_getaffinity(0)) - 1
+    eng.close()
+    assert in_new_thread() == threads == torch.get_num_threads()  # given back at close()
+    # A cpuset that cannot be applied (the cores went away since): a warning, and the worker still runs tasks.
+    with pytest.warns(TierWarning, match="could not keep off the reserved cores"):
+        w = _HostWorker(cpus={10**6})
+        try:
+            assert w.submit((0, 0), lambda: 7).result(timeout=30) == 7
+        finally:
+            w.shutdown()
+    assert torch.get_num_threads() == threads

@@ -101,7 +101,8 @@ def test_corrupted_spill_file_raises_naming_the_tensor(tmp_path, damage):
     st.close()
 
 
-@pytest.mark.parametrize("damage", ["none", "first_piece", "last_piece", "truncate_mid", "header_crc"])
+@pytest.mark.parametrize("damage", ["none", "first_piece", "last_piece", "truncate_mid", "truncate_at_piece",
+                                    "header_crc"])
 def test_spill_checksum_beside_the_io_in_pieces(tmp_path, monkeypatch, damage):
     # Payloads larger than one piece are checksummed on a helper thread while they are written (the header's CRC
     # is filled in afterwards) and read (piece by piece behind the reads): every piece must still be covered.
@@ -119,6 +120,8 @@ def test_spill_checksum_beside_the_io_in_pieces(tmp_path, monkeypatch, damage):
         data[-1] ^= 0x01
     elif damage == "truncate_mid":
         data = data[: start + 4096 * 3 + 100]
+    elif damage == "truncate_at_piece":
+        data = data[: start + 4096 * 4]
     elif damage == "header_crc":
         i = data.index(b'"crc32": "') + len(b'"crc32": "')
         data[i] = ord("0") if data[i] != ord("0") else ord("1")
@@ -128,6 +131,30 @@ def test_spill_checksum_beside_the_io_in_pieces(tmp_path, monkeypatch, damage):
         return
     with pytest.raises(SpillCorruptionError, match="blk.w"):
         spill.read_spill(path, "blk.w", tuple(t.shape), t.dtype)
+
+
+def test_spill_write_that_fails_leaves_no_file_and_the_pool_works_after_fork(tmp_path, monkeypatch):
+    from vbhal.tiers import spill
+
+    monkeypatch.setattr(spill, "_CRC_PIECE", 4096)
+    t = torch.randn(10_000)
+
+    def full(op, key):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(TierError, match="disk tier"):
+        spill.write_spill(tmp_path / "a.spill", "a", t, fault_hook=full)
+    assert list(tmp_path.iterdir()) == []  # no partial or temporary file
+    spill.write_spill(tmp_path / "b.spill", "b", t)  # the helper pool is running in this process now
+    if not hasattr(os, "fork"):
+        return
+    pid = os.fork()
+    if pid == 0:  # child: the parent's pool threads do not exist here; a read must not wait for them
+        signal.alarm(30)
+        ok = torch.equal(spill.read_spill(tmp_path / "b.spill", "b", tuple(t.shape), t.dtype), t)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
 
 
 def test_spill_file_header_mismatch_is_corruption(tmp_path):

@@ -174,10 +174,13 @@ class OffloadConfig:
     weight_decay: float = 1e-2
     pin_memory: bool | None = None  # None: pin when the device is an accelerator
     host_pool_chunk_bytes: int = 256 << 20
-    optimizer_threads: int | None = None  # torch intra-op threads for the host step (None: leave as is)
+    # torch intra-op threads (process-wide) for the host step (None: leave as is, or at most the cores the host step
+    # may use, see reserve_cores)
+    optimizer_threads: int | None = None
     # CPU cores the host step leaves to the training thread, which launches the device's work: the host step's
     # thread and its intra-op threads are kept off them (Linux CPU affinity, set in the host step's thread only;
-    # the caller's threads are untouched) and use at most the cores left. None: 1 on accelerators when the
+    # the caller's threads keep every core) and torch's intra-op thread count (process-wide) is lowered to at most
+    # the cores left, until close(). None: 1 on accelerators when the
     # process may use 4 cores or more, else 0. On an H100 host (16 cores), the host step's 15 threads on every
     # core slowed the device's forward of a 16k step from 0.17 s to 0.3-0.67 s from step to step (session 5).
     reserve_cores: int | None = None
@@ -615,7 +618,8 @@ class _HostWorker:
     Gradients arrive in backward order (last unit first) but the next forward needs the first unit first:
     when steps queue up behind a busy worker, taking the lowest unit index first lets the next forward start
     while the rest of the backlog is still being stepped (FIFO would make it wait for the whole backlog).
-    Each step uses torch's intra-op thread pool, so one worker thread keeps every core busy.
+    Each step uses torch's intra-op thread pool, so one worker thread keeps every core it may use busy (`cpus`:
+    its CPU affinity, inherited by the intra-op threads it starts; see OffloadConfig.reserve_cores).
     """
 
     def __init__(self, flush_denormal: bool = False, cpus: set[int] | None = None, threads: int | None = None) -> None:
@@ -648,8 +652,15 @@ class _HostWorker:
         if self._cpus:
             # This thread's affinity, inherited by the intra-op threads it starts (set before its first parallel
             # region), and no more threads than cores: an intra-op thread sharing a core stalls the whole region.
-            os.sched_setaffinity(0, self._cpus)
-            torch.set_num_threads(min(self._threads or len(self._cpus), len(self._cpus)))
+            # torch's intra-op thread count is process-wide: it is only ever lowered here (restored at close()).
+            try:
+                os.sched_setaffinity(0, self._cpus)
+                n = min(self._threads or len(self._cpus), len(self._cpus), torch.get_num_threads())
+                if n != torch.get_num_threads():
+                    torch.set_num_threads(n)
+            except (OSError, ValueError, RuntimeError) as e:  # e.g. the cpuset shrank since: run unpinned
+                warnings.warn(f"vbhal offload: the host step could not keep off the reserved cores ({e}); it uses "
+                              "every core", TierWarning, stacklevel=2)
         while True:
             with self._cv:
                 while not self._heap and not self._stop:
@@ -671,19 +682,22 @@ class _HostWorker:
 
 def _host_step_cpus(reserve: int | None, accel: bool) -> set[int] | None:
     """The cores the host step may use: the process's allowed cores minus the `reserve` lowest-numbered ones (see
-    OffloadConfig.reserve_cores), or None (no affinity set: reserve 0, no Linux affinity, or too few cores)."""
+    OffloadConfig.reserve_cores), or None (no affinity set: reserve 0, too few cores, or no Linux CPU affinity)."""
+    if reserve is not None and reserve < 0:
+        raise TierError(f"reserve_cores must be >= 0, got {reserve}")
     if not hasattr(os, "sched_getaffinity"):
+        if reserve:
+            warnings.warn(f"vbhal offload: reserve_cores={reserve} is ignored here (no CPU affinity on this platform)",
+                          TierWarning, stacklevel=3)
         return None
     allowed = sorted(os.sched_getaffinity(0))
     if reserve is None:
         reserve = 1 if accel and len(allowed) >= 4 else 0
-    if reserve < 0:
-        raise ValueError(f"reserve_cores must be >= 0, got {reserve}")
     if reserve == 0:
         return None
     if reserve >= len(allowed):
-        raise ValueError(f"reserve_cores={reserve} leaves the host step no core (this process may use {len(allowed)}): "
-                         "give a smaller value, or 0")
+        raise TierError(f"reserve_cores={reserve} leaves the host step no core (this process may use {len(allowed)}): "
+                        "give a smaller value, or 0")
     return set(allowed[reserve:])
 
 
@@ -712,6 +726,7 @@ class OffloadEngine:
         self.stats.level(1, "pinned host" if pin else "host")
         if cfg.optimizer_threads:
             torch.set_num_threads(cfg.optimizer_threads)
+        self._threads_at_start = torch.get_num_threads()
         self.host_cpus = _host_step_cpus(cfg.reserve_cores, self._accel)
         self._worker = _HostWorker(flush_denormal=cfg.host_flush_denormal, cpus=self.host_cpus,
                                    threads=cfg.optimizer_threads)
@@ -1053,14 +1068,16 @@ class OffloadEngine:
         if unit.dev_buf is None or (unit.keep == "all" and not force):
             return
         if self._accel and unit.dev_event is not None:
-            # Fetched but never bound: the copy into the buffer may still run. The buffer goes back to the compute
-            # stream's pool, so that stream waits for the copy before anything there can reuse the memory.
-            self._dm.current_stream(self.device).wait_event(unit.dev_event)
+            # Not bound since its last write (a fetch, or a kept unit's device step): that copy may still run. The
+            # buffer goes back to the pool of the stream it was allocated on, so that stream waits for the copy
+            # before anything there can reuse the memory.
+            (unit.dev_stream or self._dm.current_stream(self.device)).wait_event(unit.dev_event)
         for j, (_, p) in enumerate(unit.params):
             p.data = self._placeholder(unit.dtypes[j])
         self.resident_bytes -= unit.work_bytes
         unit.dev_buf = None
         unit.dev_event = None
+        unit.dev_stream = None
         unit.bound = False
         self.stats.add(0, demotions=1)
 
@@ -2524,6 +2541,8 @@ class OffloadEngine:
     def close(self) -> None:
         self.synchronize()
         self._worker.shutdown()
+        if self.host_cpus is not None:  # the process-wide count the host step's thread lowered (reserve_cores)
+            torch.set_num_threads(self._threads_at_start)
         if self.state_stack is not None:
             self.state_stack.close()
 

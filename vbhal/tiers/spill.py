@@ -54,6 +54,16 @@ def _crc_pool() -> ThreadPoolExecutor:
         return _CRC_POOL
 
 
+def _forget_crc_pool() -> None:
+    """After fork(): the child has none of the parent's pool threads; it starts its own pool when it needs one."""
+    global _CRC_POOL, _CRC_POOL_LOCK
+    _CRC_POOL, _CRC_POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_crc_pool)
+
+
 def _crc32(buf: memoryview) -> int:
     crc = 0
     for i in range(0, len(buf), _CRC_PIECE):
@@ -162,42 +172,39 @@ def write_spill(path: Path, key: object, tensor: torch.Tensor, *, owner: str = "
     payload = memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
     # The CRC runs on a helper thread while the payload is written (zlib releases the GIL): the header, written
     # first, holds a fixed-width placeholder that is overwritten in place once the CRC is known.
-    crc_fut = _crc_pool().submit(_crc32, payload) if len(payload) > _CRC_PIECE else None
-    crc = None if crc_fut is not None else _crc32(payload)
 
-    def header_bytes(c: int) -> bytes:
+    def header_bytes(c: int) -> bytes:  # the CRC as 8 hex digits: the same length whatever its value
         return json.dumps(
             {"key": str(key), "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
              "nbytes": len(payload), "crc32": f"{c:08x}", "owner": owner}
         ).encode()
 
-    header = header_bytes(crc if crc is not None else 0)
     tmp = path.with_suffix(".tmp")
+    crc_fut = None
     try:
         if fault_hook is not None:
             fault_hook("write", key)
+        crc_fut = _crc_pool().submit(_crc32, payload) if len(payload) > _CRC_PIECE else None
+        header = header_bytes(_crc32(payload) if crc_fut is None else 0)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(_HDR.pack(SPILL_MAGIC, len(header)))
             f.write(header)
             f.write(payload)
             if crc_fut is not None:
-                final = header_bytes(crc_fut.result())
-                assert len(final) == len(header)  # fixed-width CRC field
                 f.seek(_HDR.size)
-                f.write(final)
+                f.write(header_bytes(crc_fut.result()))
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
+        if crc_fut is not None:
+            crc_fut.cancel()
         try:
             tmp.unlink()
         except OSError:
             pass
-        if isinstance(e, DiskFullError):
+        if isinstance(e, DiskFullError) or not isinstance(e, OSError):
             raise
         raise DiskFullError(f"writing {key!r} to the disk tier ({path.parent}) failed: {e}") from e
-    finally:
-        if crc_fut is not None:
-            crc_fut.cancel()
     return len(payload)
 
 
