@@ -208,8 +208,6 @@ def build_vbhal(n_blocks: int, tokens: int, *, threads: int | None = None, **cfg
     if os.environ.get("VBHAL_BENCH_KEEP_BYTES"):  # the keep plan's device budget (default: what the cap leaves)
         cfg.setdefault("resident_cache_bytes", int(float(os.environ["VBHAL_BENCH_KEEP_BYTES"])))
     cfg.setdefault("lr", 1e-4)
-    if os.environ.get("VBHAL_BENCH_STREAM_POOL"):  # 0: the streamed buffers share the caching allocator's pool
-        cfg.setdefault("stream_pool", os.environ["VBHAL_BENCH_STREAM_POOL"] != "0")
     if os.environ.get("VBHAL_BENCH_RESERVE_CORES"):  # cores the host step leaves to the training thread
         cfg.setdefault("reserve_cores", int(os.environ["VBHAL_BENCH_RESERVE_CORES"]))
     eng = apply_offload(

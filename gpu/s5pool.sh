@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# session 5: the streamed buffers in a private allocator pool (OffloadConfig.stream_pool). The hybrid bitwise test;
+# session 5 (the private pool was tried and removed: no fewer retries, OOM at 64k): the streamed buffers in a private allocator pool.
 # 16k under the 8 GB cap with the shared pool (stream_pool=0) and with the default; then 64k with the default.
 set -u
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -184,12 +184,6 @@ class OffloadConfig:
     # process may use 4 cores or more, else 0. On an H100 host (16 cores), the host step's 15 threads on every
     # core slowed the device's forward of a 16k step from 0.17 s to 0.3-0.67 s from step to step (session 5).
     reserve_cores: int | None = None
-    # CUDA: the streamed buffers (working copies, saved inputs brought back) come from a private pool of the caching
-    # allocator (torch.cuda.MemPool), apart from the model's own tensors. In the shared pool their 128-256 MB blocks
-    # and the recompute's 512 MB ones fragmented the mapped memory: under the 8 GB cap it reached the cap with
-    # 2.7 GB live, and the allocator released every cached block (synchronising every stream) once or twice a step
-    # (H100 allocation trace, session 5). False: the shared pool.
-    stream_pool: bool = True
     state_budget_bytes: int | None = None  # host RAM for fp32 masters + AdamW state; the rest on disk
     spill_root: str | None = None  # where the disk tier's private directory goes (default: VBHAL_SPILL_DIR / tmp)
     grad_accum_steps: int = 1  # micro-batches (backward + engine.step() each) per optimizer step
@@ -742,8 +736,6 @@ class OffloadEngine:
             self._down = self._dm.Stream(self.device)
         self.state_pool = HostPool(pin=pin, chunk_bytes=cfg.host_pool_chunk_bytes, name="offload-gpu-step-state")
         self._dummy = torch.empty(0, device=self.device, requires_grad=True)
-        self._stream_pool = (torch.cuda.MemPool() if cfg.stream_pool and self.device.type == "cuda"
-                             and hasattr(torch.cuda, "MemPool") else None)
         self._tcur: list[tuple[str, Any, Any]] = []  # this step's timed spans on the compute stream
         self._tpend: list[tuple[dict, list]] = []  # (stats row, spans) of closed steps not yet resolved
         self._bytes: dict[str, float] = dict.fromkeys(_BYTE_KINDS, 0.0)  # bytes moved this step, by kind
@@ -945,24 +937,19 @@ class OffloadEngine:
             ph = self._placeholders[dtype] = torch.empty(0, dtype=dtype, device=self.device)
         return ph
 
-    def _stream_empty(self, shape: Any, dtype: torch.dtype) -> torch.Tensor:
-        """A device buffer for streamed data, from the private pool when there is one (OffloadConfig.stream_pool), on
-        the current (compute) stream; see _compute_mark for the copy stream's side."""
-        if self._stream_pool is None:
-            return torch.empty(shape, dtype=dtype, device=self.device)
-        with torch.cuda.use_mem_pool(self._stream_pool, device=self.device):
-            return torch.empty(shape, dtype=dtype, device=self.device)
-
     def _compute_mark(self) -> Any:
         """An event on the compute stream, for a copy stream to wait on before it writes into memory just allocated
         on the compute stream (compute work that has not run yet may have freed that memory).
 
-        Every buffer the engine streams in (working copies, saved inputs) is allocated on the compute stream
-        (_stream_empty) and freed there, so no ``record_stream`` is needed and a freed block is reused at once.
+        Every buffer the engine streams in (working copies, saved inputs) is allocated on the compute stream and
+        freed there, so no ``record_stream`` is needed and a freed block is reused at once.
         Allocated on the copy stream instead, each stream's (expandable) segment kept its own pages: under the 8 GB
         cap the forward's copies and the backward's compute could not reuse each other's freed memory without the
         caching allocator's retry (a release of every cached block that synchronises every stream). H100, same
-        machine (session 5): 2.3 -> 1.0 retries and 51 -> 12 device mallocs per step."""
+        machine (session 5): 2.3 -> 1.0 retries and 51 -> 12 device mallocs per step. The retry left comes with
+        2.7 GB live (allocation trace): the recompute's 512 MB blocks among the 128-256 MB streamed ones fragment
+        the mapped memory. A private pool for the streamed buffers (torch.cuda.MemPool) did not remove it, and ran
+        out of memory at 64k tokens, so they share the pool."""
         ev = self._dm.Event()
         ev.record(self._dm.current_stream(self.device))
         return ev
@@ -1027,7 +1014,7 @@ class OffloadEngine:
             self._check_worker()
         nbytes = unit.work_bytes
         if self._accel:
-            buf = self._stream_empty(unit.nbytes, torch.uint8)
+            buf = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)  # on the compute stream
             if self.cfg.poison:
                 buf.fill_(0xFF)  # all-ones bytes: NaN in every float format
             alloc = self._compute_mark()
@@ -1881,8 +1868,8 @@ class OffloadEngine:
             return
         devs: list[torch.Tensor | None] = []
         if self._accel:
-            devs = [None if blk is None else self._stream_empty(blk.tensor.shape, blk.tensor.dtype)
-                    for blk in call.act_host]
+            devs = [None if blk is None else torch.empty(blk.tensor.shape, dtype=blk.tensor.dtype, device=self.device)
+                    for blk in call.act_host]  # on the compute stream (_compute_mark)
             alloc = self._compute_mark()
             with self._dm.stream(self._h2d):
                 self._h2d.wait_event(alloc)
