@@ -180,9 +180,9 @@ class OffloadConfig:
     # CPU cores the host step leaves to the training thread, which launches the device's work: the host step's
     # thread and its intra-op threads are kept off them (Linux CPU affinity, set in the host step's thread only;
     # the caller's threads keep every core) and torch's intra-op thread count (process-wide) is lowered to at most
-    # the cores left, until close(). None: 1 on accelerators when the
-    # process may use 4 cores or more, else 0. On an H100 host (16 cores), the host step's 15 threads on every
-    # core slowed the device's forward of a 16k step from 0.17 s to 0.3-0.67 s from step to step (session 5).
+    # the cores left, until close(). None: 1 on accelerators when the process may use 4 cores or more, else 0.
+    # H100 host (16 cores), 3.49B params at 16k tokens under an 8 GB cap, one machine: 3.04 s per step with the
+    # host step on every core, 2.84 s with one core left (the device's forward 0.23 -> 0.17 s; session 5).
     reserve_cores: int | None = None
     state_budget_bytes: int | None = None  # host RAM for fp32 masters + AdamW state; the rest on disk
     spill_root: str | None = None  # where the disk tier's private directory goes (default: VBHAL_SPILL_DIR / tmp)
