@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 
 import pytest
 import torch
@@ -436,7 +437,7 @@ def test_host_step_leaves_reserved_cores_to_the_caller():
     eng = apply_offload(TinyLM(), device="cpu", reserve_cores=1)
     try:
         assert eng.host_cpus == set(allowed[1:])
-        cpus, n = eng._worker.submit((0, 0), lambda: (os.sched_getaffinity(0), torch.get_num_threads())).result()
+        cpus, n = eng._worker.submit((0, 0), lambda: (os.sched_getaffinity(0), torch.get_num_threads())).result(timeout=30)
         assert cpus == set(allowed[1:]) and n == len(allowed) - 1
         assert sorted(os.sched_getaffinity(0)) == allowed  # the caller's thread keeps every core
         assert eng.memory_summary()["host_step_cpus"] == len(allowed) - 1
@@ -464,8 +465,6 @@ def test_reserve_cores_defaults_and_errors():
                     reason="needs Linux CPU affinity and at least 2 usable cores")
 def test_host_step_thread_count_is_restored_and_a_bad_cpuset_does_not_hang():
     from vbhal.nn.offload import _HostWorker
-
-    import threading
 
     def in_new_thread() -> int:  # what a thread started now gets (torch's count is process-wide)
         got = []
