@@ -216,7 +216,8 @@ def build_vbhal(n_blocks: int, tokens: int, *, threads: int | None = None, **cfg
         work_dtype=torch.bfloat16,
         checkpoint=True,
         init_fn=fast_host_init(),
-        optimizer_threads=threads or int(os.environ.get("VBHAL_BENCH_OPT_THREADS", "0")) or max(1, (os.cpu_count() or 2) - 1),
+        optimizer_threads=(threads or int(os.environ.get("VBHAL_BENCH_OPT_THREADS", "0"))
+                           or max(1, (os.cpu_count() or 2) - 1)),
         host_step=os.environ.get("VBHAL_HOST_STEP", "compiled"),
         **cfg,
     )

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from vbhal.errors import TierError
-from vbhal.tiers import TierWarning
 from vbhal.nn.offload import apply_offload
+from vbhal.tiers import TierWarning
 
 
 class Block(nn.Module):
@@ -437,7 +437,8 @@ def test_host_step_leaves_reserved_cores_to_the_caller():
     eng = apply_offload(TinyLM(), device="cpu", reserve_cores=1)
     try:
         assert eng.host_cpus == set(allowed[1:])
-        cpus, n = eng._worker.submit((0, 0), lambda: (os.sched_getaffinity(0), torch.get_num_threads())).result(timeout=30)
+        task = eng._worker.submit((0, 0), lambda: (os.sched_getaffinity(0), torch.get_num_threads()))
+        cpus, n = task.result(timeout=30)
         assert cpus == set(allowed[1:]) and n == len(allowed) - 1
         assert sorted(os.sched_getaffinity(0)) == allowed  # the caller's thread keeps every core
         assert eng.memory_summary()["host_step_cpus"] == len(allowed) - 1
@@ -480,10 +481,14 @@ def test_host_step_thread_count_is_restored_and_a_bad_cpuset_does_not_hang():
     eng.close()
     assert in_new_thread() == threads == torch.get_num_threads()  # given back at close()
     # A cpuset that cannot be applied (the cores went away since): a warning, and the worker still runs tasks.
-    with pytest.warns(TierWarning, match="could not keep off the reserved cores"):
+    def start_and_run() -> int:
         w = _HostWorker(cpus={10**6})
         try:
-            assert w.submit((0, 0), lambda: 7).result(timeout=30) == 7
+            return w.submit((0, 0), lambda: 7).result(timeout=30)
         finally:
             w.shutdown()
+
+    with pytest.warns(TierWarning, match="could not keep off the reserved cores"):
+        got = start_and_run()
+    assert got == 7
     assert torch.get_num_threads() == threads

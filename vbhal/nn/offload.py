@@ -62,8 +62,9 @@ bit, so neither the hybrid nor the host step is bitwise equal to in-GPU training
 (tests/nn/test_offload_hybrid.py) checks the hybrid bit for bit against plain training whose AdamW is split between
 CPU and CUDA the same way, with and without clipping (passed, session 3). (A 2e-3 loss tolerance against all-CUDA
 AdamW had failed in R5: last-bit differences amplified by a loss swinging 0.02..4.7; that test could not tell them
-from a bug.) Off (host step, reported) with state on the disk tier or with gradient accumulation. ``memory_summary()["last_step"]`` / ``step_breakdown()``: host step s, device step s,
-stall s, H2D/D2H GB/s, the chosen share.
+from a bug.) Off (host step, reported) with state on the disk tier or with gradient accumulation.
+``memory_summary()["last_step"]`` / ``step_breakdown()``: host step s, device step s, stall s, H2D/D2H GB/s, the
+chosen share.
 
 Keep plan (``resident_cache_bytes``): device memory the cap leaves unused keeps copies on the device instead of a
 round trip through host memory, chosen by PCIe bytes saved per device byte: (1) the working copies of device-stepped

@@ -27,7 +27,7 @@ import shutil
 import struct
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -64,17 +64,10 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_crc_pool)
 
 
-def _crc32(buf: memoryview) -> int:
+def _crc32(buf: memoryview, offsets: Iterable[int] | None = None) -> int:
+    """CRC-32 of `buf`, chained over the pieces starting at `offsets` (in order; default: every piece)."""
     crc = 0
-    for i in range(0, len(buf), _CRC_PIECE):
-        crc = zlib.crc32(buf[i : i + _CRC_PIECE], crc)
-    return crc
-
-
-def _crc32_pieces(buf: memoryview, pieces: queue.SimpleQueue) -> int:
-    """CRC-32 of the pieces of `buf` whose offsets arrive on `pieces`, in order, until None."""
-    crc = 0
-    while (i := pieces.get()) is not None:
+    for i in range(0, len(buf), _CRC_PIECE) if offsets is None else offsets:
         crc = zlib.crc32(buf[i : i + _CRC_PIECE], crc)
     return crc
 
@@ -241,7 +234,7 @@ def read_spill(path: Path, key: object, shape: tuple[int, ...], dtype: torch.dty
             buf = memoryview(raw.numpy()) if raw.numel() else memoryview(b"")
             # Read piece by piece; a helper thread checksums each piece once it is in, under the next read.
             pieces: queue.SimpleQueue = queue.SimpleQueue()
-            crc_fut = _crc_pool().submit(_crc32_pieces, buf, pieces) if len(buf) > _CRC_PIECE else None
+            crc_fut = _crc_pool().submit(_crc32, buf, iter(pieces.get, None)) if len(buf) > _CRC_PIECE else None
             got = 0
             try:
                 for i in range(0, len(buf), _CRC_PIECE):

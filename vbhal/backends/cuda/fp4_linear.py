@@ -30,8 +30,9 @@ Host time per call (eager): the entry points validate, then ``_apply`` runs the 
 Python custom op makes cost tens of microseconds). A launcher keeps, per M, the split, grid and
 constexprs, and after the first launch calls Triton's compiled kernel directly (``_DirectLauncher``, with
 its measured saving). The op has a fake (meta) implementation and autograd w.r.t. x and bias:
-grad_x = grad_y @ dequant(W) (Triton dequantize + cuBLAS); the FP4 weight is frozen. ``KERNELS`` is what the CUDA plugin binds: quantize_fp4, dequantize_fp4,
-fp4_linear (which carries ``fp4_linear.from_operands`` for FP4Linear's buffers).
+grad_x = grad_y @ dequant(W) (Triton dequantize + cuBLAS); the FP4 weight is frozen. ``KERNELS`` is what
+the CUDA plugin binds: quantize_fp4, dequantize_fp4, fp4_linear (which carries
+``fp4_linear.from_operands`` for FP4Linear's buffers).
 
 Native FP4 (compute capability 10.x, Blackwell): ``native_fp4_linear`` hands the same code and scale
 bytes to ``torch._scaled_mm`` with ``float4_e2m1fn_x2`` operands. That is W4A4 (the activations are
