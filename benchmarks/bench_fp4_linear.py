@@ -513,7 +513,8 @@ def main() -> int:
                 for dt in (torch.bfloat16, torch.float16, torch.float32))
             if args.variants and fmt == "mxfp4":
                 ops = qw_operands(qw)
-                for path in ("gemv", "gemv_w32", "gemv_pf", "gemv_mr", "mm_w32", "mm_t", "dequant", "dequant_pipelined"):
+                for path in ("gemv", "gemv_w32", "gemv_pf", "gemv_mr", "mm_w32", "mm_t", "mm_p", "mm_pt", "dequant",
+                             "dequant_pipelined"):
                     peers[f"vbhal_{fmt}_{path}"] = (
                         lambda x, b, ops=ops, path=path: L._linear_2d(x, ops[0], ops[1], ops[2], b, ops[3], n, k, path))
         wbytes = {f: qws[f].nbytes for f in qws}
@@ -530,7 +531,7 @@ def main() -> int:
                     continue  # one program column per activation row: only meant for tiny M
                 if pname.endswith("_pipelined") and m < 256:
                     continue
-                if pname.endswith("_mm_w32") and m > 64:
+                if pname.endswith(("_mm_w32", "_mm_p")) and m > 64:
                     continue
                 try:
                     y = fn(x, bias)

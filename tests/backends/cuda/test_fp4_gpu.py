@@ -16,6 +16,7 @@ pytestmark = [pytest.mark.gpu,
 # relative Frobenius error of the output vs an fp32 reference of the same quantized weight:
 # bf16 output rounding (2^-9) dominates; fp16 2^-11
 REL_TOL = {torch.bfloat16: 6e-3, torch.float16: 2e-3, torch.float32: 1e-5}
+_K = None  # vbhal.backends.cuda.fp4_kernels, for test_gpu_packed_decode_bit_exact's probe kernel
 
 
 @pytest.fixture(autouse=True)
@@ -61,6 +62,12 @@ MM_CONFIGS = {  # fixed tiles (the autotuned choice is checked by "auto"): (path
                      "num_stages": 4}),
     "t128": ("mm_t", {"BLOCK_M": 128, "BLOCK_N": 128, "NBK": 2, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": 8,
                       "num_stages": 3}),
+    "p16": ("mm_p", {"BLOCK_M": 16, "BLOCK_N": 128, "NBK": 4, "GROUP_M": 8, "SPLIT_K": 2, "num_warps": 4,
+                     "num_stages": 4}),
+    "pt64": ("mm_pt", {"BLOCK_M": 64, "BLOCK_N": 128, "NBK": 4, "GROUP_M": 8, "SPLIT_K": 4, "num_warps": 4,
+                       "num_stages": 4}),
+    "pt128": ("mm_pt", {"BLOCK_M": 128, "BLOCK_N": 128, "NBK": 2, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": 8,
+                        "num_stages": 3}),
 }
 
 
@@ -69,7 +76,9 @@ MM_CONFIGS = {  # fixed tiles (the autotuned choice is checked by "auto"): (path
                                         ("gemv_w32", torch.float16), ("gemv_pf", torch.bfloat16), ("gemv_mr", torch.bfloat16),
                                         ("gemv_mr", torch.float16), ("mm16", torch.bfloat16),
                                         ("t16", torch.bfloat16),
-                                        ("t128", torch.bfloat16), ("t16", torch.float16), ("dequant", torch.bfloat16),
+                                        ("t128", torch.bfloat16), ("t16", torch.float16), ("p16", torch.bfloat16),
+                                        ("pt64", torch.bfloat16), ("pt128", torch.bfloat16), ("pt64", torch.float16),
+                                        ("p16", torch.float16), ("dequant", torch.bfloat16),
                                         ("dequant_pipelined", torch.bfloat16)])
 def test_gpu_linear_paths(fmt, path, dtype):
     import vbhal.formats as VF
@@ -219,7 +228,7 @@ def _split_k_cases():
     nblocks = 8192 // 32
     cases = []
     for m in (64, 16, 8):
-        for kind in ("mm_t", "mm_w32"):
+        for kind in ("mm_pt", "mm_p", "mm_t", "mm_w32"):
             cases += [(m, kind, c) for c in L._configs(kind, m, "mxfp4", nblocks) if c["SPLIT_K"] > 1]
     cases += [(1, "gemv_mr", c) for c in L._configs("gemv_mr", 1, "mxfp4", nblocks) if c["SPLIT_K"] > 1]
     for kind in ("gemv_pf", "gemv_w32"):  # the GEMVs' own split (_gemv_split) forced to 4
@@ -286,3 +295,53 @@ def test_gpu_split_k_real_size_repeated_and_graph(m, kind, cfg):
         check(run(x, codes, scales, ts, bias), f"eager call between replays {i}")
     torch.cuda.synchronize()
     assert all(not ws.any() for ws in L._WORKSPACES.values())
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_gpu_packed_decode_bit_exact(fmt):
+    """The packed decode (shift/mask to bfloat16 pairs, then two bfloat16 multiplies) on the GPU, bit for
+    bit against the codec: every code in every position of a word, under every scale byte (E8M0 0..254
+    and 255 = NaN; every finite E4M3). bfloat16 subnormals (E8M0 bytes 0..2, code 0.5) included."""
+    import triton
+    import triton.language as tl
+
+    from vbhal.backends.cuda import fp4_kernels
+    from vbhal.formats.e2m1 import decode_e2m1
+
+    global _K
+    _K = fp4_kernels
+    is_nv = fmt == "nvfp4"
+    block = 16 if is_nv else 32
+    wpb = block // 8
+
+    @triton.jit
+    def probe(w_ptr, s_ptr, out_ptr, IS_NV: tl.constexpr, WPB: tl.constexpr, BN: tl.constexpr, NBK: tl.constexpr):
+        r = tl.arange(0, BN)
+        w = tl.load(w_ptr + r[:, None, None] * (NBK * WPB) + tl.arange(0, NBK)[None, :, None] * WPB
+                    + tl.arange(0, WPB)[None, None, :])
+        sb = tl.load(s_ptr + r[:, None] * NBK + tl.arange(0, NBK)[None, :])
+        t = _K._e2m1_packed_tile(w, sb, tl.bfloat16, IS_NV, True, BN, NBK * WPB * 8)
+        tl.store(out_ptr + r[:, None] * (NBK * WPB * 8) + tl.arange(0, NBK * WPB * 8)[None, :], t)
+
+    nbk = 256
+    g = torch.Generator().manual_seed(6)
+    codes = torch.randint(0, 256, (16, nbk * block // 2), dtype=torch.uint8, generator=g)
+    codes[0, :8] = torch.tensor([c | (c << 4) for c in range(8)], dtype=torch.uint8)
+    codes[1, :8] = torch.tensor([c | (c << 4) for c in range(8, 16)], dtype=torch.uint8)
+    sbytes = torch.arange(nbk, dtype=torch.int64)
+    if is_nv:
+        sbytes = torch.where((sbytes & 0x7F) == 0x7F, 0, sbytes)  # E4M3 NaN bytes out
+    scales = sbytes.to(torch.uint8).repeat(16, 1)
+    out = torch.empty(16, nbk * block, dtype=torch.bfloat16, device="cuda")
+    probe[(1,)](codes.cuda().view(torch.int32), scales.cuda(), out, is_nv, wpb, 16, nbk)
+    nib = torch.stack([codes.to(torch.int64) & 0xF, codes.to(torch.int64) >> 4], 2).reshape(16, -1)
+    vals = decode_e2m1(nib.to(torch.uint8), torch.float64)
+    if is_nv:
+        sc = scales.view(torch.float8_e4m3fn).to(torch.float64)
+    else:
+        sc = torch.where(scales == 255, float("nan"), 2.0 ** (scales.to(torch.float64) - 127))
+    ref = (vals.reshape(16, nbk, block) * sc[:, :, None]).reshape(16, -1).to(torch.bfloat16)
+    got = out.cpu()
+    nan = torch.isnan(ref)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan].view(torch.int16), ref[~nan].view(torch.int16))

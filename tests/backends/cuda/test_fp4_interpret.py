@@ -21,6 +21,7 @@ import torch
 from interpreter_run import run_file_under_interpreter
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+_K = None  # vbhal.backends.cuda.fp4_kernels, set by test_packed_decode_bit_patterns for its probe kernel
 ROOT = Path(__file__).resolve().parents[3]
 kernel = pytest.mark.skipif(not INTERP, reason="kernel tests run under TRITON_INTERPRET=1 via test_interpreter_suite")
 
@@ -195,7 +196,7 @@ def _check_linear(y, x, qw, bias):
 @pytest.mark.parametrize("path,dtype", [("gemv", torch.float32), ("gemv", torch.float16), ("gemv_w32", torch.float32),
                                         ("gemv_w32", torch.float16), ("gemv_pf", torch.float16), ("gemv_mr", torch.float32), ("gemv_mr", torch.float16),
                                         ("mm_w32", torch.float16),
-                                        ("mm_t", torch.float16),
+                                        ("mm_t", torch.float16), ("mm_p", torch.float16), ("mm_pt", torch.float16),
                                         ("dequant", torch.float32), ("dequant", torch.float16)])
 @pytest.mark.parametrize("m", [1, 3, 19])
 def test_linear_paths_match_reference(fmt, path, dtype, m):
@@ -274,7 +275,7 @@ def test_split_k_workspace_survives_many_calls():
         codes, scales, ts, fid = _operands(qw)
         x = torch.randn(m, k, generator=g).to(torch.float16)
         bias = torch.randn(n, generator=g).to(torch.float16)
-        for path in ("gemv_w32", "gemv_pf", "gemv_mr", "mm_t", "mm_w32"):
+        for path in ("gemv_w32", "gemv_pf", "gemv_mr", "mm_t", "mm_w32", "mm_p", "mm_pt"):
             for b in (None, bias):
                 y = L._linear_2d(x, codes, scales, ts, b, fid, n, k, path, split_k=2)
                 _check_linear(y, x, qw, b)
@@ -339,7 +340,7 @@ def test_linear_mm_multi_tile_config():
     # both kernels: direct tiles, and split-K into the float32 workspace + _finalize, with and without
     # bias, workspace zero afterwards
     bias = torch.randn(n, dtype=torch.float16)
-    for path in ("mm_t", "mm_w32"):
+    for path in ("mm_t", "mm_w32", "mm_p", "mm_pt"):
         for split in (1, 3):
             for b in (None, bias):
                 y = L._linear_2d(x, codes, scales, ts, b, fid, n, k, path, config={**cfg, "SPLIT_K": split})
@@ -441,3 +442,76 @@ def test_candidates_leave_gemv_mr_out_above_one_row():
             assert set(L._candidates(m, dtype)) <= set(L.PATHS) and L._static_path(m, dtype) in L.PATHS
             if dtype == torch.float32:  # tl.dot on fp32 would be TF32
                 assert not any(p.startswith("mm") for p in L._candidates(m, dtype) + (L._static_path(m, dtype),))
+
+
+@kernel
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_packed_paths_even_k_and_clamped_rows(fmt):
+    """mm_p / mm_pt without K masks (EVEN_K: every split's blocks whole NBK steps, K filling the last
+    block) and with them, N and M not multiples of the tiles (loads clamp to the last row, stores are
+    masked), split-K and not. The float16 (float32-decode) variant: the interpreter cannot multiply
+    bfloat16 (test_fp4_gpu.py runs the packed one)."""
+    import vbhal.formats as VF
+    from vbhal.backends.cuda import fp4_linear as L
+
+    n, k = 37, 256
+    qw = VF.quantize(_weight(n, k, seed=9) * 1e-2, fmt)
+    codes, scales, ts, fid = _operands(qw)
+    g = torch.Generator().manual_seed(9)
+    bias = torch.randn(n, generator=g).to(torch.float16)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 2 if fmt == "mxfp4" else 4, "GROUP_M": 2}
+    for m in (1, 17):
+        x = torch.randn(m, k, generator=g).to(torch.float16)
+        for path in ("mm_p", "mm_pt"):
+            for split in (1, 2, 3):  # 8 blocks (mxfp4): splits 1 and 2 are EVEN_K, 3 is not
+                y = L._linear_2d(x, codes, scales, ts, bias, fid, n, k, path, config={**cfg, "SPLIT_K": split})
+                _check_linear(y, x, qw, bias)
+    run = L._RUNNERS[("mm_p", n, k, fid, True, tuple(sorted({**cfg, "SPLIT_K": 2}.items())), None, None,
+                      torch.float16, 32, -1)]
+    assert any(c["EVEN_K"] for _s, _g, c in run.per_m.values())
+    run3 = L._RUNNERS[("mm_p", n, k, fid, True, tuple(sorted({**cfg, "SPLIT_K": 3}.items())), None, None,
+                       torch.float16, 32, -1)]
+    assert not any(c["EVEN_K"] for _s, _g, c in run3.per_m.values())
+    assert not any(c["PACKED"] for _s, _g, c in run.per_m.values())  # interpreter: the float32 decode
+
+
+@kernel
+def test_packed_decode_bit_patterns():
+    """The packed decode's integer part: _e2m1_pair_bf16 gives, for every code in every nibble position,
+    the bfloat16 bits of E2M1_value * 2^-126 (elements P and P + 4 in the low / high half), and
+    _scale_bf16 the bfloat16 bits of 2^(s - 127) for every E8M0 byte (0 -> subnormal, 255 -> NaN).
+    (The bfloat16 multiplies that follow run on the GPU: test_fp4_gpu.py.)"""
+    import triton
+    import triton.language as tl
+
+    from vbhal.backends.cuda import fp4_kernels
+    from vbhal.formats.e2m1 import decode_e2m1
+
+    global _K  # a @triton.jit body resolves names in the module's globals
+    _K = fp4_kernels
+
+    @triton.jit
+    def probe(w_ptr, h_ptr, s_ptr, sb_ptr):
+        i = tl.arange(0, 256)
+        w = tl.load(w_ptr + i)
+        for p in tl.static_range(4):
+            tl.store(h_ptr + 256 * p + i, _K._e2m1_pair_bf16(w, p))
+        tl.store(sb_ptr + i, _K._scale_bf16(tl.load(s_ptr + i).to(tl.uint8), False))
+
+    g = torch.Generator().manual_seed(4)
+    words = torch.randint(-2**31, 2**31 - 1, (256,), dtype=torch.int64, generator=g).to(torch.int32)
+    words[:16] = torch.tensor([int.from_bytes(bytes([c | (c << 4)] * 4), "little") for c in range(16)],
+                              dtype=torch.int64).to(torch.int32)  # every code in every position
+    h = torch.empty(4, 256, dtype=torch.int32)
+    sbits = torch.empty(256, dtype=torch.bfloat16)
+    probe[(1,)](words, h, torch.arange(256, dtype=torch.int32), sbits)
+    nib = torch.stack([(words.to(torch.int64) >> (4 * j)) & 0xF for j in range(8)], 1)  # [256, 8] codes
+    val = decode_e2m1(nib.to(torch.uint8), torch.float64) * 2.0 ** -126
+    bits = val.to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+    for p in range(4):
+        got = h[p].to(torch.int64) & 0xFFFFFFFF
+        assert torch.equal(got & 0xFFFF, bits[:, p]), p
+        assert torch.equal(got >> 16, bits[:, p + 4]), p
+    ref = (2.0 ** (torch.arange(256, dtype=torch.float64) - 127)).to(torch.bfloat16)
+    assert torch.equal(sbits[:255].view(torch.int16), ref[:255].view(torch.int16))
+    assert torch.isnan(sbits[255])

@@ -635,3 +635,178 @@ def fp4_mm_t_kernel(
     """
     _fp4_mm(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, M, N, K, NUM_BLOCKS, stride_xm, stride_cn,
             stride_sn, stride_ym, IS_NV, HAS_BIAS, BLOCK, BLOCK_M, BLOCK_N, NBK, GROUP_M, SPLIT_K, True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# fused linear, tensor cores, packed decode: bfloat16 pairs built by shifts and masks, scaled in bf16x2
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _e2m1_pair_bf16(w, P: tl.constexpr):
+    """int32 words of 8 codes -> int32 whose two halves are the bfloat16 bit patterns of E2M1_value *
+    2^-126 of element P (low half) and element P + 4 (high half), exactly.
+
+    The code's magnitude bits (e1 e0 m) placed at bits 8..6 make the exponent field e and the top
+    mantissa bit m: e > 0 gives 2^(e-127) * 1.m = E2M1 * 2^-126, e = 0 bfloat16's subnormal 0.m * 2^-126
+    (E2M1's 0.5 * 2^-126), the same bias arithmetic as E2M1 shifted by 126; the sign goes to bit 15.
+    Elements P and P + 4 sit 16 bits apart in the word, so one shift and mask serves both halves:
+    three or four integer operations per two elements, no conversion instruction.
+    """
+    if P == 0:
+        mag = w << 6
+    elif P == 1:
+        mag = w << 2
+    elif P == 2:
+        mag = w >> 2
+    else:
+        mag = w >> 6
+    if P < 3:
+        sgn = w << (12 - 4 * P)
+    else:
+        sgn = w
+    return (mag & 0x01C001C0) | (sgn & -2147450880)  # 0x80008000 as int32
+
+
+@triton.jit
+def _bf16_halves(h):
+    """int32 -> (its low 16 bits, its high 16 bits) reinterpreted as bfloat16."""
+    return (h.to(tl.int16).to(tl.bfloat16, bitcast=True),
+            (h >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True))
+
+
+@triton.jit
+def _scale_bf16(s, IS_NV: tl.constexpr):
+    """Scale bytes -> the block scale as bfloat16, exactly: E8M0 2^(s - 127) (0 -> the subnormal 2^-127,
+    0xFF -> NaN, OCP MX v1.0 5.2) from its bits; E4M3 (3 mantissa bits) through float32."""
+    if IS_NV:
+        return _e4m3_to_f32(s).to(tl.bfloat16)
+    else:
+        c = s.to(tl.int32)
+        bits = tl.where(c == 0, 0x40, tl.where(c == 255, 0x7FC0, c << 7))
+        return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _e2m1_packed_tile(w, sb, DT: tl.constexpr, IS_NV: tl.constexpr, PACKED: tl.constexpr, BN: tl.constexpr,
+                      BK: tl.constexpr):
+    """[BN, NBK, WPB] int32 code words and [BN, NBK] scale bytes -> [BN, BK] ``code * block scale`` in DT,
+    K order (joins as in _e2m1_word_tile). The nvfp4 tensor scale is NOT in it (the caller scales the
+    float32 accumulator).
+
+    PACKED (bfloat16 on a GPU): the decoded E2M1 * 2^-126 times 2^126, then times the block scale, both
+    in bfloat16 -- exact (a product of a 2-bit and a <= 4-bit significand, inside bfloat16's range;
+    the H100 multiplies bfloat16 subnormals exactly: gpu/fp4_packed_exp.py checked every code against
+    E8M0 bytes 0..128 bit for bit). Otherwise (float16; the CPU interpreter, whose bfloat16 arithmetic
+    is broken and which flushes bfloat16 subnormals): _e2m1_word_tile's float32 decode, the same values.
+    """
+    if not PACKED:
+        return _e2m1_word_tile(w, _scale_f32_x2p14(sb, IS_NV), DT, BN, BK)
+    l0, h0 = _bf16_halves(_e2m1_pair_bf16(w, 0))
+    l1, h1 = _bf16_halves(_e2m1_pair_bf16(w, 1))
+    l2, h2 = _bf16_halves(_e2m1_pair_bf16(w, 2))
+    l3, h3 = _bf16_halves(_e2m1_pair_bf16(w, 3))
+    s = _scale_bf16(sb, IS_NV)[:, :, None]
+    up = tl.full((1, 1, 1), 2.0 ** 126, tl.bfloat16)
+    j0 = tl.join(l0 * up * s, h0 * up * s)
+    j1 = tl.join(l1 * up * s, h1 * up * s)
+    j2 = tl.join(l2 * up * s, h2 * up * s)
+    j3 = tl.join(l3 * up * s, h3 * up * s)
+    t = tl.join(tl.join(j0, j2), tl.join(j1, j3))  # element 4q + 2a + c at position 4q + 2a + c
+    return tl.reshape(t, (BN, BK))
+
+
+@triton.jit
+def _fp4_mm_p(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
+              M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym,
+              IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBK: tl.constexpr, GROUP_M: tl.constexpr,
+              SPLIT_K: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, PACKED: tl.constexpr):
+    """_fp4_mm with the packed decode (_e2m1_packed_tile) and a leaner K loop: loads of rows past N and
+    activation rows past M are clamped to the last row (read, never stored), so no row masks; the
+    pointers advance by a constant each step; with EVEN_K (every split's blocks are whole NBK steps
+    and K fills the last block, checked by the launcher) no K masks either."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    WPB: tl.constexpr = BLOCK // 8
+    BK: tl.constexpr = NBK * BLOCK
+    if SWAP:
+        pid_n, pid_m = _grouped_tile(pid, tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_M)
+    else:
+        pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ld = tl.minimum(offs_m, M - 1)
+    r_ld = tl.minimum(rows, N - 1)
+    blk_lo, blk_hi = _k_range(pid_k, NUM_BLOCKS, SPLIT_K, NBK)
+    bb = tl.arange(0, NBK)
+    kk = tl.arange(0, BK)
+    w_ptrs = (codes_ptr + r_ld[:, None, None].to(tl.int64) * stride_cn
+              + ((blk_lo + bb)[None, :, None] * WPB + tl.arange(0, WPB)[None, None, :]))
+    s_ptrs = scales_ptr + r_ld[:, None].to(tl.int64) * stride_sn + (blk_lo + bb)[None, :]
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        x_ptrs = x_ptr + m_ld[None, :].to(tl.int64) * stride_xm + (blk_lo * BLOCK + kk)[:, None]
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_ptrs = x_ptr + m_ld[:, None].to(tl.int64) * stride_xm + (blk_lo * BLOCK + kk)[None, :]
+    for blk0 in range(blk_lo, blk_hi, NBK):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            sb = tl.load(s_ptrs)
+            xv = tl.load(x_ptrs)
+        else:
+            bmask = (blk0 + bb) < blk_hi
+            w = tl.load(w_ptrs, mask=bmask[None, :, None], other=0)
+            sb = tl.load(s_ptrs, mask=bmask[None, :], other=0)
+            k1 = blk0 * BLOCK + kk
+            kmask = (k1 < blk_hi * BLOCK) & (k1 < K)
+            if SWAP:
+                xv = tl.load(x_ptrs, mask=kmask[:, None], other=0.0)
+            else:
+                xv = tl.load(x_ptrs, mask=kmask[None, :], other=0.0)
+        wt = _e2m1_packed_tile(w, sb, x_ptr.dtype.element_ty, IS_NV, PACKED, BLOCK_N, BK)
+        if SWAP:
+            acc = tl.dot(wt, xv, acc)
+        else:
+            acc = tl.dot(xv, tl.trans(wt), acc)
+        w_ptrs += NBK * WPB
+        s_ptrs += NBK
+        x_ptrs += BK
+    acc = acc * _tensor_scale(ts_ptr, IS_NV)
+    mmask = offs_m < M
+    rmask = rows < N
+    if SWAP:
+        _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[:, None],
+                   y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + rows[:, None],
+                   ws_ptr + offs_m[None, :].to(tl.int64) * N + rows[:, None], mmask[None, :] & rmask[:, None], SPLIT_K)
+    else:
+        _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[None, :],
+                   y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :],
+                   ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :], mmask[:, None] & rmask[None, :], SPLIT_K)
+
+
+@triton.jit
+def fp4_mm_p_kernel(
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
+    M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym, M_BUCKET,
+    IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBK: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PACKED: tl.constexpr,
+):
+    """y tile = x tile @ W tile^T with the packed decode (fp4_mm_w32_kernel's form; BLOCK_M < 64)."""
+    _fp4_mm_p(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, M, N, K, NUM_BLOCKS, stride_xm,
+              stride_cn, stride_sn, stride_ym, IS_NV, HAS_BIAS, BLOCK, BLOCK_M, BLOCK_N, NBK, GROUP_M, SPLIT_K,
+              False, EVEN_K, PACKED)
+
+
+@triton.jit
+def fp4_mm_pt_kernel(
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
+    M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym, M_BUCKET,
+    IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBK: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PACKED: tl.constexpr,
+):
+    """y^T tile = W tile @ x^T tile with the packed decode (fp4_mm_t_kernel's swap-AB form)."""
+    _fp4_mm_p(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, M, N, K, NUM_BLOCKS, stride_xm,
+              stride_cn, stride_sn, stride_ym, IS_NV, HAS_BIAS, BLOCK, BLOCK_M, BLOCK_N, NBK, GROUP_M, SPLIT_K,
+              True, EVEN_K, PACKED)

@@ -61,9 +61,12 @@ if importlib.util.find_spec("triton") is None:  # the KernelTable reports this a
 __all__ = ["KERNELS", "PATHS", "fp4_linear", "native_fp4_linear"]
 
 #: Paths of the fused linear; "auto" picks by measurement (``_choose_path``). VBHAL_FP4_LINEAR_PATH overrides.
-PATHS = ("auto", "gemv", "gemv_w32", "gemv_pf", "gemv_mr", "mm_w32", "mm_t", "dequant", "dequant_pipelined")
+PATHS = ("auto", "gemv", "gemv_w32", "gemv_pf", "gemv_mr", "mm_w32", "mm_t", "mm_p", "mm_pt", "dequant",
+         "dequant_pipelined")
 _GEMV_PATHS = ("gemv", "gemv_w32", "gemv_pf", "gemv_mr")
-_MM_PATHS = ("mm_w32", "mm_t")
+_MM_PATHS = ("mm_w32", "mm_t", "mm_p", "mm_pt")
+#: the packed-decode kernels (bfloat16 arithmetic on the GPU); their launches add EVEN_K and PACKED
+_PACKED_PATHS = ("mm_p", "mm_pt")
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 #: Largest M for the one-row-per-program GEMVs / the multi-row GEMV / the split-K tensor-core tiles.
@@ -90,21 +93,28 @@ def _candidates(m: int, dtype: torch.dtype) -> tuple[str, ...]:
         if m <= GEMV_MAX_M:
             return ("gemv_pf", "gemv_w32", "dequant")
         return ("dequant",)
+    # bfloat16: the packed-decode kernels replace mm_t / mm_w32 (session 6, H100, K = N = 8192, graph us,
+    # best packed config vs the shipped plan in one run: M = 16 37.9 vs 40.7, M = 64 50.7 vs 56.2, M = 256
+    # 112.8 vs 117.5; at M >= 1024 dequantize + cuBLAS still wins); float16 keeps the float32-decode kernels
+    t, w = ("mm_pt", "mm_p") if dtype == torch.bfloat16 else ("mm_t", "mm_w32")
     if m == 1:
-        return ("gemv_pf", "gemv_w32", "gemv_mr", "mm_t")
+        return ("gemv_pf", "gemv_w32", "gemv_mr", t)
     if m <= GEMV_MAX_M:
-        return ("gemv_pf", "gemv_w32", "mm_t", "mm_w32")
+        return ("gemv_pf", "gemv_w32", t, w)
     if m <= MM_T_SMALL_M:
-        return ("mm_t", "mm_w32")
-    return ("mm_t", "dequant", "dequant_pipelined")
+        return (t, w)
+    return (t, "dequant", "dequant_pipelined")
 
 
 def _static_path(m: int, dtype: torch.dtype) -> str:
     """The path when none can be measured (CPU interpreter, CUDA-graph capture): by shape only (the
-    R5 H100 winners: gemv_pf at M = 1, mm_t at M = 16..256, dequant + cuBLAS at large M)."""
+    R5 H100 winners: gemv_pf at M = 1, mm_t -- for bfloat16 now mm_pt -- at M = 16..256, dequant + cuBLAS at
+    large M)."""
     if m <= GEMV_MAX_M and (m == 1 or dtype == torch.float32):
         return "gemv_pf"
-    return "dequant" if dtype == torch.float32 or m > 512 else "mm_t"
+    if dtype == torch.float32 or m > 512:
+        return "dequant"
+    return "mm_pt" if dtype == torch.bfloat16 else "mm_t"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -338,6 +348,26 @@ def _configs(kind: str, m: int, fmt: str, nblocks: int) -> list[dict]:
         cands = [(16, 64, 4, 1), (16, 128, 2, 1), (32, 64, 4, 1), (16, 64, 4, 4), (32, 64, 4, 2), (32, 128, 2, 4)]
         return [{"BLOCK_M": bm, "BLOCK_N": bn, "NBK": nbk * nv, "GROUP_M": 8, "SPLIT_K": s, "num_warps": 4, "num_stages": 4}
                 for bm, bn, nbk, s in cands if bm <= max(16, _m_bucket(m)) and nblocks // (s * nbk * nv) >= 2]
+    if kind == "mm_p":
+        # x @ W^T, BLOCK_M < 64 (triton 3.6); session 6 sweep at K = N = 8192 (graph us): (16, 128, 4, 2) 37.9 at
+        # M = 16, (16, 128, 2, 8) 37.5 at M = 1; (BLOCK_M, BLOCK_N, NBK, SPLIT_K)
+        cands = [(16, 128, 4, 2), (16, 128, 2, 8), (16, 128, 4, 4), (16, 64, 8, 2), (16, 64, 4, 4), (32, 128, 4, 2),
+                 (32, 128, 2, 4), (16, 128, 4, 1)]
+        out = [{"BLOCK_M": bm, "BLOCK_N": bn, "NBK": nbk * nv, "GROUP_M": 8, "SPLIT_K": s, "num_warps": 4, "num_stages": 4}
+               for bm, bn, nbk, s in cands if bm <= max(16, _m_bucket(m)) and nblocks // (s * nbk * nv) >= 2]
+        return out or [{"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 2 * nv, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}]
+    if kind == "mm_pt":
+        # swap-AB; session 6 sweep at K = N = 8192: (64, 128, 4, 4) 50.7 us at M = 64, (128, 128, 2, 1, 8 warps)
+        # 112.8 at M = 256, (256, 128, 2, 1, 8 warps) 255 at M = 1024;
+        # (BLOCK_M, BLOCK_N, NBK, SPLIT_K, warps, stages)
+        if m <= MM_T_SMALL_M:
+            cands = [(64, 128, 4, 4, 4, 4), (64, 128, 2, 4, 4, 4), (64, 64, 4, 2, 4, 4), (32, 128, 4, 4, 4, 4),
+                     (16, 128, 4, 4, 4, 4), (16, 64, 4, 4, 4, 4), (64, 128, 4, 8, 4, 4), (32, 64, 4, 4, 4, 4)]
+        else:
+            cands = [(128, 128, 2, 1, 8, 3), (256, 128, 2, 1, 8, 3), (128, 128, 4, 1, 8, 3), (64, 128, 4, 1, 4, 4)]
+        out = [{"BLOCK_M": bm, "BLOCK_N": bn, "NBK": nbk * nv, "GROUP_M": 8, "SPLIT_K": s, "num_warps": w, "num_stages": st}
+               for bm, bn, nbk, s, w, st in cands if bm <= max(16, _m_bucket(m)) and nblocks // (s * nbk * nv) >= 2]
+        return out or [{"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 2 * nv, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}]
     if kind == "mm_t":
         if m <= MM_T_SMALL_M:
             # split K so that the few row tiles of a small batch fill every SM; BLOCK_M <= M's bucket
@@ -363,6 +393,8 @@ _INTERP_CONFIGS = {
     "gemv_mr": {"BLOCK_N": 8, "NBK": 2, "BLOCK_M": 4, "SPLIT_K": 2},
     "mm_w32": {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 2, "GROUP_M": 2, "SPLIT_K": 1},
     "mm_t": {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 2, "GROUP_M": 2, "SPLIT_K": 2},
+    "mm_p": {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 2, "GROUP_M": 2, "SPLIT_K": 2},
+    "mm_pt": {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 2, "GROUP_M": 2, "SPLIT_K": 1},
 }
 
 
@@ -403,7 +435,7 @@ class _KernelLaunch:
         self.mm = kind.startswith("mm")
         self.kernel = getattr(kernels_module(), f"fp4_{kind}_kernel")
         self.launch = _DirectLauncher(self.kernel)
-        self.per_m: dict = {}  # (M, blocks, device) -> (split, grid, constexprs): what a call at that M launches
+        self.per_m: dict = {}  # (M, blocks, device, dtype) -> (split, grid, constexprs): what a call at that M launches
         self.consts = {"IS_NV": fmt == "nvfp4", "HAS_BIAS": has_bias, "BLOCK": BLOCK_SIZES[fmt]}
         self.split_override = split
         self.cfg = None
@@ -445,13 +477,18 @@ class _KernelLaunch:
         dev = x2.device
         if self.words:
             codes = codes.view(torch.int32)
-        plan = self.per_m.get((m, nblocks, dev))
+        plan = self.per_m.get((m, nblocks, dev, x2.dtype))
         if plan is None:
             if len(self.per_m) >= 256:  # many distinct M (varying lengths): start over rather than grow
                 self.per_m.clear()
             split = self._split(m, nblocks, dev)
             cfg = self.cfg if self.cfg.get("SPLIT_K", 1) is not None else {**self.cfg, "SPLIT_K": split}
-            plan = self.per_m[(m, nblocks, dev)] = (split, self._grid(m, split), {**cfg, **self.launch_kw})
+            consts = {**cfg, **self.launch_kw}
+            if self.kind in _PACKED_PATHS:
+                per = cfg["NBK"] * split
+                consts["EVEN_K"] = nblocks % per == 0 and self.k == nblocks * BLOCK_SIZES[self.fmt]
+                consts["PACKED"] = x2.dtype == torch.bfloat16 and not is_interpreter()
+            plan = self.per_m[(m, nblocks, dev, x2.dtype)] = (split, self._grid(m, split), consts)
         split, grid, consts = plan
         y = _q.new_output((m, n), x2.dtype, dev)
         ws = _workspace(m, n, dev) if split > 1 else y
