@@ -515,3 +515,25 @@ def test_packed_decode_bit_patterns():
     ref = (2.0 ** (torch.arange(256, dtype=torch.float64) - 127)).to(torch.bfloat16)
     assert torch.equal(sbits[:255].view(torch.int16), ref[:255].view(torch.int16))
     assert torch.isnan(sbits[255])
+
+
+@kernel
+@pytest.mark.parametrize("path", ["gemv", "gemv_w32", "gemv_pf", "gemv_mr", "dequant"])
+def test_linear_huge_block_scales(path):
+    """E8M0 scale bytes 241..254 (blocks beyond 2^113, still finite float32 values): session 6 found the
+    GEMVs' folded factor (scale * 2^14) overflowing to inf there; _block_factors splits it."""
+    import vbhal.formats as VF
+    from vbhal.backends.cuda import fp4_linear as L
+
+    n, k = 8, 64
+    g = torch.Generator().manual_seed(12)
+    w = torch.randn(n, k, generator=g)
+    w[:, :32] *= 2.0 ** 118  # block 0 of every row: scale bytes ~ 243
+    qw = VF.quantize(w, "mxfp4")
+    assert int(qw.scales.view(torch.uint8)[:, 0].min()) > 240
+    codes, scales, ts, fid = _operands(qw)
+    x = (torch.randn(1, k, generator=g) * 2.0 ** -120).to(torch.float32)
+    y = L._linear_2d(x, codes, scales, ts, None, fid, n, k, path)
+    ref = torch.nn.functional.linear(x.double(), qw.dequantize(torch.float64))
+    assert torch.isfinite(y).all()
+    assert ((y.double() - ref).abs() <= 1e-5 * ref.abs().max()).all()

@@ -304,14 +304,31 @@ def _load_x8(x_row, word, bmask, K):
 @triton.jit
 def _scale_f32_x2p14(s, IS_NV: tl.constexpr):
     """Scale bytes -> float32 block scale * 2^14 (the decode's 2^-14 undone), one integer op for MX:
-    the float32 with biased exponent (s + 14) is 2^(s - 127 + 14); exact for E8M0 codes 0..240
-    (scales up to 2^113 -- weights with blocks beyond 1e34 would need more: they take the slow path)."""
+    the float32 with biased exponent (s + 14) is 2^(s - 127 + 14); exact for E8M0 codes 0..240. Above
+    (scales beyond 2^113) the product overflows float32 and this gives inf: the per-element decodes that
+    use it (the float16 / interpreter tiles) would overflow float16 there anyway; the GEMVs use
+    _block_factors instead, which is exact for every byte."""
     if IS_NV:
         return _e4m3_to_f32(s) * E2M1_F16_UNSCALE
     else:
         c = s.to(tl.int32)
         fast = ((c + 14) << 23).to(tl.float32, bitcast=True)
         return tl.where(c <= 240, fast, _e8m0_to_f32(s) * E2M1_F16_UNSCALE)
+
+
+@triton.jit
+def _block_factors(s, IS_NV: tl.constexpr):
+    """Scale bytes -> (f, g), float32, with f * g = block scale * 2^14 and neither overflowing: for E8M0
+    bytes up to 240 g = 1 and f = 2^(s - 113); above, f = 2^127 and g = 2^(s - 240), 0xFF -> NaN. A
+    block's sum of decoded products (times 2^-14) times f, then times g, is the exact float32 product
+    for every byte (session 6: _scale_f32_x2p14 alone gave inf for bytes 241..254)."""
+    if IS_NV:
+        return _e4m3_to_f32(s) * E2M1_F16_UNSCALE, 1.0
+    else:
+        c = s.to(tl.int32)
+        f = ((tl.minimum(c, 240) + 14) << 23).to(tl.float32, bitcast=True)
+        g = ((tl.maximum(c - 240, 0) + 127) << 23).to(tl.float32, bitcast=True)
+        return f, tl.where(c == 255, float("nan"), g)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -420,7 +437,8 @@ def fp4_gemv_w32_kernel(
         w, sb, word, bmask = _load_words(codes_ptr, scales_ptr, rows[:, None, None], rows[:, None], rmask, blk0,
                                          blk_hi, stride_cn, stride_sn, NBK, WPB)
         x8 = _load_x8(x_row, word, bmask, K).to(tl.float32)
-        acc += _word_dot(w, x8, NBK, WPB) * _scale_f32_x2p14(sb, IS_NV)
+        f, g = _block_factors(sb, IS_NV)
+        acc += (_word_dot(w, x8, NBK, WPB) * f) * g
     out = tl.sum(acc, axis=1) * _tensor_scale(ts_ptr, IS_NV)
     _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS), y_ptr + m.to(tl.int64) * stride_ym + rows,
                ws_ptr + m.to(tl.int64) * N + rows, rmask, SPLIT_K)
@@ -453,7 +471,8 @@ def fp4_gemv_pf_kernel(
         w_n, sb_n, word_n, bmask_n = _load_words(codes_ptr, scales_ptr, r3, r2, rmask, blk0 + NBK, blk_hi,
                                                  stride_cn, stride_sn, NBK, WPB)
         x8_n = _load_x8(x_row, word_n, bmask_n, K)
-        acc += _word_dot(w, x8.to(tl.float32), NBK, WPB) * _scale_f32_x2p14(sb, IS_NV)
+        f, g = _block_factors(sb, IS_NV)
+        acc += (_word_dot(w, x8.to(tl.float32), NBK, WPB) * f) * g
         w, sb, x8 = w_n, sb_n, x8_n
     out = tl.sum(acc, axis=1) * _tensor_scale(ts_ptr, IS_NV)
     _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS), y_ptr + m.to(tl.int64) * stride_ym + rows,
@@ -504,7 +523,8 @@ def fp4_gemv_mr_kernel(
                 + l1[None] * tl.reshape(x1, (BLOCK_M, 1, NBK, WPB)) + h1[None] * tl.reshape(x5, (BLOCK_M, 1, NBK, WPB))
                 + l2[None] * tl.reshape(x2, (BLOCK_M, 1, NBK, WPB)) + h2[None] * tl.reshape(x6, (BLOCK_M, 1, NBK, WPB))
                 + l3[None] * tl.reshape(x3, (BLOCK_M, 1, NBK, WPB)) + h3[None] * tl.reshape(x7, (BLOCK_M, 1, NBK, WPB)))
-        acc += tl.sum(part, axis=3) * _scale_f32_x2p14(sb, IS_NV)[None]
+        f, g = _block_factors(sb, IS_NV)
+        acc += (tl.sum(part, axis=3) * f) * g
     out = tl.sum(acc, axis=2) * _tensor_scale(ts_ptr, IS_NV)  # [BLOCK_M, BLOCK_N]
     omask = mmask[:, None] & rmask[None, :]
     _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS)[None, :],
