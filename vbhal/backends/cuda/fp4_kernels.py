@@ -70,7 +70,8 @@ def _e4m3_to_f32(s):
     normal = ((mag << 20) + (120 << 23)).to(tl.float32, bitcast=True)
     sub = (mag & 0x7).to(tl.float32) * 0.001953125  # subnormal: m * 2^-9
     v = tl.where((mag >> 3) == 0, sub, normal)
-    v = tl.where((c & 0x80) != 0, -v, v)
+    # the sign as a bit (not -v: the GPU's negation of +0.0 gave +0.0, so byte 0x80 = -0.0 came out +0.0)
+    v = (v.to(tl.int32, bitcast=True) | ((c & 0x80) << 24)).to(tl.float32, bitcast=True)
     return tl.where(mag == 0x7F, float("nan"), v)
 
 
