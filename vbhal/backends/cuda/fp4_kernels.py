@@ -10,8 +10,10 @@ scale is loaded once per block, never gathered per element.
 
 Kernels: ``fp4_quantize_kernel``, ``fp4_dequantize_kernel``; for the linear (see fp4_linear.py for
 when each runs) the GEMVs ``fp4_gemv_kernel`` / ``fp4_gemv_w32_kernel`` / ``fp4_gemv_pf_kernel`` and
-the tensor-core kernels ``fp4_mm_t_kernel`` (swap-AB, the one used) and ``fp4_mm_w32_kernel`` (x @ W^T
-form; triton 3.6 cannot compile it with BLOCK_M >= 64), one body (``_fp4_mm``); with SPLIT_K > 1
+the tensor-core kernels ``fp4_mm_t_kernel`` (swap-AB) and ``fp4_mm_w32_kernel`` (x @ W^T form; triton
+3.6 cannot compile it with BLOCK_M >= 64), one body (``_fp4_mm``), and their packed-decode versions
+``fp4_mm_pt_kernel`` / ``fp4_mm_p_kernel`` (``_fp4_mm_p``: bfloat16 pairs by shifts and masks, the
+ones bfloat16 activations use); with SPLIT_K > 1
 each adds its float32 part into a workspace, and the launcher's ``_finalize`` (torch ops, next on the
 same stream) writes y (see ``_write_out``).
 

@@ -17,7 +17,12 @@ each kernel's launch configuration, itself picked by timing the path's config li
   tile as the MMA's first operand (wgmma on Hopper) so the weight rows fill its 64-row side and the
   batch only the narrow one; split-K for small M so a few row tiles still fill every SM; large tiles
   (each weight element decoded once per 128-256 activation rows) for large M. ``mm_w32``: the x @ W^T
-  form (triton 3.6 cannot compile it with BLOCK_M >= 64).
+  form (triton 3.6 cannot compile it with BLOCK_M >= 64). Both decode through float32 and serve float16.
+- ``mm_pt`` / ``mm_p`` (bfloat16): the same two forms with the packed decode -- each code pair becomes a
+  bfloat16 pair by shifts and masks and is scaled by two exact bfloat16 multiplies, with no conversion
+  instruction (5.8 instead of 8.0-8.4 instructions per weight element in the K loop, sm_90 SASS) -- and
+  a K loop without row masks (clamped loads) or, when the splits are whole steps, K masks. They take
+  mm_t / mm_w32's place among the bfloat16 candidates.
 - ``dequant`` (Triton dequantize to x's dtype + cuBLAS) and ``dequant_pipelined`` (the dequantize of
   weight chunk i+1 on a side stream under the cuBLAS GEMM of chunk i), for large M.
 - float32 activations: the GEMV kernels or ``dequant`` (tl.dot on fp32 would be TF32).
