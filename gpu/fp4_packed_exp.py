@@ -1,8 +1,10 @@
-"""Session 6 experiment: the packed bf16 decode (gpu/fp4_packed_kernels.py, fp4_mm_p_kernel) against the
+"""Session 6 experiment: the packed bf16 decode (fp4_mm_p_kernel / fp4_mm_pt_kernel) against the
 shipped paths, one run on one GPU. 1) decode exactness on the GPU (every code x E8M0 scale bytes 0..128,
 incl. bf16 subnormal inputs/outputs of HMUL2.BF16); 2) graph-timed (L2 flushed) sweep of mm_p configs
 (both orientations) next to cuBLAS bf16 and the shipped auto path, rel. error vs float32 on fresh inputs.
-Usage: python gpu/fp4_packed_exp.py [budget_s] [M,...]"""
+Usage: python gpu/fp4_packed_exp.py [budget_s] [M,...]
+(benchmarks/results/fp4_packed_exp-*.json came from this script at commit d3a57a0, whose experimental kernel
+applied the E8M0 scale in one multiply; the package's kernel now multiplies twice, exact for every byte.)"""
 import json
 import os
 import sys
@@ -12,9 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, os.path.dirname(__file__))
-import fp4_packed_kernels as PK  # noqa: E402
-
+from vbhal.backends.cuda import fp4_kernels as PK  # noqa: E402
 from vbhal.backends.cuda import fp4_linear as L  # noqa: E402
 from vbhal.backends.cuda.fp4_quantize import qw_operands, quantize_fp4  # noqa: E402
 from vbhal.formats import dequantize  # noqa: E402
@@ -34,7 +34,7 @@ def decode_kernel(codes_ptr, scales_ptr, out_ptr, NBK: tl.constexpr, WPB: tl.con
     w = tl.load(codes_ptr + r[:, None, None] * (NBK * WPB) + tl.arange(0, NBK)[None, :, None] * WPB
                 + tl.arange(0, WPB)[None, None, :])
     sb = tl.load(scales_ptr + r[:, None] * NBK + tl.arange(0, NBK)[None, :])
-    t = PK._tile_bf16(w, sb, BN, NBK * WPB * 8)
+    t = PK._e2m1_packed_tile(w, sb, tl.bfloat16, False, True, BN, NBK * WPB * 8)
     tl.store(out_ptr + r[:, None] * (NBK * WPB * 8) + tl.arange(0, NBK * WPB * 8)[None, :], t)
 
 
@@ -90,10 +90,11 @@ def launch_p(x, codes_i32, scales_u8, ts, n, k, cfg):
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws = L._workspace(m, n, x.device) if split > 1 else y
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
-    PK.fp4_mm_p_kernel[grid](x, codes_i32, scales_u8, ts, x, y, ws, m, n, k, scales_u8.shape[1], x.stride(0),
-                             codes_i32.stride(0), scales_u8.stride(0), y.stride(0), 1,
-                             IS_NV=False, HAS_BIAS=False, BLOCK=32, BLOCK_M=bm, BLOCK_N=bn, NBK=nbk, GROUP_M=8,
-                             SPLIT_K=split, SWAP=swap, num_warps=warps, num_stages=stages)
+    kern = PK.fp4_mm_pt_kernel if swap else PK.fp4_mm_p_kernel
+    kern[grid](x, codes_i32, scales_u8, ts, x, y, ws, m, n, k, scales_u8.shape[1], x.stride(0), codes_i32.stride(0),
+               scales_u8.stride(0), y.stride(0), 1, IS_NV=False, HAS_BIAS=False, BLOCK=32, BLOCK_M=bm, BLOCK_N=bn,
+               NBK=nbk, GROUP_M=8, SPLIT_K=split, EVEN_K=scales_u8.shape[1] % (nbk * split) == 0 and k % 32 == 0,
+               PACKED=True, num_warps=warps, num_stages=stages)
     if split > 1:
         L._finalize(ws, None, y)
     return y

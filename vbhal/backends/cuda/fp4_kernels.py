@@ -572,6 +572,23 @@ def _weight_tile(codes_ptr, scales_ptr, r3, r2, rmask, blk0, blk_hi, stride_cn, 
 
 
 @triton.jit
+def _store_mm(acc, bias_ptr, y_ptr, ws_ptr, offs_m, rows, M, N, stride_ym, HAS_BIAS: tl.constexpr,
+              SPLIT_K: tl.constexpr, SWAP: tl.constexpr):
+    """A tensor-core tile's epilogue: acc is the (BLOCK_M, BLOCK_N) y tile, or with SWAP its transpose;
+    rows past N and activation rows past M are not written (_write_out: bias, y or the split workspace)."""
+    mmask = offs_m < M
+    rmask = rows < N
+    if SWAP:
+        _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[:, None],
+                   y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + rows[:, None],
+                   ws_ptr + offs_m[None, :].to(tl.int64) * N + rows[:, None], mmask[None, :] & rmask[:, None], SPLIT_K)
+    else:
+        _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[None, :],
+                   y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :],
+                   ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :], mmask[:, None] & rmask[None, :], SPLIT_K)
+
+
+@triton.jit
 def _fp4_mm(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
             M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym,
             IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
@@ -613,15 +630,8 @@ def _fp4_mm(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
             xv = tl.load(x_base + k1[None, :], mask=mmask[:, None] & (k1[None, :] < blk_hi * BLOCK) & (k1[None, :] < K),
                          other=0.0)
             acc = tl.dot(xv, tl.trans(wt), acc)
-    acc = acc * _tensor_scale(ts_ptr, IS_NV)
-    if SWAP:
-        _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[:, None],
-                   y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + rows[:, None],
-                   ws_ptr + offs_m[None, :].to(tl.int64) * N + rows[:, None], mmask[None, :] & rmask[:, None], SPLIT_K)
-    else:
-        _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[None, :],
-                   y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :],
-                   ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :], mmask[:, None] & rmask[None, :], SPLIT_K)
+    _store_mm(acc * _tensor_scale(ts_ptr, IS_NV), bias_ptr, y_ptr, ws_ptr, offs_m, rows, M, N, stride_ym, HAS_BIAS,
+              SPLIT_K, SWAP)
 
 
 @triton.jit
@@ -794,17 +804,8 @@ def _fp4_mm_p(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
         w_ptrs += NBK * WPB
         s_ptrs += NBK
         x_ptrs += BK
-    acc = acc * _tensor_scale(ts_ptr, IS_NV)
-    mmask = offs_m < M
-    rmask = rows < N
-    if SWAP:
-        _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[:, None],
-                   y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + rows[:, None],
-                   ws_ptr + offs_m[None, :].to(tl.int64) * N + rows[:, None], mmask[None, :] & rmask[:, None], SPLIT_K)
-    else:
-        _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[None, :],
-                   y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :],
-                   ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :], mmask[:, None] & rmask[None, :], SPLIT_K)
+    _store_mm(acc * _tensor_scale(ts_ptr, IS_NV), bias_ptr, y_ptr, ws_ptr, offs_m, rows, M, N, stride_ym, HAS_BIAS,
+              SPLIT_K, SWAP)
 
 
 @triton.jit
