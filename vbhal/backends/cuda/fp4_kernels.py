@@ -731,20 +731,23 @@ def _e2m1_packed_tile(w, sb, DT: tl.constexpr, IS_NV: tl.constexpr, PACKED: tl.c
     E8M0 bytes 0..128 bit for bit). Otherwise (float16; the CPU interpreter, whose bfloat16 arithmetic
     is broken and which flushes bfloat16 subnormals): _e2m1_word_tile's float32 decode, the same values.
     """
-    if not PACKED:
-        return _e2m1_word_tile(w, _scale_f32_x2p14(sb, IS_NV), DT, BN, BK)
-    l0, h0 = _bf16_halves(_e2m1_pair_bf16(w, 0))
-    l1, h1 = _bf16_halves(_e2m1_pair_bf16(w, 1))
-    l2, h2 = _bf16_halves(_e2m1_pair_bf16(w, 2))
-    l3, h3 = _bf16_halves(_e2m1_pair_bf16(w, 3))
-    s = _scale_bf16(sb, IS_NV)[:, :, None]
-    up = tl.full((1, 1, 1), 2.0 ** 126, tl.bfloat16)
-    j0 = tl.join(l0 * up * s, h0 * up * s)
-    j1 = tl.join(l1 * up * s, h1 * up * s)
-    j2 = tl.join(l2 * up * s, h2 * up * s)
-    j3 = tl.join(l3 * up * s, h3 * up * s)
-    t = tl.join(tl.join(j0, j2), tl.join(j1, j3))  # element 4q + 2a + c at position 4q + 2a + c
-    return tl.reshape(t, (BN, BK))
+    # one return (triton 3.6 type-checks every return, dead constexpr branches included)
+    if PACKED:
+        l0, h0 = _bf16_halves(_e2m1_pair_bf16(w, 0))
+        l1, h1 = _bf16_halves(_e2m1_pair_bf16(w, 1))
+        l2, h2 = _bf16_halves(_e2m1_pair_bf16(w, 2))
+        l3, h3 = _bf16_halves(_e2m1_pair_bf16(w, 3))
+        s = _scale_bf16(sb, IS_NV)[:, :, None]
+        up = tl.full((1, 1, 1), 2.0 ** 126, tl.bfloat16)
+        j0 = tl.join(l0 * up * s, h0 * up * s)
+        j1 = tl.join(l1 * up * s, h1 * up * s)
+        j2 = tl.join(l2 * up * s, h2 * up * s)
+        j3 = tl.join(l3 * up * s, h3 * up * s)
+        t = tl.join(tl.join(j0, j2), tl.join(j1, j3))  # element 4q + 2a + c at position 4q + 2a + c
+        tile = tl.reshape(t, (BN, BK)).to(DT)
+    else:
+        tile = _e2m1_word_tile(w, _scale_f32_x2p14(sb, IS_NV), DT, BN, BK)
+    return tile
 
 
 @triton.jit
