@@ -300,12 +300,14 @@ def _finalize(ws: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> N
     Triton kernel doing the same (load ws, store y, store zeros to ws; flat or per-row grid, with or
     without the direct launch) gave wrong rows from M ~ 512 (rel. error 1-6e-2, different each run)
     while the workspace was verified right just before it ran, and these ops were right every time
-    (gpu/splitk_diag2.py). At the M that split-K serves (<= 64) their extra launches cost microseconds."""
+    (gpu/splitk_diag2.py). Two ops (session 6: the four before -- bias cast, add, copy, zero -- took 44-60 us
+    of host time per call on the H100 machine's host, gpu/eager_m.py, more than the M = 16 kernel's 44 us)."""
     m, n = y.shape
     part = ws[: m * n].view(m, n)
-    if bias is not None:
-        part.add_(bias.to(torch.float32))
-    y.copy_(part)
+    if bias is None:
+        y.copy_(part)
+    else:  # float32 + bias computed in float32 (type promotion), rounded once into y: one kernel, not three
+        torch.add(part, bias, out=y)
     part.zero_()
 
 
