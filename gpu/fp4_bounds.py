@@ -6,7 +6,7 @@ Triton's own bf16 GEMM reaches against cuBLAS.
     weight row -- no activations, no tl.dot. This is the least work any decode-in-registers kernel must do once
     per weight element, at any M. Two variants, both built from vbhal's own helpers (imported, not copied):
     - ``w32``: ``fp4_kernels._weight_tile`` itself, i.e. exactly the K step of ``_fp4_mm`` (int32 code words
-      ``[BLOCK_N, NBK, BLOCK/8]``, ``_e2m1_pair_word`` + ``_scale_f32_x2p14``, joined into K order, cast to bf16),
+      ``[BLOCK_N, NBK, BLOCK/8]``, ``_e2m1_pair_word`` + ``_block_factors``, joined into K order, cast to bf16),
       the same BLOCK_N x (NBK * BLOCK) tiles and the same ``_k_range`` split of K as the tensor-core path;
     - ``bytes``: the byte-tile decode ``[BLOCK_N, NBK, BLOCK/2]`` with ``_e2m1_decode`` and ``_block_scale``
       (``_e8m0_to_f32`` / ``_e4m3_to_f32``) as the dequantize / byte GEMV kernels read it.

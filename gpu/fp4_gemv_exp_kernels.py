@@ -4,7 +4,7 @@ registers like fp4_gemv_pf_kernel. Offline SASS (sm_90, triton 3.9): 6.69 instru
 current gemv_pf (16, 32, 4 warps) against 6.0 (nopf, same tile) and 5.0-5.4 (nopf, 32-64 rows per program)."""
 import triton
 import triton.language as tl
-from vbhal.backends.cuda.fp4_kernels import (_e2m1_pair_word, _x_streams, _scale_f32_x2p14, _tensor_scale, _bias,
+from vbhal.backends.cuda.fp4_kernels import (_e2m1_pair_word, _x_streams, _block_factors, _tensor_scale, _bias,
                                              _write_out, _k_range, _word_dot)
 
 @triton.jit
@@ -37,7 +37,8 @@ def gemv_even(
         w_n = tl.load(w_ptrs)
         sb_n = tl.load(s_ptrs)
         x8_n = tl.load(x_ptrs)
-        acc += _word_dot(w, x8.to(tl.float32), NBK, WPB) * _scale_f32_x2p14(sb, IS_NV)
+        f, g = _block_factors(sb, IS_NV)
+        acc += (_word_dot(w, x8.to(tl.float32), NBK, WPB) * f) * g
         w, sb, x8 = w_n, sb_n, x8_n
     out = tl.sum(acc, axis=1) * _tensor_scale(ts_ptr, IS_NV)
     rmask = rows < N
@@ -67,7 +68,8 @@ def gemv_even_nopf(
         w = tl.load(w_ptrs)
         sb = tl.load(s_ptrs)
         x8 = tl.load(x_ptrs)
-        acc += _word_dot(w, x8.to(tl.float32), NBK, WPB) * _scale_f32_x2p14(sb, IS_NV)
+        f, g = _block_factors(sb, IS_NV)
+        acc += (_word_dot(w, x8.to(tl.float32), NBK, WPB) * f) * g
         w_ptrs += NBK * WPB
         s_ptrs += NBK
         x_ptrs += NBK * BLOCK

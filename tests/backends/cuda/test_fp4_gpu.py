@@ -345,3 +345,27 @@ def test_gpu_packed_decode_bit_exact(fmt):
     nan = torch.isnan(ref)
     assert torch.equal(torch.isnan(got), nan)
     assert torch.equal(got[~nan].view(torch.int16), ref[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("path", ["mm_t", "mm_w32", "mm_p", "mm_pt", "gemv_pf", "dequant"])
+def test_gpu_huge_block_scales_bf16(path):
+    """E8M0 scale bytes 241..254 (a block of 2^118-sized bfloat16 weights, finite): every bf16 path gives
+    the float32 reference's finite values (session 6: the float32 tile decode's single factor overflowed
+    to inf there, so zero codes became NaN; the packed decode was exact from the start)."""
+    import vbhal.formats as VF
+    from vbhal.backends.cuda import fp4_linear as L
+
+    g = torch.Generator(device="cuda").manual_seed(14)
+    n, k = 256, 512
+    w = torch.randn(n, k, device="cuda", generator=g)
+    w[:, :32] *= 2.0 ** 118
+    qw = L.quantize_fp4(w.to(torch.bfloat16), "mxfp4")
+    assert int(qw.scales.view(torch.uint8)[:, 0].min()) > 240
+    wd = VF.dequantize(qw, torch.float32)
+    codes, scales, ts, fid = L.qw_operands(qw)
+    for m in (1, 16, 64):
+        x = (torch.randn(m, k, device="cuda", generator=g) * 2.0 ** -120).to(torch.bfloat16)
+        y = L._linear_2d(x, codes, scales, ts, None, fid, n, k, path)
+        ref = x.float() @ wd.t()
+        assert torch.isfinite(y).all(), (path, m)
+        assert _rel(y, ref) < REL_TOL[torch.bfloat16], (path, m, _rel(y, ref))

@@ -463,16 +463,24 @@ def test_packed_paths_even_k_and_clamped_rows(fmt):
     for m in (1, 17):
         x = torch.randn(m, k, generator=g).to(torch.float16)
         for path in ("mm_p", "mm_pt"):
-            for split in (1, 2, 3):  # 8 blocks (mxfp4): splits 1 and 2 are EVEN_K, 3 is not
+            for split in (1, 2, 3):  # whole NBK steps in every split (EVEN_K), 3 with an empty last split
                 y = L._linear_2d(x, codes, scales, ts, bias, fid, n, k, path, config={**cfg, "SPLIT_K": split})
                 _check_linear(y, x, qw, bias)
     run = L._RUNNERS[("mm_p", n, k, fid, True, tuple(sorted({**cfg, "SPLIT_K": 2}.items())), None, None,
                       torch.float16, 32, -1)]
     assert any(c["EVEN_K"] for _s, _g, c in run.per_m.values())
-    run3 = L._RUNNERS[("mm_p", n, k, fid, True, tuple(sorted({**cfg, "SPLIT_K": 3}.items())), None, None,
-                       torch.float16, 32, -1)]
-    assert not any(c["EVEN_K"] for _s, _g, c in run3.per_m.values())
     assert not any(c["PACKED"] for _s, _g, c in run.per_m.values())  # interpreter: the float32 decode
+    # K = 250 does not fill the last block: the masked loop
+    k2 = 250
+    qw2 = VF.quantize(_weight(n, k2, seed=10) * 1e-2, fmt)
+    codes2, scales2, ts2, fid2 = _operands(qw2)
+    x2 = torch.randn(5, k2, generator=g).to(torch.float16)
+    for path in ("mm_p", "mm_pt"):
+        y = L._linear_2d(x2, codes2, scales2, ts2, bias, fid2, n, k2, path, config={**cfg, "SPLIT_K": 2})
+        _check_linear(y, x2, qw2, bias)
+        run2 = L._RUNNERS[(path, n, k2, fid2, True, tuple(sorted({**cfg, "SPLIT_K": 2}.items())), None, None,
+                           torch.float16, 8, -1)]
+        assert not any(c["EVEN_K"] for _s, _g, c in run2.per_m.values())
 
 
 @kernel
@@ -521,7 +529,8 @@ def test_packed_decode_bit_patterns():
 @pytest.mark.parametrize("path", ["gemv", "gemv_w32", "gemv_pf", "gemv_mr", "dequant"])
 def test_linear_huge_block_scales(path):
     """E8M0 scale bytes 241..254 (blocks beyond 2^113, still finite float32 values): session 6 found the
-    GEMVs' folded factor (scale * 2^14) overflowing to inf there; _block_factors splits it."""
+    GEMVs' folded factor (scale * 2^14) overflowing to inf there; _block_factors splits it. (The
+    tensor-core paths need bfloat16 for such weights: test_fp4_gpu.py.)"""
     import vbhal.formats as VF
     from vbhal.backends.cuda import fp4_linear as L
 
@@ -537,3 +546,23 @@ def test_linear_huge_block_scales(path):
     ref = torch.nn.functional.linear(x.double(), qw.dequantize(torch.float64))
     assert torch.isfinite(y).all()
     assert ((y.double() - ref).abs() <= 1e-5 * ref.abs().max()).all()
+
+
+@kernel
+def test_split_k_workspace_zero_after_a_bias_that_requires_grad():
+    """A split-K call through the private entry point with a bias that requires grad (the public ones go
+    through autograd.Function): the finalize takes the bias detached, so nothing raises, and the shared
+    workspace is zero afterwards (review of session 6: out= refused such a bias after the split kernel
+    had written the workspace, and the next split-K call was wrong)."""
+    import vbhal.formats as VF
+    from vbhal.backends.cuda import fp4_linear as L
+
+    n, k = 16, 64
+    qw = VF.quantize(_weight(n, k, seed=13) * 1e-2, "mxfp4")
+    codes, scales, ts, fid = _operands(qw)
+    x = torch.randn(3, k).to(torch.float16)
+    bias = torch.randn(n).to(torch.float16).requires_grad_()
+    for path in ("mm_p", "gemv_pf"):
+        y = L._linear_2d(x, codes, scales, ts, bias, fid, n, k, path, split_k=2)
+        _check_linear(y, x, qw, bias.detach())
+        assert _workspaces_are_zero(), path

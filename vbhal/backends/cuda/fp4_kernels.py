@@ -305,28 +305,15 @@ def _load_x8(x_row, word, bmask, K):
 
 
 @triton.jit
-def _scale_f32_x2p14(s, IS_NV: tl.constexpr):
-    """Scale bytes -> float32 block scale * 2^14 (the decode's 2^-14 undone), one integer op for MX:
-    the float32 with biased exponent (s + 14) is 2^(s - 127 + 14); exact for E8M0 codes 0..240. Above
-    (scales beyond 2^113) the product overflows float32 and this gives inf: the per-element decodes that
-    use it (the float16 / interpreter tiles) would overflow float16 there anyway; the GEMVs use
-    _block_factors instead, which is exact for every byte."""
-    if IS_NV:
-        return _e4m3_to_f32(s) * E2M1_F16_UNSCALE
-    else:
-        c = s.to(tl.int32)
-        fast = ((c + 14) << 23).to(tl.float32, bitcast=True)
-        return tl.where(c <= 240, fast, _e8m0_to_f32(s) * E2M1_F16_UNSCALE)
-
-
-@triton.jit
 def _block_factors(s, IS_NV: tl.constexpr):
-    """Scale bytes -> (f, g), float32, with f * g = block scale * 2^14 and neither overflowing: for E8M0
-    bytes up to 240 g = 1 and f = 2^(s - 113); above, f = 2^127 and g = 2^(s - 240), 0xFF -> NaN. A
-    block's sum of decoded products (times 2^-14) times f, then times g, is the exact float32 product
-    for every byte (session 6: _scale_f32_x2p14 alone gave inf for bytes 241..254)."""
+    """Scale bytes -> (f, g), float32, with f * g = block scale * 2^14 (the decode's 2^-14 undone) and
+    neither overflowing: for E8M0 bytes up to 240 g = 1 and f = 2^(s - 113) (one integer op); above,
+    f = 2^127 and g = 2^(s - 240); 0xFF -> NaN; E4M3: f = scale * 2^14, g = 1. A decoded value (or a
+    block's sum of decoded products) times f, then times g, is the exact float32 product for every byte
+    (session 6: the single factor overflowed to inf for bytes 241..254, so zero codes became NaN)."""
     if IS_NV:
-        return _e4m3_to_f32(s) * E2M1_F16_UNSCALE, 1.0
+        f = _e4m3_to_f32(s) * E2M1_F16_UNSCALE
+        return f, tl.full(f.shape, 1.0, tl.float32)
     else:
         c = s.to(tl.int32)
         f = ((tl.minimum(c, 240) + 14) << 23).to(tl.float32, bitcast=True)
@@ -539,23 +526,26 @@ def fp4_gemv_mr_kernel(
 # fused linear, tensor cores: the weight tile decoded in registers in the K loop, fed to tl.dot
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
-def _e2m1_word_tile(w, sc, DT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _e2m1_word_tile(w, sb, IS_NV: tl.constexpr, DT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """Decode a [BN, NBK, WPB] tile of int32 code words into a [BN, BK] tile of ``code * scale`` in DT,
-    columns in natural K order. sc: [BN, NBK] float32 block scales (times 2^14, see _e2m1_decode).
+    columns in natural K order. sb: [BN, NBK] scale bytes, applied as _block_factors' two float32
+    factors (exact for every E8M0 byte; one factor overflowed for bytes 241..254).
 
     _e2m1_pair_word gives elements (P, P + 4) of each word; joining (0, 2) with (1, 3) and then the
     two results puts element 4q + 2a + c at position 4q + 2a + c of the word (q: low/high half,
     a, c: the two join levels), i.e. K order, so the activation tile is read contiguously.
     """
-    s3 = sc[:, :, None]
+    f, g = _block_factors(sb, IS_NV)
+    s3 = f[:, :, None]
+    g3 = g[:, :, None]
     l0, h0 = _e2m1_pair_word(w, 0)
     l1, h1 = _e2m1_pair_word(w, 1)
     l2, h2 = _e2m1_pair_word(w, 2)
     l3, h3 = _e2m1_pair_word(w, 3)
-    j0 = tl.join((l0 * s3).to(DT), (h0 * s3).to(DT))  # [.., q]: elements 0, 4
-    j1 = tl.join((l1 * s3).to(DT), (h1 * s3).to(DT))  # 1, 5
-    j2 = tl.join((l2 * s3).to(DT), (h2 * s3).to(DT))  # 2, 6
-    j3 = tl.join((l3 * s3).to(DT), (h3 * s3).to(DT))  # 3, 7
+    j0 = tl.join((l0 * s3 * g3).to(DT), (h0 * s3 * g3).to(DT))  # [.., q]: elements 0, 4
+    j1 = tl.join((l1 * s3 * g3).to(DT), (h1 * s3 * g3).to(DT))  # 1, 5
+    j2 = tl.join((l2 * s3 * g3).to(DT), (h2 * s3 * g3).to(DT))  # 2, 6
+    j3 = tl.join((l3 * s3 * g3).to(DT), (h3 * s3 * g3).to(DT))  # 3, 7
     a0 = tl.join(j0, j2)  # [.., q, a]: p = 2a
     a1 = tl.join(j1, j3)  # p = 2a + 1
     t = tl.join(a0, a1)  # [.., q, a, c]: p = 2a + c, element 4q + 2a + c
@@ -568,7 +558,7 @@ def _weight_tile(codes_ptr, scales_ptr, r3, r2, rmask, blk0, blk_hi, stride_cn, 
     """One K step of the weight decoded for tl.dot: [BLOCK_N, NBK * BLOCK] of code * block scale in DT."""
     w, sb, _word, _bmask = _load_words(codes_ptr, scales_ptr, r3, r2, rmask, blk0, blk_hi, stride_cn, stride_sn,
                                      NBK, WPB)
-    return _e2m1_word_tile(w, _scale_f32_x2p14(sb, IS_NV), DT, BLOCK_N, NBK * WPB * 8)
+    return _e2m1_word_tile(w, sb, IS_NV, DT, BLOCK_N, NBK * WPB * 8)
 
 
 @triton.jit
@@ -746,7 +736,7 @@ def _e2m1_packed_tile(w, sb, DT: tl.constexpr, IS_NV: tl.constexpr, PACKED: tl.c
         t = tl.join(tl.join(j0, j2), tl.join(j1, j3))  # element 4q + 2a + c at position 4q + 2a + c
         tile = tl.reshape(t, (BN, BK)).to(DT)
     else:
-        tile = _e2m1_word_tile(w, _scale_f32_x2p14(sb, IS_NV), DT, BN, BK)
+        tile = _e2m1_word_tile(w, sb, IS_NV, DT, BN, BK)
     return tile
 
 

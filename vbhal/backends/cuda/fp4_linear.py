@@ -304,11 +304,13 @@ def _finalize(ws: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> N
     of host time per call on the H100 machine's host, gpu/eager_m.py, more than the M = 16 kernel's 44 us)."""
     m, n = y.shape
     part = ws[: m * n].view(m, n)
-    if bias is None:
-        y.copy_(part)
-    else:  # float32 + bias computed in float32 (type promotion), rounded once into y: one kernel, not three
-        torch.add(part, bias, out=y)
-    part.zero_()
+    try:
+        if bias is None:
+            y.copy_(part)
+        else:  # float32 + bias in float32 (type promotion), rounded once into y: one kernel, not three
+            torch.add(part, bias.detach(), out=y)  # detach: an out= op refuses a bias that requires grad
+    finally:
+        part.zero_()  # whatever happened, the shared workspace is zero for the next split-K call
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -492,8 +494,9 @@ class _KernelLaunch:
             cfg = self.cfg if self.cfg.get("SPLIT_K", 1) is not None else {**self.cfg, "SPLIT_K": split}
             consts = {**cfg, **self.launch_kw}
             if self.kind in _PACKED_PATHS:
-                per = cfg["NBK"] * split
-                consts["EVEN_K"] = nblocks % per == 0 and self.k == nblocks * BLOCK_SIZES[self.fmt]
+                # _k_range gives every split a multiple of NBK blocks (the last one the rest): all whole
+                # steps exactly when NBK divides the block count; and K must fill the last block
+                consts["EVEN_K"] = nblocks % cfg["NBK"] == 0 and self.k == nblocks * BLOCK_SIZES[self.fmt]
                 consts["PACKED"] = x2.dtype == torch.bfloat16 and not is_interpreter()
             plan = self.per_m[(m, nblocks, dev, x2.dtype)] = (split, self._grid(m, split), consts)
         split, grid, consts = plan
