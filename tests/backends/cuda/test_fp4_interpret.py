@@ -114,6 +114,26 @@ def test_quantize_nvfp4_given_tensor_scale():
 
 
 @kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nvfp4_tensor_scale_amax_kernel(dtype):
+    """The one-pass amax kernel (contiguous weights; more elements than one program's block, so several
+    programs combine by atomic max) and the inf-norm fallback (a column slice, not contiguous) both give
+    the reference's tensor scale, for mixed signs, a negative maximum, and an all-zero weight (the floor)."""
+    from vbhal.backends.cuda.fp4_quantize import nvfp4_tensor_scale_gpu
+    from vbhal.formats.nvfp4 import nvfp4_tensor_scale
+
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(97, 200, generator=g).to(dtype)  # 19,400 elements: 3 programs of 8192
+    neg = w.clone()
+    neg[50, 3] = -7.5  # the largest magnitude is negative, in the middle program
+    for t in (w, neg, torch.zeros(5, 7, dtype=dtype), w[:, 10:150]):
+        got, want = nvfp4_tensor_scale_gpu(t), nvfp4_tensor_scale(t)
+        assert got.dtype == torch.float32 and got.shape == ()
+        assert torch.equal(got, want), (t.shape, t.is_contiguous(), got, want)
+    assert nvfp4_tensor_scale_gpu(neg) == torch.tensor(7.5) / 2688
+
+
+@kernel
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_quantize_refuses_nan_inf(bad):
     from vbhal.backends.cuda.fp4_quantize import quantize_fp4

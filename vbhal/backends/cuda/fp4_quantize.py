@@ -6,7 +6,7 @@ kernels of those names (see docs/CONTRACT.md); both are torch custom ops underne
 
 Quantize is one pass over the weight for MXFP4 (each program reads its tile once, writes codes and
 scales, and raises a flag on NaN/Inf). NVFP4 needs the tensor-wide amax before the first block scale
-can be formed, so it costs one extra read (a torch reduction) before the same single pass.
+can be formed, so it costs one extra read (``fp4_amax_kernel``) before the same single pass.
 
 triton is imported on first use, never at module import (``import vbhal`` must not import it).
 """
@@ -142,9 +142,17 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def nvfp4_tensor_scale_gpu(w: torch.Tensor) -> torch.Tensor:
     """amax(|w|) / (448 * 6), floored at 2^-121: vbhal.formats.nvfp4.nvfp4_tensor_scale without the
-    |w| temporary (the inf-norm is the same max of |w|, exact in any float dtype); the division is the
-    reference's own (IEEE-correct on the GPU, unlike tensor / python-scalar there)."""
-    amax = torch.linalg.vector_norm(w, ord=float("inf")).to(torch.float32)
+    |w| temporary. The amax is one Triton pass (``fp4_amax_kernel``; a strided weight takes torch's
+    inf-norm, the same max of |w|, exact in any float dtype); the division is the reference's own
+    (IEEE-correct on the GPU, unlike tensor / python-scalar there)."""
+    if w.is_contiguous():
+        bits = torch.zeros((), dtype=torch.int32, device=w.device)
+        block = 8192
+        kernels_module().fp4_amax_kernel[(triton_cdiv(w.numel(), block),)](w, bits, w.numel(), BLOCK=block,
+                                                                           num_warps=8)
+        amax = bits.view(torch.float32)
+    else:
+        amax = torch.linalg.vector_norm(w, ord=float("inf")).to(torch.float32)
     return nvfp4_tensor_scale_from_amax(amax)
 
 
