@@ -444,7 +444,7 @@ def fp4_gemv_kernel(
         acc += tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2) * sc
     out = tl.sum(acc, axis=1) * (E2M1_F16_UNSCALE * _tensor_scale(ts_ptr, IS_NV))
     _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS), y_ptr + m.to(tl.int64) * stride_ym + rows,
-               ws_ptr + m.to(tl.int64) * N + rows, rmask, SPLIT_K, cnt_ptr, M * N, 2, FIXUP)
+               ws_ptr + m.to(tl.int64) * N + rows, rmask, SPLIT_K, cnt_ptr, M.to(tl.int64) * N, 2, FIXUP)
 
 
 @triton.jit
@@ -474,7 +474,7 @@ def fp4_gemv_w32_kernel(
         acc += (_word_dot(w, x8, NBK, WPB) * f) * g
     out = tl.sum(acc, axis=1) * _tensor_scale(ts_ptr, IS_NV)
     _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS), y_ptr + m.to(tl.int64) * stride_ym + rows,
-               ws_ptr + m.to(tl.int64) * N + rows, rmask, SPLIT_K, cnt_ptr, M * N, 2, FIXUP)
+               ws_ptr + m.to(tl.int64) * N + rows, rmask, SPLIT_K, cnt_ptr, M.to(tl.int64) * N, 2, FIXUP)
 
 
 @triton.jit
@@ -509,7 +509,7 @@ def fp4_gemv_pf_kernel(
         w, sb, x8 = w_n, sb_n, x8_n
     out = tl.sum(acc, axis=1) * _tensor_scale(ts_ptr, IS_NV)
     _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS), y_ptr + m.to(tl.int64) * stride_ym + rows,
-               ws_ptr + m.to(tl.int64) * N + rows, rmask, SPLIT_K, cnt_ptr, M * N, 2, FIXUP)
+               ws_ptr + m.to(tl.int64) * N + rows, rmask, SPLIT_K, cnt_ptr, M.to(tl.int64) * N, 2, FIXUP)
 
 
 @triton.jit
@@ -563,8 +563,8 @@ def fp4_gemv_mr_kernel(
     omask = mmask[:, None] & rmask[None, :]
     _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS)[None, :],
                y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :],
-               ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :], omask, SPLIT_K, cnt_ptr, M * N, 2,
-               FIXUP)
+               ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :], omask, SPLIT_K, cnt_ptr,
+               M.to(tl.int64) * N, 2, FIXUP)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -617,12 +617,12 @@ def _store_mm(acc, bias_ptr, y_ptr, ws_ptr, cnt_ptr, offs_m, rows, M, N, stride_
         _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[:, None],
                    y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + rows[:, None],
                    ws_ptr + offs_m[None, :].to(tl.int64) * N + rows[:, None], mmask[None, :] & rmask[:, None], SPLIT_K,
-                   cnt_ptr, M * N, 1, FIXUP)
+                   cnt_ptr, M.to(tl.int64) * N, 1, FIXUP)
     else:
         _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[None, :],
                    y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :],
                    ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :], mmask[:, None] & rmask[None, :], SPLIT_K,
-                   cnt_ptr, M * N, 1, FIXUP)
+                   cnt_ptr, M.to(tl.int64) * N, 1, FIXUP)
 
 
 @triton.jit
@@ -682,8 +682,9 @@ def fp4_mm_w32_kernel(
     """y = x @ dequant(W)^T (+ bias): (BLOCK_M x BLOCK_N) tiles, the decoded weight tile (code * block
     scale in float32, cast to x's dtype) the dot's second operand. M_BUCKET (M rounded up to a power of
     two) is only an autotuning key. Triton 3.6 cannot compile this form with BLOCK_M >= 64."""
-    _fp4_mm(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, NUM_BLOCKS, stride_xm, stride_cn,
-            stride_sn, stride_ym, IS_NV, HAS_BIAS, BLOCK, BLOCK_M, BLOCK_N, NBK, GROUP_M, SPLIT_K, False, FIXUP)
+    _fp4_mm(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, NUM_BLOCKS, stride_xm,
+            stride_cn, stride_sn, stride_ym, IS_NV, HAS_BIAS, BLOCK, BLOCK_M, BLOCK_N, NBK, GROUP_M, SPLIT_K,
+            False, FIXUP)
 
 
 @triton.jit
@@ -703,8 +704,9 @@ def fp4_mm_t_kernel(
     are grouped (the activation tiles they share stay in L2). SPLIT_K > 1 splits K over grid axis 1
     (parts summed by _write_out), so that the few row tiles of a small batch fill every SM.
     """
-    _fp4_mm(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, NUM_BLOCKS, stride_xm, stride_cn,
-            stride_sn, stride_ym, IS_NV, HAS_BIAS, BLOCK, BLOCK_M, BLOCK_N, NBK, GROUP_M, SPLIT_K, True, FIXUP)
+    _fp4_mm(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, NUM_BLOCKS, stride_xm,
+            stride_cn, stride_sn, stride_ym, IS_NV, HAS_BIAS, BLOCK, BLOCK_M, BLOCK_N, NBK, GROUP_M, SPLIT_K,
+            True, FIXUP)
 
 
 # ---------------------------------------------------------------------------------------------------
