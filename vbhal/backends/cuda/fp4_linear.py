@@ -400,18 +400,22 @@ def _configs(kind: str, m: int, fmt: str, nblocks: int) -> list[dict]:
         # M = 16, (16, 128, 2, 8) 37.5 at M = 1; (BLOCK_M, BLOCK_N, NBK, SPLIT_K)
         # Session 7: Nsight Compute showed the M = 16 pick (16, 128, 4, 1) running 64 programs, one per SM on
         # half the SMs, 4 warps each; with the split-K sum in the kernel the wider grids below are cheap.
-        cands = [(16, 128, 4, 2), (16, 128, 2, 8), (16, 128, 4, 4), (16, 64, 8, 2), (16, 64, 4, 4), (32, 128, 4, 2),
-                 (32, 128, 2, 4), (16, 128, 4, 1), (16, 64, 4, 8), (16, 128, 4, 8), (16, 64, 4, 1), (16, 32, 4, 4),
-                 (32, 64, 4, 4), (32, 64, 4, 2)]
-        out = [{"BLOCK_M": bm, "BLOCK_N": bn, "NBK": nbk * nv, "GROUP_M": 8, "SPLIT_K": s, "num_warps": 4, "num_stages": 4}
-               for bm, bn, nbk, s in cands if bm <= max(16, _m_bucket(m)) and nblocks // (s * nbk * nv) >= 2]
+        # The s7d sweep (same machine, graph us): (16, 128, 4, 4) with 3 stages 35.7 at M = 16 and 36.0 at M = 8,
+        # (16, 64, 4, 4, 3 stages) 35.9; 8 warps and 5 stages slower. (BLOCK_M, BLOCK_N, NBK, SPLIT_K[, stages])
+        cands = [(16, 128, 4, 4, 3), (16, 64, 4, 4, 3), (16, 128, 4, 2), (16, 128, 2, 8), (16, 128, 4, 4), (16, 64, 8, 2),
+                 (16, 64, 4, 4), (32, 128, 4, 2), (32, 128, 2, 4), (16, 128, 4, 1), (16, 64, 4, 8), (16, 128, 4, 8),
+                 (16, 64, 4, 1), (16, 32, 4, 4), (32, 64, 4, 4), (32, 64, 4, 2)]
+        out = [{"BLOCK_M": c[0], "BLOCK_N": c[1], "NBK": c[2] * nv, "GROUP_M": 8, "SPLIT_K": c[3], "num_warps": 4,
+                "num_stages": c[4] if len(c) > 4 else 4}
+               for c in cands if c[0] <= max(16, _m_bucket(m)) and nblocks // (c[3] * c[2] * nv) >= 2]
         return out or [{"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 2 * nv, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}]
     if kind == "mm_pt":
         # swap-AB; session 6 sweep at K = N = 8192: (64, 128, 4, 4) 50.7 us at M = 64, (128, 128, 2, 1, 8 warps)
         # 112.8 at M = 256, (256, 128, 2, 1, 8 warps) 255 at M = 1024;
         # (BLOCK_M, BLOCK_N, NBK, SPLIT_K, warps, stages)
         if m <= MM_T_SMALL_M:
-            cands = [(64, 128, 4, 4, 4, 4), (64, 128, 2, 4, 4, 4), (64, 64, 4, 2, 4, 4), (32, 128, 4, 4, 4, 4),
+            cands = [(64, 128, 4, 4, 4, 3), (64, 128, 4, 4, 4, 4), (64, 128, 2, 4, 4, 4), (64, 64, 4, 2, 4, 4),
+                     (32, 128, 4, 4, 4, 4),
                      (16, 128, 4, 4, 4, 4), (16, 64, 4, 4, 4, 4), (64, 128, 4, 8, 4, 4), (32, 64, 4, 4, 4, 4)]
         else:
             cands = [(128, 128, 2, 1, 8, 3), (256, 128, 2, 1, 8, 3), (128, 128, 4, 1, 8, 3), (64, 128, 4, 1, 4, 4)]
