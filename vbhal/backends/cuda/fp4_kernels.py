@@ -35,6 +35,9 @@ import triton.language as tl
 #: True under Triton's CPU interpreter (TRITON_INTERPRET set before this module's import): a few
 #: conversions it gets wrong take a slower, exact form there (see _e4m3_to_f16).
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+#: Session 7 experiment (read at import): split-K's in-kernel sum with a release fence in every warp before the
+#: CTA barrier (see _write_out).
+_SPLITK_WARP_FENCE = tl.constexpr(os.environ.get("VBHAL_FP4_SPLITK_WARP_FENCE", "0") == "1")
 #: The float16 decode yields E2M1_value * 2^-14 (see the module docstring); multiply by this to undo.
 E2M1_F16_UNSCALE = tl.constexpr(16384.0)
 #: OCP MX v1.0 section 6.3: emax of the E2M1 element type (2^2 = 4 is its largest power of two).
@@ -256,6 +259,10 @@ def _write_out(acc, bias, y_ptrs, ws_ptrs, mask, SPLIT_K: tl.constexpr, cnt_ptr,
             tile = tl.program_id(0)
             pid_k = tl.program_id(1)
         tl.store(ws_ptrs + pid_k.to(tl.int64) * slice_elems, acc, mask=mask)
+        if _SPLITK_WARP_FENCE:
+            # every thread fences its own stores (adds of 0 with release order; 256 elements, so that every
+            # thread of up to 8 warps holds one)
+            tl.atomic_add(cnt_ptr + tile + tl.zeros((256,), tl.int32), 0, sem="release", scope="gpu")
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
@@ -444,7 +451,7 @@ def fp4_gemv_kernel(
         acc += tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2) * sc
     out = tl.sum(acc, axis=1) * (E2M1_F16_UNSCALE * _tensor_scale(ts_ptr, IS_NV))
     _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS), y_ptr + m.to(tl.int64) * stride_ym + rows,
-               ws_ptr + m.to(tl.int64) * N + rows, rmask, SPLIT_K, cnt_ptr, M.to(tl.int64) * N, 2, FIXUP)
+               ws_ptr + m.to(tl.int64) * N + rows, rmask, SPLIT_K, cnt_ptr, tl.cast(M, tl.int64) * N, 2, FIXUP)
 
 
 @triton.jit
@@ -474,7 +481,7 @@ def fp4_gemv_w32_kernel(
         acc += (_word_dot(w, x8, NBK, WPB) * f) * g
     out = tl.sum(acc, axis=1) * _tensor_scale(ts_ptr, IS_NV)
     _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS), y_ptr + m.to(tl.int64) * stride_ym + rows,
-               ws_ptr + m.to(tl.int64) * N + rows, rmask, SPLIT_K, cnt_ptr, M.to(tl.int64) * N, 2, FIXUP)
+               ws_ptr + m.to(tl.int64) * N + rows, rmask, SPLIT_K, cnt_ptr, tl.cast(M, tl.int64) * N, 2, FIXUP)
 
 
 @triton.jit
@@ -509,7 +516,7 @@ def fp4_gemv_pf_kernel(
         w, sb, x8 = w_n, sb_n, x8_n
     out = tl.sum(acc, axis=1) * _tensor_scale(ts_ptr, IS_NV)
     _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS), y_ptr + m.to(tl.int64) * stride_ym + rows,
-               ws_ptr + m.to(tl.int64) * N + rows, rmask, SPLIT_K, cnt_ptr, M.to(tl.int64) * N, 2, FIXUP)
+               ws_ptr + m.to(tl.int64) * N + rows, rmask, SPLIT_K, cnt_ptr, tl.cast(M, tl.int64) * N, 2, FIXUP)
 
 
 @triton.jit
@@ -564,7 +571,7 @@ def fp4_gemv_mr_kernel(
     _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS)[None, :],
                y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :],
                ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :], omask, SPLIT_K, cnt_ptr,
-               M.to(tl.int64) * N, 2, FIXUP)
+               tl.cast(M, tl.int64) * N, 2, FIXUP)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -617,12 +624,12 @@ def _store_mm(acc, bias_ptr, y_ptr, ws_ptr, cnt_ptr, offs_m, rows, M, N, stride_
         _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[:, None],
                    y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + rows[:, None],
                    ws_ptr + offs_m[None, :].to(tl.int64) * N + rows[:, None], mmask[None, :] & rmask[:, None], SPLIT_K,
-                   cnt_ptr, M.to(tl.int64) * N, 1, FIXUP)
+                   cnt_ptr, tl.cast(M, tl.int64) * N, 1, FIXUP)
     else:
         _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[None, :],
                    y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :],
                    ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :], mmask[:, None] & rmask[None, :], SPLIT_K,
-                   cnt_ptr, M.to(tl.int64) * N, 1, FIXUP)
+                   cnt_ptr, tl.cast(M, tl.int64) * N, 1, FIXUP)
 
 
 @triton.jit
