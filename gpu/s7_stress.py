@@ -24,10 +24,14 @@ wd = qw.dequantize(torch.float32)
 cases = [(64, "mm_pt", (64, 128, 2, 4, 4, 4)), (64, "mm_pt", (64, 128, 4, 4, 4, 3)), (16, "mm_p", (16, 128, 4, 4, 4, 3)),
          (16, "mm_p", (16, 64, 8, 2, 4, 4)), (8, "mm_p", (16, 64, 4, 4, 4, 4)), (64, "mm_p", (32, 64, 4, 4, 4, 4))]
 out = {"label": label, "fixup": L.SPLITK_FIXUP, "warp_fence": os.environ.get("VBHAL_FP4_SPLITK_WARP_FENCE"), "rows": []}
-for m, kind, (bm, bn, nbk, s, wp, st) in cases + [(1, "gemv_pf", None)]:
+only = os.environ.get("STRESS_KINDS")  # e.g. "mm_pt,gemv_pf": those kinds only
+for m, kind, tup in cases + [(1, "gemv_pf", None)]:
+    if only and kind not in only.split(","):
+        continue
     if kind == "gemv_pf":
         cfg = {"BLOCK_N": 16, "NBK": 32, "num_warps": 4, "num_stages": 3, "SPLIT_K": 4}
     else:
+        bm, bn, nbk, s, wp, st = tup
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "NBK": nbk, "GROUP_M": 8, "SPLIT_K": s, "num_warps": wp, "num_stages": st}
     run = L._make_runner(kind, n, k, "mxfp4", True, config=cfg)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
