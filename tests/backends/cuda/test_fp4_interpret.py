@@ -236,8 +236,8 @@ def test_linear_paths_match_reference(fmt, path, dtype, m):
 
 @kernel
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
-def test_linear_gemv_split_k(fmt, splitk_mode):
-    """Split-K (both forms, see splitk_mode): the sums of the parts equal the whole; state at rest after."""
+def test_linear_gemv_split_k(fmt):
+    """Split-K (float32 atomics into a zeroed buffer): the sums of the parts equal the whole."""
     import vbhal.formats as VF
     from vbhal.backends.cuda import fp4_linear as L
 
@@ -250,36 +250,21 @@ def test_linear_gemv_split_k(fmt, splitk_mode):
         for path in ("gemv", "gemv_w32", "gemv_pf"):
             y = L._linear_2d(x, codes, scales, ts, bias, fid, n, k, path, split_k=split)
             _check_linear(y, x, qw, bias)
-            assert _workspaces_are_zero(), (path, split)
 
 
 def _workspaces_are_zero():
-    """The split-K state is back at rest: with the in-kernel sum (SPLITK_FIXUP) every tile counter is
-    zero (else the next call's last split would be misjudged); with the two-step form the shared
-    workspace is zero (else the next call would add onto a leftover)."""
     from vbhal.backends.cuda import fp4_linear as L
 
-    if L.SPLITK_FIXUP:
-        return bool(L._SPLIT_BUFFERS) and all(not c.any() for _, c in L._SPLIT_BUFFERS.values())
     return bool(L._WORKSPACES) and all(not ws.any() for ws in L._WORKSPACES.values())
-
-
-@pytest.fixture(params=[True, False], ids=["fixup", "two_step"])
-def splitk_mode(request, monkeypatch):
-    """Both split-K forms: the in-kernel sum by the last split (default) and atomics + _finalize."""
-    from vbhal.backends.cuda import fp4_linear as L
-
-    monkeypatch.setattr(L, "SPLITK_FIXUP", request.param)
-    return request.param
 
 
 @kernel
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_linear_gemv_mr_tiles_and_splits(fmt, dtype, splitk_mode):
+def test_linear_gemv_mr_tiles_and_splits(fmt, dtype):
     """The multi-row GEMV over several M tiles, N tiles and K splits (a split with no K blocks left
     included), called twice in a row: the split-K workspace must be zero again after every call
-    (counters zero / _finalize resets it), or the second call would be wrong."""
+    (_finalize resets it), or the second call would be wrong."""
     import vbhal.formats as VF
     from vbhal.backends.cuda import fp4_linear as L
 
@@ -298,10 +283,9 @@ def test_linear_gemv_mr_tiles_and_splits(fmt, dtype, splitk_mode):
 
 
 @kernel
-def test_split_k_workspace_survives_many_calls(splitk_mode):
+def test_split_k_workspace_survives_many_calls():
     """The same workspace serves gemv, gemv_mr, mm_t and mm_w32 split-K calls of different shapes back to
-    back (split kernels add into it, _finalize writes y and zeroes it; or, in-kernel, the counters return to
-    zero)."""
+    back (split kernels add into it, _finalize writes y and zeroes it)."""
     import vbhal.formats as VF
     from vbhal.backends.cuda import fp4_linear as L
 
@@ -361,7 +345,7 @@ def test_fp4linear_with_cuda_kernels_eager_fast_path(fmt):
 
 
 @kernel
-def test_linear_mm_multi_tile_config(splitk_mode):
+def test_linear_mm_multi_tile_config():
     """Several M and N tiles and several K steps with a grouped tile order."""
     import vbhal.formats as VF
     from vbhal.backends.cuda import fp4_linear as L
@@ -373,7 +357,8 @@ def test_linear_mm_multi_tile_config(splitk_mode):
     cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "NBK": 1, "GROUP_M": 2}
     y = L._linear_2d(x, codes, scales, ts, None, fid, n, k, "mm_w32", config={**cfg, "SPLIT_K": 1})
     _check_linear(y, x, qw, None)
-    # both kernels: direct tiles, and split-K (both forms), with and without bias, state at rest afterwards
+    # both kernels: direct tiles, and split-K into the float32 workspace + _finalize, with and without
+    # bias, workspace zero afterwards
     bias = torch.randn(n, dtype=torch.float16)
     for path in ("mm_t", "mm_w32", "mm_p", "mm_pt"):
         for split in (1, 3):
@@ -584,7 +569,7 @@ def test_linear_huge_block_scales(path):
 
 
 @kernel
-def test_split_k_workspace_zero_after_a_bias_that_requires_grad(splitk_mode):
+def test_split_k_workspace_zero_after_a_bias_that_requires_grad():
     """A split-K call through the private entry point with a bias that requires grad (the public ones go
     through autograd.Function): the finalize takes the bias detached, so nothing raises, and the shared
     workspace is zero afterwards (review of session 6: out= refused such a bias after the split kernel

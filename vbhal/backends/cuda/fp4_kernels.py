@@ -14,9 +14,8 @@ the tensor-core kernels ``fp4_mm_t_kernel`` (swap-AB) and ``fp4_mm_w32_kernel`` 
 3.6 cannot compile it with BLOCK_M >= 64), one body (``_fp4_mm``), and their packed-decode versions
 ``fp4_mm_pt_kernel`` / ``fp4_mm_p_kernel`` (``_fp4_mm_p``: bfloat16 pairs by shifts and masks, the
 ones bfloat16 activations use); with SPLIT_K > 1
-each stores its float32 part in a workspace and the split that finishes a tile last sums the parts
-and writes y, in the same launch (``_write_out``; the older two-step form, atomics then the launcher's
-``_finalize``, stays behind ``FIXUP=False``).
+each adds its float32 part into a workspace, and the launcher's ``_finalize`` (torch ops, next on the
+same stream) writes y (see ``_write_out``).
 
 Decoding E2M1 without a lookup table (``_e2m1_decode``): the three magnitude bits of a code
 (exponent e1 e0, mantissa m) placed at bits 11..9 of a float16 and the sign at bit 15 make the
@@ -35,9 +34,6 @@ import triton.language as tl
 #: True under Triton's CPU interpreter (TRITON_INTERPRET set before this module's import): a few
 #: conversions it gets wrong take a slower, exact form there (see _e4m3_to_f16).
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
-#: Session 7 experiment (read at import): split-K's in-kernel sum with a release fence in every warp before the
-#: CTA barrier (see _write_out).
-_SPLITK_WARP_FENCE = tl.constexpr(os.environ.get("VBHAL_FP4_SPLITK_WARP_FENCE", "0") == "1")
 #: The float16 decode yields E2M1_value * 2^-14 (see the module docstring); multiply by this to undo.
 E2M1_F16_UNSCALE = tl.constexpr(16384.0)
 #: OCP MX v1.0 section 6.3: emax of the E2M1 element type (2^2 = 4 is its largest power of two).
@@ -230,47 +226,29 @@ def _bias(bias_ptr, rows, rmask, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _write_out(acc, bias, y_ptrs, ws_ptrs, mask, SPLIT_K: tl.constexpr, cnt_ptr, slice_elems,
-               SPLIT_AXIS: tl.constexpr, FIXUP: tl.constexpr):
-    """Store ``acc + bias`` (float32) into y; with SPLIT_K > 1 this split's part goes to the float32
-    workspace ``ws`` and the parts are summed in one of two ways:
+def _write_out(acc, bias, y_ptrs, ws_ptrs, mask, SPLIT_K: tl.constexpr):
+    """Store ``acc + bias`` (float32) into y, or with SPLIT_K > 1 add this split's part into the
+    float32 workspace ``ws`` (zero at rest) with relaxed atomics; the launcher then runs
+    ``fp4_linear._finalize`` (stream-ordered after this kernel, so every split's atomics are
+    complete and visible), which adds the bias, writes y and zeroes ws again.
 
-    - FIXUP (session 7, the default): split pid_k stores its part in slice pid_k of ws ([SPLIT_K, M, N],
-      no zeroing needed) and arrives at the tile's counter (``cnt_ptr``, int32 per output tile, zero at
-      rest); the split that arrives last sums the SPLIT_K slices in split order (so the result does not
-      depend on which split finished when), adds the bias, writes y and sets the counter back to zero.
-      One launch, deterministic. The ordering is CUTLASS's split-K semaphore: every thread's stores,
-      then a CTA barrier, then one thread's acq_rel atomic at GPU scope (its release covers the CTA's
-      stores, ordered before it by the barrier); the last CTA's reads come after its acquire (Triton's
-      scalar atomic broadcasts the result through shared memory behind a barrier) and bypass L1
-      (``.cg``). R5's race was this scheme without the barrier: thread 0 could arrive before the
-      other threads' parts were stored.
-    - not FIXUP: the parts are added into ws ([M, N], zero at rest) with relaxed atomics and the
-      launcher's ``fp4_linear._finalize`` (torch ops, next on the stream) writes y and zeroes ws.
-    SPLIT_AXIS: the grid axis of the splits (the tile is numbered over the other axes).
+    R5: the one-launch "last split finalizes the tile" scheme (arrival counter, then plain/volatile
+    loads of the sum) raced on the H100 -- nothing orders the other CTAs' atomic adds before the
+    counter increment that the last CTA observes -- and gave relative errors of 4e-2..3e-1. Session 3:
+    a Triton finalize kernel (load ws, store y, store zeros to ws) then gave wrong rows from M ~ 512 on
+    the H100 (rel. error 1-6e-2, run to run different) although the workspace was verified right just
+    before it ran; torch's copy and zero_ in its place were right in every run, so they do it now.
+    Session 7 tried the one-launch form again, ordered as CUTLASS's serial split-K semaphore (every split
+    stores its part in its own slice, CTA barrier, one thread's acq_rel arrival, the last split sums the
+    slices with L1-bypassing loads; commit 792eb84, gpu/s7_stress.py): 3,000-6,000 repeated calls were
+    bit-identical and at rest for six configs, but mm_pt (64, 128, NBK 2, SPLIT_K 4, 4 stages) at M = 64
+    gave a different result in 1,854 of 6,000 calls (8 with NaN), and a release fence in every thread
+    made it worse -- so not a cross-CTA ordering fault; the suspect (unproven) is the shared-memory slot
+    of the scalar atomic's broadcast meeting the software pipeline's buffers. It was 4-5 us faster at
+    M = 16 and 64 (35.8 / 50.6 against 40.4 / 55.5 us, one H100 run) and is not used.
     """
     if SPLIT_K == 1:
         tl.store(y_ptrs, (acc + bias).to(y_ptrs.dtype.element_ty), mask=mask)
-    elif FIXUP:
-        if SPLIT_AXIS == 2:
-            tile = tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
-            pid_k = tl.program_id(2)
-        else:
-            tile = tl.program_id(0)
-            pid_k = tl.program_id(1)
-        tl.store(ws_ptrs + pid_k.to(tl.int64) * slice_elems, acc, mask=mask)
-        if _SPLITK_WARP_FENCE:
-            # every thread fences its own stores (adds of 0 with release order; 256 elements, so that every
-            # thread of up to 8 warps holds one)
-            tl.atomic_add(cnt_ptr + tile + tl.zeros((256,), tl.int32), 0, sem="release", scope="gpu")
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-            for s in tl.static_range(1, SPLIT_K):
-                total += tl.load(ws_ptrs + s * slice_elems, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptrs, (total + bias).to(y_ptrs.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
     else:
         tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
 
@@ -410,14 +388,14 @@ def fp4_dequantize_kernel(
 #
 # Common arguments: x (M, K) with row stride stride_xm; codes (N, Kp/2) bytes (the _w32/_pf/_mr
 # kernels: the int32 view, stride in words); scale bytes (N, NUM_BLOCKS); y (M, N) in x's dtype;
-# split-K (SPLIT_K > 1): ws float32 and cnt int32 (per output tile, zero at rest), see _write_out.
+# ws float32 (M, N) contiguous, zero at rest (_write_out, fp4_linear._finalize).
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
 def fp4_gemv_kernel(
-    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym,
     IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-    BLOCK_N: tl.constexpr, NBK: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr = True,
+    BLOCK_N: tl.constexpr, NBK: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), one activation row per program column, codes
     read as bytes. Program (pid_n, m, pid_k) streams BLOCK_N weight rows over its share of K, NBK
@@ -451,15 +429,15 @@ def fp4_gemv_kernel(
         acc += tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2) * sc
     out = tl.sum(acc, axis=1) * (E2M1_F16_UNSCALE * _tensor_scale(ts_ptr, IS_NV))
     _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS), y_ptr + m.to(tl.int64) * stride_ym + rows,
-               ws_ptr + m.to(tl.int64) * N + rows, rmask, SPLIT_K, cnt_ptr, tl.cast(M, tl.int64) * N, 2, FIXUP)
+               ws_ptr + m.to(tl.int64) * N + rows, rmask, SPLIT_K)
 
 
 @triton.jit
 def fp4_gemv_w32_kernel(
-    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym,
     IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-    BLOCK_N: tl.constexpr, NBK: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr = True,
+    BLOCK_N: tl.constexpr, NBK: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """fp4_gemv_kernel with the codes read as int32 words: a block is WPB = BLOCK / 8 words, the tile
     [BLOCK_N, NBK, WPB] words, decoded two codes per bit operation (_e2m1_pair_word); x is read
@@ -481,15 +459,15 @@ def fp4_gemv_w32_kernel(
         acc += (_word_dot(w, x8, NBK, WPB) * f) * g
     out = tl.sum(acc, axis=1) * _tensor_scale(ts_ptr, IS_NV)
     _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS), y_ptr + m.to(tl.int64) * stride_ym + rows,
-               ws_ptr + m.to(tl.int64) * N + rows, rmask, SPLIT_K, cnt_ptr, tl.cast(M, tl.int64) * N, 2, FIXUP)
+               ws_ptr + m.to(tl.int64) * N + rows, rmask, SPLIT_K)
 
 
 @triton.jit
 def fp4_gemv_pf_kernel(
-    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym,
     IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-    BLOCK_N: tl.constexpr, NBK: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr = True,
+    BLOCK_N: tl.constexpr, NBK: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """fp4_gemv_w32_kernel with the next step's loads issued before this step's arithmetic (register
     double buffering), so each warp keeps two steps of HBM reads in flight."""
@@ -516,16 +494,15 @@ def fp4_gemv_pf_kernel(
         w, sb, x8 = w_n, sb_n, x8_n
     out = tl.sum(acc, axis=1) * _tensor_scale(ts_ptr, IS_NV)
     _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS), y_ptr + m.to(tl.int64) * stride_ym + rows,
-               ws_ptr + m.to(tl.int64) * N + rows, rmask, SPLIT_K, cnt_ptr, tl.cast(M, tl.int64) * N, 2, FIXUP)
+               ws_ptr + m.to(tl.int64) * N + rows, rmask, SPLIT_K)
 
 
 @triton.jit
 def fp4_gemv_mr_kernel(
-    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym,
     IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, NBK: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr,
-    FIXUP: tl.constexpr = True,
 ):
     """Multi-row split-K GEMV: BLOCK_M activation rows per program, so each weight word is read from
     HBM and decoded once for all of them (the GEMV kernels above re-read it per row).
@@ -570,8 +547,7 @@ def fp4_gemv_mr_kernel(
     omask = mmask[:, None] & rmask[None, :]
     _write_out(out, _bias(bias_ptr, rows, rmask, HAS_BIAS)[None, :],
                y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :],
-               ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :], omask, SPLIT_K, cnt_ptr,
-               tl.cast(M, tl.int64) * N, 2, FIXUP)
+               ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :], omask, SPLIT_K)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -614,8 +590,8 @@ def _weight_tile(codes_ptr, scales_ptr, r3, r2, rmask, blk0, blk_hi, stride_cn, 
 
 
 @triton.jit
-def _store_mm(acc, bias_ptr, y_ptr, ws_ptr, cnt_ptr, offs_m, rows, M, N, stride_ym, HAS_BIAS: tl.constexpr,
-              SPLIT_K: tl.constexpr, SWAP: tl.constexpr, FIXUP: tl.constexpr):
+def _store_mm(acc, bias_ptr, y_ptr, ws_ptr, offs_m, rows, M, N, stride_ym, HAS_BIAS: tl.constexpr,
+              SPLIT_K: tl.constexpr, SWAP: tl.constexpr):
     """A tensor-core tile's epilogue: acc is the (BLOCK_M, BLOCK_N) y tile, or with SWAP its transpose;
     rows past N and activation rows past M are not written (_write_out: bias, y or the split workspace)."""
     mmask = offs_m < M
@@ -623,21 +599,19 @@ def _store_mm(acc, bias_ptr, y_ptr, ws_ptr, cnt_ptr, offs_m, rows, M, N, stride_
     if SWAP:
         _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[:, None],
                    y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + rows[:, None],
-                   ws_ptr + offs_m[None, :].to(tl.int64) * N + rows[:, None], mmask[None, :] & rmask[:, None], SPLIT_K,
-                   cnt_ptr, tl.cast(M, tl.int64) * N, 1, FIXUP)
+                   ws_ptr + offs_m[None, :].to(tl.int64) * N + rows[:, None], mmask[None, :] & rmask[:, None], SPLIT_K)
     else:
         _write_out(acc, _bias(bias_ptr, rows, rmask, HAS_BIAS)[None, :],
                    y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :],
-                   ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :], mmask[:, None] & rmask[None, :], SPLIT_K,
-                   cnt_ptr, tl.cast(M, tl.int64) * N, 1, FIXUP)
+                   ws_ptr + offs_m[:, None].to(tl.int64) * N + rows[None, :], mmask[:, None] & rmask[None, :], SPLIT_K)
 
 
 @triton.jit
-def _fp4_mm(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+def _fp4_mm(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
             M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym,
             IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBK: tl.constexpr, GROUP_M: tl.constexpr,
-            SPLIT_K: tl.constexpr, SWAP: tl.constexpr, FIXUP: tl.constexpr):
+            SPLIT_K: tl.constexpr, SWAP: tl.constexpr):
     """The tensor-core linear in either orientation (SWAP is a constexpr, so each kernel below compiles
     only its own branch): SWAP=False y tile = x tile @ W tile^T; SWAP=True y^T tile = W tile @ x^T tile.
     K stepped NBK blocks at a time, the weight tile decoded in registers (_weight_tile), float32
@@ -674,33 +648,32 @@ def _fp4_mm(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
             xv = tl.load(x_base + k1[None, :], mask=mmask[:, None] & (k1[None, :] < blk_hi * BLOCK) & (k1[None, :] < K),
                          other=0.0)
             acc = tl.dot(xv, tl.trans(wt), acc)
-    _store_mm(acc * _tensor_scale(ts_ptr, IS_NV), bias_ptr, y_ptr, ws_ptr, cnt_ptr, offs_m, rows, M, N, stride_ym,
-              HAS_BIAS, SPLIT_K, SWAP, FIXUP)
+    _store_mm(acc * _tensor_scale(ts_ptr, IS_NV), bias_ptr, y_ptr, ws_ptr, offs_m, rows, M, N, stride_ym, HAS_BIAS,
+              SPLIT_K, SWAP)
 
 
 @triton.jit
 def fp4_mm_w32_kernel(
-    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym, M_BUCKET,
     IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBK: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr, FIXUP: tl.constexpr = True,
+    SPLIT_K: tl.constexpr,
 ):
     """y = x @ dequant(W)^T (+ bias): (BLOCK_M x BLOCK_N) tiles, the decoded weight tile (code * block
     scale in float32, cast to x's dtype) the dot's second operand. M_BUCKET (M rounded up to a power of
     two) is only an autotuning key. Triton 3.6 cannot compile this form with BLOCK_M >= 64."""
-    _fp4_mm(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, NUM_BLOCKS, stride_xm,
-            stride_cn, stride_sn, stride_ym, IS_NV, HAS_BIAS, BLOCK, BLOCK_M, BLOCK_N, NBK, GROUP_M, SPLIT_K,
-            False, FIXUP)
+    _fp4_mm(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, M, N, K, NUM_BLOCKS, stride_xm, stride_cn,
+            stride_sn, stride_ym, IS_NV, HAS_BIAS, BLOCK, BLOCK_M, BLOCK_N, NBK, GROUP_M, SPLIT_K, False)
 
 
 @triton.jit
 def fp4_mm_t_kernel(
-    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym, M_BUCKET,
     IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBK: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr, FIXUP: tl.constexpr = True,
+    SPLIT_K: tl.constexpr,
 ):
     """"Swap-AB" tensor-core kernel: y^T tile (BLOCK_N x BLOCK_M) = W tile @ x^T tile.
 
@@ -711,9 +684,8 @@ def fp4_mm_t_kernel(
     are grouped (the activation tiles they share stay in L2). SPLIT_K > 1 splits K over grid axis 1
     (parts summed by _write_out), so that the few row tiles of a small batch fill every SM.
     """
-    _fp4_mm(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, NUM_BLOCKS, stride_xm,
-            stride_cn, stride_sn, stride_ym, IS_NV, HAS_BIAS, BLOCK, BLOCK_M, BLOCK_N, NBK, GROUP_M, SPLIT_K,
-            True, FIXUP)
+    _fp4_mm(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, M, N, K, NUM_BLOCKS, stride_xm, stride_cn,
+            stride_sn, stride_ym, IS_NV, HAS_BIAS, BLOCK, BLOCK_M, BLOCK_N, NBK, GROUP_M, SPLIT_K, True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -797,12 +769,11 @@ def _e2m1_packed_tile(w, sb, DT: tl.constexpr, IS_NV: tl.constexpr, PACKED: tl.c
 
 
 @triton.jit
-def _fp4_mm_p(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+def _fp4_mm_p(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
               M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym,
               IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBK: tl.constexpr, GROUP_M: tl.constexpr,
-              SPLIT_K: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, PACKED: tl.constexpr,
-              FIXUP: tl.constexpr):
+              SPLIT_K: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, PACKED: tl.constexpr):
     """_fp4_mm with the packed decode (_e2m1_packed_tile) and a leaner K loop: loads of rows past N and
     activation rows past M are clamped to the last row (read, never stored), so no row masks; the
     pointers advance by a constant each step; with EVEN_K (every split's blocks are whole NBK steps
@@ -854,33 +825,33 @@ def _fp4_mm_p(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt
         w_ptrs += NBK * WPB
         s_ptrs += NBK
         x_ptrs += BK
-    _store_mm(acc * _tensor_scale(ts_ptr, IS_NV), bias_ptr, y_ptr, ws_ptr, cnt_ptr, offs_m, rows, M, N, stride_ym,
-              HAS_BIAS, SPLIT_K, SWAP, FIXUP)
+    _store_mm(acc * _tensor_scale(ts_ptr, IS_NV), bias_ptr, y_ptr, ws_ptr, offs_m, rows, M, N, stride_ym, HAS_BIAS,
+              SPLIT_K, SWAP)
 
 
 @triton.jit
 def fp4_mm_p_kernel(
-    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym, M_BUCKET,
     IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBK: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PACKED: tl.constexpr, FIXUP: tl.constexpr = True,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PACKED: tl.constexpr,
 ):
     """y tile = x tile @ W tile^T with the packed decode (fp4_mm_w32_kernel's form; BLOCK_M < 64)."""
-    _fp4_mm_p(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, NUM_BLOCKS, stride_xm,
+    _fp4_mm_p(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, M, N, K, NUM_BLOCKS, stride_xm,
               stride_cn, stride_sn, stride_ym, IS_NV, HAS_BIAS, BLOCK, BLOCK_M, BLOCK_N, NBK, GROUP_M, SPLIT_K,
-              False, EVEN_K, PACKED, FIXUP)
+              False, EVEN_K, PACKED)
 
 
 @triton.jit
 def fp4_mm_pt_kernel(
-    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, NUM_BLOCKS, stride_xm, stride_cn, stride_sn, stride_ym, M_BUCKET,
     IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NBK: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PACKED: tl.constexpr, FIXUP: tl.constexpr = True,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PACKED: tl.constexpr,
 ):
     """y^T tile = W tile @ x^T tile with the packed decode (fp4_mm_t_kernel's swap-AB form)."""
-    _fp4_mm_p(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, NUM_BLOCKS, stride_xm,
+    _fp4_mm_p(x_ptr, codes_ptr, scales_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, M, N, K, NUM_BLOCKS, stride_xm,
               stride_cn, stride_sn, stride_ym, IS_NV, HAS_BIAS, BLOCK, BLOCK_M, BLOCK_N, NBK, GROUP_M, SPLIT_K,
-              True, EVEN_K, PACKED, FIXUP)
+              True, EVEN_K, PACKED)

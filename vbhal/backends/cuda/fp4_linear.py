@@ -9,14 +9,10 @@ each kernel's launch configuration, itself picked by timing the path's config li
 - ``gemv_pf``/``gemv_w32``/``gemv`` (M <= 4): one program column per activation row (int32 words
   with register double buffering / int32 words / bytes). ``gemv_mr`` (timed at M = 1 only; forced
   paths take any M): split-K GEMV, BLOCK_M activation rows per program.
-- Split-K (any kernel with SPLIT_K > 1): each split stores its float32 part in its own slice of a
-  workspace and the split that finishes a tile last sums the slices in split order, adds the bias and
-  writes y, in the same launch (``_split_buffers``, ``fp4_kernels._write_out``; session 7, after Nsight
-  Compute showed the planned M = 16 kernel on 64 of 132 SMs, split-K having cost a second launch).
-  ``VBHAL_FP4_SPLITK_FIXUP=0``: the two-step form -- atomic adds into a workspace zero at rest, then
-  torch ops that add the bias, write y and zero it (``_workspace``, ``_finalize``). R5's one-launch
-  variant raced for want of a CTA barrier before the arrival; session 3: a Triton finalize kernel went
-  wrong at M >= ~512 (see ``_finalize``).
+- Split-K (any kernel with SPLIT_K > 1): the splits add float32 parts into a workspace that is zero at
+  rest, then torch ops stream-ordered after them add the bias, write y and zero the workspace
+  (``_workspace``, ``_finalize``). R5: the one-launch "last split finalizes" variant raced on the H100
+  (wrong results); session 3: a Triton finalize kernel went wrong at M >= ~512 (see ``_finalize``).
 - ``mm_t`` (bf16/fp16, any M): the "swap-AB" tensor-core kernel, y^T = W x^T with the decoded weight
   tile as the MMA's first operand (wgmma on Hopper) so the weight rows fill its 64-row side and the
   batch only the narrow one; split-K for small M so a few row tiles still fill every SM; large tiles
@@ -216,8 +212,9 @@ def _raw_stream(device: torch.device) -> int:
 
 
 def _workspace(m: int, n: int, device: torch.device) -> torch.Tensor:
-    """A float32 buffer of >= m*n zeros for the two-step split-K (``SPLITK_FIXUP`` off): the split
-    kernels add into it; ``_finalize``, right after them on the same stream, reads it,
+    """A float32 buffer of >= m*n zeros for a split-K kernel's partial sums.
+
+    The split kernels add into it; ``_finalize``, right after them on the same stream, reads it,
     writes y and zeroes it again, so one buffer per (device, stream) serves
     every call in stream order without a memset. Inside CUDA-graph capture each call gets its own
     (zeroed by a memset recorded in the graph), so graphs replayed on different streams never share one."""
@@ -232,38 +229,6 @@ def _workspace(m: int, n: int, device: torch.device) -> torch.Tensor:
         cur = _WORKSPACES[key] = torch.zeros(max(m * n, 2 * cur.numel() if cur is not None else 0),
                                              dtype=torch.float32, device=device)
     return cur
-
-
-#: Split-K summed inside the kernel by the split that finishes a tile last (fp4_kernels._write_out; one
-#: launch, deterministic); VBHAL_FP4_SPLITK_FIXUP=0 selects the two-step form (atomics + _finalize).
-SPLITK_FIXUP = os.environ.get("VBHAL_FP4_SPLITK_FIXUP", "1") != "0"
-#: (device, stream) -> (float32 part slices, int32 tile counters zero at rest) of the in-kernel split-K
-_SPLIT_BUFFERS: dict[tuple, list] = {}
-
-
-def _split_buffers(parts: int, tiles: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float32 buffer of >= ``parts`` elements, int32 buffer of >= ``tiles`` zeros) for a split-K
-    launch with the in-kernel sum. The parts need no zeroing (every split stores its whole slice); the
-    counters are zero at rest (the last split of each tile sets its counter back), so one pair per
-    (device, stream) serves every call in stream order. Inside CUDA-graph capture each call gets its
-    own pair (counters zeroed by a memset recorded in the graph), as ``_workspace``."""
-    if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            return (_q.new_output((parts,), torch.float32, device),
-                    torch.zeros(tiles, dtype=torch.int32, device=device))
-        key = (device.index, _raw_stream(device))
-    else:
-        key = (device.type, 0)
-    cur = _SPLIT_BUFFERS.get(key)
-    if cur is None:
-        cur = _SPLIT_BUFFERS[key] = [None, None]
-    if cur[0] is None or cur[0].numel() < parts:
-        cur[0] = _q.new_output((max(parts, 2 * cur[0].numel() if cur[0] is not None else 0),), torch.float32,
-                               device)
-    if cur[1] is None or cur[1].numel() < tiles:
-        cur[1] = torch.zeros(max(tiles, 2 * cur[1].numel() if cur[1] is not None else 0), dtype=torch.int32,
-                             device=device)
-    return cur[0], cur[1]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -362,11 +327,8 @@ def _configs(kind: str, m: int, fmt: str, nblocks: int) -> list[dict]:
         # enough that each thread reuses its x values across rows. SPLIT_K from _gemv_split unless given.
         # Session 3's M=1 sweep (K=N=8192, 66 configs x 4 kernels, H100): gemv_pf (16, 32, 4 warps) 24.8 us,
         # (16, 16, 2 warps, split 2) 25.8, (16, 32, 2) 26.4, (8, 16, 2) 26.7; the old first choice 27.1.
-        # Session 7: Nsight Compute saw the M = 1 pick (512 programs) fill half the SM slots its registers
-        # allow; with the split-K sum in the kernel (no second launch) splits of 2-4 are worth timing too.
         tried = [(16, 32, 4, None), (16, 16, 2, 2), (16, 32, 2, None), (8, 16, 2, None), (8, 32, 2, None),
-                 (16, 16, 4, None), (16, 8, 4, None), (32, 8, 4, None), (64, 8, 8, None),
-                 (16, 32, 4, 2), (16, 16, 4, 2), (16, 16, 4, 4), (8, 32, 4, 2), (8, 16, 4, 4)]
+                 (16, 16, 4, None), (16, 8, 4, None), (32, 8, 4, None), (64, 8, 8, None)]
         out = []
         for bn, nbk, warps, split in tried:
             cfg = {"BLOCK_N": bn, "NBK": nbk * nv, "num_warps": warps, "num_stages": 3}
@@ -398,24 +360,17 @@ def _configs(kind: str, m: int, fmt: str, nblocks: int) -> list[dict]:
     if kind == "mm_p":
         # x @ W^T, BLOCK_M < 64 (triton 3.6); session 6 sweep at K = N = 8192 (graph us): (16, 128, 4, 2) 37.9 at
         # M = 16, (16, 128, 2, 8) 37.5 at M = 1; (BLOCK_M, BLOCK_N, NBK, SPLIT_K)
-        # Session 7: Nsight Compute showed the M = 16 pick (16, 128, 4, 1) running 64 programs, one per SM on
-        # half the SMs, 4 warps each; with the split-K sum in the kernel the wider grids below are cheap.
-        # The s7d sweep (same machine, graph us): (16, 128, 4, 4) with 3 stages 35.7 at M = 16 and 36.0 at M = 8,
-        # (16, 64, 4, 4, 3 stages) 35.9; 8 warps and 5 stages slower. (BLOCK_M, BLOCK_N, NBK, SPLIT_K[, stages])
-        cands = [(16, 128, 4, 4, 3), (16, 64, 4, 4, 3), (16, 128, 4, 2), (16, 128, 2, 8), (16, 128, 4, 4), (16, 64, 8, 2),
-                 (16, 64, 4, 4), (32, 128, 4, 2), (32, 128, 2, 4), (16, 128, 4, 1), (16, 64, 4, 8), (16, 128, 4, 8),
-                 (16, 64, 4, 1), (16, 32, 4, 4), (32, 64, 4, 4), (32, 64, 4, 2)]
-        out = [{"BLOCK_M": c[0], "BLOCK_N": c[1], "NBK": c[2] * nv, "GROUP_M": 8, "SPLIT_K": c[3], "num_warps": 4,
-                "num_stages": c[4] if len(c) > 4 else 4}
-               for c in cands if c[0] <= max(16, _m_bucket(m)) and nblocks // (c[3] * c[2] * nv) >= 2]
+        cands = [(16, 128, 4, 2), (16, 128, 2, 8), (16, 128, 4, 4), (16, 64, 8, 2), (16, 64, 4, 4), (32, 128, 4, 2),
+                 (32, 128, 2, 4), (16, 128, 4, 1)]
+        out = [{"BLOCK_M": bm, "BLOCK_N": bn, "NBK": nbk * nv, "GROUP_M": 8, "SPLIT_K": s, "num_warps": 4, "num_stages": 4}
+               for bm, bn, nbk, s in cands if bm <= max(16, _m_bucket(m)) and nblocks // (s * nbk * nv) >= 2]
         return out or [{"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 2 * nv, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}]
     if kind == "mm_pt":
         # swap-AB; session 6 sweep at K = N = 8192: (64, 128, 4, 4) 50.7 us at M = 64, (128, 128, 2, 1, 8 warps)
         # 112.8 at M = 256, (256, 128, 2, 1, 8 warps) 255 at M = 1024;
         # (BLOCK_M, BLOCK_N, NBK, SPLIT_K, warps, stages)
         if m <= MM_T_SMALL_M:
-            cands = [(64, 128, 4, 4, 4, 3), (64, 128, 4, 4, 4, 4), (64, 128, 2, 4, 4, 4), (64, 64, 4, 2, 4, 4),
-                     (32, 128, 4, 4, 4, 4),
+            cands = [(64, 128, 4, 4, 4, 4), (64, 128, 2, 4, 4, 4), (64, 64, 4, 2, 4, 4), (32, 128, 4, 4, 4, 4),
                      (16, 128, 4, 4, 4, 4), (16, 64, 4, 4, 4, 4), (64, 128, 4, 8, 4, 4), (32, 64, 4, 4, 4, 4)]
         else:
             cands = [(128, 128, 2, 1, 8, 3), (256, 128, 2, 1, 8, 3), (128, 128, 4, 1, 8, 3), (64, 128, 4, 1, 4, 4)]
@@ -489,7 +444,7 @@ class _KernelLaunch:
         self.mm = kind.startswith("mm")
         self.kernel = getattr(kernels_module(), f"fp4_{kind}_kernel")
         self.launch = _DirectLauncher(self.kernel)
-        self.per_m: dict = {}  # (M, blocks, device, dtype, fixup) -> (split, grid, constexprs): what a call at that M launches
+        self.per_m: dict = {}  # (M, blocks, device, dtype) -> (split, grid, constexprs): what a call at that M launches
         self.consts = {"IS_NV": fmt == "nvfp4", "HAS_BIAS": has_bias, "BLOCK": BLOCK_SIZES[fmt]}
         self.split_override = split
         self.cfg = None
@@ -531,34 +486,28 @@ class _KernelLaunch:
         dev = x2.device
         if self.words:
             codes = codes.view(torch.int32)
-        plan = self.per_m.get((m, nblocks, dev, x2.dtype, SPLITK_FIXUP))
+        plan = self.per_m.get((m, nblocks, dev, x2.dtype))
         if plan is None:
             if len(self.per_m) >= 256:  # many distinct M (varying lengths): start over rather than grow
                 self.per_m.clear()
             split = self._split(m, nblocks, dev)
             cfg = self.cfg if self.cfg.get("SPLIT_K", 1) is not None else {**self.cfg, "SPLIT_K": split}
-            consts = {**cfg, **self.launch_kw, "FIXUP": SPLITK_FIXUP}
+            consts = {**cfg, **self.launch_kw}
             if self.kind in _PACKED_PATHS:
                 # _k_range gives every split a multiple of NBK blocks (the last one the rest): all whole
                 # steps exactly when NBK divides the block count; and K must fill the last block
                 consts["EVEN_K"] = nblocks % cfg["NBK"] == 0 and self.k == nblocks * BLOCK_SIZES[self.fmt]
                 consts["PACKED"] = x2.dtype == torch.bfloat16 and not is_interpreter()
-            plan = self.per_m[(m, nblocks, dev, x2.dtype, SPLITK_FIXUP)] = (split, self._grid(m, split), consts)
+            plan = self.per_m[(m, nblocks, dev, x2.dtype)] = (split, self._grid(m, split), consts)
         split, grid, consts = plan
         y = _q.new_output((m, n), x2.dtype, dev)
-        fixup = consts["FIXUP"]
-        if split == 1:
-            ws = cnt = y
-        elif fixup:  # tiles: every grid axis but the split axis (the last)
-            ws, cnt = _split_buffers(split * m * n, grid[0] * (grid[1] if len(grid) == 3 else 1), dev)
-        else:
-            ws = cnt = _workspace(m, n, dev)
-        args = (x2, codes, scales, ts, bias if bias is not None else x2, y, ws, cnt,
+        ws = _workspace(m, n, dev) if split > 1 else y
+        args = (x2, codes, scales, ts, bias if bias is not None else x2, y, ws,
                 m, n, self.k, nblocks, x2.stride(0), codes.stride(0), scales.stride(0), y.stride(0))
         if self.mm:
             args += (_m_bucket(m),)
         self.launch(grid, args, consts, _raw_stream(dev) if dev.type == "cuda" else None)
-        if split > 1 and not fixup:
+        if split > 1:
             _finalize(ws, bias, y)
         return y
 
