@@ -240,7 +240,8 @@ def _write_out(acc, bias, y_ptrs, ws_ptrs, mask, SPLIT_K: tl.constexpr):
     before it ran; torch's copy and zero_ in its place were right in every run, so they do it now.
     Session 7 tried the one-launch form again, ordered as CUTLASS's serial split-K semaphore (every split
     stores its part in its own slice, CTA barrier, one thread's acq_rel arrival, the last split sums the
-    slices with L1-bypassing loads; commit 792eb84, gpu/s7_stress.py): 3,000-6,000 repeated calls were
+    slices with L1-bypassing loads; commit 792eb84; the stress script gpu/s7_stress.py is in ddeed66;
+    results in benchmarks/results/fp4_splitk_fixup_exp-*.json): 3,000-6,000 repeated calls were
     bit-identical and at rest for six configs, but mm_pt (64, 128, NBK 2, SPLIT_K 4, 4 stages) at M = 64
     gave a different result in 1,854 of 6,000 calls (8 with NaN), and a release fence in every thread
     made it worse -- so not a cross-CTA ordering fault; the suspect (unproven) is the shared-memory slot
