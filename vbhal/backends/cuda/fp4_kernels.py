@@ -244,7 +244,7 @@ def _write_out(acc, bias, y_ptrs, ws_ptrs, mask, SPLIT_K: tl.constexpr):
     results in benchmarks/results/fp4_splitk_fixup_exp-*.json): 3,000-6,000 repeated calls were
     bit-identical and at rest for six configs, but mm_pt (64, 128, NBK 2, SPLIT_K 4, 4 stages) at M = 64
     gave a different result in 1,854 of 6,000 calls (8 with NaN), and a release fence in every thread
-    made it worse -- so not a cross-CTA ordering fault; the suspect (unproven) is the shared-memory slot
+    made it worse, which points away from cross-CTA ordering; the suspect (unproven) is the shared-memory slot
     of the scalar atomic's broadcast meeting the software pipeline's buffers. It was 4-5 us faster at
     M = 16 and 64 (35.8 / 50.6 against 40.4 / 55.5 us, one H100 run) and is not used.
     """
