@@ -747,8 +747,9 @@ def _e2m1_packed_tile(w, sb, DT: tl.constexpr, IS_NV: tl.constexpr, PACKED: tl.c
     PACKED (bfloat16 on a GPU): the decoded E2M1 * 2^-126 times 2^126, then times the block scale, both
     in bfloat16 -- exact (a product of a 2-bit and a <= 4-bit significand, inside bfloat16's range;
     the H100 multiplies bfloat16 subnormals exactly: test_fp4_gpu.py's test_gpu_packed_decode_bit_exact
-    checks every code under every E8M0 byte and every finite E4M3 byte bit for bit). Otherwise (float16; the CPU interpreter, whose bfloat16 arithmetic
-    is broken and which flushes bfloat16 subnormals): _e2m1_word_tile's float32 decode, the same values.
+    checks every code under every E8M0 byte and every finite E4M3 byte bit for bit). Otherwise (float16;
+    the CPU interpreter, whose bfloat16 arithmetic is broken and which flushes bfloat16 subnormals):
+    _e2m1_word_tile's float32 decode, the same values.
     """
     # one return (triton 3.6 type-checks every return, dead constexpr branches included)
     if PACKED:
