@@ -252,6 +252,26 @@ def test_linear_gemv_split_k(fmt):
             _check_linear(y, x, qw, bias)
 
 
+@kernel
+def test_gemv_split_override_wins_over_a_configs_split():
+    """A GEMV runner given split_k launches that split even when its config fixes another (a tuned GEMV
+    config may carry SPLIT_K; session 7's review: _linear_2d(..., split_k=1) could launch split 2)."""
+    import vbhal.formats as VF
+    from vbhal.backends.cuda import fp4_linear as L
+
+    n, k = 9, 320
+    qw = VF.quantize(_weight(n, k, seed=17) * 1e-2, "mxfp4")
+    codes, scales, ts, _fid = _operands(qw)
+    x = torch.randn(2, k, dtype=torch.float16)
+    for split in (1, 3):
+        run = L._KernelLaunch("gemv_pf", n, k, "mxfp4", False, config={**L._INTERP_CONFIGS["gemv_pf"], "SPLIT_K": 2},
+                              split=split)
+        y = run(x, codes, scales, ts, None)
+        _check_linear(y, x, qw, None)
+        (launched, _grid, consts), = run.per_m.values()
+        assert launched == split and consts["SPLIT_K"] == split, (split, launched, consts["SPLIT_K"])
+
+
 def _workspaces_are_zero():
     from vbhal.backends.cuda import fp4_linear as L
 

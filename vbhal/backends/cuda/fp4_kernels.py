@@ -26,14 +26,9 @@ So a code costs two masks, two shifts and an or, and the 2^14 is folded into the
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-#: True under Triton's CPU interpreter (TRITON_INTERPRET set before this module's import): a few
-#: conversions it gets wrong take a slower, exact form there (see _e4m3_to_f16).
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 #: The float16 decode yields E2M1_value * 2^-14 (see the module docstring); multiply by this to undo.
 E2M1_F16_UNSCALE = tl.constexpr(16384.0)
 #: OCP MX v1.0 section 6.3: emax of the E2M1 element type (2^2 = 4 is its largest power of two).
@@ -69,21 +64,20 @@ def _e8m0_to_f32(s):
 
 
 @triton.jit
-def _e4m3_to_f16(s):
-    """FP8 E4M3 (fn) bytes -> float16, exact (E4M3's subnormals m * 2^-9 are float16 normals), by the
-    GPU's own conversion (sm_89+: one cvt.rn.f16x2.e4m3x2 per two bytes; session 7, replacing 12 integer
-    ops per byte); 0x7F/0xFF -> NaN. The CPU interpreter converts 0x7F/0xFF to +-480 (it has no E4M3 NaN),
-    so there (only: _INTERPRETED is fixed at import) the NaN is set by hand."""
-    v = s.to(tl.float8e4nv, bitcast=True).to(tl.float16)
-    if _INTERPRETED:
-        v = tl.where((s.to(tl.int32) & 0x7F) == 0x7F, float("nan"), v.to(tl.float32)).to(tl.float16)
-    return v
-
-
-@triton.jit
 def _e4m3_to_f32(s):
-    """FP8 E4M3 (fn) bytes -> float32, exact; 0x7F/0xFF -> NaN (through _e4m3_to_f16)."""
-    return _e4m3_to_f16(s).to(tl.float32)
+    """FP8 E4M3 (fn) bytes -> float32, exact; 0x7F/0xFF -> NaN. Integer ops on purpose: session 7 measured the
+    GPU's own conversion (``.to(tl.float8e4nv, bitcast=True)``, one cvt.rn.f16x2.e4m3x2 per two bytes) 0.4-1.9 us
+    faster for NVFP4 at M = 1..64 on the H100, but Triton refuses fp8e4nv below sm_89 (A100, A10, RTX 30xx), so
+    it would need a capability-gated constexpr in every kernel (benchmarks/results/fp4_e4m3_ab-*.json)."""
+    c = s.to(tl.int32)
+    mag = c & 0x7F
+    # normal: exponent field e (bias 7) -> float32 field e + 120; mantissa 3 bits -> bits 22..20
+    normal = ((mag << 20) + (120 << 23)).to(tl.float32, bitcast=True)
+    sub = (mag & 0x7).to(tl.float32) * 0.001953125  # subnormal: m * 2^-9
+    v = tl.where((mag >> 3) == 0, sub, normal)
+    # the sign as a bit (not -v: the GPU's negation of +0.0 gave +0.0, so byte 0x80 = -0.0 came out +0.0)
+    v = (v.to(tl.int32, bitcast=True) | ((c & 0x80) << 24)).to(tl.float32, bitcast=True)
+    return tl.where(mag == 0x7F, float("nan"), v)
 
 
 @triton.jit

@@ -454,8 +454,10 @@ class _KernelLaunch:
     def _fix(self, cfg: dict) -> None:
         cfg = dict(cfg)
         warps, stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 3)
-        if self.kind in ("gemv", "gemv_w32", "gemv_pf") and "SPLIT_K" not in cfg:
-            cfg["SPLIT_K"] = None  # per call: _gemv_split, unless split_override
+        if self.kind in ("gemv", "gemv_w32", "gemv_pf") and ("SPLIT_K" not in cfg or self.split_override):
+            # per call: split_override if given (it wins over a config's own split: session 7 review),
+            # else _gemv_split
+            cfg["SPLIT_K"] = None
         cfg.setdefault("SPLIT_K", 1)
         self.cfg = cfg
         self.per_m = {}
