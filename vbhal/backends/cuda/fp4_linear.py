@@ -316,6 +316,19 @@ def _finalize(ws: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> N
 # ---------------------------------------------------------------------------------------------------
 # kernel launchers: configuration picked once, then launched directly
 # ---------------------------------------------------------------------------------------------------
+def _tile_configs(cands, m: int, nv: int, nblocks: int, fallback: bool = True) -> list[dict]:
+    """Tensor-core launch configs from (BLOCK_M, BLOCK_N, NBK, SPLIT_K[, warps, stages]) tuples (4 warps, 4 stages
+    unless given): BLOCK_M at most M's bucket (16 at least) and at least two NBK steps per split; when none is
+    left, one small tile (``fallback``) or none."""
+    bmax = max(16, _m_bucket(m))
+    out = [{"BLOCK_M": c[0], "BLOCK_N": c[1], "NBK": c[2] * nv, "GROUP_M": 8, "SPLIT_K": c[3],
+            "num_warps": c[4] if len(c) > 4 else 4, "num_stages": c[5] if len(c) > 5 else 4}
+           for c in cands if c[0] <= bmax and nblocks // (c[3] * c[2] * nv) >= 2]
+    if out or not fallback:
+        return out
+    return [{"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 2 * nv, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}]
+
+
 def _configs(kind: str, m: int, fmt: str, nblocks: int) -> list[dict]:
     """Launch configurations worth timing for a kernel at M rows (``num_warps``/``num_stages`` included).
 
@@ -355,16 +368,13 @@ def _configs(kind: str, m: int, fmt: str, nblocks: int) -> list[dict]:
         # (BLOCK_M, BLOCK_N, NBK, SPLIT_K): BLOCK_M < 64 only (triton 3.6); split-K (R5) because
         # N / BLOCK_N row tiles alone (128 at N = 8192) do not fill 132 SMs at M <= 32
         cands = [(16, 64, 4, 1), (16, 128, 2, 1), (32, 64, 4, 1), (16, 64, 4, 4), (32, 64, 4, 2), (32, 128, 2, 4)]
-        return [{"BLOCK_M": bm, "BLOCK_N": bn, "NBK": nbk * nv, "GROUP_M": 8, "SPLIT_K": s, "num_warps": 4, "num_stages": 4}
-                for bm, bn, nbk, s in cands if bm <= max(16, _m_bucket(m)) and nblocks // (s * nbk * nv) >= 2]
+        return _tile_configs(cands, m, nv, nblocks, fallback=False)
     if kind == "mm_p":
         # x @ W^T, BLOCK_M < 64 (triton 3.6); session 6 sweep at K = N = 8192 (graph us): (16, 128, 4, 2) 37.9 at
         # M = 16, (16, 128, 2, 8) 37.5 at M = 1; (BLOCK_M, BLOCK_N, NBK, SPLIT_K)
         cands = [(16, 128, 4, 2), (16, 128, 2, 8), (16, 128, 4, 4), (16, 64, 8, 2), (16, 64, 4, 4), (32, 128, 4, 2),
                  (32, 128, 2, 4), (16, 128, 4, 1)]
-        out = [{"BLOCK_M": bm, "BLOCK_N": bn, "NBK": nbk * nv, "GROUP_M": 8, "SPLIT_K": s, "num_warps": 4, "num_stages": 4}
-               for bm, bn, nbk, s in cands if bm <= max(16, _m_bucket(m)) and nblocks // (s * nbk * nv) >= 2]
-        return out or [{"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 2 * nv, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}]
+        return _tile_configs(cands, m, nv, nblocks)
     if kind == "mm_pt":
         # swap-AB; session 6 sweep at K = N = 8192: (64, 128, 4, 4) 50.7 us at M = 64, (128, 128, 2, 1, 8 warps)
         # 112.8 at M = 256, (256, 128, 2, 1, 8 warps) 255 at M = 1024;
@@ -374,9 +384,7 @@ def _configs(kind: str, m: int, fmt: str, nblocks: int) -> list[dict]:
                      (16, 128, 4, 4, 4, 4), (16, 64, 4, 4, 4, 4), (64, 128, 4, 8, 4, 4), (32, 64, 4, 4, 4, 4)]
         else:
             cands = [(128, 128, 2, 1, 8, 3), (256, 128, 2, 1, 8, 3), (128, 128, 4, 1, 8, 3), (64, 128, 4, 1, 4, 4)]
-        out = [{"BLOCK_M": bm, "BLOCK_N": bn, "NBK": nbk * nv, "GROUP_M": 8, "SPLIT_K": s, "num_warps": w, "num_stages": st}
-               for bm, bn, nbk, s, w, st in cands if bm <= max(16, _m_bucket(m)) and nblocks // (s * nbk * nv) >= 2]
-        return out or [{"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 2 * nv, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}]
+        return _tile_configs(cands, m, nv, nblocks)
     if kind == "mm_t":
         if m <= MM_T_SMALL_M:
             # split K so that the few row tiles of a small batch fill every SM; BLOCK_M <= M's bucket
@@ -384,10 +392,7 @@ def _configs(kind: str, m: int, fmt: str, nblocks: int) -> list[dict]:
                      (16, 128, 2, 16, 4, 4), (32, 128, 2, 4, 4, 4), (64, 128, 2, 2, 4, 3), (64, 128, 2, 4, 4, 3),
                      # R5, for M = 64: two warpgroups decoding (8 warps), and 64-row weight tiles (more programs)
                      (64, 128, 2, 4, 8, 3), (64, 64, 4, 4, 4, 3), (64, 64, 2, 8, 4, 4), (32, 64, 4, 4, 4, 4)]
-            bmax = max(16, _m_bucket(m))
-            out = [{"BLOCK_M": bm, "BLOCK_N": bn, "NBK": nbk * nv, "GROUP_M": 8, "SPLIT_K": s, "num_warps": w, "num_stages": st}
-                   for bm, bn, nbk, s, w, st in cands if bm <= bmax and nblocks // (s * nbk * nv) >= 2]
-            return out or [{"BLOCK_M": 16, "BLOCK_N": 64, "NBK": 2 * nv, "GROUP_M": 8, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}]
+            return _tile_configs(cands, m, nv, nblocks)
         # large M: Hopper-sized tiles, grouped order (BLOCK_N = weight rows, BLOCK_M = activation rows)
         cands = [(128, 128, 2, 8, 3), (256, 128, 2, 8, 3), (128, 256, 2, 8, 3), (128, 256, 2, 8, 4),
                  (256, 128, 4, 8, 3), (128, 128, 4, 8, 4)]
