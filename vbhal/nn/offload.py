@@ -592,9 +592,17 @@ def _adamw_one_pass(p, m, v, g, w, hp):
 
 
 def _make_compiled_step():
-    """torch.compile the one-pass step for the host (C++/OpenMP via Inductor); None (with a warning) if that fails."""
+    """torch.compile the one-pass step for the host (C++/OpenMP via Inductor); None (with a warning) if that fails.
+
+    Compiled with Inductor's C++ wrapper, which releases the GIL for the whole call. The default Python wrapper
+    calls the kernel with the GIL held: each host step then froze every other Python thread for its whole
+    duration (0.05-0.2 s per unit), including the autograd thread that runs the units' backward hooks and the
+    training thread launching the forward, so the device's backward stretched to the length of the host steps
+    (session 5's H100 runs: backward 2.2-3.2 s against 0.45 s in GPU memory, with 2.5-3.5 s of host AdamW per
+    step). Session 8, this repo's CPU: the main thread ran 3 times during 0.135 s of the Python-wrapper step, 225
+    times during the C++-wrapper step (same speed, bitwise the same results)."""
     try:
-        fn = torch.compile(_adamw_one_pass, dynamic=True, fullgraph=True)
+        fn = torch.compile(_adamw_one_pass, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
         n = 4096 + 7  # warm up once: sizes are symbolic, so every unit reuses this kernel
         p, m, v = torch.ones(n), torch.zeros(n), torch.zeros(n)
         fn(p, m, v, torch.ones(n, dtype=torch.bfloat16), torch.empty(n, dtype=torch.bfloat16),
