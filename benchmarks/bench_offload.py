@@ -295,6 +295,72 @@ def run_vbhal(model, eng, tokens: int, cap: int | None, warmup=2, steps=3, chunk
 
 
 # ------------------------------------------------------------------------------------------------ parts
+def pcie_rates(nbytes: int = 256 << 20, reps: int = 4) -> dict:
+    """Pinned host <-> device copy rates (bytes/s): up alone, down alone, and both at once on two streams.
+    --smoke (CPU): a host memcpy rate stands in for all three."""
+    if DEV == "cpu":
+        a, b = torch.empty(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
+        b.copy_(a)
+        t0 = time.perf_counter()
+        b.copy_(a)
+        r = nbytes / (time.perf_counter() - t0)
+        return {"up": r, "down": r, "both": r}
+    host_up = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    host_down = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dev_a = torch.empty(nbytes, dtype=torch.uint8, device=DEV)
+    dev_b = torch.empty(nbytes, dtype=torch.uint8, device=DEV)
+    s_up, s_down = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def timed(up: bool, down: bool) -> float:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            if up:
+                with torch.cuda.stream(s_up):
+                    dev_a.copy_(host_up, non_blocking=True)
+            if down:
+                with torch.cuda.stream(s_down):
+                    host_down.copy_(dev_b, non_blocking=True)
+        sync()
+        return reps * nbytes * (up + down) / (time.perf_counter() - t0)
+
+    timed(True, True)  # warm
+    return {"up": timed(True, False), "down": timed(False, True), "both": timed(True, True)}
+
+
+def schedule_bound(row: dict, in_gpu_s: float, rates: dict) -> dict | None:
+    """The shortest step this design can take on this machine (perfect overlap), from one vbhal row's own
+    measurements: device compute = the in-GPU step (same run); host AdamW seconds per host-stepped parameter
+    as measured in the row (under its PCIe traffic); copy rates of `rates` (pinned, same run). For a share f
+    of the parameters stepped on the device, per step: up = the row's weights and activations up + 12 f N
+    (fp32 master, exp_avg, exp_avg_sq), down = activations down + 2 (1 - f) N (bf16 gradients) + 14 f N
+    (the state and the new bf16 working copy); host = (1 - f) N h. T(f) = max(compute, up / rate_up,
+    down / rate_down, (up + down) / rate_both, host), minimised over f in steps of 1/100."""
+    n = row.get("params")
+    f_row = row.get("gpu_step_fraction") or 0.0
+    host_s = row.get("host_adamw_s_per_step")
+    kinds = row.get("GB_by_kind") or {}
+    if not n or not host_s or f_row >= 1.0 or not kinds:
+        return None
+    h = host_s / ((1.0 - f_row) * n)
+    fixed_up = (kinds.get("weights_up", 0.0) + kinds.get("acts_up", 0.0)) * GB
+    fixed_down = kinds.get("acts_down", 0.0) * GB
+    best = None
+    for i in range(101):
+        f = i / 100
+        up = fixed_up + 12 * f * n
+        down = fixed_down + 2 * (1 - f) * n + 14 * f * n
+        parts = {"compute": in_gpu_s, "up": up / rates["up"], "down": down / rates["down"],
+                 "both": (up + down) / rates["both"], "host": (1 - f) * n * h}
+        t = max(parts.values())
+        if best is None or t < best["bound_s"]:
+            best = {"bound_s": t, "bound_fraction": f, "bound_by": max(parts, key=parts.get),
+                    "bound_parts_s": parts}
+    best.update(host_s_per_Bparams=h * 1e9, ratio_bound=best["bound_s"] / in_gpu_s,
+                rates_GBps={k: v / GB for k, v in rates.items()})
+    return best
+
+
 def part_check(args) -> dict:
     """bf16 at a real size, same seed and data: vbhal vs (a) plain GPU training whose AdamW runs on CPU copies with
     torch's fused CPU kernel (the same arithmetic: expected equal), (b) plain GPU training with CUDA fused AdamW
@@ -396,13 +462,21 @@ def part_speed(args) -> dict:
                               label=" host-only"))
         print(_row(rows[-1]), flush=True)
         _SAVE("speed", {"rows": rows})
+    eng.close()
+    rates = pcie_rates()
+    print("pinned copy rates: " + ", ".join(f"{k} {v / GB:.1f} GB/s" for k, v in rates.items()), flush=True)
     for r in rows:
         if r["peer"].startswith("vbhal"):
             base = next((b for b in rows if b["peer"].startswith("pytorch") and b["tokens"] == r["tokens"] and b.get("status") == "ok"), None)
             if base and r.get("status") == "ok":
                 r["ratio_vs_in_gpu"] = r["step_s"] / base["step_s"]
-    eng.close()
-    return {"rows": rows}
+                r["schedule_bound"] = bound = schedule_bound(r, base["step_s"], rates)
+                if bound:
+                    print(f"bound {r['peer']} {r['tokens']} tokens: {bound['bound_s']:.3f} s = {bound['ratio_bound']:.2f}x "
+                          f"the in-GPU step (measured {r['step_s']:.3f} s = {r['ratio_vs_in_gpu']:.2f}x), at f = "
+                          f"{bound['bound_fraction']:.2f}, bound by {bound['bound_by']}; host AdamW "
+                          f"{bound['host_s_per_Bparams']:.3f} s per 1e9 params", flush=True)
+    return {"rows": rows, "pcie_GBps": {k: v / GB for k, v in rates.items()}}
 
 
 def part_capacity(args) -> dict:
