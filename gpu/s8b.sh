@@ -15,6 +15,6 @@ for tree in new old; do
   T=$NEW; [ $tree = old ] && T=$OLD
   echo "== speed 16k, 8 GB cap, $tree tree"
   ( cd "$T" && PYTHONPATH="$T" timeout 170 python3 benchmarks/bench_offload.py speed --steps 3 --tokens 16384 \
-     --host-only-tokens "" --out "$RES/offload-16k-$tree.json" 2>&1 | grep -E "status=|device:|engine built|Error|error" | cut -c1-700 )
+     --host-only-tokens "" --out "$RES/offload-16k-$tree.json" 2>&1 | grep -E "status=|device:|engine built|bound |pinned copy|Error|error" | cut -c1-700 )
 done
 ls "$RES"
