@@ -448,6 +448,8 @@ def main() -> int:
     shapes = SHAPES[:1] if args.quick else SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")]
+        if shapes not in (list(SHAPES), list(SHAPES[:1])):  # a run of other shapes must not overwrite the main file
+            slug = "-".join(f"K{k}-N{n}" for k, n in shapes) + "-" + slug
     ms = [1, 16, 256] if args.quick else MS
     torch.manual_seed(0)
     out = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
