@@ -172,6 +172,74 @@ def test_auto_choice_formula(monkeypatch):
     eng.close()
 
 
+def test_auto_refine_moves_the_stalled_host_work(monkeypatch):
+    """The compute rule leaves room under the copy rule; the first step with its share waits `stall` for host steps:
+    the refinement moves stall / (N h) more of the parameters to the device, once, capped by the copy rule."""
+    monkeypatch.setattr(off_mod, "AUTO_MIN_HOST_S", 0.0)
+    h = 0.29e-9  # host seconds per parameter
+
+    def decided(t_compute_per_3_49b: float):
+        eng = apply_offload(TinyLM(n=8), device="cpu")
+        n = sum(u.train_numel for u in eng.units)
+        scale = n / 3.49e9
+        eng.h2d_bandwidth = eng.d2h_bandwidth = 50e9
+        eng._auto_tag = 1
+        eng.stats.steps = [{}, {"l0_in": 17.2e9 * scale, "l0_out": 10.5e9 * scale, "step_s": 1.0}]
+        eng._t_compute_est = t_compute_per_3_49b * scale
+        eng._host_meas = [(1, n, h * n)]
+        eng._gpu_units = None
+        eng.step_count = 2
+        eng._maybe_decide()  # step 2 > auto tag 1: the decision
+        return eng, n, scale
+
+    eng, n, scale = decided(0.85)  # compute rule 1 - 0.8 * 0.85 / 1.01 = 0.33, above the copy rule's 0.28
+    a = eng.gpu_step_auto
+    assert a["f_compute"] > a["f_pcie"] == a["fraction"] and eng._refine_tag is None  # copy-bound: nothing to refine
+    eng.close()
+
+    eng, n, scale = decided(1.0)  # compute rule 1 - 0.8 / 1.01 = 0.21, under the copy rule's 0.28
+    a = eng.gpu_step_auto
+    elig = [u for u in eng.units if u.n_train]
+    assert a["fraction"] == a["f_compute"] < a["f_pcie"]
+    eng._order, eng._keep_planned = [], True  # as if the order and the keep plan were done: only the refinement waits
+    assert eng._refine_tag == 3 and eng.plan_pending
+    f0, units0 = a["fraction"], eng.gpu_step_fraction
+    n_host = sum(u.train_numel for u in elig if not u.gpu_step)
+    stall = 0.05 * scale
+    eng.stats.steps.append({})  # step 2
+    eng.stats.steps.append({"l1_stall": stall, "l1_busy": h * n_host, "step_s": 1.0 * scale})  # step 3
+    eng.step_count = 3
+    eng._maybe_decide()  # not yet: refines from step 3 once it has closed
+    assert eng._refine_tag == 3
+    eng.step_count = 4
+    eng._maybe_decide()
+    r = a["refine"]
+    want = min(a["f_pcie"], f0 + stall / (h * n))
+    assert eng._refine_tag is None and abs(r["fraction"] - want) < 1e-12 and r["fraction_before"] == f0
+    assert abs(eng.gpu_step_fraction - round(want * len(elig)) / len(elig)) < 1e-9 and eng.gpu_step_fraction > units0
+    assert 0 in eng._gpu_units and not eng.plan_pending
+    eng._maybe_decide()  # once only
+    assert a["refine"] is r
+    eng.close()
+
+    eng, n, scale = decided(1.0)  # a long stall: capped by the copy rule
+    a = eng.gpu_step_auto
+    eng.stats.steps += [{}, {"l1_stall": 0.9 * scale, "l1_busy": h * n * 0.8, "step_s": 1.0 * scale}]
+    eng.step_count = 4
+    eng._maybe_decide()
+    assert a["refine"]["fraction"] == a["f_pcie"]
+    eng.close()
+
+    eng, n, scale = decided(1.0)  # waited under 3% of the step: the share stays
+    a = eng.gpu_step_auto
+    f0, units0 = a["fraction"], eng.gpu_step_fraction
+    eng.stats.steps += [{}, {"l1_stall": 0.02 * scale, "l1_busy": h * n * 0.8, "step_s": 1.0 * scale}]
+    eng.step_count = 4
+    eng._maybe_decide()
+    assert a["refine"]["fraction"] == f0 and eng.gpu_step_fraction == units0 and eng._refine_tag is None
+    eng.close()
+
+
 class _MLP(nn.Module):
     def __init__(self, d=256, n=6):
         super().__init__()
