@@ -37,7 +37,7 @@ da, db = torch.empty(nb, dtype=torch.uint8, device="cuda"), torch.empty(nb, dtyp
 su, sd = torch.cuda.Stream(), torch.cuda.Stream()
 
 
-def with_dma(up: bool, down: bool, reps: int = 160) -> tuple[float, float]:
+def with_dma(up: bool, down: bool, reps: int = 160) -> tuple[float, float, bool]:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(reps):
