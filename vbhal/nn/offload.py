@@ -56,8 +56,7 @@ buffers (``gpu_step_buffer_bytes``), are stepped by torch's fused CUDA AdamW wit
 gradient copy down), and come home with the new working copy on their own copy streams; the next fetch of the
 unit waits on that copy's event. ~24 PCIe bytes per parameter instead of ~0.29 ns of host time per parameter.
 Default ``None``: an automatic share, picked after step 1 from measured host-step time, copy bandwidth and compute
-time (see ``_auto_decide``) and refined once if the first step with it still waited for host steps
-(``_auto_refine``; on CPU it stays 0); 0.0 turns it off, a value > 0 fixes it (on CPU the same pieces then
+time (see ``_auto_decide``; on CPU it stays 0); 0.0 turns it off, a value > 0 fixes it (on CPU the same pieces then
 run synchronously, bitwise equal to the host step, tested). CUDA's and the CPU's fused AdamW may differ in the last
 bit, so neither the hybrid nor the host step is bitwise equal to in-GPU training with CUDA's AdamW; the H100 test
 (tests/nn/test_offload_hybrid.py) checks the hybrid bit for bit against plain training whose AdamW is split between
