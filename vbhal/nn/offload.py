@@ -142,8 +142,6 @@ KEEP_MARGIN_FRAC = 0.08
 KEEP_MARGIN_MIN = 512 << 20
 #: Auto mode leaves every unit on the host when the whole host step of a step takes less than this (seconds).
 AUTO_MIN_HOST_S = 0.05
-#: Auto mode refines its share once when the first step with it waited this share of its time (or more) for host steps.
-AUTO_REFINE_MIN_STALL = 0.03
 
 
 @dataclass
@@ -1467,7 +1465,6 @@ class OffloadEngine:
         self.gpu_step_note = ""
         self.gpu_step_auto: dict[str, Any] | None = None
         self._auto_tag = 1  # auto: decide from the host steps of this optimizer step (all units host-stepped)
-        self._refine_tag: int | None = None  # auto: refine the share once from this step's stall (see _auto_refine)
         self._gpu_units: set[int] | None = set()
         self._ring: list[dict] | None = None
         self._piece = GPU_STEP_PIECE
@@ -1561,8 +1558,6 @@ class OffloadEngine:
     def _maybe_decide(self) -> None:
         if self._gpu_units is None and self.step_count > self._auto_tag:
             self._auto_decide()
-        elif self._refine_tag is not None and self.step_count > self._refine_tag:
-            self._auto_refine()
 
     def _auto_decide(self) -> None:
         """Choose the device-stepped share from optimizer step `_auto_tag` (every unit on the host then).
@@ -1600,40 +1595,6 @@ class OffloadEngine:
                               "bw_GBps": bw / 1e9, "compute_s": T, "f_pcie": f_pcie, "f_compute": f_gpu, "fraction": f,
                               "compute_from": src}
         self._set_gpu_units(f, f"auto: host {host:.3f} s/step, compute {T:.3f} s, pcie {B / bw:.3f} s")
-        # The compute rule assumes the host work overlaps the next 0.8 T; where the copies leave room for more
-        # device-stepped units, the first step with this share checks that (_auto_refine).
-        if host >= AUTO_MIN_HOST_S and f < min(1.0, f_pcie) - 1e-9:
-            self._refine_tag = self.step_count + 1
-
-    def _auto_refine(self) -> None:
-        """Refine the auto share once, from optimizer step `_refine_tag` (the first whose forward waited for host
-        steps of the new share): when that step waited `stall` >= AUTO_REFINE_MIN_STALL of its time for host steps,
-        move stall / (N h) more of the N parameters to the device (h: that step's host seconds per host-stepped
-        parameter), so the host work drops by about what the forward waited -- at most up to the copy rule's share
-        (f_pcie of _auto_decide). Session 8's H100 at 64k tokens: the compute rule chose 0.59 and the forward
-        waited 0.34-0.92 s per 3.3 s step on the host steps."""
-        tag, self._refine_tag = self._refine_tag, None
-        rows = self.stats.steps
-        a = self.gpu_step_auto
-        if a is None or len(rows) <= tag:
-            return
-        row = rows[tag]
-        elig = [u for u in self.units if u.n_train]
-        n_all = sum(u.train_numel for u in elig)
-        n_host = sum(u.train_numel for u in elig if not u.gpu_step)
-        stall, busy, step_s = row.get("l1_stall", 0.0), row.get("l1_busy", 0.0), row.get("step_s", 0.0)
-        f_old = a["fraction"]
-        refine = {"step": tag, "stall_s": stall, "step_s": step_s, "host_s": busy, "fraction_before": f_old}
-        a["refine"] = refine
-        if stall < AUTO_REFINE_MIN_STALL * step_s or busy <= 0.0 or n_host == 0:
-            refine["fraction"] = f_old
-            return
-        df = stall / (busy / n_host * n_all)
-        f = min(1.0, a["f_pcie"], f_old + df)
-        refine["fraction"] = f
-        a["fraction"] = f
-        if round(f * len(elig)) > round(f_old * len(elig)):
-            self._set_gpu_units(f, f"auto, refined after step {tag}: its forward waited {stall:.3f} s for host steps")
 
     def _measure_d2h(self) -> float | None:
         """Device->host bandwidth of 64 MiB pooled copies (bytes/s), for the auto share of device-stepped units."""
@@ -2166,7 +2127,7 @@ class OffloadEngine:
     def plan_pending(self) -> bool:
         """True while a one-time decision is still to come (prefetch order, auto device-step share, keep plan):
         time steps only once this is False and one more step has run."""
-        return self._order is None or self._gpu_units is None or self._refine_tag is not None or not self._keep_planned
+        return self._order is None or self._gpu_units is None or not self._keep_planned
 
     def _cap_bytes(self) -> int | None:
         """Device memory this process may use: the per-process fraction (CUDA) of the device's memory, bounded by
@@ -2194,7 +2155,7 @@ class OffloadEngine:
             peak_fn = getattr(self._dm, "max_memory_allocated", None)
             peak = int(peak_fn(self.device)) if peak_fn is not None else 1 << 62  # unknown: nothing is kept
             self._keep_peak = (peak, self._ring is not None)
-        if self._order is None or self._gpu_units is None or self._refine_tag is not None:
+        if self._order is None or self._gpu_units is None:
             return
         if budget is None and self._accel and self._keep_peak is None:
             return
