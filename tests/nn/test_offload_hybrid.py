@@ -172,6 +172,31 @@ def test_auto_choice_formula(monkeypatch):
     eng.close()
 
 
+def test_auto_share_after_resume_is_measured_on_the_resumed_steps(monkeypatch):
+    """A resumed engine continues the optimizer step count but starts its stats rows at 0: the pending auto decision
+    must read the rows of the steps after the resume (it read row step_count + 1 of a fresh engine before: nothing
+    there, so every unit stayed on the host for good). Auto is for accelerators; on CPU it is forced here and runs
+    the device-step pieces synchronously."""
+    monkeypatch.setattr(off_mod, "AUTO_MIN_HOST_S", 0.0)
+    torch.manual_seed(3)
+    ref = TinyLM(n=6)
+    data = _batches(7)
+    _, ea = _run(copy.deepcopy(ref), data[:4], gpu_step_fraction=0.0)
+    sd = ea.state_dict()
+    b = copy.deepcopy(ref)
+    eb = apply_offload(b, device="cpu", lr=1e-2, weight_decay=0.01, gpu_step_fraction=0.0)
+    eb._gpu_units, eb.gpu_step_note = None, "auto (forced)"  # as _init_gpu_step leaves it on an accelerator
+    eb.h2d_bandwidth = eb.d2h_bandwidth = 50e9
+    eb.load_state_dict(sd)
+    assert eb.step_count == 4 and eb._auto_tag == 5 and eb._row_base == 4
+    _run(b, data[4:], eng=eb)  # steps 4, 5 (measured: every unit on the host), 6 (decided at its first backward)
+    a = eb.gpu_step_auto
+    assert a is not None and a["host_s"] > 0 and "nothing measured" not in eb.gpu_step_note, eb.gpu_step_note
+    assert a["compute_s"] == eb.stats.steps[1]["step_s"]  # row 1 of this engine = optimizer step 5
+    ea.close()
+    eb.close()
+
+
 class _MLP(nn.Module):
     def __init__(self, d=256, n=6):
         super().__init__()

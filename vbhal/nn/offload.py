@@ -603,11 +603,13 @@ def _make_compiled_step():
     times during the C++-wrapper step (same speed, bitwise the same results)."""
     try:
         fn = torch.compile(_adamw_one_pass, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
-        n = 4096 + 7  # warm up once: sizes are symbolic, so every unit reuses this kernel
+        n = 4096 + 7  # warm up once per dtype pair: sizes are symbolic, so every unit reuses these kernels
         p, m, v = torch.ones(n), torch.zeros(n), torch.zeros(n)
-        fn(p, m, v, torch.ones(n, dtype=torch.bfloat16), torch.empty(n, dtype=torch.bfloat16),
-           torch.tensor([1.0, 0.9, 0.1, 0.999, 0.001, 1e-3, 0.03, 1e-8], dtype=torch.float64))
-        fn(p, m, v, torch.ones(n), torch.empty(n), torch.tensor([1.0, 0.9, 0.1, 0.999, 0.001, 1e-3, 0.03, 1e-8], dtype=torch.float64))
+        hp = torch.tensor([1.0, 0.9, 0.1, 0.999, 0.001, 1e-3, 0.03, 1e-8], dtype=torch.float64)
+        # (gradient, working copy): bf16 training; fp32 gradients (clipped or accumulated: _host_step's grad32)
+        # with a bf16 working copy; fp32 training. Other pairs (fp16) compile at their first step.
+        for g_dt, w_dt in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16), (torch.float32, torch.float32)):
+            fn(p, m, v, torch.ones(n, dtype=g_dt), torch.empty(n, dtype=w_dt), hp)
         return fn
     except Exception as e:  # noqa: BLE001 - no C++ compiler, inductor problem: fall back, loudly
         warnings.warn(f"vbhal offload: compiling the one-pass host AdamW failed ({type(e).__name__}: {e}); using torch's "
@@ -752,6 +754,7 @@ class OffloadEngine:
         # Keep plan (see _plan_keep): decided once the share of device-stepped units is known.
         self._keep_planned = False
         self._keep_tag = 1  # the step whose peak memory the plan reads (accelerators, resident_cache_bytes=None)
+        self._row_base = 0  # stats.steps[s - _row_base] is optimizer step s (load_state_dict moves the count)
         self._keep_peak: tuple[int, bool] | None = None  # (peak allocated bytes, ring allocated then)
         self.keep_plan: dict[str, Any] | None = None
         self._trace: list[tuple[int, str]] = []
@@ -791,6 +794,11 @@ class OffloadEngine:
                     "torch fused AdamW (torch.compile of the one-pass step failed; see warning)"
 
             self._compile_thread = threading.Thread(target=compile_it, name="vbhal-compile-adamw", daemon=True)
+        # Copy rates (prefetch depth, auto share) before the compile starts: its Python holds the GIL in bursts,
+        # and a thread stalled between a timing event and its copy inflates the measured time (_copy_rate).
+        self.h2d_bandwidth = self._measure_h2d()
+        self.d2h_bandwidth = self._measure_d2h()
+        if self._compile_thread is not None:
             self._compile_thread.start()
         self.step_count = 0
         self.mispredictions = 0
@@ -878,7 +886,6 @@ class OffloadEngine:
                 f"the largest unit needs {self.max_unit_bytes} bytes on the device but device_budget_bytes is "
                 f"{self.cfg.device_budget_bytes}: raise the budget or split the model into smaller units"
             )
-        self.h2d_bandwidth = self._measure_h2d()
 
     @property
     def work_dtype(self) -> torch.dtype:
@@ -985,6 +992,13 @@ class OffloadEngine:
             src, dst = (blk.tensor, dev) if up else (dev, blk.tensor)
             stream = self._dm.current_stream(self.device)
             dst.copy_(src, non_blocking=True)  # warm
+            if not blk.pinned:  # pageable: the host stages the copy, largely outside any device span
+                self._dm.synchronize(self.device)
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    dst.copy_(src, non_blocking=True)
+                self._dm.synchronize(self.device)
+                return 3 * n / (time.perf_counter() - t0)
             pairs = []
             for _ in range(5):
                 a, b = self._dm.Event(enable_timing=True), self._dm.Event(enable_timing=True)
@@ -1399,7 +1413,9 @@ class OffloadEngine:
             o, n = unit.m_offsets[j], math.prod(unit.shapes[j])
             g = unit.view(unit.grad_host.tensor, j).reshape(-1) if grad32 is None else grad32[o : o + n]
             w = unit.view(unit.work_host.tensor, j).reshape(-1)
-            self._compiled_step(unit.master[o : o + n], m_all[o : o + n], v_all[o : o + n], g, w, hp)
+            # sizes 0 and 1 are specialised by torch.compile (a recompile in mid-training): eager, same formula
+            step = self._compiled_step if n >= 2 else _adamw_one_pass
+            step(unit.master[o : o + n], m_all[o : o + n], v_all[o : o + n], g, w, hp)
 
     @contextlib.contextmanager
     def _pinned_state(self, u: _Unit, names: tuple[str, ...]):
@@ -1473,8 +1489,6 @@ class OffloadEngine:
         self._gpu_events: list[tuple[Any, Any]] = []  # (start, end) timing events of launched device steps
         self._gpu_step_s = 0.0  # device step time (span on the device, incl. waits for state uploads), this step
         self._host_meas: list[tuple[int, int, float]] = []  # (step tag, params, busy s) of the first host steps
-        if not hasattr(self, "d2h_bandwidth"):
-            self.d2h_bandwidth = self._measure_d2h()
         self._t_compute_est: float | None = None
         f = cfg.gpu_step_fraction
         if f is not None and not (isinstance(f, (int, float)) and math.isfinite(f) and 0.0 <= f <= 1.0):
@@ -1579,11 +1593,12 @@ class OffloadEngine:
         elig = [u for u in self.units if u.n_train]
         N = sum(u.train_numel for u in elig)
         rows = self.stats.steps
-        if not meas or not N or len(rows) <= self._auto_tag:
+        r = self._auto_tag - self._row_base  # this engine's stats row of that optimizer step
+        if not meas or not N or not 0 <= r < len(rows):
             self._set_gpu_units(0.0, "auto: nothing measured")
             return
         H = sum(t for _, t in meas) / max(1, sum(n for n, _ in meas))
-        row = rows[self._auto_tag]
+        row = rows[r]
         B = max(row.get("l0_in", 0.0), row.get("l0_out", 0.0))
         bw = 0.8 * min(self.h2d_bandwidth or 1e10, self.d2h_bandwidth or 1e10)
         host = N * H
@@ -2417,6 +2432,14 @@ class OffloadEngine:
         if self.resident_opt is not None and sd["resident_optimizer"] is not None:
             self.resident_opt.load_state_dict(sd["resident_optimizer"])
         self.step_count = int(sd["step_count"])
+        # Stats rows count this engine's steps, optimizer steps continue from the saved count: the row of step s is
+        # s - _row_base. A decision still to come (auto share, keep plan) is made from the steps after the resume.
+        self._row_base = self.step_count - len(self.stats.steps)
+        if self._gpu_units is None:
+            self._auto_tag = self.step_count + 1
+            self._host_meas = []
+        if not self._keep_planned:
+            self._keep_tag = self._auto_tag if self._gpu_units is None else self.step_count
         self.set_lr(sd["lr"])
 
     def _free_acts(self, call: _Call) -> None:
