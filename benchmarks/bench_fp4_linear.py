@@ -448,7 +448,10 @@ def main() -> int:
     shapes = SHAPES[:1] if args.quick else SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")]
-        if shapes not in (list(SHAPES), list(SHAPES[:1])):  # a run of other shapes must not overwrite the main file
+        # The main file holds both shapes or the first alone (K = N = 8192, as --quick runs it; the repository's
+        # main file is that shape's, the other lives in fp4_linear-K4096-N14336-<device>.json): any other set of
+        # shapes gets its own file, so that it cannot overwrite the main one.
+        if shapes not in (list(SHAPES), list(SHAPES[:1])):
             slug = "-".join(f"K{k}-N{n}" for k, n in shapes) + "-" + slug
     ms = [1, 16, 256] if args.quick else MS
     torch.manual_seed(0)

@@ -335,7 +335,12 @@ def schedule_bound(row: dict, in_gpu_s: float, rates: dict) -> dict | None:
     of the parameters stepped on the device, per step: up = the row's weights and activations up + 12 f N
     (fp32 master, exp_avg, exp_avg_sq), down = activations down + 2 (1 - f) N (bf16 gradients) + 14 f N
     (the state and the new bf16 working copy); host = (1 - f) N h. T(f) = max(compute, up / rate_up,
-    down / rate_down, (up + down) / rate_both, host), minimised over f in steps of 1/100."""
+    down / rate_down, (up + down) / rate_both, host), minimised over f in steps of 1/100.
+
+    Optimistic on purpose: h is the row's, taken as constant, though the host's AdamW slows under more copies
+    (session 8: 1.57 -> 2.03 s per 1e9 parameters when the share went 0.57 -> 0.67 at 64k tokens); copies the keep
+    plan avoids and the deferred steps' gradients up (clipping / non-finite skip, off in this benchmark) are not
+    modelled."""
     n = row.get("params")
     f_row = row.get("gpu_step_fraction") or 0.0
     host_s = row.get("host_adamw_s_per_step")

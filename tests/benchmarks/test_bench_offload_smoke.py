@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -53,10 +55,10 @@ def test_schedule_bound_arithmetic():
     r = b.schedule_bound(row, 0.5, rates)
     f = r["bound_fraction"]
     parts = r["bound_parts_s"]
-    assert r["host_s_per_Bparams"] == 1.0
-    assert parts["host"] == (1 - f) * 2.0
-    assert parts["up"] == (9e9 + 12 * f * 2e9) / 50e9
-    assert parts["down"] == (1e9 + 2 * (1 - f) * 2e9 + 14 * f * 2e9) / 50e9
+    assert r["host_s_per_Bparams"] == pytest.approx(1.0)
+    assert parts["host"] == pytest.approx((1 - f) * 2.0)
+    assert parts["up"] == pytest.approx((9e9 + 12 * f * 2e9) / 50e9)
+    assert parts["down"] == pytest.approx((1e9 + 2 * (1 - f) * 2e9 + 14 * f * 2e9) / 50e9)
     assert r["bound_s"] == max(parts.values())
     # the chosen share is optimal on the grid: one step either way is no better
     for g in (f - 0.01, f + 0.01):
