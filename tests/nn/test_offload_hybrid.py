@@ -197,6 +197,20 @@ def test_auto_share_after_resume_is_measured_on_the_resumed_steps(monkeypatch):
     eb.close()
 
 
+def test_step_breakdown_reports_the_host_rate():
+    torch.manual_seed(4)
+    m = TinyLM(n=6)
+    _, eng = _run(m, _batches(3), gpu_step_fraction=0.5)
+    b = eng.step_breakdown(2)
+    rows = eng.stats.steps[-2:]
+    assert b["step_s"] == sum(r["step_s"] for r in rows) / 2 and b["host_step_s"] > 0
+    n_host = sum(u.train_numel for u in eng.units if u.n_train and not u.gpu_step)
+    assert 0 < n_host < sum(u.train_numel for u in eng.units)  # half the units step on the "device"
+    assert b["host_s_per_Bparams"] == b["host_step_s"] / n_host * 1e9
+    assert b["gpu_step_fraction"] == eng.gpu_step_fraction > 0
+    eng.close()
+
+
 class _MLP(nn.Module):
     def __init__(self, d=256, n=6):
         super().__init__()
