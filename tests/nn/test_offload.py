@@ -386,7 +386,7 @@ def test_compiled_host_step_releases_the_gil():
         time.sleep(0.0005)
     th.join()
     # Holding the GIL, this thread runs about once per call (between calls); released, about once per 0.5-1 ms.
-    assert ticks > 4 * calls[0] and ticks > spent[0] / 0.005, \
+    assert ticks > 4 * calls[0] and ticks > spent[0] / 0.01, \
         f"the main thread ran {ticks} times in {spent[0]:.3f} s of host steps ({calls[0]} calls)"
 
 
