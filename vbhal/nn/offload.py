@@ -591,8 +591,10 @@ def _adamw_one_pass(p, m, v, g, w, hp):
     w.copy_(p_new)
 
 
-def _make_compiled_step():
+def _make_compiled_step(threads: int | None = None):
     """torch.compile the one-pass step for the host (C++/OpenMP via Inductor); None (with a warning) if that fails.
+    `threads`: the intra-op thread count of the thread that will call it (the host worker's), set on this thread
+    before compiling: Dynamo guards on the caller's count, and a call under another count compiles again.
 
     Compiled with Inductor's C++ wrapper, which releases the GIL for the whole call. The default Python wrapper
     calls the kernel with the GIL held: each host step then froze every other Python thread for its whole
@@ -601,10 +603,20 @@ def _make_compiled_step():
     (session 5's H100 runs: backward 2.2-3.2 s against 0.45 s in GPU memory, with 2.5-3.5 s of host AdamW per
     step). Session 8, this repo's CPU: the main thread ran 3 times during 0.135 s of the Python-wrapper step, 225
     times during the C++-wrapper step (same speed, bitwise the same results); the H100 at 16k tokens under the 8 GB
-    cap, one machine: 4.28 s per step with the Python wrapper, 1.55 s with the C++ wrapper (backward 3.24 -> 0.82 s)."""
+    cap, one machine: 4.28 s per step with the Python wrapper, 1.55 s with the C++ wrapper (backward 3.24 -> 0.82 s).
+
+    Compiled with ``cpp.dynamic_threads``: the kernel always opens an OpenMP parallel region and takes its thread
+    count from the calling thread at run time (the host worker's, see _HostWorker). Without it Inductor sized the
+    region at compile time from the warm-up's size hint: with 16 threads, 4103 elements were "not enough work"
+    (fewer than cpp.min_chunk_size per thread), and the kernel it generated, reused for every size, ran on one
+    core. Session 9, the H100 host (16 cores): that one thread ran the host step at 1.08-1.33 s per 1e9
+    parameters, alone or inside the training step (what sessions 3-8 took for an in-step slowdown)."""
     try:
-        fn = torch.compile(_adamw_one_pass, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
-        n = 4096 + 7  # warm up once per dtype pair: sizes are symbolic, so every unit reuses these kernels
+        if threads:
+            torch.set_num_threads(threads)
+        fn = torch.compile(_adamw_one_pass, dynamic=True, fullgraph=True,
+                           options={"cpp_wrapper": True, "cpp.dynamic_threads": True})
+        n = (1 << 16) + 7  # warm up once per dtype pair: sizes are symbolic, so every unit reuses these kernels
         p, m, v = torch.ones(n), torch.zeros(n), torch.zeros(n)
         hp = torch.tensor([1.0, 0.9, 0.1, 0.999, 0.001, 1e-3, 0.03, 1e-8], dtype=torch.float64)
         # (gradient, working copy): bf16 training; fp32 gradients (clipped or accumulated: _host_step's grad32)
@@ -633,7 +645,12 @@ class _HostWorker:
 
         self._flush_denormal = flush_denormal
         self._cpus = cpus
-        self._threads = threads
+        # The intra-op thread count the steps run with: torch's (process-wide; the engine set optimizer_threads),
+        # capped by `threads` and by the cores the step may use.
+        n = torch.get_num_threads()
+        if cpus:
+            n = min(threads or len(cpus), len(cpus), n)
+        self.threads = n
         self._heapq = heapq
         self._heap: list = []
         self._seq = 0
@@ -661,12 +678,12 @@ class _HostWorker:
             # torch's intra-op thread count is process-wide: it is only ever lowered here (restored at close()).
             try:
                 os.sched_setaffinity(0, self._cpus)
-                n = min(self._threads or len(self._cpus), len(self._cpus), torch.get_num_threads())
-                if n != torch.get_num_threads():
-                    torch.set_num_threads(n)
             except (OSError, ValueError, RuntimeError) as e:  # e.g. the cpuset shrank since: run unpinned
                 warnings.warn(f"vbhal offload: the host step could not keep off the reserved cores ({e}); it uses "
                               "every core", TierWarning, stacklevel=2)
+        # Set on this thread in every case: OpenMP's thread count is per thread, and the compiled step's parallel
+        # region (cpp.dynamic_threads) takes this thread's, which torch's own ops would only set lazily.
+        torch.set_num_threads(self.threads)
         while True:
             with self._cv:
                 while not self._heap and not self._stop:
@@ -789,7 +806,7 @@ class OffloadEngine:
             self.host_step_note = "one-pass compiled AdamW (compiling)"
 
             def compile_it() -> None:
-                fn = _make_compiled_step()
+                fn = _make_compiled_step(self._worker.threads)
                 self._compiled_step = fn
                 self.host_step_note = "one-pass compiled AdamW" if fn is not None else \
                     "torch fused AdamW (torch.compile of the one-pass step failed; see warning)"
