@@ -583,3 +583,36 @@ def test_host_step_thread_count_is_restored_and_a_bad_cpuset_does_not_hang():
         got = start_and_run()
     assert got == 7
     assert torch.get_num_threads() == threads
+
+
+class _FakeEvent:
+    def __init__(self, fired: bool) -> None:
+        self.fired = fired
+
+    def query(self) -> bool:
+        return self.fired
+
+
+def test_host_worker_takes_ready_tasks_first_then_the_oldest_copy():
+    # The backward queues host steps before their gradient copies finish: lowest index first among the ready
+    # ones, else the one queued first (its copy was issued first); a task without an event keeps its place.
+    from vbhal.nn.offload import _HostWorker
+
+    w = _HostWorker()
+    gate, order = threading.Event(), []
+    try:
+        w.submit((0, -1), gate.wait)  # holds the worker while the others queue
+        late = _FakeEvent(False)
+        w.submit((1, 9), order.append, "9 ready", ready=_FakeEvent(True))
+        w.submit((1, 2), order.append, "2 not ready, queued first", ready=late)
+        w.submit((1, 5), order.append, "5 ready", ready=_FakeEvent(True))
+        w.submit((1, 1), order.append, "1 not ready", ready=_FakeEvent(False))
+        w.submit((1, float("inf")), order.append, "end of step (no event)")
+        w.submit((2, 0), order.append, "next step, ready", ready=_FakeEvent(True))
+        gate.set()
+        w.submit((3, 0), lambda: None).result(timeout=30)
+    finally:
+        gate.set()
+        w.shutdown()
+    assert order == ["5 ready", "9 ready", "2 not ready, queued first", "1 not ready", "end of step (no event)",
+                     "next step, ready"]
