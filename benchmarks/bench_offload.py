@@ -210,6 +210,8 @@ def build_vbhal(n_blocks: int, tokens: int, *, threads: int | None = None, **cfg
     cfg.setdefault("lr", 1e-4)
     if os.environ.get("VBHAL_BENCH_RESERVE_CORES"):  # cores the host step leaves to the training thread
         cfg.setdefault("reserve_cores", int(os.environ["VBHAL_BENCH_RESERVE_CORES"]))
+    if os.environ.get("VBHAL_BENCH_RECOMPUTE_SKIP"):  # 0: the backward recomputes every op (before session 9)
+        cfg.setdefault("recompute_skip", os.environ["VBHAL_BENCH_RECOMPUTE_SKIP"] != "0")
     eng = apply_offload(
         model,
         device=DEV,

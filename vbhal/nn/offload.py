@@ -117,6 +117,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from vbhal.errors import TierError
+from vbhal.nn import _recompute
 from vbhal.tiers.pool import HostBlock, HostPool, TierWarning
 from vbhal.tiers.stats import TierStats
 
@@ -216,6 +217,12 @@ class OffloadConfig:
     # the auto plan filled the cap to 6.8 GB, the caching allocator retried 9 times per step and the step took
     # 1.163 s, against 1.095 s for the hybrid without it (R4); a plan sized for a smaller peak is untested.
     resident_cache_bytes: int | None = 0
+    # checkpoint=True: the backward's recompute of a unit leaves out the ops whose results nothing reads (the ops
+    # after the last one producing a tensor autograd saves: in x + W2 gelu(W1 x), the second matmul and the add),
+    # as torch's non-reentrant checkpoint does; recorded per unit and input signature on the first backward,
+    # checked on every use, gradients bitwise the same (see vbhal/nn/_recompute.py for what it assumes).
+    # H100, 3.49B params (MLP blocks), session 9: one matmul in eight of the step's, 0.34 s of 2.69 at 64k tokens.
+    recompute_skip: bool = True
 
 
 @dataclass
@@ -275,6 +282,7 @@ class _Unit:
     act_bytes: int = 0  # bytes of offloadable saved inputs of this unit's calls in the last step
     act_bytes_step: int = 0  # the same, counting this step
     t_start: Any = None  # timing event: start of the current compute phase
+    rplans: dict = field(default_factory=dict)  # recompute plans by input signature (vbhal/nn/_recompute.py)
 
     @property
     def work_bytes(self) -> int:
@@ -513,8 +521,18 @@ class _UnitFunction(torch.autograd.Function):
             for ci, (part, gpart) in enumerate(zip(parts, gparts)):
                 inner_in = _detach_like(part)
                 args, kwargs = _rebuild(call, inner_in)
-                with torch.enable_grad(), torch.autocast(eng.device.type, dtype=dtype, enabled=enabled), eng._rng_ctx(call.rng[ci]):
-                    out = call.orig(*args, **kwargs)
+
+                def recompute(args=args, kwargs=kwargs, ci=ci):
+                    with torch.enable_grad(), torch.autocast(eng.device.type, dtype=dtype, enabled=enabled), \
+                            eng._rng_ctx(call.rng[ci]):
+                        return call.orig(*args, **kwargs)
+
+                if eng.cfg.recompute_skip and _recompute.AVAILABLE:
+                    out, skipped = _recompute.run(unit.rplans, _recompute.signature(inner_in, call.autocast), recompute,
+                                                  lambda o: tree_flatten(o)[0], unit.name)
+                    eng.recompute_skipped += skipped
+                else:
+                    out = recompute()
                 leaves, _ = tree_flatten(out)
                 outs = [leaves[i] for i in call.out_tensor_pos]
                 gsel = [g if (g is not None and g.numel()) else None for g in gpart] if len(parts) > 1 else list(gpart)
@@ -821,6 +839,7 @@ class OffloadEngine:
         self.host_step_note = "torch fused AdamW"
         self._compile_thread: threading.Thread | None = None
         self.compile_wait_s = 0.0  # how long the first host step waited for the background compile
+        self.recompute_skipped = 0  # ops the backward's recomputes left out (cfg.recompute_skip), cumulative
         if cfg.host_step not in ("torch", "compiled"):
             raise TierError(f"host_step must be 'torch' or 'compiled', got {cfg.host_step!r}")
         if cfg.host_step == "compiled" and cfg.state_budget_bytes is not None:
