@@ -463,6 +463,14 @@ def part_speed(args) -> dict:
             rows[-1]["build_s"] = t_build
             print(_row(rows[-1]), flush=True)
             _SAVE("speed", {"rows": rows})
+    # VBHAL_BENCH_GPU_FRACS: more rows at the first token count with these fixed device-stepped shares (same engine)
+    for f in [float(v) for v in os.environ.get("VBHAL_BENCH_GPU_FRACS", "").split(",") if v.strip()]:
+        eng.cfg.gpu_step_fraction = f
+        rows.append(run_vbhal(model, eng, token_list[0], CAP_BYTES, warmup=2, steps=args.steps,
+                              chunk_tokens=args.chunk_tokens, label=f" hybrid f={f:g}"))
+        print(_row(rows[-1]), flush=True)
+        _SAVE("speed", {"rows": rows})
+    eng.cfg.gpu_step_fraction = gpu_frac
     for tokens in [int(t) for t in args.host_only_tokens.split(",") if t] if label else []:
         eng.cfg.gpu_step_fraction = 0.0  # the same engine, every AdamW on the host: the comparison row
         rows.append(run_vbhal(model, eng, tokens, CAP_BYTES, warmup=2, steps=args.steps, chunk_tokens=args.chunk_tokens,
