@@ -9,8 +9,9 @@ other leaf module that owns parameters) keeps
 
 Just before a unit's forward its working copy is copied to the device on a side stream (prefetched
 ``depth`` units ahead, the order and depth learned from the first step), and again for its backward
-(the unit is recomputed there — activation checkpointing at unit granularity — or, with
-``checkpoint=False``, its saved weights are re-fetched through saved-tensor hooks). Its gradients go
+(the unit is recomputed there — activation checkpointing at unit granularity, without the ops whose results
+nothing reads, see ``_recompute`` — or, with ``checkpoint=False``, its saved weights are re-fetched through
+saved-tensor hooks). Its gradients go
 down to pinned host memory on a second stream as soon as they are produced, and a worker thread runs
 the unit's AdamW step on the host while the device goes on with the backward of earlier units.
 
