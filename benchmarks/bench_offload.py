@@ -210,8 +210,9 @@ def build_vbhal(n_blocks: int, tokens: int, *, threads: int | None = None, **cfg
     cfg.setdefault("lr", 1e-4)
     if os.environ.get("VBHAL_BENCH_RESERVE_CORES"):  # cores the host step leaves to the training thread
         cfg.setdefault("reserve_cores", int(os.environ["VBHAL_BENCH_RESERVE_CORES"]))
-    if os.environ.get("VBHAL_BENCH_RECOMPUTE_SKIP"):  # 0: the backward recomputes every op (before session 9)
-        cfg.setdefault("recompute_skip", os.environ["VBHAL_BENCH_RECOMPUTE_SKIP"] != "0")
+    # The backward's recompute without its dead ops (opt-in in the engine; these MLP blocks are what it is for);
+    # VBHAL_BENCH_RECOMPUTE_SKIP=0: every op recomputed (the engine's default)
+    cfg.setdefault("recompute_skip", os.environ.get("VBHAL_BENCH_RECOMPUTE_SKIP", "1") != "0")
     eng = apply_offload(
         model,
         device=DEV,

@@ -8,12 +8,11 @@ import copy
 
 import pytest
 import torch
+from test_offload import TinyLM, _batches, _train_offload, _train_plain
 from torch import nn
 
 from vbhal.nn import _recompute
 from vbhal.nn.offload import apply_offload
-
-from test_offload import TinyLM, _batches, _train_offload, _train_plain
 
 pytestmark = pytest.mark.skipif(not _recompute.AVAILABLE, reason="this torch lacks the saved-tensor hook query the checks need")
 
@@ -64,7 +63,7 @@ def test_skipping_is_bitwise_the_full_recompute_and_plain_training(cfg):
 def test_the_last_matmul_and_add_of_a_block_are_left_out():
     torch.manual_seed(0)
     model = TinyLM(n=2)
-    eng = apply_offload(model, device="cpu", lr=1e-2)
+    eng = apply_offload(model, device="cpu", lr=1e-2, recompute_skip=True)
     x, y = _batches(1)[0]
 
     def backward_mms() -> int:
@@ -140,7 +139,7 @@ class _Stack(nn.Module):
 
 
 def _train_stack(model, skip: bool, steps: int, flip_at: int | None = None):
-    eng = apply_offload(model, device="cpu", lr=1e-2, recompute_skip=skip, units=[f"blocks.{i}" for i in range(3)])
+    eng = apply_offload(model, device="cpu", lr=1e-2, recompute_skip=skip, units=[f"blocks.{i}" for i in range(len(model.blocks))])
     g = torch.Generator().manual_seed(1)
     losses = []
     for s in range(steps):
@@ -222,3 +221,171 @@ def test_left_out_ops_whose_input_shapes_changed_are_run_in_full():
     assert n == 0 and out.shape == (3, 5)
     g = torch.autograd.grad(out.sum(), x)[0]
     assert torch.equal(g, torch.autograd.grad((lin(x)[:, :5] * 2.0).sum(), x)[0])
+
+
+# --- what the record must see (session 9's review reproduced each of these as a wrong value or a crash) -----
+class _Two(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+
+class _Ema(_Two):
+    """A buffer written twice in the recompute (decay, then add a statistic of a late value)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__(d)
+        self.register_buffer("ema", torch.zeros(d))
+
+    def forward(self, x):
+        y = self.fc2(torch.tanh(self.fc1(x)))
+        with torch.no_grad():
+            self.ema.mul_(0.9).add_(0.1 * y.mean(0))
+        return x + y
+
+
+class _Stash(_Two):
+    """Keeps a late intermediate as a module attribute (for logging)."""
+
+    def forward(self, x):
+        y = self.fc2(torch.tanh(self.fc1(x)))
+        self.act_rms = y.detach().pow(2).mean().sqrt()
+        return x + y
+
+
+class _GradHook(_Two):
+    """A tensor hook whose closure reads a late value."""
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        y = self.fc2(h)
+        scale = 1.0 / (1.0 + y.detach().abs().mean())
+        if h.requires_grad:
+            h.register_hook(lambda g: g * scale)
+        return x + y
+
+
+class _BnFlip(_Two):
+    """Running statistics (written in the recompute) and a Python flag that changes the ops before the skip point."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__(d)
+        self.bn = nn.BatchNorm1d(d)
+
+    def forward(self, x):
+        h = self.fc1(self.bn(x))
+        h = torch.exp(h * 0.1) if _Branchy.flip else torch.tanh(h)
+        return x + self.fc2(h)
+
+
+def _same_as_full(cls, flip_at=None, hook=None, steps: int = 5):
+    """Train a stack of `cls` with and without skipping; everything must match. Returns (ops left out, the skip
+    run's model, the skip run's plans as (unit, skippable, ops left out), what `hook` collected in each run)."""
+    torch.manual_seed(7)
+    base = _Stack(cls)
+    runs = []
+    for skip in (True, False):
+        m = copy.deepcopy(base)
+        seen: dict = {}
+        if hook is not None:
+            hook(m, seen)
+        losses, master, skipped, eng = _train_stack(m, skip, steps, flip_at=flip_at)
+        plans = [(u.name, p.skippable, p.skipped) for u in eng.units for p in u.rplans.values()]
+        runs.append((losses, master, skipped, m, plans, seen))
+        eng.close()
+    (l_on, m_on, skipped, mod_on, plans, seen_on), (l_off, m_off, _, mod_off, _, seen_off) = runs
+    assert l_on == l_off
+    for k in m_off:
+        assert torch.equal(m_on[k], m_off[k]), k
+    for (n, b_on), b_off in zip(mod_on.named_buffers(), mod_off.buffers()):
+        assert torch.equal(b_on, b_off), n
+    for k in seen_off:
+        assert torch.equal(seen_on[k], seen_off[k]), k
+    return skipped, mod_on, mod_off, plans
+
+
+def test_buffer_written_twice_gets_the_full_recomputes_values():
+    skipped, _, _, _ = _same_as_full(_Ema)
+    assert skipped > 0  # the residual add still left out (fc2 feeds the buffer: it runs)
+
+
+def test_a_late_value_kept_as_a_module_attribute_turns_skipping_off():
+    skipped, mod_on, mod_off, plans = _same_as_full(_Stash)
+    for b_on, b_off in zip(mod_on.blocks, mod_off.blocks):  # the last recompute's values, kept by the module
+        assert torch.equal(b_on.act_rms, b_off.act_rms)
+    assert skipped == 0 and plans and not any(sk for _, sk, _ in plans)
+
+
+def test_a_tensor_hook_reading_a_late_value_turns_skipping_off():
+    skipped, _, _, plans = _same_as_full(_GradHook)
+    assert skipped == 0 and plans and not any(sk for _, sk, _ in plans)
+
+
+def test_a_module_forward_hook_turns_skipping_off():
+    def hook(model, seen):
+        for i, b in enumerate(model.blocks):
+            b.fc2.register_forward_hook(lambda m, inp, out, i=i: seen.__setitem__(i, out.detach().clone()))
+
+    skipped, _, _, _ = _same_as_full(_Branchy, hook=hook)  # the hooks' last values (from the recompute) compared
+    assert skipped == 0
+
+
+def test_running_stats_and_a_changed_prefix_train_on():
+    _same_as_full(_BnFlip, flip_at=2)
+
+
+def test_scalar_arguments_are_part_of_the_record():
+    class Pad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x, pad: int):
+            return nn.functional.pad(self.fc(x), (0, pad))  # constant_pad_nd: left out
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([Pad()])
+
+        def forward(self, x, pad):
+            return self.blocks[0](x, pad).sum(1)
+
+    losses = {}
+    for skip in (True, False):
+        torch.manual_seed(0)
+        m = M()
+        eng = apply_offload(m, device="cpu", lr=1e-2, recompute_skip=skip, units=["blocks.0"])
+        g = torch.Generator().manual_seed(2)
+        out = []
+        for pad in (2, 2, 5, 5):
+            loss = (m(torch.randn(4, 8, generator=g), pad) ** 2).mean()
+            loss.backward()
+            eng.step()
+            out.append(loss.item())
+        losses[skip] = out
+        eng.close()
+    assert losses[True] == losses[False]
+
+
+def test_plans_without_anything_to_leave_out_are_not_recorded_again_and_plans_are_capped():
+    lin = nn.Linear(4, 4)
+    x = torch.randn(3, 4, requires_grad=True)
+    made = []
+    orig = _recompute.Plan.__init__
+
+    def counting(self):
+        made.append(1)
+        orig(self)
+
+    _recompute.Plan.__init__ = counting
+    try:
+        plans: dict = {}
+        for _ in range(4):
+            _recompute.run(plans, "k", lambda: torch.exp(lin(x)), lambda o: [o])  # exp saves its result: nothing dead
+        assert len(made) == 1
+        for n in range(2 * _recompute.MAX_PLANS):
+            _recompute.run(plans, n, lambda: lin(x) * 2.0, lambda o: [o])
+        assert len(plans) == _recompute.MAX_PLANS
+    finally:
+        _recompute.Plan.__init__ = orig

@@ -8,22 +8,28 @@ torch's non-reentrant checkpoint stops its recompute at the same point ("early s
 with checkpointing does not pay for them.
 
 How: the first recompute of a unit for a given input signature runs in full under a recording dispatch mode that
-notes each op, what it wrote, and which op last wrote each tensor autograd saves (a saved-tensor hook). The last
-op that matters is the latest of: the last writer of a saved tensor, an op that writes memory from outside the
-recompute, an op drawing random numbers, an op whose result Python reads (a non-tensor or data-dependent result),
-and any op run under another saved-tensor hook (an inner checkpoint keeps its inputs for its own recompute). Later
-recomputes with the same signature run that prefix for real and give the ops after it outputs of the recorded
-shape without computing them (views and in-place ops still run: they cost nothing and keep aliasing real).
+notes each op (function, input metadata including its non-tensor arguments), what it wrote, and which op last
+wrote each tensor autograd saves (a saved-tensor hook). The last op that matters is the latest of: the last
+writer of a saved tensor, any op writing memory the recompute did not make (a buffer, an input), an op drawing
+random numbers, an op whose result Python reads (a non-tensor or data-dependent result: .item()), a copy to
+another device (.cpu(), .tolist() of a device tensor), and any op run under another saved-tensor hook (an inner
+checkpoint keeps its inputs for its own recompute). Later recomputes with the same signature run that prefix for
+real and give the ops after it outputs of the recorded shape without computing them (views and ops that write
+their arguments still run).
 
-Never a wrong value: each op is checked against the record (the same op; after the prefix, the same input
-shapes too); a mismatch, a tensor autograd saves from a skipped op, or another saved-tensor hook over a skipped op
-abandons that recompute and runs it again in full (recording afresh). A unit whose graph holds a custom
-autograd.Function (which may keep tensors on ``ctx`` where no hook sees them) is never skipped.
-``OffloadConfig.recompute_skip=False`` turns it off.
+Checked on every use: each op against the record (the same op; after the prefix, the same inputs too); a
+tensor autograd saves from a left-out op, or another saved-tensor hook over one, abandons that recompute and
+runs it again in full (recording afresh); a change before the prefix ends just goes on in full. A unit is never
+skipped when its recompute registers autograd hooks (tensor or node hooks: they run in the backward and may read
+a late value), keeps a late value as a module attribute, has module hooks, or holds a custom autograd.Function
+(which may keep tensors on ``ctx`` where no hook sees them). What no op shows stays unseen: a late value kept in
+a global or a closure, or read by .tolist()/.numpy() of a CPU tensor, would be left uncomputed. That is why it is
+opt-in (``OffloadConfig.recompute_skip``). Up to MAX_PLANS input signatures are kept per unit.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -41,8 +47,12 @@ _LIVE_TAGS = tuple(t for t in (getattr(torch.Tag, n, None) for n in
 AVAILABLE = _top_hooks is not None
 
 
-class _Diverged(Exception):
-    """The recompute left the recorded trace: run it again in full."""
+class _Diverged(BaseException):  # not Exception: a user's `except Exception` inside the unit must not swallow it
+    """The recompute left the recorded trace after an op was left out: run it again in full."""
+
+
+_PLAIN = (int, float, bool, str, torch.dtype, torch.device, torch.layout, torch.memory_format, type(None))
+MAX_PLANS = 8  # per unit: input signatures remembered (the oldest goes first)
 
 
 def _key(t: torch.Tensor) -> int:
@@ -50,17 +60,28 @@ def _key(t: torch.Tensor) -> int:
 
 
 def _meta(t: Any) -> Any:
-    return (tuple(t.shape), tuple(t.stride()), t.dtype, t.device) if isinstance(t, torch.Tensor) else None
+    if isinstance(t, torch.Tensor):
+        return tuple(t.shape), tuple(t.stride()), t.dtype, t.device
+    return t if isinstance(t, _PLAIN) else type(t)
 
 
 def _writes(func: Any) -> list[int]:
-    """Positions of the arguments `func` writes (in-place and out= ops)."""
+    """Positions of the arguments `func` writes (in-place and out= ops, running statistics)."""
     return [i for i, a in enumerate(func._schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
 
 
 def _aliases(func: Any) -> bool:
     """Whether an output of `func` aliases an input (views, in-place and out= ops)."""
     return any(r.alias_info is not None for r in func._schema.returns)
+
+
+def _written(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    out = []
+    names = [a.name for a in func._schema.arguments]
+    for i in _writes(func):
+        val = args[i] if i < len(args) else kwargs.get(names[i])
+        out.extend(t for t in tree_flatten(val)[0] if isinstance(t, torch.Tensor))
+    return out
 
 
 class Plan:
@@ -76,7 +97,8 @@ class Plan:
         self.skipped = 0
 
     def close(self) -> None:
-        self.skipped = sum(1 for op in self.ops[self.last + 1 :] if not _aliases(op[0])) if self.skippable else 0
+        self.skipped = sum(1 for op in self.ops[self.last + 1 :] if not _aliases(op[0]) and not _writes(op[0])) \
+            if self.skippable else 0
 
 
 class _Mode(TorchDispatchMode):
@@ -85,8 +107,10 @@ class _Mode(TorchDispatchMode):
     def __init__(self, plan: Plan, record: bool, pack: Callable) -> None:
         super().__init__()
         self.plan, self.record, self.pack = plan, record, pack
+        self.follow = not record  # False once the trace left the plan before anything was left out
         self.k = 0
         self.writer: dict[int, int] = {}  # storage -> index of the op that last wrote it
+        self.created: set[int] = set()  # storages this recompute made
         self.wrote_outside = False  # an op wrote memory the recompute did not make (an input, a buffer)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -96,49 +120,45 @@ class _Mode(TorchDispatchMode):
         top = _top_hooks(False)
         inner = top is not None and top[0] is not self.pack  # under another saved-tensor hook (inner checkpoint)
         plan = self.plan
+        if self.follow:
+            if k >= len(plan.ops) or plan.ops[k][0] is not func:
+                if k > plan.last:
+                    raise _Diverged(f"op {k} is {func}, the record has {plan.ops[k][0] if k < len(plan.ops) else 'none'}")
+                self.follow = False  # nothing left out yet: go on in full (the plan is recorded again next time)
+            elif k > plan.last:
+                ins = [_meta(t) for t in tree_flatten((args, kwargs))[0]]
+                outside = any(_key(t) not in self.created for t in _written(func, args, kwargs))
+                if ins != plan.ops[k][1] or inner or outside:
+                    raise _Diverged(f"op {k} ({func}) differs from the record")
+                if not _aliases(func) and not _writes(func):  # nothing reads its result: shapes only
+                    _, _, metas, spec = plan.ops[k]
+                    out = tree_unflatten([torch.empty_strided(m[0], m[1], dtype=m[2], device=m[3]) for m in metas], spec)
+                    self._note(func, args, kwargs, out, k)
+                    return out
+        ins = [_meta(t) for t in tree_flatten((args, kwargs))[0]] if self.record else None
+        out = func(*args, **kwargs)
+        self._note(func, args, kwargs, out, k)
         if self.record:
-            ins = [_meta(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-            out = func(*args, **kwargs)
             flat, spec = tree_flatten(out)
             plan.ops.append((func, ins, [_meta(t) for t in flat], spec))
+            devices = {t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
             if inner or any(t in func.tags for t in _LIVE_TAGS) or not flat or \
-                    any(not isinstance(t, torch.Tensor) for t in flat):
-                plan.last = max(plan.last, k)
-            self._note_writes(func, args, kwargs, out, k)
-            return out
-        if k >= len(plan.ops) or plan.ops[k][0] is not func:
-            raise _Diverged(f"op {k} is {func}, the record has {plan.ops[k][0] if k < len(plan.ops) else 'none'}")
-        if k > plan.last:
-            ins = [_meta(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-            if ins != plan.ops[k][1] or inner:
-                raise _Diverged(f"op {k} ({func}) has other inputs than the record")
-            if not _aliases(func):  # nothing reads its result: a tensor of the recorded shape, not computed
-                _, _, metas, spec = plan.ops[k]
-                leaves = [torch.empty_strided(m[0], m[1], dtype=m[2], device=m[3]) for m in metas]
-                out = tree_unflatten(leaves, spec)
-                self._note_writes(func, args, kwargs, out, k)
-                return out
-        out = func(*args, **kwargs)
-        self._note_writes(func, args, kwargs, out, k)
+                    any(not isinstance(t, torch.Tensor) or t.device not in devices for t in flat):
+                plan.last = max(plan.last, k)  # random, read by Python, or a copy to another device
         return out
 
-    def _note_writes(self, func: Any, args: tuple, kwargs: dict, out: Any, k: int) -> None:
-        wr = _writes(func)
-        if wr:
-            names = [a.name for a in func._schema.arguments]
-            for i in wr:
-                val = args[i] if i < len(args) else kwargs.get(names[i])
-                for t in tree_flatten(val)[0]:
-                    if isinstance(t, torch.Tensor):
-                        if _key(t) not in self.writer:
-                            self.wrote_outside = True
-                            if self.record:
-                                self.plan.last = max(self.plan.last, k)
-                        self.writer[_key(t)] = k
+    def _note(self, func: Any, args: tuple, kwargs: dict, out: Any, k: int) -> None:
+        for t in _written(func, args, kwargs):
+            if _key(t) not in self.created:
+                self.wrote_outside = True
+                if self.record:
+                    self.plan.last = max(self.plan.last, k)  # writes memory from outside the recompute
+            self.writer[_key(t)] = k
         if not _aliases(func):
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
                     self.writer[_key(t)] = k
+                    self.created.add(_key(t))
 
 
 def _has_custom_function(roots: list) -> bool:
@@ -154,30 +174,93 @@ def _has_custom_function(roots: list) -> bool:
     return False
 
 
+def _stashed_late(module: torch.nn.Module | None, mode: _Mode, last: int) -> bool:
+    """Whether a module of the unit keeps (as an attribute) a tensor written after op `last`."""
+    if module is None:
+        return False
+    for m in module.modules():
+        for v in vars(m).values():
+            vals = list(v.values()) if isinstance(v, dict) else list(v) if isinstance(v, (list, tuple)) else [v]
+            for t in vals:
+                if isinstance(t, torch.Tensor) and mode.writer.get(_key(t), -1) > last:
+                    return True
+    return False
+
+
+def hooked(module: torch.nn.Module) -> bool:
+    """Whether module hooks could read values inside the unit (then every recompute of it runs in full)."""
+    import torch.nn.modules.module as mm
+
+    if any(getattr(mm, g, None) for g in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                                          "_global_backward_pre_hooks", "_global_forward_hooks_always_called")):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or getattr(m, "_backward_pre_hooks", None)
+               for m in module.modules())
+
+
+class _HookWatch:
+    """While recording: notes whether the unit registers autograd hooks (a hook may read a value computed after the
+    skip point when the backward runs it). Tensor.register_hook and Node.register_hook/prehook are wrapped for the
+    length of the record only, and only the recording thread's calls count."""
+
+    _lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        self.seen = False
+        self._tid = threading.get_ident()
+        self._saved = []
+        watch = self
+        with self._lock:
+            for owner, name in ((torch.Tensor, "register_hook"), (torch.autograd.graph.Node, "register_hook"),
+                                (torch.autograd.graph.Node, "register_prehook")):
+                orig = owner.__dict__.get(name)
+                if orig is None:
+                    continue
+
+                def wrapped(*a, _orig=orig, **k):
+                    if threading.get_ident() == watch._tid:
+                        watch.seen = True
+                    return _orig(*a, **k)
+
+                self._saved.append((owner, name, orig))
+                setattr(owner, name, wrapped)
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            for owner, name, orig in reversed(self._saved):
+                setattr(owner, name, orig)
+
+
 def _unpack(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def run(plans: dict, key: Any, fn: Callable[[], Any], roots: Callable[[Any], list], name: str = "") -> tuple[Any, int]:
+def run(plans: dict, key: Any, fn: Callable[[], Any], roots: Callable[[Any], list], name: str = "",
+        module: torch.nn.Module | None = None) -> tuple[Any, int]:
     """Run the recompute `fn` (its contexts included: a retry calls it again), recording a plan under `key` the
     first time and leaving out the dead ops after that. Returns (fn's result, ops left out)."""
     plan = plans.get(key)
-    if plan is not None and plan.skipped:
+    if plan is not None and not plan.skipped:
+        return fn(), 0  # nothing to leave out (or never): no dispatch mode at all
+    if plan is not None:
         mode: _Mode | None = None
 
         def pack(t: torch.Tensor) -> torch.Tensor:
-            if mode.writer.get(_key(t), -1) > plan.last:
+            if mode.follow and mode.writer.get(_key(t), -1) > plan.last:
                 raise _Diverged("autograd saves a tensor that the record said nothing reads")
             return t.detach()  # (the tensor itself would make a reference cycle when it is the op's output)
 
         mode = _Mode(plan, record=False, pack=pack)
         try:
             with torch.autograd.graph.saved_tensors_hooks(pack, _unpack), mode:
-                return fn(), plan.skipped
+                out = fn()
+            if not mode.follow:
+                del plans[key]  # the trace changed before anything was left out: record it again next time
+            return out, plan.skipped if mode.follow else 0
         except _Diverged as e:
             if mode.wrote_outside:  # an input or buffer was written already: a second run would see it changed
                 raise TierError(f"unit '{name}': its recompute differed from the recorded one ({e}) after writing "
-                                "a tensor from outside the unit (in place); pass recompute_skip=False") from e
+                                "a tensor from outside the unit (in place); pass recompute_skip=False") from None
             del plans[key]
     plan = Plan()
     mode = None
@@ -187,21 +270,32 @@ def run(plans: dict, key: Any, fn: Callable[[], Any], roots: Callable[[Any], lis
         return t.detach()
 
     mode = _Mode(plan, record=True, pack=pack_rec)
+    failed = False
+    hooks = _HookWatch()
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack_rec, _unpack), mode:
+        with torch.autograd.graph.saved_tensors_hooks(pack_rec, _unpack), mode, hooks:
             out = fn()
     except Exception:
         if mode.wrote_outside:
             raise
-        # Something in the unit does not run under a dispatch mode (or a genuine error, which the plain run
-        # raises again): this signature runs in full from now on.
+        failed = True  # something in the unit does not run under a dispatch mode (or a genuine error, raised again)
+    if failed:
+        plan = Plan()
         plan.skippable = False
-        plans[key] = plan
+        _remember(plans, key, plan)
         return fn(), 0
-    plan.skippable = not _has_custom_function(roots(out))
+    if _has_custom_function(roots(out)) or _stashed_late(module, mode, plan.last) or hooks.seen:
+        plan.skippable = False
     plan.close()
-    plans[key] = plan
+    _remember(plans, key, plan)
     return out, 0
+
+
+def _remember(plans: dict, key: Any, plan: Plan) -> None:
+    plans.pop(key, None)
+    while len(plans) >= MAX_PLANS:
+        del plans[next(iter(plans))]
+    plans[key] = plan
 
 
 def signature(tensors: list, autocast: tuple) -> tuple:

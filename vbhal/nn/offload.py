@@ -221,9 +221,12 @@ class OffloadConfig:
     # checkpoint=True: the backward's recompute of a unit leaves out the ops whose results nothing reads (the ops
     # after the last one producing a tensor autograd saves: in x + W2 gelu(W1 x), the second matmul and the add),
     # as torch's non-reentrant checkpoint does; recorded per unit and input signature on the first backward,
-    # checked on every use, gradients bitwise the same (see vbhal/nn/_recompute.py for what it assumes).
-    # H100, 3.49B params (MLP blocks), session 9: one matmul in eight of the step's, 0.34 s of 2.69 at 64k tokens.
-    recompute_skip: bool = True
+    # checked on every use, gradients bitwise the same. Opt in: a unit's forward must not hand a value computed
+    # after that point to Python by a way no op shows (kept in a global or closure, .tolist()/.numpy() on CPU);
+    # module hooks, tensor hooks, module attributes, copies to another device and .item() are detected (then the
+    # unit recomputes in full). See vbhal/nn/_recompute.py. H100, 3.49B params (MLP blocks), 64k tokens under
+    # the 8 GB cap, one machine (session 9): 3.009 s per step without, 2.704 s with it (1.20x -> 1.08x in-GPU).
+    recompute_skip: bool = False
 
 
 @dataclass
@@ -528,9 +531,9 @@ class _UnitFunction(torch.autograd.Function):
                             eng._rng_ctx(call.rng[ci]):
                         return call.orig(*args, **kwargs)
 
-                if eng.cfg.recompute_skip and _recompute.AVAILABLE:
+                if eng.cfg.recompute_skip and _recompute.AVAILABLE and not _recompute.hooked(unit.module):
                     out, skipped = _recompute.run(unit.rplans, _recompute.signature(inner_in, call.autocast), recompute,
-                                                  lambda o: tree_flatten(o)[0], unit.name)
+                                                  lambda o: tree_flatten(o)[0], unit.name, unit.module)
                     eng.recompute_skipped += skipped
                 else:
                     out = recompute()
