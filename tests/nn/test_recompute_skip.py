@@ -389,3 +389,26 @@ def test_plans_without_anything_to_leave_out_are_not_recorded_again_and_plans_ar
         assert len(plans) == _recompute.MAX_PLANS
     finally:
         _recompute.Plan.__init__ = orig
+
+
+class _ToList(_Two):
+    """Reads a late value's memory from Python with no op (.tolist() of a CPU tensor) into a global log."""
+
+    log: list = []
+
+    def forward(self, x):
+        y = self.fc2(torch.tanh(self.fc1(x)))
+        _ToList.log.append(y.detach()[0].tolist())
+        return x + y
+
+
+def test_a_late_value_read_by_tolist_is_computed():
+    logs = []
+
+    def hook(model, seen):
+        _ToList.log = []
+        logs.append(_ToList.log)
+
+    _same_as_full(_ToList, hook=hook)
+    assert logs[0] == logs[1] and len(logs[0]) > 0  # every forward and recompute read the same numbers
+    assert "tolist" not in torch.Tensor.__dict__ and "numpy" not in torch.Tensor.__dict__  # the watch is gone

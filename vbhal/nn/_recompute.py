@@ -22,9 +22,10 @@ tensor autograd saves from a left-out op, or another saved-tensor hook over one,
 runs it again in full (recording afresh); a change before the prefix ends just goes on in full. A unit is never
 skipped when its recompute registers autograd hooks (tensor or node hooks: they run in the backward and may read
 a late value), keeps a late value as a module attribute, has module hooks, or holds a custom autograd.Function
-(which may keep tensors on ``ctx`` where no hook sees them). What no op shows stays unseen: a late value kept in
-a global or a closure, or read by .tolist()/.numpy() of a CPU tensor, would be left uncomputed. That is why it is
-opt-in (``OffloadConfig.recompute_skip``). Up to MAX_PLANS input signatures are kept per unit.
+(which may keep tensors on ``ctx`` where no hook sees them). Python reading a tensor's memory with no op
+(.tolist(), .numpy() of a CPU tensor) is watched too (_Watch). What stays unseen: a late tensor kept in a global
+or a closure and read after the recompute would hold uncomputed values. That is why it is opt-in
+(``OffloadConfig.recompute_skip``). Up to MAX_PLANS input signatures are kept per unit.
 """
 
 from __future__ import annotations
@@ -198,37 +199,69 @@ def hooked(module: torch.nn.Module) -> bool:
                for m in module.modules())
 
 
-class _HookWatch:
-    """While recording: notes whether the unit registers autograd hooks (a hook may read a value computed after the
-    skip point when the backward runs it). Tensor.register_hook and Node.register_hook/prehook are wrapped for the
-    length of the record only, and only the recording thread's calls count."""
+class _Watch:
+    """For the length of one recompute, on the recompute's thread only: notes autograd hooks the unit registers
+    (Tensor.register_hook, Node.register_hook/prehook: the backward runs them, and they may read a late value),
+    and sees Python read a tensor's memory with no op (Tensor.tolist, .numpy, __array__ on CPU): recording, the
+    tensor's writer becomes an op that matters; following a plan, reading a left-out op's result runs the
+    recompute again in full. Other threads' calls go straight through."""
 
     _lock = threading.Lock()
+    _HOOKS = ((torch.Tensor, "register_hook"), (torch.autograd.graph.Node, "register_hook"),
+              (torch.autograd.graph.Node, "register_prehook"))
+    _READS = ("tolist", "numpy", "__array__")
+
+    def __init__(self, mode: _Mode) -> None:
+        self.mode = mode
+        self.seen = False
+
+    def _read(self, t: Any) -> None:
+        if not isinstance(t, torch.Tensor):
+            return
+        mode = self.mode
+        w = mode.writer.get(_key(t), -1)
+        if mode.record:
+            mode.plan.last = max(mode.plan.last, w)
+        elif mode.follow and w > mode.plan.last:
+            raise _Diverged("Python reads the memory of a left-out op's result")
 
     def __enter__(self) -> None:
-        self.seen = False
-        self._tid = threading.get_ident()
-        self._saved = []
+        tid = threading.get_ident()
+        self._saved: list = []
         watch = self
         with self._lock:
-            for owner, name in ((torch.Tensor, "register_hook"), (torch.autograd.graph.Node, "register_hook"),
-                                (torch.autograd.graph.Node, "register_prehook")):
+            for owner, name in self._HOOKS:
                 orig = owner.__dict__.get(name)
                 if orig is None:
                     continue
 
-                def wrapped(*a, _orig=orig, **k):
-                    if threading.get_ident() == watch._tid:
+                def hooked(*a, _orig=orig, **k):
+                    if threading.get_ident() == tid:
                         watch.seen = True
                     return _orig(*a, **k)
 
                 self._saved.append((owner, name, orig))
-                setattr(owner, name, wrapped)
+                setattr(owner, name, hooked)
+            for name in self._READS:
+                orig = getattr(torch.Tensor, name, None)
+                if orig is None:
+                    continue
+
+                def read(t, *a, _orig=orig, **k):
+                    if threading.get_ident() == tid:
+                        watch._read(t)
+                    return _orig(t, *a, **k)
+
+                self._saved.append((torch.Tensor, name, torch.Tensor.__dict__.get(name)))
+                setattr(torch.Tensor, name, read)
 
     def __exit__(self, *exc: object) -> None:
         with self._lock:
             for owner, name, orig in reversed(self._saved):
-                setattr(owner, name, orig)
+                if orig is None:
+                    delattr(owner, name)  # it came from a base class (torch._C.TensorBase)
+                else:
+                    setattr(owner, name, orig)
 
 
 def _unpack(t: torch.Tensor) -> torch.Tensor:
@@ -252,7 +285,7 @@ def run(plans: dict, key: Any, fn: Callable[[], Any], roots: Callable[[Any], lis
 
         mode = _Mode(plan, record=False, pack=pack)
         try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, _unpack), mode:
+            with torch.autograd.graph.saved_tensors_hooks(pack, _unpack), mode, _Watch(mode):
                 out = fn()
             if not mode.follow:
                 del plans[key]  # the trace changed before anything was left out: record it again next time
@@ -271,7 +304,7 @@ def run(plans: dict, key: Any, fn: Callable[[], Any], roots: Callable[[Any], lis
 
     mode = _Mode(plan, record=True, pack=pack_rec)
     failed = False
-    hooks = _HookWatch()
+    hooks = _Watch(mode)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack_rec, _unpack), mode, hooks:
             out = fn()

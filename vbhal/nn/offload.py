@@ -221,10 +221,10 @@ class OffloadConfig:
     # checkpoint=True: the backward's recompute of a unit leaves out the ops whose results nothing reads (the ops
     # after the last one producing a tensor autograd saves: in x + W2 gelu(W1 x), the second matmul and the add),
     # as torch's non-reentrant checkpoint does; recorded per unit and input signature on the first backward,
-    # checked on every use, gradients bitwise the same. Opt in: a unit's forward must not hand a value computed
-    # after that point to Python by a way no op shows (kept in a global or closure, .tolist()/.numpy() on CPU);
-    # module hooks, tensor hooks, module attributes, copies to another device and .item() are detected (then the
-    # unit recomputes in full). See vbhal/nn/_recompute.py. H100, 3.49B params (MLP blocks), 64k tokens under
+    # checked on every use, gradients bitwise the same. Opt in: a unit's forward must not keep a tensor computed
+    # after that point in a global or a closure for later; module hooks, tensor hooks, module attributes, copies
+    # to another device, .item(), .tolist() and .numpy() are detected (then that value is computed, or the unit
+    # recomputes in full). See vbhal/nn/_recompute.py. H100, 3.49B params (MLP blocks), 64k tokens under
     # the 8 GB cap, one machine (session 9): 3.009 s per step without, 2.704 s with it (1.20x -> 1.08x in-GPU).
     recompute_skip: bool = False
 
