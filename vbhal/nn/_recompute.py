@@ -18,18 +18,22 @@ real and give the ops after it outputs of the recorded shape without computing t
 their arguments still run).
 
 Checked on every use: each op against the record (the same op; after the prefix, the same inputs too); a
-tensor autograd saves from a left-out op, or another saved-tensor hook over one, abandons that recompute and
-runs it again in full (recording afresh); a change before the prefix ends just goes on in full. A unit is never
-skipped when its recompute registers autograd hooks (tensor or node hooks: they run in the backward and may read
-a late value), keeps a late value as a module attribute, has module hooks, or holds a custom autograd.Function
-(which may keep tensors on ``ctx`` where no hook sees them). Python reading a tensor's memory with no op
-(.tolist(), .numpy() of a CPU tensor) is watched too (_Watch). What stays unseen: a late tensor kept in a global
-or a closure and read after the recompute would hold uncomputed values. That is why it is opt-in
-(``OffloadConfig.recompute_skip``). Up to MAX_PLANS input signatures are kept per unit.
+tensor autograd saves from a left-out op, Python reading one's memory (.tolist(), .numpy(): _Watch), or another
+saved-tensor hook over one abandons that recompute and runs it again in full (recording afresh; the engine
+restarts the random generators for it); a change before the prefix ends just goes on in full. A unit is never
+skipped when a recompute of it registers tensor hooks (they run in the backward and may read a late value),
+keeps a late value in a module attribute (containers included), writes memory from outside it (buffers: a
+recompute that diverged after such a write could not run again), has module hooks, or holds a custom
+autograd.Function (which may keep tensors on ``ctx`` where no hook sees them); found after the record, the
+recompute runs again in full. What stays unseen: a late tensor kept in a global or a closure and read after the
+recompute, and hooks registered on autograd nodes (grad_fn.register_hook: node classes cannot be wrapped). That
+is why it is opt-in (``OffloadConfig.recompute_skip``). Up to MAX_PLANS input signatures are kept per unit.
 """
 
 from __future__ import annotations
 
+import collections
+import math
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -63,6 +67,8 @@ def _key(t: torch.Tensor) -> int:
 def _meta(t: Any) -> Any:
     if isinstance(t, torch.Tensor):
         return tuple(t.shape), tuple(t.stride()), t.dtype, t.device
+    if isinstance(t, float) and math.isnan(t):
+        return "nan"  # NaN never equals itself: it would look like a change on every use
     return t if isinstance(t, _PLAIN) else type(t)
 
 
@@ -176,16 +182,23 @@ def _has_custom_function(roots: list) -> bool:
 
 
 def _stashed_late(module: torch.nn.Module | None, mode: _Mode, last: int) -> bool:
-    """Whether a module of the unit keeps (as an attribute) a tensor written after op `last`."""
+    """Whether a module of the unit keeps (as an attribute, or inside containers in one, 4 levels deep) a tensor
+    written after op `last`."""
     if module is None:
         return False
-    for m in module.modules():
-        for v in vars(m).values():
-            vals = list(v.values()) if isinstance(v, dict) else list(v) if isinstance(v, (list, tuple)) else [v]
-            for t in vals:
-                if isinstance(t, torch.Tensor) and mode.writer.get(_key(t), -1) > last:
-                    return True
-    return False
+
+    def late(v: Any, depth: int) -> bool:
+        if isinstance(v, torch.Tensor):
+            return mode.writer.get(_key(v), -1) > last
+        if depth == 0 or isinstance(v, (str, bytes, torch.nn.Module)):
+            return False
+        if isinstance(v, dict):
+            return any(late(x, depth - 1) for x in list(v.values()))
+        if isinstance(v, (list, tuple, set, frozenset, collections.deque)):
+            return any(late(x, depth - 1) for x in list(v))
+        return False
+
+    return any(late(v, 4) for m in module.modules() for v in list(vars(m).values()))
 
 
 def hooked(module: torch.nn.Module) -> bool:
@@ -199,23 +212,59 @@ def hooked(module: torch.nn.Module) -> bool:
                for m in module.modules())
 
 
-class _Watch:
-    """For the length of one recompute, on the recompute's thread only: notes autograd hooks the unit registers
-    (Tensor.register_hook, Node.register_hook/prehook: the backward runs them, and they may read a late value),
-    and sees Python read a tensor's memory with no op (Tensor.tolist, .numpy, __array__ on CPU): recording, the
-    tensor's writer becomes an op that matters; following a plan, reading a left-out op's result runs the
-    recompute again in full. Other threads' calls go straight through."""
+_local = threading.local()  # .watches: the active _Watch stack of this thread
+_install_lock = threading.Lock()
+_installed = False
 
-    _lock = threading.Lock()
-    _HOOKS = ((torch.Tensor, "register_hook"), (torch.autograd.graph.Node, "register_hook"),
-              (torch.autograd.graph.Node, "register_prehook"))
-    _READS = ("tolist", "numpy", "__array__")
+
+def _active() -> _Watch | None:
+    stack = getattr(_local, "watches", None)
+    return stack[-1] if stack else None
+
+
+def _install() -> None:
+    """Wrap Tensor.register_hook and the memory reads with no op (tolist, numpy, __array__) once per process;
+    the wrappers report to the calling thread's active _Watch, if any, and otherwise go straight through."""
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        orig_hook = torch.Tensor.register_hook
+
+        def register_hook(self, *a, **k):
+            w = _active()
+            if w is not None:
+                w.seen = True
+            return orig_hook(self, *a, **k)
+
+        torch.Tensor.register_hook = register_hook
+        for name in ("tolist", "numpy", "__array__"):
+            orig = getattr(torch.Tensor, name, None)
+            if orig is None:
+                continue
+
+            def read(self, *a, _orig=orig, **k):
+                w = _active()
+                if w is not None:
+                    w.read(self)
+                return _orig(self, *a, **k)
+
+            setattr(torch.Tensor, name, read)
+        _installed = True
+
+
+class _Watch:
+    """For the length of one recompute, on its thread: notes tensor hooks the unit registers (the backward runs
+    them, and they may read a late value) and sees Python read a tensor's memory with no op (.tolist(), .numpy()
+    of a CPU tensor): recording, the tensor's writer becomes an op that matters; following a plan, reading a
+    left-out op's result runs the recompute again in full. Hooks registered on autograd nodes
+    (grad_fn.register_hook) are not seen: node classes cannot be wrapped."""
 
     def __init__(self, mode: _Mode) -> None:
         self.mode = mode
         self.seen = False
 
-    def _read(self, t: Any) -> None:
+    def read(self, t: Any) -> None:
         if not isinstance(t, torch.Tensor):
             return
         mode = self.mode
@@ -226,42 +275,13 @@ class _Watch:
             raise _Diverged("Python reads the memory of a left-out op's result")
 
     def __enter__(self) -> None:
-        tid = threading.get_ident()
-        self._saved: list = []
-        watch = self
-        with self._lock:
-            for owner, name in self._HOOKS:
-                orig = owner.__dict__.get(name)
-                if orig is None:
-                    continue
-
-                def hooked(*a, _orig=orig, **k):
-                    if threading.get_ident() == tid:
-                        watch.seen = True
-                    return _orig(*a, **k)
-
-                self._saved.append((owner, name, orig))
-                setattr(owner, name, hooked)
-            for name in self._READS:
-                orig = getattr(torch.Tensor, name, None)
-                if orig is None:
-                    continue
-
-                def read(t, *a, _orig=orig, **k):
-                    if threading.get_ident() == tid:
-                        watch._read(t)
-                    return _orig(t, *a, **k)
-
-                self._saved.append((torch.Tensor, name, torch.Tensor.__dict__.get(name)))
-                setattr(torch.Tensor, name, read)
+        _install()
+        if not hasattr(_local, "watches"):
+            _local.watches = []
+        _local.watches.append(self)
 
     def __exit__(self, *exc: object) -> None:
-        with self._lock:
-            for owner, name, orig in reversed(self._saved):
-                if orig is None:
-                    delattr(owner, name)  # it came from a base class (torch._C.TensorBase)
-                else:
-                    setattr(owner, name, orig)
+        _local.watches.remove(self)
 
 
 def _unpack(t: torch.Tensor) -> torch.Tensor:
@@ -284,12 +304,20 @@ def run(plans: dict, key: Any, fn: Callable[[], Any], roots: Callable[[Any], lis
             return t.detach()  # (the tensor itself would make a reference cycle when it is the op's output)
 
         mode = _Mode(plan, record=False, pack=pack)
+        watch = _Watch(mode)
         try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, _unpack), mode, _Watch(mode):
+            with torch.autograd.graph.saved_tensors_hooks(pack, _unpack), mode, watch:
                 out = fn()
             if not mode.follow:
                 del plans[key]  # the trace changed before anything was left out: record it again next time
-            return out, plan.skipped if mode.follow else 0
+                return out, 0
+            if watch.seen or _stashed_late(module, mode, plan.last):
+                # this time the unit registered a hook or kept a late value (a condition the record did not
+                # meet): run it in full, and never leave anything out of this signature again
+                del out
+                plan.skippable, plan.skipped = False, 0
+                return fn(), 0
+            return out, plan.skipped
         except _Diverged as e:
             if mode.wrote_outside:  # an input or buffer was written already: a second run would see it changed
                 raise TierError(f"unit '{name}': its recompute differed from the recorded one ({e}) after writing "
@@ -317,7 +345,9 @@ def run(plans: dict, key: Any, fn: Callable[[], Any], roots: Callable[[Any], lis
         plan.skippable = False
         _remember(plans, key, plan)
         return fn(), 0
-    if _has_custom_function(roots(out)) or _stashed_late(module, mode, plan.last) or hooks.seen:
+    # Writes to memory from outside (buffers): a recompute that diverged after one could not run again, so such
+    # units are never skipped (transformer blocks write none; BatchNorm's running statistics do).
+    if _has_custom_function(roots(out)) or _stashed_late(module, mode, plan.last) or hooks.seen or mode.wrote_outside:
         plan.skippable = False
     plan.close()
     _remember(plans, key, plan)

@@ -222,9 +222,9 @@ class OffloadConfig:
     # after the last one producing a tensor autograd saves: in x + W2 gelu(W1 x), the second matmul and the add),
     # as torch's non-reentrant checkpoint does; recorded per unit and input signature on the first backward,
     # checked on every use, gradients bitwise the same. Opt in: a unit's forward must not keep a tensor computed
-    # after that point in a global or a closure for later; module hooks, tensor hooks, module attributes, copies
-    # to another device, .item(), .tolist() and .numpy() are detected (then that value is computed, or the unit
-    # recomputes in full). See vbhal/nn/_recompute.py. H100, 3.49B params (MLP blocks), 64k tokens under
+    # after that point in a global or a closure for later, nor register hooks on autograd nodes; module hooks,
+    # tensor hooks, module attributes, buffer writes, copies to another device, .item(), .tolist() and .numpy()
+    # are detected (then that value is computed, or the unit recomputes in full). See vbhal/nn/_recompute.py. H100, 3.49B params (MLP blocks), 64k tokens under
     # the 8 GB cap, one machine (session 9): 3.009 s per step without, 2.704 s with it (1.20x -> 1.08x in-GPU).
     recompute_skip: bool = False
 
@@ -526,12 +526,22 @@ class _UnitFunction(torch.autograd.Function):
                 inner_in = _detach_like(part)
                 args, kwargs = _rebuild(call, inner_in)
 
-                def recompute(args=args, kwargs=kwargs, ci=ci):
+                skip = eng.cfg.recompute_skip and _recompute.AVAILABLE and not _recompute.hooked(unit.module)
+                # preserve_rng=False: the recompute draws from the running generators; a retry (recompute_skip)
+                # starts from the same state, so they advance once, as without it
+                rng0 = eng._get_rng() if skip and call.rng[ci] is None else None
+
+                def recompute(args=args, kwargs=kwargs, ci=ci, rng0=rng0, runs=[0]):  # noqa: B006 - per closure
+                    if runs[0] and rng0 is not None:
+                        torch.set_rng_state(rng0[0])
+                        if rng0[1] is not None:
+                            eng._dm.set_rng_state(rng0[1], eng.device)
+                    runs[0] += 1
                     with torch.enable_grad(), torch.autocast(eng.device.type, dtype=dtype, enabled=enabled), \
                             eng._rng_ctx(call.rng[ci]):
                         return call.orig(*args, **kwargs)
 
-                if eng.cfg.recompute_skip and _recompute.AVAILABLE and not _recompute.hooked(unit.module):
+                if skip:
                     out, skipped = _recompute.run(unit.rplans, _recompute.signature(inner_in, call.autocast), recompute,
                                                   lambda o: tree_flatten(o)[0], unit.name, unit.module)
                     eng.recompute_skipped += skipped
