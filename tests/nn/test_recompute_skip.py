@@ -506,3 +506,46 @@ def test_routing_and_dropout_with_reruns_match(preserve_rng):
     for k in res[1][1]:
         assert torch.equal(res[0][1][k], res[1][1][k]), k
     assert torch.equal(res[0][2], res[1][2])  # the generator advanced the same
+
+
+class _LateAppend(_Two):
+    """Appends a late value to a list attribute only from some step on (after the record)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__(d)
+        self.acts: list = []
+
+    def forward(self, x):
+        y = self.fc2(torch.tanh(self.fc1(x)))
+        if _Branchy.flip:
+            self.acts.append(y)  # no op (a .detach() would be one, and the replay would see the trace change)
+        return x + y
+
+
+def test_a_late_value_appended_after_the_record_holds_computed_values():
+    # The replay that finds it has already appended its uncomputed output: the full rerun fills it in.
+    _, mod_on, mod_off, plans = _same_as_full(_LateAppend, flip_at=3)
+    assert plans and not any(sk for _, sk, _ in plans)
+    for b_on, b_off in zip(mod_on.blocks, mod_off.blocks):
+        assert len(b_on.acts) == len(b_off.acts) + 1  # the step that found it ran the unit's forward once more
+        for v in b_on.acts:
+            assert any(torch.equal(v, f) for f in b_off.acts)
+
+
+def test_the_watch_wrappers_keep_names_and_do_not_break_torch_compile():
+    # The wrappers stay installed for the process: they must look like the methods they wrap, and Dynamo (which
+    # lists Tensor's C methods once) must still trace an unbound call. Fresh process: nothing compiled before.
+    code = (
+        "import torch\n"
+        "from vbhal.nn import _recompute\n"
+        "_recompute._install()\n"
+        "assert torch.Tensor.tolist.__name__ == 'tolist' and torch.Tensor.register_hook.__doc__\n"
+        "f = torch.compile(lambda x: torch.Tensor.numpy(x * 2), fullgraph=True)\n"
+        "print(f(torch.ones(3)).tolist())\n"
+    )
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-1500:]
+    assert "[2.0, 2.0, 2.0]" in out.stdout

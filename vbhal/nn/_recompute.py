@@ -33,6 +33,7 @@ is why it is opt-in (``OffloadConfig.recompute_skip``). Up to MAX_PLANS input si
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import threading
 from collections.abc import Callable
@@ -119,6 +120,7 @@ class _Mode(TorchDispatchMode):
         self.writer: dict[int, int] = {}  # storage -> index of the op that last wrote it
         self.created: set[int] = set()  # storages this recompute made
         self.wrote_outside = False  # an op wrote memory the recompute did not make (an input, a buffer)
+        self.fakes: dict[int, list] = {}  # op index -> the uncomputed outputs given for it (following a plan)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -141,6 +143,7 @@ class _Mode(TorchDispatchMode):
                     _, _, metas, spec = plan.ops[k]
                     out = tree_unflatten([torch.empty_strided(m[0], m[1], dtype=m[2], device=m[3]) for m in metas], spec)
                     self._note(func, args, kwargs, out, k)
+                    self.fakes[k] = tree_flatten(out)[0]
                     return out
         ins = [_meta(t) for t in tree_flatten((args, kwargs))[0]] if self.record else None
         out = func(*args, **kwargs)
@@ -166,6 +169,25 @@ class _Mode(TorchDispatchMode):
                 if isinstance(t, torch.Tensor):
                     self.writer[_key(t)] = k
                     self.created.add(_key(t))
+
+
+class _Fill(TorchDispatchMode):
+    """Runs every op; copies op k's outputs into the uncomputed outputs a replay gave for op k."""
+
+    def __init__(self, fakes: dict) -> None:
+        super().__init__()
+        self.fakes, self.k = fakes, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        fakes = self.fakes.get(self.k)
+        self.k += 1
+        if fakes:
+            with torch.no_grad():
+                for f, t in zip(fakes, tree_flatten(out)[0]):
+                    if isinstance(f, torch.Tensor) and isinstance(t, torch.Tensor):
+                        f.copy_(t)
+        return out
 
 
 def _has_custom_function(roots: list) -> bool:
@@ -229,8 +251,14 @@ def _install() -> None:
     with _install_lock:
         if _installed:
             return
+        try:  # Dynamo lists Tensor's C methods once (cached): list them before they are wrapped
+            from torch._dynamo.trace_rules import get_tensor_method
+            get_tensor_method()
+        except Exception:  # noqa: BLE001, S110 - another torch: nothing to prepare
+            pass
         orig_hook = torch.Tensor.register_hook
 
+        @functools.wraps(orig_hook)
         def register_hook(self, *a, **k):
             w = _active()
             if w is not None:
@@ -243,6 +271,7 @@ def _install() -> None:
             if orig is None:
                 continue
 
+            @functools.wraps(orig)
             def read(self, *a, _orig=orig, **k):
                 w = _active()
                 if w is not None:
@@ -284,6 +313,10 @@ class _Watch:
         _local.watches.remove(self)
 
 
+def _detach(t: torch.Tensor) -> torch.Tensor:
+    return t.detach()  # as the replay's pack does: the same ops, so the op indices match
+
+
 def _unpack(t: torch.Tensor) -> torch.Tensor:
     return t
 
@@ -316,7 +349,11 @@ def run(plans: dict, key: Any, fn: Callable[[], Any], roots: Callable[[Any], lis
                 # meet): run it in full, and never leave anything out of this signature again
                 del out
                 plan.skippable, plan.skipped = False, 0
-                return fn(), 0
+                # A late value the unit kept (appended to a list, say) is one of the replay's uncomputed outputs:
+                # the full run writes the real values into them, op by op (the same saved-tensor hook as the
+                # replay's, so the op indices line up). The unit's forward code runs once more for this step.
+                with torch.autograd.graph.saved_tensors_hooks(_detach, _unpack), _Fill(mode.fakes):
+                    return fn(), 0
             return out, plan.skipped
         except _Diverged as e:
             if mode.wrote_outside:  # an input or buffer was written already: a second run would see it changed
