@@ -36,6 +36,7 @@ import collections
 import functools
 import math
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -120,7 +121,7 @@ class _Mode(TorchDispatchMode):
         self.writer: dict[int, int] = {}  # storage -> index of the op that last wrote it
         self.created: set[int] = set()  # storages this recompute made
         self.wrote_outside = False  # an op wrote memory the recompute did not make (an input, a buffer)
-        self.fakes: dict[int, list] = {}  # op index -> the uncomputed outputs given for it (following a plan)
+        self.fakes: dict[int, list] = {}  # op index -> weak refs to the uncomputed outputs given for it
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -143,7 +144,8 @@ class _Mode(TorchDispatchMode):
                     _, _, metas, spec = plan.ops[k]
                     out = tree_unflatten([torch.empty_strided(m[0], m[1], dtype=m[2], device=m[3]) for m in metas], spec)
                     self._note(func, args, kwargs, out, k)
-                    self.fakes[k] = tree_flatten(out)[0]
+                    # weak: only a result the unit kept stays alive (no extra device memory otherwise)
+                    self.fakes[k] = [weakref.ref(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
                     return out
         ins = [_meta(t) for t in tree_flatten((args, kwargs))[0]] if self.record else None
         out = func(*args, **kwargs)
@@ -184,8 +186,9 @@ class _Fill(TorchDispatchMode):
         self.k += 1
         if fakes:
             with torch.no_grad():
-                for f, t in zip(fakes, tree_flatten(out)[0]):
-                    if isinstance(f, torch.Tensor) and isinstance(t, torch.Tensor):
+                for ref, t in zip(fakes, [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]):
+                    f = ref()
+                    if f is not None:
                         f.copy_(t)
         return out
 
