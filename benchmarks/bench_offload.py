@@ -455,29 +455,29 @@ def part_speed(args) -> dict:
     total = torch.cuda.get_device_properties(0).total_memory
     if any(c > total for c in caps):
         raise ValueError(f"--caps {args.caps}: a cap above the device's {total / 10**9:.1f} GB")
+
+    def add(tokens: int, cap: int, row_label: str, fraction: float | None = None, **extra) -> None:
+        """One vbhal row (with `extra` fields); `fraction`, when given, is the device-stepped share it runs at (as
+        eng.cfg from then)."""
+        if fraction is not None:
+            eng.cfg.gpu_step_fraction = fraction
+        rows.append(run_vbhal(model, eng, tokens, cap, warmup=2, steps=args.steps, chunk_tokens=args.chunk_tokens,
+                              label=row_label))
+        rows[-1].update(extra)
+        print(_row(rows[-1]), flush=True)
+        _SAVE("speed", {"rows": rows})
+
     for tokens in token_list:
         for cap in caps:
             # per row: the engine plans again (auto share from this row's step, keep plan from its peak memory) and
             # warms up until that has settled (run_vbhal)
-            rows.append(run_vbhal(model, eng, tokens, cap, warmup=2, steps=args.steps, chunk_tokens=args.chunk_tokens,
-                                  label=label + ("" if cap == CAP_BYTES else f" cap {cap / 10**9:g} GB")))
-            rows[-1]["build_s"] = t_build
-            print(_row(rows[-1]), flush=True)
-            _SAVE("speed", {"rows": rows})
+            add(tokens, cap, label + ("" if cap == CAP_BYTES else f" cap {cap / 10**9:g} GB"), build_s=t_build)
     # VBHAL_BENCH_GPU_FRACS: more rows at the first token count with these fixed device-stepped shares (same engine)
     for f in [float(v) for v in os.environ.get("VBHAL_BENCH_GPU_FRACS", "").split(",") if v.strip()]:
-        eng.cfg.gpu_step_fraction = f
-        rows.append(run_vbhal(model, eng, token_list[0], CAP_BYTES, warmup=2, steps=args.steps,
-                              chunk_tokens=args.chunk_tokens, label=f" hybrid f={f:g}"))
-        print(_row(rows[-1]), flush=True)
-        _SAVE("speed", {"rows": rows})
+        add(token_list[0], CAP_BYTES, f" hybrid f={f:g}", fraction=f)
     eng.cfg.gpu_step_fraction = gpu_frac
     for tokens in [int(t) for t in args.host_only_tokens.split(",") if t] if label else []:
-        eng.cfg.gpu_step_fraction = 0.0  # the same engine, every AdamW on the host: the comparison row
-        rows.append(run_vbhal(model, eng, tokens, CAP_BYTES, warmup=2, steps=args.steps, chunk_tokens=args.chunk_tokens,
-                              label=" host-only"))
-        print(_row(rows[-1]), flush=True)
-        _SAVE("speed", {"rows": rows})
+        add(tokens, CAP_BYTES, " host-only", fraction=0.0)  # the same engine, every AdamW on the host: the comparison row
     eng.close()
     rates = pcie_rates()
     print("pinned copy rates: " + ", ".join(f"{k} {v / GB:.1f} GB/s" for k, v in rates.items()), flush=True)

@@ -74,21 +74,23 @@ def _meta(t: Any) -> Any:
     return t if isinstance(t, _PLAIN) else type(t)
 
 
-def _writes(func: Any) -> list[int]:
-    """Positions of the arguments `func` writes (in-place and out= ops, running statistics)."""
-    return [i for i, a in enumerate(func._schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+@functools.cache
+def _writes(func: Any) -> tuple[tuple[int, str], ...]:
+    """(position, name) of the arguments `func` writes (in-place and out= ops, running statistics); per op, once."""
+    return tuple((i, a.name) for i, a in enumerate(func._schema.arguments)
+                 if a.alias_info is not None and a.alias_info.is_write)
 
 
+@functools.cache
 def _aliases(func: Any) -> bool:
-    """Whether an output of `func` aliases an input (views, in-place and out= ops)."""
+    """Whether an output of `func` aliases an input (views, in-place and out= ops); per op, once."""
     return any(r.alias_info is not None for r in func._schema.returns)
 
 
 def _written(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     out = []
-    names = [a.name for a in func._schema.arguments]
-    for i in _writes(func):
-        val = args[i] if i < len(args) else kwargs.get(names[i])
+    for i, name in _writes(func):
+        val = args[i] if i < len(args) else kwargs.get(name)
         out.extend(t for t in tree_flatten(val)[0] if isinstance(t, torch.Tensor))
     return out
 
@@ -251,6 +253,8 @@ def _install() -> None:
     """Wrap Tensor.register_hook and the memory reads with no op (tolist, numpy, __array__) once per process;
     the wrappers report to the calling thread's active _Watch, if any, and otherwise go straight through."""
     global _installed
+    if _installed:  # every recompute asks: no lock once done
+        return
     with _install_lock:
         if _installed:
             return
