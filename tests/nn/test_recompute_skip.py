@@ -140,8 +140,9 @@ class _Stack(nn.Module):
         return self.head(x)
 
 
-def _train_stack(model, skip: bool, steps: int, flip_at: int | None = None):
-    eng = apply_offload(model, device="cpu", lr=1e-2, recompute_skip=skip, units=[f"blocks.{i}" for i in range(len(model.blocks))])
+def _train_stack(model, skip: bool, steps: int, flip_at: int | None = None, **cfg):
+    eng = apply_offload(model, device="cpu", lr=1e-2, recompute_skip=skip, units=[f"blocks.{i}" for i in range(len(model.blocks))],
+                        **cfg)
     g = torch.Generator().manual_seed(1)
     losses = []
     for s in range(steps):
@@ -156,31 +157,44 @@ def _train_stack(model, skip: bool, steps: int, flip_at: int | None = None):
     return out
 
 
-def test_a_recompute_that_leaves_the_record_runs_again_in_full():
-    torch.manual_seed(5)
-    base = _Stack(_Branchy)
-    l_on, m_on, skipped, eng = _train_stack(copy.deepcopy(base), True, 6, flip_at=3)
-    eng.close()
-    l_off, m_off, _, eng = _train_stack(copy.deepcopy(base), False, 6, flip_at=3)
-    eng.close()
-    assert skipped > 0
+def _same_as_full(cls, flip_at=None, hook=None, steps: int = 5, **cfg):
+    """Train a stack of `cls` with and without skipping (`cfg`: more apply_offload options); everything must match,
+    the global random generator's state after training included. Returns (ops left out, the skip run's model, the
+    full run's model, the skip run's plans as (unit, skippable, ops left out)); `hook(model, seen)` may collect
+    values in `seen`, compared between the runs."""
+    torch.manual_seed(7)
+    base = _Stack(cls)
+    runs = []
+    for skip in (True, False):
+        m = copy.deepcopy(base)
+        seen: dict = {}
+        if hook is not None:
+            hook(m, seen)
+        torch.manual_seed(11)  # dropout draws from the global generator
+        losses, master, skipped, eng = _train_stack(m, skip, steps, flip_at=flip_at, **cfg)
+        plans = [(u.name, p.skippable, p.skipped) for u in eng.units for p in u.rplans.values()]
+        runs.append((losses, master, skipped, m, plans, seen, torch.get_rng_state()))
+        eng.close()
+    (l_on, m_on, skipped, mod_on, plans, seen_on, rng_on), (l_off, m_off, _, mod_off, _, seen_off, rng_off) = runs
     assert l_on == l_off
     for k in m_off:
         assert torch.equal(m_on[k], m_off[k]), k
+    for (n, b_on), b_off in zip(mod_on.named_buffers(), mod_off.buffers()):
+        assert torch.equal(b_on, b_off), n
+    for k in seen_off:
+        assert torch.equal(seen_on[k], seen_off[k]), k
+    assert torch.equal(rng_on, rng_off)  # the generators advanced the same (reruns start from the same state)
+    return skipped, mod_on, mod_off, plans
+
+
+def test_a_recompute_that_leaves_the_record_runs_again_in_full():
+    skipped, _, _, _ = _same_as_full(_Branchy, flip_at=3, steps=6)
+    assert skipped > 0
 
 
 def test_a_custom_autograd_function_turns_skipping_off_for_its_unit():
-    torch.manual_seed(6)
-    base = _Stack(_WithCustomFn)
-    l_on, m_on, skipped, eng = _train_stack(copy.deepcopy(base), True, 4)
-    assert skipped == 0
-    assert all(not p.skipped for u in eng.units for p in u.rplans.values())
-    eng.close()
-    l_off, m_off, _, eng = _train_stack(copy.deepcopy(base), False, 4)
-    eng.close()
-    assert l_on == l_off
-    for k in m_off:
-        assert torch.equal(m_on[k], m_off[k]), k
+    skipped, _, _, plans = _same_as_full(_WithCustomFn, steps=4)
+    assert skipped == 0 and plans and not any(sk for _, sk, _ in plans)
 
 
 def test_a_saved_tensor_from_a_left_out_op_is_caught():
@@ -278,32 +292,6 @@ class _BnFlip(_Two):
         h = self.fc1(self.bn(x))
         h = torch.exp(h * 0.1) if _Branchy.flip else torch.tanh(h)
         return x + self.fc2(h)
-
-
-def _same_as_full(cls, flip_at=None, hook=None, steps: int = 5):
-    """Train a stack of `cls` with and without skipping; everything must match. Returns (ops left out, the skip
-    run's model, the skip run's plans as (unit, skippable, ops left out), what `hook` collected in each run)."""
-    torch.manual_seed(7)
-    base = _Stack(cls)
-    runs = []
-    for skip in (True, False):
-        m = copy.deepcopy(base)
-        seen: dict = {}
-        if hook is not None:
-            hook(m, seen)
-        losses, master, skipped, eng = _train_stack(m, skip, steps, flip_at=flip_at)
-        plans = [(u.name, p.skippable, p.skipped) for u in eng.units for p in u.rplans.values()]
-        runs.append((losses, master, skipped, m, plans, seen))
-        eng.close()
-    (l_on, m_on, skipped, mod_on, plans, seen_on), (l_off, m_off, _, mod_off, _, seen_off) = runs
-    assert l_on == l_off
-    for k in m_off:
-        assert torch.equal(m_on[k], m_off[k]), k
-    for (n, b_on), b_off in zip(mod_on.named_buffers(), mod_off.buffers()):
-        assert torch.equal(b_on, b_off), n
-    for k in seen_off:
-        assert torch.equal(seen_on[k], seen_off[k]), k
-    return skipped, mod_on, mod_off, plans
 
 
 def test_buffer_written_twice_gets_the_full_recomputes_values():
@@ -486,26 +474,7 @@ class _Moe(nn.Module):
 
 @pytest.mark.parametrize("preserve_rng", [True, False])
 def test_routing_and_dropout_with_reruns_match(preserve_rng):
-    torch.manual_seed(9)
-    base = _Stack(_Moe)
-    res = []
-    for skip in (True, False):
-        m = copy.deepcopy(base)
-        eng = apply_offload(m, device="cpu", lr=1e-2, recompute_skip=skip, preserve_rng=preserve_rng,
-                            units=[f"blocks.{i}" for i in range(3)])
-        torch.manual_seed(1)
-        losses = []
-        for _ in range(6):
-            loss = m(torch.randn(7, 8)).pow(2).mean()
-            loss.backward()
-            eng.step()
-            losses.append(loss.item())
-        res.append((losses, {k: v.clone() for k, v in eng.master_state_dict().items()}, torch.get_rng_state()))
-        eng.close()
-    assert res[0][0] == res[1][0]
-    for k in res[1][1]:
-        assert torch.equal(res[0][1][k], res[1][1][k]), k
-    assert torch.equal(res[0][2], res[1][2])  # the generator advanced the same
+    _same_as_full(_Moe, steps=6, preserve_rng=preserve_rng)
 
 
 class _LateAppend(_Two):
